@@ -1,0 +1,218 @@
+"""The `jaxshrink` command line: demo, compress, eval, inspect, bench.
+
+Exit codes: 0 success, 1 failure (one line naming what went wrong), 2 usage
+error (one line). `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from jaxshrink.errors import JaxshrinkError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is one line and exit code 2."""
+
+  def error(self, message: str):
+    print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _console():
+  from rich.console import Console
+
+  return Console()
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+  print(json.dumps(payload, indent=2))
+
+
+def cmd_compress(args) -> int:
+  from jaxshrink import export, recipes
+
+  recipe = recipes.load_recipe(args.recipe)
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    raise UsageError(f"`{out}` already exists; pass --overwrite to replace it.")
+  result = recipes.run_recipe(recipe, progress=not args.json)
+  model = result.pipeline.model
+  export.save(
+    out,
+    result.pipeline.tree,
+    model=recipe.model,
+    data=recipe.data or model.data,
+    recipe={**recipe.raw, "params": recipe.params},
+    metrics=result.metrics,
+    overwrite=args.overwrite,
+  )
+  summary = {
+    "out": str(out),
+    "model": recipe.model,
+    **{k: result.metrics.get(k) for k in ("metric", "value", "reference_value")},
+    **{k: v for k, v in result.report.to_json().items() if k != "layers"},
+    "disk_bytes": export.disk_bytes(out),
+    "seconds": result.metrics["seconds"],
+    "layers": result.report.to_json()["layers"],
+  }
+  if args.json:
+    _print_json(summary)
+    return 0
+  console = _console()
+  console.print(result.report.table(title=f"{recipe.name or args.recipe} -> {out}"))
+  if "value" in result.metrics:
+    console.print(
+      f"{model.metric}: {result.metrics['value']:.4f} "
+      f"(float reference {result.metrics['reference_value']:.4f}); "
+      f"{summary['disk_bytes']} bytes on disk; {result.report.ratio:.2f}x smaller than float32"
+    )
+  return 0
+
+
+def _reference_params(manifest: dict[str, Any], model: Any) -> Any:
+  from jaxshrink import recipes
+
+  params_source = (manifest.get("recipe") or {}).get("params")
+  return recipes.load_float_params(model, params_source, progress=False)
+
+
+def cmd_eval(args) -> int:
+  from jaxshrink import data, export, models, recipes
+
+  manifest = export.read_manifest(args.dir)
+  if not manifest.get("model"):
+    raise JaxshrinkError(f"`{args.dir}` records no model, so it cannot be evaluated.")
+  model = models.load_model(manifest["model"])
+  source = args.data or manifest.get("data") or model.data
+  dataset = data.load_data_source(source)
+  tree = export.load(args.dir)
+  value = recipes.evaluate_tree(model, tree, dataset)
+  reference = recipes.evaluate_tree(model, _reference_params(manifest, model), dataset)
+  payload = {
+    "checkpoint": str(args.dir),
+    "model": manifest["model"],
+    "data": source,
+    "metric": model.metric,
+    "value": value,
+    "reference_value": reference,
+  }
+  if args.json:
+    _print_json(payload)
+  else:
+    print(f"{model.metric} on {source}: {value:.4f} (float reference {reference:.4f})")
+  return 0
+
+
+def cmd_inspect(args) -> int:
+  from jaxshrink import export
+  from jaxshrink.report import TreeReport
+
+  manifest = export.read_manifest(args.dir)
+  report = TreeReport.from_json({"layers": manifest["leaves"]})
+  payload = {
+    **report.to_json(),
+    "disk_bytes": export.disk_bytes(args.dir),
+    "model": manifest.get("model"),
+    "metrics": manifest.get("metrics", {}),
+  }
+  if args.json:
+    _print_json(payload)
+    return 0
+  console = _console()
+  console.print(report.table(title=f"{args.dir} ({manifest.get('model')})"))
+  console.print(f"{payload['disk_bytes']} bytes on disk (manifest and orbax metadata included)")
+  return 0
+
+
+def cmd_demo(args) -> int:
+  from jaxshrink import demo
+
+  demo.run_demo(Path(args.out), quick=args.quick)
+  return 0
+
+
+def cmd_bench(args) -> int:
+  from jaxshrink import bench
+
+  bench.run_benchmarks(
+    suites=[args.suite] if args.suite else None,
+    json_out=Path(args.json) if args.json else None,
+    directory=Path(args.dir) if args.dir else None,
+  )
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--debug", action="store_true", help="show the traceback on failure")
+  parser = _Parser(
+    prog="jaxshrink",
+    description="Make trained JAX/Flax networks smaller: quantize, prune, distill, factorize, "
+    "and export compact checkpoints.",
+    parents=[common],
+  )
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+  sub.required = True
+
+  p = sub.add_parser("demo", parents=[common], help="run every technique on digits-cnn")
+  p.add_argument("--quick", action="store_true", help="fewer methods, under a minute")
+  p.add_argument("--out", default="jaxshrink-demo", help="output dir (default: %(default)s)")
+  p.set_defaults(func=cmd_demo)
+
+  p = sub.add_parser("compress", parents=[common], help="run a YAML recipe, write a checkpoint")
+  p.add_argument("recipe", help="recipe YAML file")
+  p.add_argument("--out", required=True, help="checkpoint directory to write")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument("--json", action="store_true", help="print the summary as JSON")
+  p.set_defaults(func=cmd_compress)
+
+  p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint against float")
+  p.add_argument("dir", help="checkpoint directory")
+  p.add_argument("--data", help="zoo data name, module:factory, or a .npz/.txt file")
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
+  p.set_defaults(func=cmd_eval)
+
+  p = sub.add_parser("inspect", parents=[common], help="per-leaf size table (manifest only)")
+  p.add_argument("dir", help="checkpoint directory")
+  p.add_argument("--json", action="store_true", help="print the table as JSON")
+  p.set_defaults(func=cmd_inspect)
+
+  p = sub.add_parser("bench", parents=[common], help="run benchmarks/, regenerate BENCHMARKS.md")
+  p.add_argument("--suite", help="one suite name (default: all)")
+  p.add_argument("--json", metavar="OUT", help="also write all records to this JSON file")
+  p.add_argument("--dir", help="benchmarks directory (default: the repository's benchmarks/)")
+  p.set_defaults(func=cmd_bench)
+  return parser
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.func(args)
+  except UsageError as e:
+    if args.debug:
+      traceback.print_exc()
+    print(f"jaxshrink: error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  except (JaxshrinkError, ValueError, TypeError, OSError) as e:
+    if args.debug:
+      traceback.print_exc()
+    print(f"jaxshrink: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("jaxshrink: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

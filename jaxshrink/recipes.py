@@ -1,0 +1,317 @@
+"""Recipes: a YAML file that names a model, its data and a list of stages.
+
+```yaml
+model: digits-cnn        # zoo name, or "package.module:factory" returning a ZooModel
+params: null             # float checkpoint dir; null = the zoo model's trained params
+data: digits             # zoo data name, "package.module:factory", or a .npz/.txt file
+stages:                  # run in order on the parameter tree
+  - cast: {target: ".*kernel", dtype: bfloat16}
+export: {}               # compact checkpoint options
+```
+
+A recipe is validated completely before anything runs: an unknown top-level
+key, stage kind or stage option is a `UsageError` naming it and listing the
+valid ones. Stage kinds are registered by `jaxshrink.stages`; each is a thin
+adapter over a public function, so a recipe does nothing the Python API can't.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxshrink.errors import JaxshrinkError, UsageError
+from jaxshrink.report import TreeReport, tree_report
+from jaxshrink.tree import Rule
+
+
+class _Required:
+  def __repr__(self) -> str:
+    return "<required>"
+
+
+REQUIRED: Any = _Required()
+
+# Options every stage that selects leaves accepts; they build a `Rule`.
+RULE_OPTIONS: dict[str, Any] = {"target": ".*", "exclude": None, "min_ndim": 0, "min_size": 0}
+
+TOP_LEVEL: dict[str, Any] = {
+  "name": None,
+  "model": REQUIRED,
+  "params": None,
+  "data": None,
+  "seed": 0,
+  "stages": [],
+  "export": {},
+}
+EXPORT_OPTIONS: dict[str, Any] = {"evaluate": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+  """A recipe stage: its option defaults and the function that runs it."""
+
+  name: str
+  options: Mapping[str, Any]
+  run: Callable[[Pipeline, dict[str, Any]], Pipeline]
+  doc: str
+
+
+_STAGES: dict[str, StageKind] = {}
+
+
+def register_stage(name: str, *, options: Mapping[str, Any], doc: str):
+  """Decorator registering `fn(pipeline, options) -> pipeline` as a stage kind."""
+
+  def wrap(fn):
+    _STAGES[name] = StageKind(name=name, options=dict(options), run=fn, doc=doc)
+    return fn
+
+  return wrap
+
+
+def stage_kinds() -> dict[str, StageKind]:
+  import jaxshrink.stages  # noqa: F401  (registers the built-in stages)
+
+  return dict(_STAGES)
+
+
+def rule_from_options(options: Mapping[str, Any]) -> Rule:
+  return Rule(
+    include=options["target"],
+    exclude=options["exclude"],
+    min_ndim=options["min_ndim"],
+    min_size=options["min_size"],
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A validated recipe; `stages` holds each kind with its full options."""
+
+  model: str
+  params: str | None
+  data: str | None
+  seed: int
+  stages: tuple[tuple[str, dict[str, Any]], ...]
+  export: dict[str, Any]
+  name: str | None
+  raw: dict[str, Any]
+
+
+def _suggest(word: str, valid: list[str]) -> str:
+  close = difflib.get_close_matches(word, valid, n=1)
+  return f" Did you mean `{close[0]}`?" if close else ""
+
+
+def _check_options(
+  where: str, given: Any, defaults: Mapping[str, Any], *, what: str = "key"
+) -> dict[str, Any]:
+  """Fills defaults, rejecting unknown keys, missing required keys and bad types."""
+  if given is None:
+    given = {}
+  if not isinstance(given, Mapping):
+    raise UsageError(f"{where} must be a mapping of options; got {type(given).__name__}.")
+  valid = sorted(defaults)
+  for key in given:
+    if key not in defaults:
+      raise UsageError(
+        f"Unknown {what} `{key}` in {where}; valid {what}s: {', '.join(valid)}."
+        + _suggest(str(key), valid)
+      )
+  options = {}
+  for key, default in defaults.items():
+    if key not in given:
+      if default is REQUIRED:
+        raise UsageError(f"{where} needs the {what} `{key}`.")
+      options[key] = default
+      continue
+    value = given[key]
+    expected = type(default)
+    if default is not None and default is not REQUIRED and value is not None:
+      ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+      if expected is int and isinstance(value, bool):
+        ok = False
+      if not ok:
+        raise UsageError(
+          f"{what.capitalize()} `{key}` in {where} must be {expected.__name__}; got "
+          f"{value!r} ({type(value).__name__})."
+        )
+    options[key] = value
+  return options
+
+
+def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
+  """Validates a recipe mapping (as read from YAML) and fills in defaults.
+
+  Raises:
+    UsageError: naming the unknown or malformed key, stage or option.
+  """
+  top = _check_options(source, raw, TOP_LEVEL)
+  stages_raw = top["stages"] or []
+  kinds = stage_kinds()
+  stages = []
+  for index, entry in enumerate(stages_raw, start=1):
+    if isinstance(entry, str):
+      entry = {entry: None}
+    if not isinstance(entry, Mapping) or len(entry) != 1:
+      raise UsageError(
+        f"Stage {index} in {source} must be a mapping with one stage kind, e.g. "
+        "`- cast: {dtype: bfloat16}`."
+      )
+    ((kind, given),) = entry.items()
+    if kind not in kinds:
+      raise UsageError(
+        f"Unknown stage `{kind}` (stage {index}) in {source}; valid stages: "
+        f"{', '.join(sorted(kinds))}." + _suggest(str(kind), sorted(kinds))
+      )
+    options = _check_options(
+      f"stage {index} (`{kind}`) of {source}", given, kinds[kind].options, what="option"
+    )
+    stages.append((kind, options))
+  export = _check_options(f"`export` of {source}", top["export"], EXPORT_OPTIONS, what="option")
+  for key in ("model", "params", "data"):
+    if top[key] is not None and not isinstance(top[key], str):
+      raise UsageError(f"`{key}` in {source} must be a string; got {top[key]!r}.")
+  return Recipe(
+    model=top["model"],
+    params=top["params"],
+    data=top["data"],
+    seed=top["seed"],
+    stages=tuple(stages),
+    export=export,
+    name=top["name"],
+    raw=dict(raw),
+  )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+  """Reads a YAML recipe file and validates it."""
+  import yaml
+
+  path = Path(path)
+  if not path.is_file():
+    raise UsageError(f"Recipe file `{path}` does not exist.")
+  try:
+    raw = yaml.safe_load(path.read_text())
+  except yaml.YAMLError as e:
+    raise UsageError(f"Recipe `{path}` is not valid YAML: {str(e).splitlines()[0]}") from None
+  return parse_recipe(raw, source=f"`{path}`")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """What flows through the stages.
+
+  Attributes:
+    model: the zoo model (or user model) being compressed.
+    dataset: its data; stages use the training split for calibration/finetuning.
+    float_model: the model the float params belong to; a distill stage may
+      replace `model` with a student, the reference stays the float model.
+    float_params: the float params the recipe started from (the reference).
+    tree: the current, possibly compressed, parameter tree.
+    key: PRNG key for stages that need randomness; split before use.
+    log: one dict per finished stage (kind, options, seconds).
+  """
+
+  model: Any
+  dataset: Any
+  float_model: Any
+  float_params: Any
+  tree: Any
+  key: jax.Array
+  log: tuple[dict[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressResult:
+  recipe: Recipe
+  pipeline: Pipeline
+  report: TreeReport
+  metrics: dict[str, Any]
+
+
+def load_float_params(model: Any, source: str | None, *, progress: bool = True) -> Any:
+  """The recipe's float params: the zoo's trained ones, or a checkpoint dir."""
+  from jaxshrink import export, models
+
+  if source is None:
+    return models.pretrained(model, progress=progress)
+  path = Path(source)
+  if (path / export.MANIFEST).is_file():
+    return export.load(path, dense=True)
+  if not path.is_dir():
+    raise JaxshrinkError(f"`params: {source}` is not a directory; give a checkpoint dir or null.")
+  import orbax.checkpoint as ocp
+
+  target = jax.eval_shape(model.init, jax.random.key(0))
+  try:
+    return ocp.StandardCheckpointer().restore(path.absolute(), target)
+  except Exception as e:  # orbax raises many types for a mismatched tree
+    raise JaxshrinkError(
+      f"Cannot restore `params: {source}` for model `{model.name}` ({type(e).__name__}). "
+      "It must hold the model's float param tree."
+    ) from None
+
+
+def prepare(recipe: Recipe, *, progress: bool = True) -> Pipeline:
+  """Loads the model, data and float params a recipe names."""
+  from jaxshrink import data, models
+
+  model = models.load_model(recipe.model)
+  dataset = data.load_data_source(recipe.data or model.data)
+  params = load_float_params(model, recipe.params, progress=progress)
+  return Pipeline(
+    model=model,
+    dataset=dataset,
+    float_model=model,
+    float_params=params,
+    tree=params,
+    key=jax.random.key(recipe.seed),
+  )
+
+
+def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
+  kinds = stage_kinds()
+  for kind, options in recipe.stages:
+    start = time.perf_counter()
+    pipeline = kinds[kind].run(pipeline, options)
+    entry = {"stage": kind, "options": options, "seconds": round(time.perf_counter() - start, 3)}
+    pipeline = dataclasses.replace(pipeline, log=pipeline.log + (entry,))
+  return pipeline
+
+
+def evaluate_tree(model: Any, tree: Any, dataset: Any) -> float:
+  """The model's metric on `dataset`'s test split, decoding `tree` inside jit."""
+  from jaxshrink import models
+  from jaxshrink.encoding import materialize
+
+  decoding = dataclasses.replace(model, apply=lambda p, x: model.apply(materialize(p), x))
+  return float(models.evaluate(decoding, tree, dataset))
+
+
+def run_recipe(recipe: Recipe, *, progress: bool = True) -> CompressResult:
+  """Runs every stage and measures the result against the float params."""
+  start = time.perf_counter()
+  pipeline = run_stages(recipe, prepare(recipe, progress=progress))
+  report = tree_report(pipeline.tree)
+  metrics: dict[str, Any] = {
+    "metric": pipeline.model.metric,
+    "size_bytes": report.total_bytes,
+    "float32_bytes": report.float32_bytes,
+    "ratio": round(report.ratio, 4),
+    "stages": list(pipeline.log),
+  }
+  if recipe.export["evaluate"]:
+    metrics["value"] = evaluate_tree(pipeline.model, pipeline.tree, pipeline.dataset)
+    metrics["reference_value"] = evaluate_tree(
+      pipeline.float_model, pipeline.float_params, pipeline.dataset
+    )
+  metrics["seconds"] = round(time.perf_counter() - start, 3)
+  return CompressResult(recipe=recipe, pipeline=pipeline, report=report, metrics=metrics)

@@ -1,0 +1,218 @@
+"""Leaf paths and selection rules over Flax parameter trees.
+
+Every technique in jaxshrink addresses parameters by a `/`-joined path such as
+`Dense_0/kernel` or `encoder/layer_0/attention/query/kernel`. The same path is
+produced for a linen variable dict (the `params` collection is looked through)
+and for an `nnx.State` (the `.value` of each `nnx.Variable` is looked through),
+so one rule works for both frameworks.
+
+>>> params = {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}}
+>>> select(params, Rule(include=r".*kernel"))
+['Dense_0/kernel']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxshrink.encoding import is_encoding
+from jaxshrink.errors import NoMatchError
+
+PyTree = Any
+
+# How many existing paths a "matched nothing" error lists before eliding the rest.
+_MAX_LISTED_PATHS = 40
+
+
+def _key_name(key: Any) -> str | None:
+  """The path component for one `jax.tree_util` key, or None to skip it."""
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    # nnx.Variable flattens to its `.value`; the variable itself is the leaf.
+    return None if key.name == "value" else key.name
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def path_string(key_path: tuple[Any, ...]) -> str:
+  """Joins a `jax.tree_util` key path into `a/b/c`."""
+  return "/".join(name for name in map(_key_name, key_path) if name is not None)
+
+
+def key_components(key_path: tuple[Any, ...]) -> tuple[str | int, ...]:
+  """The dict keys along a key path, ints kept as ints (nnx lists use them)."""
+  parts: list[str | int] = []
+  for key in key_path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(key.key if isinstance(key.key, int) else str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(key.idx)
+    elif _key_name(key) is not None:
+      parts.append(_key_name(key))
+  return tuple(parts)
+
+
+def flatten_with_keys(tree: PyTree) -> list[tuple[str, tuple[str | int, ...], Any]]:
+  """`(path, key components, leaf)` for every leaf; encodings count as leaves."""
+  leaves = jax.tree_util.tree_flatten_with_path(params_of(tree), is_leaf=is_encoding)[0]
+  return [(path_string(kp), key_components(kp), leaf) for kp, leaf in leaves]
+
+
+def unflatten(entries: list[tuple[tuple[str | int, ...], Any]]) -> dict:
+  """Rebuilds a nested dict from `(key components, leaf)` pairs."""
+  root: dict = {}
+  for keys, leaf in entries:
+    node = root
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = leaf
+  return root
+
+
+def params_of(tree: PyTree) -> PyTree:
+  """The parameter tree inside a linen variable dict; any other tree as is."""
+  if isinstance(tree, Mapping) and "params" in tree and not _is_array(tree["params"]):
+    return tree["params"]
+  return tree
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray))
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+  """Maps each leaf path to its leaf; compressed encodings count as leaves.
+
+  Args:
+    tree: a param dict, linen variable dict, `nnx.State` or compressed tree.
+
+  Returns:
+    An ordered dict `{path: leaf}` in `jax.tree_util` flattening order.
+  """
+  flat = {}
+  for path, _, leaf in flatten_with_keys(tree):
+    if path in flat:
+      raise ValueError(f"Two leaves share the path `{path}`; rename one of the modules.")
+    flat[path] = leaf
+  return flat
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+  """Applies `fn(path, leaf)` to every leaf; keeps linen's `params` wrapper."""
+
+  def visit(key_path, leaf):
+    return fn(path_string(key_path), leaf)
+
+  inner = params_of(tree)
+  mapped = jax.tree_util.tree_map_with_path(visit, inner, is_leaf=is_encoding)
+  if inner is tree:
+    return mapped
+  return {**tree, "params": mapped}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Which leaves a technique touches.
+
+  A leaf is selected when its path fully matches `include`, does not fully
+  match `exclude`, has at least `min_ndim` dimensions and `min_size` elements.
+
+  Attributes:
+    include: regex matched against the whole path (`re.fullmatch`).
+    exclude: regex of paths to leave alone, or None.
+    min_ndim: smallest rank selected; 2 skips biases and norm scales.
+    min_size: smallest element count selected.
+  """
+
+  include: str = ".*"
+  exclude: str | None = None
+  min_ndim: int = 0
+  min_size: int = 0
+
+  def __post_init__(self):
+    for field in ("include", "exclude"):
+      pattern = getattr(self, field)
+      if pattern is None and field == "exclude":
+        continue
+      if not isinstance(pattern, str):
+        raise TypeError(f"Rule `{field}` must be a regex string; got {type(pattern).__name__}.")
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(
+          f"Rule `{field}` is not a valid regex: {pattern!r} ({e}). Escape special characters "
+          r"such as `[` or `(` with a backslash."
+        ) from None
+    for field in ("min_ndim", "min_size"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f"Rule `{field}` must be a non-negative int; got {value!r}.")
+
+  def matches(self, path: str, leaf: Any) -> bool:
+    if re.fullmatch(self.include, path) is None:
+      return False
+    if self.exclude is not None and re.fullmatch(self.exclude, path) is not None:
+      return False
+    shape = tuple(getattr(leaf, "shape", ()))
+    return len(shape) >= self.min_ndim and int(np.prod(shape, dtype=np.int64)) >= self.min_size
+
+  def describe(self) -> str:
+    parts = [f"include={self.include!r}"]
+    if self.exclude is not None:
+      parts.append(f"exclude={self.exclude!r}")
+    if self.min_ndim:
+      parts.append(f"min_ndim={self.min_ndim}")
+    if self.min_size:
+      parts.append(f"min_size={self.min_size}")
+    return "Rule(" + ", ".join(parts) + ")"
+
+
+def as_rule(rule: Rule | str) -> Rule:
+  """Accepts a `Rule` or a bare include regex."""
+  if isinstance(rule, Rule):
+    return rule
+  if isinstance(rule, str):
+    return Rule(include=rule)
+  raise TypeError(f"Expected a Rule or a regex string; got {type(rule).__name__}.")
+
+
+def no_match_message(rule: Rule, paths: list[str]) -> str:
+  listed = paths[:_MAX_LISTED_PATHS]
+  more = f" (and {len(paths) - len(listed)} more)" if len(paths) > len(listed) else ""
+  return (
+    f"{rule.describe()} matched no parameter. Paths that exist: {', '.join(listed)}{more}. "
+    "Fix the `target` regex (it must match the whole path)."
+  )
+
+
+def select(tree: PyTree, rule: Rule | str) -> list[str]:
+  """Paths of the leaves selected by `rule`; raises if there are none.
+
+  Raises:
+    NoMatchError: when nothing matches; the message lists the existing paths.
+  """
+  rule = as_rule(rule)
+  flat = flatten(tree)
+  chosen = [path for path, leaf in flat.items() if rule.matches(path, leaf)]
+  if not chosen:
+    raise NoMatchError(no_match_message(rule, list(flat)))
+  return chosen
+
+
+def map_selected(fn: Callable[[str, Any], Any], tree: PyTree, rule: Rule | str) -> PyTree:
+  """Replaces each leaf selected by `rule` with `fn(path, leaf)`.
+
+  >>> map_selected(lambda p, w: w * 0, params, Rule(include=".*kernel"))
+  """
+  chosen = set(select(tree, rule))
+  return map_with_path(lambda path, leaf: fn(path, leaf) if path in chosen else leaf, tree)
