@@ -85,6 +85,8 @@ class Encoding:
 
 
 def _nbytes(x: Any) -> int:
+  if x is None:
+    return 0
   if isinstance(x, Encoding):
     return x.nbytes
   return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize

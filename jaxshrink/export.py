@@ -82,7 +82,9 @@ def _encode_leaf(leaf: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     "children": {},
   }
   for field, child in leaf.children().items():
-    if isinstance(child, encoding.Encoding):
+    if child is None:  # optional array fields, e.g. no zero point for symmetric codes
+      meta.setdefault("absent", []).append(field)
+    elif isinstance(child, encoding.Encoding):
       child_arrays, child_meta = _encode_leaf(child)
       arrays.update({f"{field}.{k}": v for k, v in child_arrays.items()})
       meta["children"][field] = child_meta
@@ -97,7 +99,9 @@ def _decode_leaf(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
   cls = encoding.encoding_class(meta["encoding"])
   kwargs = {k: _from_json(v) for k, v in meta["static"].items()}
   for field in cls.array_fields:
-    if field in meta["children"]:
+    if field in meta.get("absent", ()):
+      kwargs[field] = None
+    elif field in meta["children"]:
       prefix = field + "."
       sub = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
       kwargs[field] = _decode_leaf(meta["children"][field], sub)

@@ -28,9 +28,10 @@ class ScaledTestEncoding(Encoding):
   """A nested encoding (an encoding inside an encoding) used to test export."""
 
   name: ClassVar[str] = "scaled-test"
-  array_fields: ClassVar[tuple[str, ...]] = ("inner", "scale")
+  array_fields: ClassVar[tuple[str, ...]] = ("inner", "scale", "offset")
   inner: Encoding
   scale: jax.Array
+  offset: jax.Array | None
   shape: tuple[int, ...]
   dtype: str
   note: tuple[str, ...] = ("a", "b")
@@ -50,6 +51,7 @@ def tree():
       "kernel": ScaledTestEncoding(
         inner=Cast.encode(kernel, "float16"),
         scale=jnp.float32(0.5),
+        offset=None,
         shape=(16, 8),
         dtype="float32",
       )
@@ -73,6 +75,7 @@ def test_round_trip_is_bit_exact(tmp_path, tree):
   _equal_trees(loaded, ctree)
   assert isinstance(loaded["head"]["kernel"], ScaledTestEncoding)
   assert loaded["head"]["kernel"].note == ("a", "b")
+  assert loaded["head"]["kernel"].offset is None
   assert 0 in loaded["blocks"]  # int keys survive (nnx lists use them)
 
 
