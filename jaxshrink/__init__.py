@@ -19,3 +19,23 @@ from jaxshrink.tree import Rule as Rule
 from jaxshrink.tree import flatten as flatten
 from jaxshrink.tree import map_selected as map_selected
 from jaxshrink.tree import select as select
+
+__all__ = [
+  "Cast",
+  "CheckpointError",
+  "Encoding",
+  "JaxshrinkError",
+  "NoMatchError",
+  "Rule",
+  "UsageError",
+  "cast_params",
+  "flatten",
+  "load",
+  "map_selected",
+  "materialize",
+  "read_manifest",
+  "register_encoding",
+  "save",
+  "select",
+  "tree_report",
+]

@@ -27,7 +27,9 @@ class _Parser(argparse.ArgumentParser):
 def _console():
   from rich.console import Console
 
-  return Console()
+  # Pipes and CI logs default to 80 columns, which would cut leaf paths; tables need more.
+  console = Console()
+  return console if console.is_terminal else Console(width=160)
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -111,7 +113,7 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
   from jaxshrink import export
-  from jaxshrink.report import TreeReport
+  from jaxshrink.report import TreeReport, format_bytes
 
   manifest = export.read_manifest(args.dir)
   report = TreeReport.from_json({"layers": manifest["leaves"]})
@@ -126,7 +128,11 @@ def cmd_inspect(args) -> int:
     return 0
   console = _console()
   console.print(report.table(title=f"{args.dir} ({manifest.get('model')})"))
-  console.print(f"{payload['disk_bytes']} bytes on disk (manifest and orbax metadata included)")
+  console.print(
+    f"{format_bytes(report.total_bytes)} stored for {format_bytes(report.float32_bytes)} of "
+    f"float32 ({report.ratio:.2f}x); {format_bytes(payload['disk_bytes'])} on disk with the "
+    "manifest and orbax metadata (orbax compresses chunks)."
+  )
   return 0
 
 

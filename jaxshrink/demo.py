@@ -42,7 +42,7 @@ class DemoRow:
   value: float
   disk_bytes: int
   stored_bytes: int
-  ratio: float  # float32 checkpoint's disk bytes over this one's
+  ratio: float  # the float32 checkpoint's disk bytes over this one's
   seconds: float
 
 
@@ -118,6 +118,7 @@ def _plot(rows: list[DemoRow], path: Path) -> Path:
 
   matplotlib.use("Agg")  # no display on servers and CI
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for r in rows:
@@ -130,6 +131,8 @@ def _plot(rows: list[DemoRow], path: Path) -> Path:
       fontsize=8,
     )
   ax.set_xscale("log")
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel("checkpoint size on disk (KiB, log scale)")
   ax.set_ylabel(rows[0].metric)
   ax.set_title(f"{MODEL}: {rows[0].metric} against size")

@@ -90,6 +90,10 @@ class TreeReport:
     return self.float32_bytes / max(self.total_bytes, 1)
 
   @property
+  def bits_per_weight(self) -> float:
+    return 8.0 * self.total_bytes / max(self.num_params, 1)
+
+  @property
   def num_params(self) -> int:
     return sum(leaf.size for leaf in self.layers)
 
@@ -110,17 +114,13 @@ class TreeReport:
     from rich.table import Table
 
     table = Table(title=title, show_footer=True)
-    table.add_column("path", footer="total")
-    table.add_column("shape")
+    table.add_column("path", footer="total", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
     table.add_column("encoding")
-    table.add_column("bits/weight", justify="right")
+    table.add_column("bits/weight", justify="right", footer=f"{self.bits_per_weight:.2f}")
     table.add_column("sparsity", justify="right")
     table.add_column("bytes", justify="right", footer=format_bytes(self.total_bytes))
-    table.add_column(
-      "vs float32",
-      justify="right",
-      footer=f"{self.ratio:.2f}x of {format_bytes(self.float32_bytes)}",
-    )
+    table.add_column("vs float32", justify="right", footer=f"{self.ratio:.2f}x")
     for leaf in self.layers:
       table.add_row(
         leaf.path,
