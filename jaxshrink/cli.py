@@ -91,6 +91,14 @@ def cmd_eval(args) -> int:
   if not manifest.get("model"):
     raise JaxshrinkError(f"`{args.dir}` records no model, so it cannot be evaluated.")
   model = models.load_model(manifest["model"])
+  import jax
+
+  from jaxshrink.tree import flatten
+
+  shapes = {
+    p: tuple(a.shape) for p, a in flatten(jax.eval_shape(model.init, jax.random.key(0))).items()
+  }
+  export.check_matches(manifest, shapes, what=manifest["model"])
   source = args.data or manifest.get("data") or model.data
   dataset = data.load_data_source(source)
   tree = export.load(args.dir)
@@ -133,6 +141,21 @@ def cmd_inspect(args) -> int:
     f"float32 ({report.ratio:.2f}x); {format_bytes(payload['disk_bytes'])} on disk with the "
     "manifest and orbax metadata (orbax compresses chunks)."
   )
+  return 0
+
+
+def cmd_export(args) -> int:
+  from jaxshrink import export
+
+  manifest = export.read_manifest(args.dir)
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    raise UsageError(f"`{out}` already exists; pass --overwrite to replace it.")
+  tree = export.load(args.dir)
+  export.export_safetensors(
+    tree, out, metadata={"model": manifest.get("model") or "", "source": str(args.dir)}
+  )
+  print(f"wrote {out} ({out.stat().st_size} bytes) from {args.dir}")
   return 0
 
 
@@ -188,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("dir", help="checkpoint directory")
   p.add_argument("--json", action="store_true", help="print the table as JSON")
   p.set_defaults(func=cmd_inspect)
+
+  p = sub.add_parser("export", parents=[common], help="convert a checkpoint to safetensors")
+  p.add_argument("dir", help="checkpoint directory")
+  p.add_argument("--to", choices=["safetensors"], required=True, help="output format")
+  p.add_argument("out", help="output file")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+  p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("bench", parents=[common], help="run benchmarks/, regenerate BENCHMARKS.md")
   p.add_argument("--suite", help="one suite name (default: all)")
