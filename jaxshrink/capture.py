@@ -156,14 +156,28 @@ def _conv_input_matrix(lhs, params, kernel_shape):
   return patches.reshape(patches.shape[0], -1), tuple(contract)
 
 
+# `substitute(eqn, invals, in_src) -> outvals | None`: computes one equation another way
+# (an int8 dot for a quantized kernel, two matmuls for a low-rank one); None binds it as traced.
+Substitute = Callable[[Any, list, list], Any]
+
+
 class _Replay:
   """Evaluates a jaxpr, following param provenance and feeding reducers."""
 
-  def __init__(self, selected: set[str], reducers: Mapping[str, Reducer], states: dict):
+  def __init__(
+    self,
+    selected: set[str],
+    reducers: Mapping[str, Reducer],
+    states: dict,
+    substitute: Callable[[Any, list, list], list | None] | None = None,
+  ):
     self.selected = selected
     self.reducers = reducers
     self.states = states  # path -> name -> state, updated in place
     self.sites: dict[str, Site] = {}
+    # `substitute(eqn, invals, in_src)` may return an equation's outputs computed another
+    # way (e.g. a low-rank kernel as two matmuls); None binds the primitive as traced.
+    self.substitute = substitute
 
   def record(self, path, op, x2d, contract_dims):
     x2d = x2d.astype(jnp.float32)
@@ -190,10 +204,12 @@ class _Replay:
         closed = sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(sub, ())
         outvals, out_src = self.run(closed.jaxpr, closed.consts, invals, in_src)
       else:
-        params = eqn.primitive.get_bind_params(eqn.params)
-        with eqn.ctx.manager:
-          outvals = eqn.primitive.bind(*invals, **params)
-        outvals = outvals if eqn.primitive.multiple_results else [outvals]
+        outvals = self.substitute(eqn, invals, in_src) if self.substitute else None
+        if outvals is None:
+          params = eqn.primitive.get_bind_params(eqn.params)
+          with eqn.ctx.manager:
+            outvals = eqn.primitive.bind(*invals, **params)
+          outvals = outvals if eqn.primitive.multiple_results else [outvals]
         out_src = [in_src[0] if name in _TRANSPARENT and in_src[0] else None] * len(outvals)
         if name == "dot_general":
           self._on_dot(eqn, invals, in_src)
@@ -219,6 +235,38 @@ class _Replay:
         x_sorted = tuple(int(x_contract[i]) for i in order)
         self.record(path, "dot_general", _dot_input_matrix(x, x_sorted, x_batch), w_sorted)
         return
+
+
+def replay_with(
+  apply_fn: Callable[..., Any],
+  params: Any,
+  args: tuple,
+  paths: Mapping[int, str],
+  substitute: Substitute,
+) -> Any:
+  """Runs `apply_fn(params, *args)` with `substitute` hooked on ops fed by chosen leaves.
+
+  Args:
+    apply_fn: `(params, *args) -> outputs`; any linen/nnx/pure function.
+    params: a dense param tree (jax.Array leaves).
+    args: the remaining positional arguments.
+    paths: `{leaf index in jax.tree.leaves(params): path}` of the leaves to follow.
+    substitute: see `Substitute`.
+
+  Works under `jit`, `grad` and `vmap`: the replay only re-binds the traced primitives.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  arg_leaves, arg_def = jax.tree.flatten(args)
+  n = len(leaves)
+
+  def flat_fn(*flat):
+    return apply_fn(jax.tree.unflatten(treedef, flat[:n]), *jax.tree.unflatten(arg_def, flat[n:]))
+
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves, *arg_leaves)
+  origin = [paths.get(i) for i in range(n)] + [None] * len(arg_leaves)
+  replay = _Replay(set(paths.values()), {}, {}, substitute)
+  outs, _ = replay.run(closed.jaxpr, closed.consts, [*leaves, *arg_leaves], origin)
+  return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
 @dataclasses.dataclass(frozen=True)

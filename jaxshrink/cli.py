@@ -48,7 +48,7 @@ def cmd_compress(args) -> int:
   export.save(
     out,
     result.pipeline.tree,
-    model=recipe.model,
+    model=result.pipeline.model_source,
     data=recipe.data or model.data,
     recipe={**recipe.raw, "params": recipe.params},
     metrics=result.metrics,
@@ -77,11 +77,14 @@ def cmd_compress(args) -> int:
   return 0
 
 
-def _reference_params(manifest: dict[str, Any], model: Any) -> Any:
-  from jaxshrink import recipes
+def _reference(manifest: dict[str, Any], model: Any) -> tuple[Any, Any]:
+  """The float model and params the checkpoint was compressed from."""
+  from jaxshrink import models, recipes
 
-  params_source = (manifest.get("recipe") or {}).get("params")
-  return recipes.load_float_params(model, params_source, progress=False)
+  recipe = manifest.get("recipe") or {}
+  if recipe.get("model") and recipe["model"] != manifest["model"]:
+    model = models.load_model(recipe["model"])  # e.g. the teacher of a distilled student
+  return model, recipes.load_float_params(model, recipe.get("params"), progress=False)
 
 
 def cmd_eval(args) -> int:
@@ -103,7 +106,8 @@ def cmd_eval(args) -> int:
   dataset = data.load_data_source(source)
   tree = export.load(args.dir)
   value = recipes.evaluate_tree(model, tree, dataset)
-  reference = recipes.evaluate_tree(model, _reference_params(manifest, model), dataset)
+  reference_model, reference_params = _reference(manifest, model)
+  reference = recipes.evaluate_tree(reference_model, reference_params, dataset)
   payload = {
     "checkpoint": str(args.dir),
     "model": manifest["model"],

@@ -218,6 +218,8 @@ class Pipeline:
     tree: the current, possibly compressed, parameter tree.
     key: PRNG key for stages that need randomness; split before use.
     log: one dict per finished stage (kind, options, seconds).
+    model_source: how to rebuild `model` (zoo name or `module:factory`); recorded in
+      the checkpoint so `eval` can run it. A distill stage sets it to the student's.
   """
 
   model: Any
@@ -227,6 +229,7 @@ class Pipeline:
   tree: Any
   key: jax.Array
   log: tuple[dict[str, Any], ...] = ()
+  model_source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +277,7 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Pipeline:
     float_params=params,
     tree=params,
     key=jax.random.key(recipe.seed),
+    model_source=recipe.model,
   )
 
 
@@ -288,11 +292,12 @@ def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
 
 
 def evaluate_tree(model: Any, tree: Any, dataset: Any) -> float:
-  """The model's metric on `dataset`'s test split, decoding `tree` inside jit."""
+  """The model's metric on `dataset`'s test split, running `tree` as it would be served."""
   from jaxshrink import models
-  from jaxshrink.encoding import materialize
+  from jaxshrink.quant import quantized_apply
 
-  decoding = dataclasses.replace(model, apply=lambda p, x: model.apply(materialize(p), x))
+  # W8A8 layers run on the integer path; every other encoding is decoded inside jit.
+  decoding = dataclasses.replace(model, apply=quantized_apply(model.apply))
   return float(models.evaluate(decoding, tree, dataset))
 
 

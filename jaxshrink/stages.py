@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# Each technique registers its own stage kind on import.
+import jaxshrink.distill.stage  # noqa: F401  (distill)
+import jaxshrink.lowrank.stage  # noqa: F401  (factorize)
+import jaxshrink.quant.stage  # noqa: F401  (quantize)
 from jaxshrink.cast import cast_params
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 

@@ -61,7 +61,8 @@ def build_manifest(tree, entries, *, model, data, recipe, metrics) -> str:
     "leaves": leaves,
     "totals": {k: totals[k] for k in ("total_bytes", "float32_bytes", "ratio")},
   }
-  return json.dumps(manifest, indent=1)
+  # Compact separators: on a small model the manifest is a visible share of the checkpoint.
+  return json.dumps(manifest, separators=(",", ":"))
 
 
 def read_manifest(directory) -> dict[str, Any]:

@@ -1,0 +1,47 @@
+"""Named datasets: `get_dataset("digits")`, `list_datasets()`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from jaxshrink.data.dataset import Dataset
+from jaxshrink.data.digits import load_digits_dataset
+from jaxshrink.data.text import load_stdlib_text_dataset
+from jaxshrink.errors import JaxshrinkError
+
+_DATASET_BUILDERS: dict[str, Callable[[], Dataset]] = {
+  "digits": load_digits_dataset,
+  "stdlib-text": load_stdlib_text_dataset,
+}
+
+
+def list_datasets() -> list[str]:
+  """Names accepted by `get_dataset`, sorted.
+
+  >>> list_datasets()
+  ['digits', 'stdlib-text']
+  """
+  return sorted(_DATASET_BUILDERS)
+
+
+# Datasets are built once per process; their arrays are read-only, so sharing them is safe.
+@functools.cache
+def get_dataset(name: str) -> Dataset:
+  """Returns the named offline dataset (built on first use, then shared within the process).
+
+  Args:
+    name: one of `list_datasets()`.
+
+  Raises:
+    JaxshrinkError: for an unknown name; the message lists the valid names.
+
+  >>> get_dataset("digits").x_test.shape
+  (360, 8, 8, 1)
+  """
+  if name not in _DATASET_BUILDERS:
+    raise JaxshrinkError(
+      f"unknown dataset {name!r}; valid names are {list_datasets()}. Pass one of those, or load "
+      f"your own data with `load_data_source` (module:factory, .npz or .txt)."
+    )
+  return _DATASET_BUILDERS[name]()

@@ -1,0 +1,144 @@
+"""`load_data_source`: one string names any dataset (zoo name, `module:factory`, .npz or .txt)."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from jaxshrink.data.dataset import CLASSIFICATION, KINDS, LANGUAGE_MODEL, Dataset, freeze_arrays
+from jaxshrink.data.registry import get_dataset, list_datasets
+from jaxshrink.data.text import BYTE_VOCAB_SIZE, text_test_dataset
+from jaxshrink.errors import JaxshrinkError
+
+
+def _expected_sources() -> str:
+  return (
+    f"expected a dataset name {list_datasets()}, 'package.module:factory', "
+    f"a .npz file or a .txt file"
+  )
+
+
+def import_factory(source: str) -> Any:
+  """Imports `"package.module:attr"` (attr may be dotted) and calls it with no arguments.
+
+  Args:
+    source: the reference, e.g. `"my_project.data:make_dataset"`.
+
+  Returns:
+    Whatever the factory returns; callers check its type.
+
+  Raises:
+    JaxshrinkError: when the module cannot be imported or has no such attribute.
+  """
+  module_name, _, attr_path = source.partition(":")
+  if not module_name or not attr_path:
+    raise JaxshrinkError(f"{source!r} is not of the form 'package.module:factory'.")
+  try:
+    target = importlib.import_module(module_name)
+  except ImportError as exc:
+    raise JaxshrinkError(
+      f"cannot import module {module_name!r} from {source!r}: {exc}. Check the name and that "
+      f"the package is installed or on PYTHONPATH."
+    ) from exc
+  for attr in attr_path.split("."):
+    if not hasattr(target, attr):
+      raise JaxshrinkError(
+        f"{source!r}: {target.__name__ if hasattr(target, '__name__') else target!r} has no "
+        f"attribute {attr!r}."
+      )
+    target = getattr(target, attr)
+  if not callable(target):
+    raise JaxshrinkError(f"{source!r} names a {type(target).__name__}, not a callable factory.")
+  return target()
+
+
+def _load_npz(path: pathlib.Path) -> Dataset:
+  """Reads x_test/y_test (required) and x_train/y_train, kind, num_classes (optional)."""
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      arrays = {key: archive[key] for key in archive.files}
+  except (OSError, ValueError) as exc:
+    raise JaxshrinkError(f"cannot read {str(path)!r} as a NumPy .npz archive: {exc}") from exc
+  missing = [key for key in ("x_test", "y_test") if key not in arrays]
+  if missing:
+    raise JaxshrinkError(
+      f"{str(path)!r} lacks {missing}; a .npz data source needs `x_test` and `y_test` (optional: "
+      f"`x_train`, `y_train`, `kind`, `num_classes`). Found {sorted(arrays)}."
+    )
+  x_test = arrays["x_test"]
+  if "kind" in arrays:
+    kind = str(arrays["kind"])
+    if kind not in KINDS:
+      raise JaxshrinkError(f"{str(path)!r}: `kind` must be one of {list(KINDS)}; got {kind!r}.")
+  else:
+    is_tokens = np.issubdtype(x_test.dtype, np.integer) and x_test.ndim == 2
+    kind = LANGUAGE_MODEL if is_tokens else CLASSIFICATION
+
+  def as_split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = x.astype(np.int32) if kind == LANGUAGE_MODEL else x.astype(np.float32)
+    return x, y.astype(np.int32)
+
+  x_test, y_test = as_split(x_test, arrays["y_test"])
+  if "x_train" in arrays and "y_train" in arrays:
+    x_train, y_train = as_split(arrays["x_train"], arrays["y_train"])
+  else:
+    x_train = np.zeros((0, *x_test.shape[1:]), x_test.dtype)
+    y_train = np.zeros((0, *y_test.shape[1:]), np.int32)
+  if "num_classes" in arrays:
+    num_classes = int(arrays["num_classes"])
+  elif kind == LANGUAGE_MODEL:
+    num_classes = BYTE_VOCAB_SIZE
+  else:
+    labels = np.concatenate([y_train.ravel(), y_test.ravel()])
+    num_classes = int(labels.max()) + 1 if labels.size else 1
+  split_arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
+  freeze_arrays(*split_arrays)
+  return Dataset(str(path), kind, *split_arrays, num_classes=num_classes)
+
+
+def load_data_source(source: str) -> Dataset:
+  """Loads a dataset from any supported source string.
+
+  Args:
+    source: one of
+      * a name from `list_datasets()`, e.g. `"digits"`;
+      * `"package.module:factory"`: `factory()` must return a `Dataset`;
+      * a path to a `.npz` file with `x_test`, `y_test` and optionally `x_train`, `y_train`,
+        `kind` and `num_classes` (an integer 2-D `x_test` means a language model);
+      * a path to a `.txt` file: a byte-level language-model dataset whose test windows cover
+        the whole file (no training split).
+
+  Returns:
+    The `Dataset`.
+
+  Raises:
+    JaxshrinkError: for a missing file or a source of none of those forms.
+    TypeError: when a factory returns something other than a `Dataset`.
+
+  >>> load_data_source("digits").num_classes
+  10
+  """
+  if not isinstance(source, str):
+    raise TypeError(f"`source` must be a str; got {type(source).__name__}.")
+  if source in list_datasets():
+    return get_dataset(source)
+  path = pathlib.Path(source).expanduser()
+  suffix = path.suffix.lower()
+  if suffix in (".npz", ".txt"):
+    if not path.is_file():
+      raise JaxshrinkError(f"data source file {source!r} does not exist; {_expected_sources()}.")
+    if suffix == ".npz":
+      return _load_npz(path)
+    return text_test_dataset(path.read_bytes(), name=str(path))
+  if ":" in source:
+    dataset = import_factory(source)
+    if not isinstance(dataset, Dataset):
+      raise TypeError(
+        f"data factory {source!r} must return a jaxshrink.data.Dataset; got "
+        f"{type(dataset).__name__}."
+      )
+    return dataset
+  raise JaxshrinkError(f"unknown data source {source!r}; {_expected_sources()}.")

@@ -1,0 +1,158 @@
+"""`ZooModel`: a model as a pair of pure functions, whether it is written in Linen or NNX.
+
+Every zoo model exposes `init(key) -> params` and `apply(params, x) -> logits`, where `params` is a
+plain nested dict of arrays (no `{"params": ...}` collection wrapper, no NNX `Variable`s). So
+compression code handles one tree format and never needs to know the framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.core
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+FRAMEWORKS = ("linen", "nnx")
+METRICS = ("accuracy", "perplexity")
+
+
+# eq=False: fields hold functions and modules; identity equality keeps the model hashable.
+@dataclasses.dataclass(frozen=True, eq=False)
+class ZooModel:
+  """A trainable model with its default data and training recipe.
+
+  Attributes:
+    name: registry name, also the key of its pretrained cache entry, e.g. "digits-cnn".
+    framework: "linen" or "nnx" (how `module` is written; `init`/`apply` hide the difference).
+    data: default dataset, a name from `jaxshrink.data.list_datasets()` or any
+      `load_data_source` string.
+    metric: "accuracy" (classification) or "perplexity" (language model).
+    init: PRNG key -> float32 param tree (plain nested dict of arrays).
+    apply: (params, inputs) -> logits; pure, so it works under `jax.jit`, `jax.grad`, `vmap`.
+    train_steps: default number of optimizer steps for `train` / `pretrained`.
+    learning_rate: peak learning rate.
+    batch_size: training batch size.
+    input_shape: shape of one example, e.g. (8, 8, 1) or (64,).
+    input_dtype: dtype of the inputs, e.g. "float32" or "int32".
+    weight_decay: AdamW decoupled weight decay (0 means plain Adam).
+    warmup_steps: linear warmup before cosine decay.
+    augment: optional training-time augmentation `(key, x_batch) -> x_batch`, applied inside the
+      jitted train step (e.g. `jaxshrink.data.augment.random_translate`).
+    module: Linen: the `nn.Module` instance (rebuild with e.g. `module.clone(dot_general=...)`).
+      NNX: the module class, constructed as `module(rngs=nnx.Rngs(params=key), **kwargs)`.
+    description: one line for listings.
+
+  >>> from jaxshrink.models import get_model
+  >>> model = get_model("digits-mlp")
+  >>> params = model.init(jax.random.key(0))
+  >>> model.apply(params, jnp.zeros((2, 8, 8, 1), jnp.float32)).shape
+  (2, 10)
+  """
+
+  name: str
+  framework: str
+  data: str
+  metric: str
+  init: Callable[[jax.Array], dict]
+  apply: Callable[[dict, jax.Array], jax.Array]
+  train_steps: int
+  learning_rate: float
+  batch_size: int
+  input_shape: tuple[int, ...] = ()
+  input_dtype: str = "float32"
+  weight_decay: float = 0.0
+  warmup_steps: int = 0
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  module: Any = None
+  description: str = ""
+
+  def __post_init__(self):
+    if self.framework not in FRAMEWORKS:
+      raise ValueError(
+        f"`framework` must be one of {list(FRAMEWORKS)}; got {self.framework!r} for model "
+        f"{self.name!r}."
+      )
+    if self.metric not in METRICS:
+      raise ValueError(
+        f"`metric` must be one of {list(METRICS)}; got {self.metric!r} for model {self.name!r}."
+      )
+    if not callable(self.init) or not callable(self.apply):
+      raise TypeError(f"`init` and `apply` of model {self.name!r} must be callables.")
+    for field in ("train_steps", "batch_size"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"`{field}` must be >= 1; got {getattr(self, field)} for {self.name!r}.")
+
+  @property
+  def higher_is_better(self) -> bool:
+    """True for accuracy, False for perplexity."""
+    return self.metric == "accuracy"
+
+  def input_spec(self, batch_size: int = 1) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of a batch of inputs, for `jax.eval_shape(model.apply, params, spec)`."""
+    return jax.ShapeDtypeStruct((batch_size, *self.input_shape), jnp.dtype(self.input_dtype))
+
+  def dummy_input(self, batch_size: int = 1) -> jax.Array:
+    """A batch of zeros with the model's input shape and dtype."""
+    return jnp.zeros((batch_size, *self.input_shape), jnp.dtype(self.input_dtype))
+
+
+def linen_functions(
+  module: nn.Module, input_shape: tuple[int, ...], input_dtype: str
+) -> tuple[Callable[[jax.Array], dict], Callable[[dict, jax.Array], jax.Array]]:
+  """Pure `(init, apply)` for a Linen module with a single `params` collection.
+
+  Args:
+    module: an unbound `nn.Module` whose `__call__(x)` returns logits.
+    input_shape: shape of one example (the batch dimension is added).
+    input_dtype: dtype of the inputs.
+
+  Returns:
+    `init(key) -> params` returning `variables["params"]` as a plain dict, and
+    `apply(params, x) -> logits`.
+  """
+  dummy = np.zeros((1, *input_shape), np.dtype(input_dtype))
+
+  def init(key: jax.Array) -> dict:
+    variables = module.init(key, dummy)
+    return flax.core.unfreeze(variables["params"])
+
+  def apply(params: dict, x: jax.Array) -> jax.Array:
+    return module.apply({"params": params}, x)
+
+  return init, apply
+
+
+def nnx_functions(
+  module_cls: Callable[..., nnx.Module],
+) -> tuple[Callable[[jax.Array], dict], Callable[[dict, jax.Array], jax.Array]]:
+  """Pure `(init, apply)` for an NNX module holding only `nnx.Param` variables.
+
+  Args:
+    module_cls: constructor called as `module_cls(rngs=nnx.Rngs(params=key))`.
+
+  Returns:
+    `init(key) -> params`, the `nnx.to_pure_dict` of the `nnx.Param` state, and
+    `apply(params, x) -> logits`, which rebuilds a fresh module from `params` on every call, so it
+    is pure (no shared module is mutated) and traces under `jit` / `grad`.
+  """
+  # The graph structure is fixed; only the leaves change between calls. eval_shape avoids
+  # materializing (and randomly initializing) weights that would be thrown away.
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: module_cls(rngs=nnx.Rngs(0))))
+
+  def init(key: jax.Array) -> dict:
+    module = module_cls(rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+  def apply(params: dict, x: jax.Array) -> jax.Array:
+    # tree.map copies the State (and its Variables), so abstract_state itself is never filled in.
+    state = jax.tree.map(lambda leaf: leaf, abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)(x)
+
+  return init, apply

@@ -1,0 +1,156 @@
+"""`pretrained(name)`: zoo weights trained once per machine, then loaded from the cache.
+
+Each entry is a directory `cache_dir()/zoo/<name>-v1/` holding an orbax checkpoint of the param
+tree (`params/`) and `meta.json` (the training recipe, time and test metric). An entry whose recipe
+(steps, learning rate, batch size, augmentation, param shapes, ...) differs from the model's is
+stale and is retrained, so changing a recipe never silently serves old weights.
+
+Entries are written into a private temporary sibling and renamed into place, so concurrent
+processes (pytest-xdist workers) never load a half-written entry; when two train at once, the
+first rename wins and the other copy is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import time
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxshrink.data.cache import cache_dir, commit_dir, temporary_sibling_dir
+from jaxshrink.data.sources import load_data_source
+from jaxshrink.errors import JaxshrinkError
+from jaxshrink.models.base import ZooModel
+from jaxshrink.models.registry import get_model
+from jaxshrink.models.training import evaluate, train
+
+ZOO_CACHE_VERSION = "v1"
+PRETRAINED_SEED = 0
+
+
+def pretrained_dir(name: str) -> pathlib.Path:
+  """Cache directory of a model's pretrained weights (it may not exist yet)."""
+  return cache_dir() / "zoo" / f"{name}-{ZOO_CACHE_VERSION}"
+
+
+def _resolve(name_or_model: str | ZooModel) -> ZooModel:
+  if isinstance(name_or_model, ZooModel):
+    return name_or_model
+  if isinstance(name_or_model, str):
+    return get_model(name_or_model)
+  raise TypeError(
+    f"`name_or_model` must be a zoo model name or a ZooModel; got {type(name_or_model).__name__}."
+  )
+
+
+def _recipe(model: ZooModel, abstract: dict) -> dict:
+  """Everything that determines the trained weights, as JSON-compatible values."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  augment = model.augment
+  return {
+    "data": model.data,
+    "seed": PRETRAINED_SEED,
+    "steps": model.train_steps,
+    "learning_rate": model.learning_rate,
+    "batch_size": model.batch_size,
+    "weight_decay": model.weight_decay,
+    "warmup_steps": model.warmup_steps,
+    "augment": None if augment is None else getattr(augment, "__qualname__", repr(augment)),
+    "params": {
+      jax.tree_util.keystr(path, simple=True, separator="/"): [list(leaf.shape), str(leaf.dtype)]
+      for path, leaf in leaves
+    },
+  }
+
+
+def _restore(entry: pathlib.Path, abstract: dict, recipe: dict) -> dict:
+  """Loads an entry, checking its recipe and that structure, shapes and dtypes match exactly."""
+  meta = json.loads((entry / "meta.json").read_text())
+  if meta.get("recipe") != recipe:
+    raise JaxshrinkError("it was trained with a different recipe or architecture (stale entry)")
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(entry.absolute() / "params", abstract)
+  if jax.tree.structure(params) != jax.tree.structure(abstract):
+    raise JaxshrinkError(f"cached param tree at {str(entry)!r} has a different structure.")
+  for leaf, want in zip(jax.tree.leaves(params), jax.tree.leaves(abstract), strict=True):
+    if leaf.shape != want.shape or leaf.dtype != want.dtype:
+      raise JaxshrinkError(
+        f"cached leaf {leaf.shape} {leaf.dtype} at {str(entry)!r}; expected {want.shape} "
+        f"{want.dtype}."
+      )
+  return params
+
+
+def _save(entry: pathlib.Path, params: dict, meta: dict) -> None:
+  """Writes the checkpoint and metadata to a temporary sibling, then renames it to `entry`."""
+  tmp = temporary_sibling_dir(entry)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp.absolute() / "params", params)
+      checkpointer.wait_until_finished()
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    commit_dir(tmp, entry)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
+  """Returns trained params for a zoo model, training and caching them on first use.
+
+  Training uses `jax.random.key(0)` and the model's default recipe and dataset, so the weights are
+  deterministic on a given machine. A cache entry that cannot be read (corrupt, truncated, or from
+  an incompatible architecture) is deleted with a warning and retrained.
+
+  Args:
+    name_or_model: a zoo model name or a `ZooModel` (its `name` is the cache key, so give custom
+      models unique names).
+    progress: show the training progress bar when training is needed.
+
+  Returns:
+    The param tree, structured like `model.init(key)`.
+
+  >>> params = pretrained("digits-cnn", progress=False)  # doctest: +SKIP
+  >>> params["conv1"]["kernel"].shape  # doctest: +SKIP
+  (3, 3, 1, 32)
+  """
+  model = _resolve(name_or_model)
+  entry = pretrained_dir(model.name)
+  key = jax.random.key(PRETRAINED_SEED)
+  abstract = jax.eval_shape(model.init, key)
+  # JSON round trip so tuples/ints compare equal to what a previous run wrote.
+  recipe = json.loads(json.dumps(_recipe(model, abstract)))
+  if entry.exists():
+    try:
+      return _restore(entry, abstract, recipe)
+    except Exception as exc:  # orbax raises many types for damaged files; all mean "retrain"
+      warnings.warn(
+        f"pretrained weights for {model.name!r} at {str(entry)!r} could not be loaded "
+        f"({type(exc).__name__}: {exc}); deleting the entry and retraining.",
+        RuntimeWarning,
+        stacklevel=2,
+      )
+      shutil.rmtree(entry, ignore_errors=True)
+  dataset = load_data_source(model.data)
+  start = time.perf_counter()
+  params = train(model, dataset, key=key, progress=progress)
+  jax.block_until_ready(params)
+  seconds = time.perf_counter() - start
+  meta = {
+    "name": model.name,
+    "framework": model.framework,
+    "data": model.data,
+    "train_seconds": round(seconds, 2),
+    "metric": model.metric,
+    "test_score": evaluate(model, params, dataset),
+    "num_params": int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params))),
+    "jax_version": jax.__version__,
+    "recipe": recipe,
+  }
+  _save(entry, params, meta)
+  return params

@@ -1,0 +1,225 @@
+"""Post-training quantization: round-to-nearest weights, calibrated W8A8, per-rule settings.
+
+`quantize_params` needs only the params (weight-only RTN). `ptq` adds calibration batches:
+static activation scales (absmax / percentile / MSE clipping), SmoothQuant, and the exact
+contracting axes of every kernel as the model consumes it. Both return a compressed tree
+whose kernels are `QArray`s; it runs (1) on any unmodified model via `materialize` inside
+`jit`, (2) on the integer path via `jaxshrink.quant.quantized_apply`.
+
+>>> ctree = ptq(model.apply, params, batches, ".*kernel", QuantSpec(bits=8), activation_bits=8,
+...             overrides=[("conv1/kernel", LayerQuant(QuantSpec(bits=8)))])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxshrink.capture import kernel_matrix
+from jaxshrink.encoding import Encoding
+from jaxshrink.errors import NoMatchError
+from jaxshrink.quant import numerics
+from jaxshrink.quant.calibrate import calibrate, check_batches
+from jaxshrink.quant.qarray import QArray, default_contract_dims, normalize_contract_dims
+from jaxshrink.quant.spec import QuantSpec
+from jaxshrink.tree import Rule, as_rule, flatten, map_with_path, no_match_message, select
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+  """Settings of one group of layers.
+
+  Attributes:
+    spec: weight quantization; None keeps the layer in float.
+    activation_bits: None for weight-only; 8 for W8A8 (integer path).
+  """
+
+  spec: QuantSpec | None
+  activation_bits: int | None = None
+
+
+Overrides = Sequence[tuple[Rule | str, LayerQuant | QuantSpec | None]]
+
+
+def resolve_layers(params: Any, rule: Rule | str, base: LayerQuant, overrides: Overrides = ()):
+  """`{path: LayerQuant}` for every selected leaf; later overrides win, None drops a leaf.
+
+  Raises:
+    NoMatchError: the rule, or an override's rule, matches nothing.
+  """
+  flat = flatten(params)
+  layers = {path: base for path in select(params, rule)}
+  for o_rule, setting in overrides:
+    o_rule = as_rule(o_rule)
+    hits = [p for p, leaf in flat.items() if o_rule.matches(p, leaf)]
+    if not hits:
+      raise NoMatchError("Override " + no_match_message(o_rule, list(flat)))
+    if isinstance(setting, QuantSpec):
+      setting = dataclasses.replace(base, spec=setting)
+    for path in hits:
+      layers[path] = setting if setting is not None else LayerQuant(None)
+  for path, layer in layers.items():
+    if layer.spec is not None:
+      layer.spec.validate(path)
+    if layer.activation_bits not in (None, 8, 4):
+      raise ValueError(
+        f"`activation_bits` must be null (weight-only), 8 or 4; got {layer.activation_bits!r} "
+        f"for `{path}`."
+      )
+  return {p: v for p, v in layers.items() if v.spec is not None}
+
+
+def quantize_leaf(
+  path: str,
+  w: Any,
+  layer: LayerQuant,
+  *,
+  contract_dims: tuple[int, ...] | None = None,
+  input_scale: np.ndarray | None = None,
+  act_clip: float | None = None,
+  key: jax.Array | None = None,
+) -> QArray:
+  """One kernel -> `QArray` (RTN), with optional SmoothQuant scale and static act clip."""
+  if isinstance(w, Encoding):
+    raise TypeError(
+      f"`{path}` is already compressed ({w.describe()}); quantize the float params, or "
+      "exclude it from the rule."
+    )
+  spec = layer.spec
+  dims = normalize_contract_dims(
+    contract_dims or default_contract_dims(w.shape), max(w.ndim, 1), path
+  )
+  w2d = kernel_matrix(w, dims)
+  numerics.check_float_matrix(w2d, path)
+  if input_scale is not None:
+    w2d = w2d * input_scale[:, None]
+  scale, zp = numerics.compute_qparams(w2d, spec, path=path)
+  codes = numerics.quantize_codes(w2d, scale, zp, spec, key=key)
+  act_scale = None
+  if layer.activation_bits is not None and act_clip is not None:
+    act_scale = np.asarray(
+      [max(act_clip, 1e-30) / (2 ** (layer.activation_bits - 1) - 1)], np.float32
+    )
+  q = QArray.from_codes(
+    codes, scale, zp, spec, shape=w.shape, dtype=w.dtype, contract_dims=dims,
+    input_scale=input_scale,
+  )  # fmt: skip
+  if layer.activation_bits is None:
+    return q
+  return dataclasses.replace(q, act_bits=int(layer.activation_bits), act_scale=act_scale)
+
+
+def quantize_params(
+  params: Any,
+  rule: Rule | str,
+  spec: QuantSpec | LayerQuant,
+  *,
+  overrides: Overrides = (),
+  contract_dims: dict[str, tuple[int, ...]] | None = None,
+  key: jax.Array | None = None,
+) -> Any:
+  """Round-to-nearest quantization of every leaf `rule` selects.
+
+  Args:
+    params: float param tree (linen dict, nnx.State or plain dict).
+    rule: which leaves (a `Rule` or include regex), e.g. `".*kernel"`.
+    spec: the default `QuantSpec` (weight-only) or `LayerQuant` (with activation bits; then
+      activations use dynamic per-token scales, see `ptq` for static ones).
+    overrides: `[(rule, QuantSpec | LayerQuant | None)]`; later ones win; None keeps float.
+    contract_dims: `{path: axes}` for kernels whose input axes are not all but the last.
+    key: PRNG key for stochastic rounding.
+
+  >>> ctree = quantize_params(params, ".*kernel", QuantSpec(bits=4, group_size=128))
+  """
+  base = spec if isinstance(spec, LayerQuant) else LayerQuant(spec)
+  layers = resolve_layers(params, rule, base, overrides)
+  contract_dims = contract_dims or {}
+  keys = {}
+  if key is not None:
+    keys = dict(zip(layers, jax.random.split(key, len(layers)), strict=True))
+
+  def visit(path, leaf):
+    if path not in layers:
+      return leaf
+    return quantize_leaf(
+      path, leaf, layers[path], contract_dims=contract_dims.get(path), key=keys.get(path)
+    )
+
+  return map_with_path(visit, params)
+
+
+def ptq(
+  apply_fn: Callable[[Any, Any], Any],
+  params: Any,
+  batches: Iterable[Any],
+  rule: Rule | str,
+  spec: QuantSpec | LayerQuant,
+  *,
+  activation_bits: int | None = None,
+  static_activations: bool = True,
+  calibration: str = "absmax",
+  percentile: float = 99.99,
+  smooth_alpha: float | None = None,
+  overrides: Overrides = (),
+) -> Any:
+  """Calibrated post-training quantization.
+
+  Args:
+    apply_fn: `(params, x) -> outputs` (linen or nnx model's pure apply).
+    params: float param tree.
+    batches: calibration inputs (at least one).
+    rule: which kernels.
+    spec: default weight spec (or a `LayerQuant`).
+    activation_bits: None for weight-only, 8 for W8A8 (default for layers without override).
+    static_activations: store calibrated activation scales (else dynamic per token).
+    calibration: `absmax`, `minmax`, `percentile` or `mse` clipping of activations.
+    percentile: for `percentile`.
+    smooth_alpha: SmoothQuant migration strength (0..1) for Dense-like kernels; None = off.
+    overrides: per-rule settings, as in `quantize_params`.
+
+  Raises:
+    JaxshrinkError: empty calibration set or NaN/Inf in it. NoMatchError: a rule matches
+      nothing.
+  """
+  base = spec if isinstance(spec, LayerQuant) else LayerQuant(spec, activation_bits)
+  layers = resolve_layers(params, rule, base, overrides)
+  batches = check_batches(batches)
+  kernel_rule = Rule(include="|".join(_escape(p) for p in layers))
+  flat = flatten(params)
+  input_scales = {}
+  stats = calibrate(apply_fn, params, batches, kernel_rule, method="absmax")
+  if smooth_alpha is not None:
+    from jaxshrink.quant.smoothquant import smooth_scales
+
+    for path, st in stats.items():
+      if st.site.op == "dot_general" and layers[path].activation_bits is not None:
+        w2d = np.asarray(kernel_matrix(flat[path], st.site.contract_dims))
+        input_scales[path] = smooth_scales(st.absmax, w2d, smooth_alpha)
+  if calibration not in ("absmax", "minmax") or input_scales:
+    stats = calibrate(
+      apply_fn, params, batches, kernel_rule, method=calibration, percentile=percentile,
+      input_scales=input_scales,
+    )  # fmt: skip
+
+  def visit(path, leaf):
+    if path not in layers:
+      return leaf
+    layer = layers[path]
+    st = stats[path]
+    return quantize_leaf(
+      path, leaf, layer, contract_dims=st.site.contract_dims,
+      input_scale=input_scales.get(path),
+      act_clip=st.clip if static_activations and layer.activation_bits else None,
+    )  # fmt: skip
+
+  return map_with_path(visit, params)
+
+
+def _escape(path: str) -> str:
+  import re
+
+  return re.escape(path)

@@ -1,0 +1,177 @@
+"""Quantization-aware training inside the user's own loop, then `convert` to `QArray`s.
+
+`qat_apply(apply_fn, rule, spec)` returns an apply function with the same signature whose
+selected kernels (rules choose them, by path, in any linen/nnx model, convs included) are
+fake-quantized with a straight-through estimator; with `activation_bits` their input
+activations are fake-quantized per token too. `mode="int"` runs the selected Dense matmuls as
+int8 x int8 -> int32 in the forward pass with a float straight-through backward. The optimizer
+and the loop stay the user's:
+
+>>> qapply = qat_apply(model.apply, ".*kernel", QuantSpec(bits=4))
+>>> loss = lambda p, x, y: cross_entropy_loss(qapply(p, x), y)   # your loop, your optax
+>>> ctree = convert(trained, ".*kernel", QuantSpec(bits=4))      # QArray params
+
+Layers with an injectable hook can instead take `QuantDotGeneral` / `QuantConv` directly, or
+AQT's `AqtDotGeneral` (`jaxshrink.quant.aqt_interop.aqt_dot_general`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxshrink.capture import kernel_matrix, replay_with
+from jaxshrink.quant import numerics
+from jaxshrink.quant.dot_general import fake_quant_sym, int8_dot_ste, ste
+from jaxshrink.quant.ptq import LayerQuant, Overrides, quantize_params, resolve_layers
+from jaxshrink.quant.qarray import from_matrix
+from jaxshrink.quant.spec import QuantSpec
+from jaxshrink.tree import Rule, params_of, path_string
+
+QAT_MODES = ("fake", "int", "int_full")
+
+
+def fake_quant_kernel(w: jax.Array, spec: QuantSpec, contract_dims, path: str = "<array>"):
+  """Fake-quantized kernel (any granularity) with a straight-through gradient."""
+  w2d = kernel_matrix(w, tuple(contract_dims))
+  fq = from_matrix(numerics.fake_quant(lax.stop_gradient(w2d), spec, path=path), w.shape,
+                   tuple(contract_dims))  # fmt: skip
+  return ste(w, fq.astype(w.dtype))
+
+
+def _leaf_paths(params: Any) -> list[str]:
+  inner = params_of(params)
+  prefix = len("params/") if inner is not params else 0
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [path_string(kp)[prefix:] for kp, _ in leaves]
+
+
+def qat_apply(
+  apply_fn: Callable[..., Any],
+  rule: Rule | str,
+  spec: QuantSpec | LayerQuant,
+  *,
+  overrides: Overrides = (),
+  mode: str = "fake",
+) -> Callable[..., Any]:
+  """`apply(params, *args)` with the selected kernels fake-quantized (STE).
+
+  Args:
+    apply_fn: the model's pure apply.
+    rule: which kernels (paths), e.g. `".*kernel"` or `"dense.*kernel"`.
+    spec: weight spec, or `LayerQuant(spec, activation_bits)` to also quantize activations.
+    overrides: per-rule settings (None keeps a layer float).
+    mode: `fake` (float math), `int` (int8 forward, float STE backward) or `int_full` (int8
+      forward and backward); integer modes apply to 8-bit per-channel Dense layers.
+  """
+  if mode not in QAT_MODES:
+    raise ValueError(f"QAT `mode` must be one of {list(QAT_MODES)}; got {mode!r}.")
+  base = spec if isinstance(spec, LayerQuant) else LayerQuant(spec)
+  cache: dict[int, dict[str, LayerQuant]] = {}
+
+  def apply(params, *args):
+    key = id(jax.tree.structure(params))
+    if key not in cache:
+      cache[key] = resolve_layers(params, rule, base, overrides)
+    layers = cache[key]
+    paths = {i: p for i, p in enumerate(_leaf_paths(params)) if p in layers}
+
+    def substitute(eqn, invals, in_src):
+      name = eqn.primitive.name
+      if name not in ("dot_general", "conv_general_dilated"):
+        return None
+      w_index = 1 if in_src[1] in layers else 0 if in_src[0] in layers else None
+      if w_index is None or in_src[1 - w_index] in layers:
+        return None
+      layer = layers[in_src[w_index]]
+      invals = list(invals)
+      x, w = invals[1 - w_index], invals[w_index]
+      if name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        w_contract, x_contract = (rc, lc) if w_index == 1 else (lc, rc)
+        integer = (
+          mode != "fake" and w_index == 1 and not lb and layer.spec.bits == 8
+          and layer.activation_bits == 8 and layer.spec.group_size is None
+        )  # fmt: skip
+        if integer:
+          out = int8_dot_ste(x, w, eqn.params["dimension_numbers"], 8, mode == "int_full")
+          return [out.astype(eqn.outvars[0].aval.dtype)]
+        x_axes = tuple(x_contract)
+      else:
+        dn = eqn.params["dimension_numbers"]
+        w_contract = tuple(d for d in range(w.ndim) if d != dn.rhs_spec[0])
+        x_axes = tuple(d for d in range(x.ndim) if d != dn.lhs_spec[0])
+      invals[w_index] = fake_quant_kernel(w, layer.spec, sorted(w_contract), in_src[w_index])
+      if layer.activation_bits is not None:
+        invals[1 - w_index] = fake_quant_sym(x, x_axes, layer.activation_bits)
+      out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+      return out if eqn.primitive.multiple_results else [out]
+
+    return replay_with(apply_fn, params, args, paths, substitute)
+
+  return apply
+
+
+def convert(
+  params: Any, rule: Rule | str, spec: QuantSpec | LayerQuant, *, overrides: Overrides = ()
+) -> Any:
+  """QAT-trained float params -> compressed tree of `QArray`s (the same quantizer)."""
+  return quantize_params(params, rule, spec, overrides=overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class QATResult:
+  params: Any  # float params after QAT
+  losses: np.ndarray  # (steps,) float32 training loss
+
+
+def qat_finetune(
+  apply_fn: Callable[..., Any],
+  params: Any,
+  x_train: np.ndarray,
+  y_train: np.ndarray,
+  rule: Rule | str,
+  spec: QuantSpec | LayerQuant,
+  *,
+  steps: int = 200,
+  learning_rate: float = 1e-3,
+  batch_size: int = 64,
+  overrides: Overrides = (),
+  mode: str = "fake",
+  key: jax.Array | None = None,
+) -> QATResult:
+  """A minimal QAT loop (Adam, cross-entropy) for recipes and benchmarks.
+
+  Your own loop works the same way: use `qat_apply(...)` in the loss.
+  """
+  from jaxshrink.models import cross_entropy_loss
+
+  if steps < 1:
+    raise ValueError(f"QAT `steps` must be >= 1; got {steps}.")
+  qapply = qat_apply(apply_fn, rule, spec, overrides=overrides, mode=mode)
+  opt = optax.adam(learning_rate)
+  x_all, y_all = jnp.asarray(x_train), jnp.asarray(y_train)
+
+  @jax.jit
+  def step(p, state, idx):
+    loss, grads = jax.value_and_grad(
+      lambda p: cross_entropy_loss(qapply(p, x_all[idx]), y_all[idx])
+    )(p)
+    updates, state = opt.update(grads, state, p)
+    return optax.apply_updates(p, updates), state, loss
+
+  key = jax.random.key(0) if key is None else key
+  state = opt.init(params)
+  losses = []
+  for i in range(steps):
+    idx = jax.random.randint(jax.random.fold_in(key, i), (batch_size,), 0, x_all.shape[0])
+    params, state, loss = step(params, state, idx)
+    losses.append(loss)
+  return QATResult(params=params, losses=np.asarray(jnp.stack(losses), np.float32))
