@@ -35,6 +35,11 @@ METHODS: tuple[DemoMethod, ...] = (
   DemoMethod("W8A8 PTQ", ({"quantize": {"weight_bits": 8, "activation_bits": 8}},), quick=True),
   DemoMethod("int4 RTN g128", ({"quantize": {"weight_bits": 4, "group_size": 128}},), quick=True),
   DemoMethod(
+    "int4 GPTQ",
+    ({"quantize": {"method": "gptq", "weight_bits": 4, "calibration_batches": 4}},),
+    quick=False,
+  ),
+  DemoMethod(
     "int8 QAT",
     ({"quantize": {"method": "qat", "weight_bits": 8, "activation_bits": 8, "steps": 100}},),
     quick=False,

@@ -7,11 +7,13 @@ stale and is retrained, so changing a recipe never silently serves old weights.
 
 Entries are written into a private temporary sibling and renamed into place, so concurrent
 processes (pytest-xdist workers) never load a half-written entry; when two train at once, the
-first rename wins and the other copy is dropped.
+first rename wins and the other copy is dropped. A file lock per entry makes concurrent callers
+wait for one trainer instead of training in parallel.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import pathlib
 import shutil
@@ -121,6 +123,19 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
   """
   model = _resolve(name_or_model)
   entry = pretrained_dir(model.name)
+  locks = cache_dir() / "locks"
+  locks.mkdir(parents=True, exist_ok=True)
+  # One trainer per entry across processes (pytest-xdist workers, parallel CLI runs): the
+  # others wait on the lock, then load what it cached instead of training a second copy.
+  with open(locks / f"{entry.name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      return _load_or_train(model, entry, progress=progress)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _load_or_train(model: ZooModel, entry: pathlib.Path, *, progress: bool) -> dict:
   key = jax.random.key(PRETRAINED_SEED)
   abstract = jax.eval_shape(model.init, key)
   # JSON round trip so tuples/ints compare equal to what a previous run wrote.
@@ -133,7 +148,7 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
         f"pretrained weights for {model.name!r} at {str(entry)!r} could not be loaded "
         f"({type(exc).__name__}: {exc}); deleting the entry and retraining.",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=3,  # point at the caller of `pretrained`
       )
       shutil.rmtree(entry, ignore_errors=True)
   dataset = load_data_source(model.data)

@@ -14,7 +14,8 @@ never does worse than RTN on that objective.
 
 Differences from the paper: each kernel searches its own scales (q, k and v do not share one,
 since nothing is folded into the previous LayerNorm), and the loss is the layer's own output,
-not the whole attention block's. The paper's weight-clipping search is not applied.
+not the whole attention block's. The paper's second step, a search of a clipping ratio per
+output channel (and group) against the same objective, follows the scale search (`clip=True`).
 
 >>> tree = awq(model.apply, params, batches, Rule(".*kernel", min_ndim=2), QuantSpec(bits=4))
 >>> tree["head"]["kernel"].input_scale.shape                # (K,)
@@ -78,6 +79,44 @@ def _search(w, gram, magnitude, *, spec, grid):
   return jax.lax.map(loss, jnp.arange(grid, dtype=jnp.float32) / grid)
 
 
+# Clipping ratios tried per output channel and group (AWQ's max shrink 0.5).
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "ratios"))
+def _clip_search(w, gram, *, spec, ratios):
+  """Per (group, column) clipping of `w`'s range minimizing that group's output error.
+
+  Returns `w` clipped to `ratio · [min, max]` of each group and column, with the ratio that
+  minimizes `δᵀ G_gg δ` (the group's diagonal Gram block), so `compute_qparams` of it gives the
+  clipped scales.
+  """
+  k, n = w.shape
+  group = spec.group_size if spec.grouped and spec.group_size <= k else k
+  g = -(-k // group)
+  kp = g * group
+  wg = jnp.pad(w, ((0, kp - k), (0, 0))).reshape(g, group, n)
+  padded = jnp.pad(gram, ((0, kp - k), (0, kp - k))).reshape(g, group, g, group)
+  blocks = jnp.moveaxis(jnp.diagonal(padded, axis1=0, axis2=2), -1, 0)  # (g, group, group)
+  hi, lo = jnp.max(wg, axis=1), jnp.min(wg, axis=1)
+  if spec.symmetric:
+    hi = jnp.maximum(hi, -lo)
+    lo = -hi
+
+  def clipped(r):  # r: scalar or (g, n)
+    return jnp.clip(wg, (r * lo)[:, None], (r * hi)[:, None]).reshape(kp, n)[:k]
+
+  def loss(r):
+    scale, zp = numerics.compute_qparams(clipped(jnp.full((g, n), r)), spec)
+    deq = numerics.dequantize_codes(numerics.quantize_codes(w, scale, zp, spec), scale, zp, spec)
+    d = jnp.pad(w - deq, ((0, kp - k), (0, 0))).reshape(g, group, n)
+    return jnp.einsum("gin,gij,gjn->gn", d, blocks, d)
+
+  ratios = jnp.asarray(ratios, jnp.float32)
+  best = ratios[jnp.argmin(jax.lax.map(loss, ratios), axis=0)]  # (g, n)
+  return clipped(best)
+
+
 def awq_matrix(
   w2d: jax.Array,
   gram: jax.Array,
@@ -85,6 +124,7 @@ def awq_matrix(
   spec: QuantSpec,
   *,
   grid: int = 20,
+  clip: bool = True,
   path: str = "<array>",
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, float]:
   """AWQ on one `(K, N)` matrix.
@@ -95,6 +135,8 @@ def awq_matrix(
     magnitude: `(K,)` mean |x| per input channel.
     spec: bits, symmetry and granularity (integer format).
     grid: number of `α` values tried, `0, 1/grid, ..., (grid-1)/grid`.
+    clip: after the scale search, also search a clipping ratio in `[0.55, 1]` of each
+      group's range per output channel (AWQ's second step); per-tensor specs never clip.
     path: leaf path named in errors.
 
   Returns:
@@ -119,8 +161,16 @@ def awq_matrix(
   losses = _search(w, jnp.asarray(gram, jnp.float32), magnitude, spec=spec, grid=grid)
   alpha = float(jnp.argmin(losses)) / grid
   s = awq_scales(magnitude, jnp.float32(alpha))
-  codes, scale, zp, _ = _quantize_scaled(w, s, spec)
-  return codes, scale, zp, s, alpha
+  if not clip or spec.per_tensor:
+    codes, scale, zp, _ = _quantize_scaled(w, s, spec)
+    return codes, scale, zp, s, alpha
+  # The scaled layer computes (x / s) @ (W · s): its Gram is XᵀX / (s sᵀ).
+  scaled = w * s[:, None]
+  gram_scaled = jnp.asarray(gram, jnp.float32) / (s[:, None] * s[None, :])
+  scale, zp = numerics.compute_qparams(
+    _clip_search(scaled, gram_scaled, spec=spec, ratios=CLIP_RATIOS), spec
+  )
+  return numerics.quantize_codes(scaled, scale, zp, spec), scale, zp, s, alpha
 
 
 def awq(
@@ -131,6 +181,7 @@ def awq(
   spec: QuantSpec,
   *,
   grid: int = 20,
+  clip: bool = True,
 ) -> Any:
   """AWQ-quantizes the kernels selected by `rule`, from calibration batches.
 
@@ -141,6 +192,7 @@ def awq(
     rule: the kernels to quantize.
     spec: bits, symmetry and granularity (integer format), weight-only.
     grid: number of `α` values searched per kernel.
+    clip: also search a per-channel clipping ratio (see `awq_matrix`).
 
   Returns:
     The tree with `QArray` leaves (`input_scale` set) for the selected kernels.
@@ -164,7 +216,13 @@ def awq(
     gram, count = stats["gram"]
     total, _ = stats["abs"]
     codes, scale, zp, s, alpha = awq_matrix(
-      kernel_matrix(kernel, dims), gram / count, total / count, spec, grid=grid, path=path
+      kernel_matrix(kernel, dims),
+      gram / count,
+      total / count,
+      spec,
+      grid=grid,
+      clip=clip,
+      path=path,
     )
     note = f"awq alpha={alpha:g}"
     if spec.grouped and spec.group_size > codes.shape[0]:

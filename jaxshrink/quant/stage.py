@@ -31,6 +31,9 @@ OPTIONS = {
   "steps": 200,
   "learning_rate": 1e-4,
   "alpha": 0.5,
+  "act_order": True,  # GPTQ: quantize inputs by decreasing Hessian diagonal (better on tiny-lm)
+  "damp": 0.01,  # GPTQ: Hessian damping, as a fraction of its mean diagonal
+  "grid": 20,  # AWQ: points of the scale-exponent search
   "overrides": [],
 }
 
@@ -118,9 +121,17 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   elif method == "gptq":
     from jaxshrink.quant.gptq import gptq
 
-    tree = gptq(model.apply, tree, batches, rule, layer.spec)
+    tree = gptq(
+      model.apply,
+      tree,
+      batches,
+      rule,
+      layer.spec,
+      damp=options["damp"],
+      act_order=options["act_order"],
+    )
   else:
     from jaxshrink.quant.awq import awq
 
-    tree = awq(model.apply, tree, batches, rule, layer.spec)
+    tree = awq(model.apply, tree, batches, rule, layer.spec, grid=options["grid"])
   return dataclasses.replace(pipeline, tree=tree)
