@@ -49,18 +49,24 @@ def make_optimizer(model: ZooModel, steps: int) -> optax.GradientTransformation:
     model: supplies `learning_rate`, `weight_decay` and `warmup_steps`.
     steps: total number of steps, the length of the cosine schedule.
   """
+  return _optimizer(model.learning_rate, model.weight_decay, model.warmup_steps, steps)
+
+
+def _optimizer(
+  learning_rate: float, weight_decay: float, warmup_steps: int, steps: int
+) -> optax.GradientTransformation:
   # Short runs (tests, smoke checks) keep a proportionate warmup instead of never leaving it.
-  warmup = min(model.warmup_steps, steps // 10)
+  warmup = min(warmup_steps, steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0 if warmup else model.learning_rate,
-    peak_value=model.learning_rate,
+    init_value=0.0 if warmup else learning_rate,
+    peak_value=learning_rate,
     warmup_steps=warmup,
     decay_steps=max(steps, warmup + 1),
-    end_value=0.05 * model.learning_rate,
+    end_value=0.05 * learning_rate,
   )
   return optax.chain(
     optax.clip_by_global_norm(1.0),
-    optax.adamw(schedule, weight_decay=model.weight_decay),
+    optax.adamw(schedule, weight_decay=weight_decay),
   )
 
 
@@ -95,16 +101,20 @@ def _batch_indices(num_examples: int, steps: int, batch_size: int, seed: int) ->
   return flat[:needed].reshape(steps, batch_size).astype(np.int32)
 
 
+# Keyed on the recipe's values (not on a fresh optimizer object), so retraining the same model with
+# the same recipe in one process (benchmarks, cache repairs) reuses the compiled step.
+@functools.lru_cache(maxsize=32)
 def _train_step_fn(
-  apply: Callable, optimizer: optax.GradientTransformation, augment: Callable | None
-) -> Callable:
-  """Jitted train step `(params, opt_state, x_all, y_all, batch_index, key, step)`.
+  apply: Callable, augment: Callable | None, optimizer_args: tuple[float, float, int, int]
+) -> tuple[optax.GradientTransformation, Callable]:
+  """The optimizer and its jitted step `(params, opt_state, x_all, y_all, batch_index, key, step)`.
 
-  Returns `(params, opt_state, loss)`; `params` and `opt_state` are donated.
+  The step returns `(params, opt_state, loss)`; `params` and `opt_state` are donated.
 
   The augmentation key is derived inside the step from `(key, step)`, so the host sends only
   the (batch,) indices and a scalar per step.
   """
+  optimizer = _optimizer(*optimizer_args)
 
   def loss_fn(params, x, y):
     return cross_entropy_loss(apply(params, x), y)
@@ -117,7 +127,7 @@ def _train_step_fn(
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return jax.jit(train_step, donate_argnums=(0, 1))
+  return optimizer, jax.jit(train_step, donate_argnums=(0, 1))
 
 
 def train(
@@ -156,8 +166,8 @@ def train(
   seed = int(jax.random.randint(data_key, (), 0, np.iinfo(np.int32).max))
   indices = _batch_indices(dataset.num_train, steps, model.batch_size, seed)
 
-  optimizer = make_optimizer(model, steps)
-  train_step = _train_step_fn(model.apply, optimizer, model.augment)
+  optimizer_args = (model.learning_rate, model.weight_decay, model.warmup_steps, steps)
+  optimizer, train_step = _train_step_fn(model.apply, model.augment, optimizer_args)
   params = model.init(init_key)
   opt_state = optimizer.init(params)
   x_all, y_all = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
