@@ -4,6 +4,9 @@ __version__ = "0.1.0"
 
 from jaxshrink.cast import Cast as Cast
 from jaxshrink.cast import cast_params as cast_params
+from jaxshrink.distill import DistillLoss as DistillLoss
+from jaxshrink.distill import distill as distill
+from jaxshrink.distill import distill_step as distill_step
 from jaxshrink.encoding import Encoding as Encoding
 from jaxshrink.encoding import materialize as materialize
 from jaxshrink.encoding import register_encoding as register_encoding
@@ -11,31 +14,76 @@ from jaxshrink.errors import CheckpointError as CheckpointError
 from jaxshrink.errors import JaxshrinkError as JaxshrinkError
 from jaxshrink.errors import NoMatchError as NoMatchError
 from jaxshrink.errors import UsageError as UsageError
+from jaxshrink.export import export_safetensors as export_safetensors
+from jaxshrink.export import import_safetensors as import_safetensors
 from jaxshrink.export import load as load
 from jaxshrink.export import read_manifest as read_manifest
 from jaxshrink.export import save as save
+from jaxshrink.lowrank import LowRank as LowRank
+from jaxshrink.lowrank import factorize as factorize
+from jaxshrink.lowrank import lowrank_apply as lowrank_apply
+from jaxshrink.quant import QArray as QArray
+from jaxshrink.quant import QuantDotGeneral as QuantDotGeneral
+from jaxshrink.quant import QuantSpec as QuantSpec
+from jaxshrink.quant import convert as convert
+from jaxshrink.quant import ptq as ptq
+from jaxshrink.quant import qat_apply as qat_apply
+from jaxshrink.quant import quantize as quantize
+from jaxshrink.quant import quantize_params as quantize_params
+from jaxshrink.quant import quantized_apply as quantized_apply
 from jaxshrink.report import tree_report as tree_report
+from jaxshrink.sparsity import BitmaskSparse as BitmaskSparse
+from jaxshrink.sparsity import NMSparse as NMSparse
+from jaxshrink.sparsity import oneshot_prune as oneshot_prune
+from jaxshrink.sparsity import pruning as pruning
+from jaxshrink.sparsity import shrink_params as shrink_params
+from jaxshrink.sparsity import sparsegpt as sparsegpt
+from jaxshrink.sparsity import wanda as wanda
 from jaxshrink.tree import Rule as Rule
 from jaxshrink.tree import flatten as flatten
 from jaxshrink.tree import map_selected as map_selected
 from jaxshrink.tree import select as select
 
 __all__ = [
+  "BitmaskSparse",
   "Cast",
   "CheckpointError",
+  "DistillLoss",
   "Encoding",
   "JaxshrinkError",
+  "LowRank",
+  "NMSparse",
   "NoMatchError",
+  "QArray",
+  "QuantDotGeneral",
+  "QuantSpec",
   "Rule",
   "UsageError",
   "cast_params",
+  "convert",
+  "distill",
+  "distill_step",
+  "export_safetensors",
+  "factorize",
   "flatten",
+  "import_safetensors",
   "load",
+  "lowrank_apply",
   "map_selected",
   "materialize",
+  "oneshot_prune",
+  "pruning",
+  "ptq",
+  "qat_apply",
+  "quantize",
+  "quantize_params",
+  "quantized_apply",
   "read_manifest",
   "register_encoding",
   "save",
   "select",
+  "shrink_params",
+  "sparsegpt",
   "tree_report",
+  "wanda",
 ]

@@ -27,7 +27,17 @@ class DemoMethod:
   quick: bool  # part of `demo --quick`
 
 
-# Capability issues append their methods here; the float32 row is the reference.
+GRADUAL_90 = {
+  "exclude": "conv1/kernel",
+  "sparsity": 0.9,
+  "allocation": "global",
+  "method": "gradual",
+  "steps": 400,
+  "learning_rate": 0.002,
+  "schedule": {"kind": "polynomial", "end": 200, "frequency": 20},
+}
+
+# Each technique adds its methods here; the float32 row is the reference.
 METHODS: tuple[DemoMethod, ...] = (
   DemoMethod("float32", (), quick=True),
   DemoMethod("bf16 storage", ({"cast": {"dtype": "bfloat16"}},), quick=True),
@@ -43,6 +53,15 @@ METHODS: tuple[DemoMethod, ...] = (
     "int8 QAT",
     ({"quantize": {"method": "qat", "weight_bits": 8, "activation_bits": 8, "steps": 100}},),
     quick=False,
+  ),
+  DemoMethod(
+    "2:4 one-shot",
+    ({"prune": {"exclude": "conv1/kernel", "structure": "2:4", "method": "oneshot"}},),
+    quick=True,
+  ),
+  DemoMethod("gradual 90% pruning", ({"prune": GRADUAL_90},), quick=False),
+  DemoMethod(
+    "90% pruning + int8", ({"prune": {**GRADUAL_90, "quantize_nonzeros": 8}},), quick=False
   ),
   DemoMethod(
     "low-rank dense1 50%",

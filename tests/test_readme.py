@@ -16,6 +16,17 @@ def test_readme_opens_with_the_two_commands():
   assert ci.strip().splitlines()[-1] == first_block[1]
 
 
+def test_readme_technique_sections_are_current():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+    "build_readme", README.parent / "docs" / "build_readme.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.render() == README.read_text(), "run `python docs/build_readme.py`"
+
+
 def test_quickstart_runs(tmp_path, monkeypatch):
   code = re.search(r"## Quickstart \(Python\)\n\n```python\n(.*?)```", README.read_text(), re.S)
   monkeypatch.chdir(tmp_path)
@@ -29,23 +40,47 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 
 
 PUBLIC = {
+  "BitmaskSparse",
   "Cast",
   "CheckpointError",
+  "DistillLoss",
   "Encoding",
   "JaxshrinkError",
+  "LowRank",
+  "NMSparse",
   "NoMatchError",
+  "QArray",
+  "QuantDotGeneral",
+  "QuantSpec",
   "Rule",
   "UsageError",
   "cast_params",
+  "convert",
+  "distill",
+  "distill_step",
+  "export_safetensors",
+  "factorize",
   "flatten",
+  "import_safetensors",
   "load",
+  "lowrank_apply",
   "map_selected",
   "materialize",
+  "oneshot_prune",
+  "pruning",
+  "ptq",
+  "qat_apply",
+  "quantize",
+  "quantize_params",
+  "quantized_apply",
   "read_manifest",
   "register_encoding",
   "save",
   "select",
+  "shrink_params",
+  "sparsegpt",
   "tree_report",
+  "wanda",
 }
 
 

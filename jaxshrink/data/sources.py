@@ -43,13 +43,14 @@ def import_factory(source: str) -> Any:
       f"cannot import module {module_name!r} from {source!r}: {exc}. Check the name and that "
       f"the package is installed or on PYTHONPATH."
     ) from exc
+  owner_name = module_name
   for attr in attr_path.split("."):
     if not hasattr(target, attr):
       raise JaxshrinkError(
-        f"{source!r}: {target.__name__ if hasattr(target, '__name__') else target!r} has no "
-        f"attribute {attr!r}."
+        f"{source!r}: {owner_name!r} has no attribute {attr!r}; check the name after ':'."
       )
     target = getattr(target, attr)
+    owner_name = f"{owner_name}.{attr}"
   if not callable(target):
     raise JaxshrinkError(f"{source!r} names a {type(target).__name__}, not a callable factory.")
   return target()

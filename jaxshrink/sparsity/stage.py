@@ -1,0 +1,144 @@
+"""The `prune` recipe stage: a thin adapter over the public sparsity functions.
+
+```yaml
+stages:
+  - prune: {target: ".*kernel", exclude: "conv1/kernel", sparsity: 0.9, method: gradual,
+            steps: 600, schedule: {kind: polynomial, end: 360, frequency: 30}}
+  - prune: {structure: "2:4", method: oneshot, exclude: "conv1/kernel"}
+  - prune: {sparsity: 0.9, method: gradual, quantize_nonzeros: 8}
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxshrink.encoding import is_encoding
+from jaxshrink.errors import JaxshrinkError
+from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
+from jaxshrink.sparsity.allocation import Pruner
+from jaxshrink.sparsity.dynamic import dynamic_sparse
+from jaxshrink.sparsity.encodings import encode_sparse
+from jaxshrink.sparsity.finetune import finetune, finetune_optimizer
+from jaxshrink.sparsity.oneshot import oneshot_prune, sparsegpt, wanda
+from jaxshrink.sparsity.schedules import schedule_from_options
+from jaxshrink.sparsity.shrink import shrink_model
+from jaxshrink.sparsity.structures import NM, Channel, parse_structure
+from jaxshrink.sparsity.wrapper import masks_of, pruning
+from jaxshrink.tree import flatten
+
+METHODS = ("gradual", "oneshot", "rigl", "set", "wanda", "sparsegpt")
+
+PRUNE_OPTIONS: dict[str, Any] = {
+  **RULE_OPTIONS,
+  "target": ".*kernel",
+  "min_ndim": 2,
+  "sparsity": 0.5,
+  "structure": "unstructured",
+  "criterion": "magnitude",
+  "allocation": "uniform",
+  "overrides": {},
+  "method": "gradual",
+  "steps": 600,
+  "learning_rate": 1e-3,
+  "schedule": {},
+  "drop_fraction": 0.3,
+  "calibration_batches": 4,
+  "num_heads": 4,
+  "shrink": False,
+  "encode": True,
+  "quantize_nonzeros": None,
+}
+
+
+def _calibration(dataset: Any, batches: int, rows: int = 128) -> list[np.ndarray]:
+  x = dataset.x_train
+  return [x[i * rows : (i + 1) * rows] for i in range(max(1, min(batches, len(x) // rows)))]
+
+
+def _saliency_grads(model: Any, params: Any, dataset: Any) -> Any:
+  from jaxshrink.models import cross_entropy_loss
+
+  x, y = dataset.x_train[:256], dataset.y_train[:256]
+  return jax.grad(lambda p: cross_entropy_loss(model.apply(p, x), y))(params)
+
+
+def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
+  """Runs one pruning method on the pipeline's tree (and model, when shrinking)."""
+  method = options["method"]
+  if method not in METHODS:
+    raise ValueError(f"Unknown prune `method` {method!r}; expected one of {list(METHODS)}.")
+  if any(is_encoding(leaf) for leaf in flatten(pipeline.tree).values()):
+    raise JaxshrinkError(
+      "prune needs float params but the tree already holds encodings; put `prune` before "
+      "quantize/cast stages (use `quantize_nonzeros` for prune + int8)."
+    )
+  structure = parse_structure(options["structure"], num_heads=options["num_heads"])
+  pruner = Pruner(
+    rule_from_options(options),
+    sparsity=options["sparsity"],
+    structure=structure,
+    criterion=options["criterion"],
+    allocation=options["allocation"],
+    overrides=options["overrides"] or {},
+  )
+  model, params, dataset = pipeline.model, pipeline.tree, pipeline.dataset
+  key, stage_key = jax.random.split(pipeline.key)
+  steps = options["steps"]
+  if method in ("gradual", "rigl", "set"):
+    inner = finetune_optimizer(options["learning_rate"], steps)
+    if method == "gradual":
+      schedule = schedule_from_options(options["schedule"], steps=steps)
+      tx = pruning(inner, pruner, schedule)
+    else:
+      sched = options["schedule"] or {}
+      schedule = schedule_from_options(
+        {"kind": "constant", "end": int(0.75 * steps), "frequency": max(1, steps // 20), **sched},
+        steps=steps,
+      )
+      tx = dynamic_sparse(
+        method, inner, pruner, params, schedule, drop_fraction=options["drop_fraction"]
+      )
+    params, state = finetune(model, params, dataset, tx, steps=steps, key=stage_key)
+    masks = masks_of(state)
+  elif method == "oneshot":
+    grads = _saliency_grads(model, params, dataset) if pruner.criterion == "saliency" else None
+    params, masks = oneshot_prune(params, pruner, grads=grads, key=stage_key)
+  else:
+    batches = _calibration(dataset, options["calibration_batches"])
+    fn = wanda if method == "wanda" else sparsegpt
+    params, masks = fn(model.apply, params, batches, pruner)
+  if options["shrink"]:
+    if not isinstance(structure, Channel) or structure.axis != -1:
+      raise ValueError(
+        f"`shrink: true` needs structure 'channel' (whole output channels); got "
+        f"{options['structure']!r}. Set structure: channel or shrink: false."
+      )
+    model, params = shrink_model(model, params, masks)
+  elif options["encode"]:
+    params = encode_sparse(
+      params,
+      pruner.rule,
+      structure=structure if isinstance(structure, NM) else None,
+      masks=masks,
+      quantize_nonzeros=options["quantize_nonzeros"],
+    )
+  params = jax.tree.map(
+    lambda a: a if is_encoding(a) else jnp.asarray(a), params, is_leaf=is_encoding
+  )
+  return dataclasses.replace(pipeline, model=model, tree=params, key=key)
+
+
+register_stage(
+  "prune",
+  options=PRUNE_OPTIONS,
+  doc=(
+    "Prune selected kernels (gradual, oneshot, rigl, set, wanda, sparsegpt; unstructured, N:M, "
+    "block, channel, heads) and store them as bitmask / N:M encodings or shrink channels."
+  ),
+)(prune_stage)

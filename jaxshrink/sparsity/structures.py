@@ -1,0 +1,296 @@
+"""Sparsity structures: which weights are pruned together.
+
+- `Unstructured()`: any single weight.
+- `NM(n, m, axis)`: keep `n` of every `m` consecutive weights along `axis`
+  (2:4 is what sparse tensor cores run). Its sparsity is fixed at `1 - n/m`.
+- `Block(rows, cols)`: `rows x cols` tiles of the last two axes.
+- `Channel(axis)`: whole output channels / conv filters (`axis=-1`, the
+  matching bias entries follow) or input channels (`axis=-2`).
+- `Heads(num_heads)`: whole attention heads: query/key/value columns (and
+  biases) and the output projection's rows of one head are pruned together.
+
+A structure splits the selected leaves into *units* (a leaf, or the leaves of
+one attention layer) whose weights fall into *groups* that are kept or pruned
+as one. Allocation ranks groups by their summed scores.
+
+>>> nm_mask(jnp.array([[4., 1., 3., 2.]]), 2, 4, axis=-1).tolist()
+[[True, False, True, False]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STRUCTURES = ("unstructured", "N:M", "block", "channel", "heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """Leaves sharing one set of groups.
+
+  Attributes:
+    name: the kernel path, or the attention module prefix for heads.
+    members: `(path, group axis or None)` of every scored leaf.
+    followers: `(path, axis)` of leaves masked with the same groups but not scored (biases).
+    num_groups: groups in the unit.
+    group_size: weights per group over all members.
+  """
+
+  name: str
+  members: tuple[tuple[str, int | None], ...]
+  followers: tuple[tuple[str, int], ...]
+  num_groups: int
+  group_size: int
+
+
+def keep_top(scores: jax.Array, n_keep: Any) -> jax.Array:
+  """Bool mask keeping exactly the `n_keep` highest of a 1-D array (ties: lower index wins).
+
+  `n_keep` may be traced, so schedules can move it inside `jit`.
+  """
+  order = jnp.argsort(-scores, stable=True)
+  ranks = jnp.zeros(scores.shape, jnp.int32).at[order].set(jnp.arange(scores.size, dtype=jnp.int32))
+  return ranks < n_keep
+
+
+def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
+  """Keeps the `n` highest scores in every `m` consecutive entries along `axis` (bool)."""
+  moved = jnp.moveaxis(scores, axis, -1)
+  groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+  order = jnp.argsort(-groups, axis=-1, stable=True)
+  ranks = jnp.argsort(order, axis=-1)
+  keep = (ranks < n).reshape(moved.shape)
+  return jnp.moveaxis(keep, -1, axis)
+
+
+def _axis_group_scores(score: jax.Array, axis: int, groups: int) -> jax.Array:
+  moved = jnp.moveaxis(score, axis, -1)
+  return moved.reshape(-1, groups, moved.shape[-1] // groups).sum(axis=(0, 2))
+
+
+def _expand_axis(keep: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
+  per_channel = jnp.repeat(keep, shape[axis] // keep.shape[0])
+  view = [1] * len(shape)
+  view[axis] = shape[axis]
+  return jnp.broadcast_to(per_channel.reshape(view), shape)
+
+
+def _size(shape) -> int:
+  return int(np.prod(shape, dtype=np.int64))
+
+
+class Structure:
+  """Base: one unit per leaf, every weight its own group."""
+
+  name = "unstructured"
+
+  def check_leaf(self, path: str, shape: tuple[int, ...]) -> None:
+    del path, shape
+
+  def units(self, shapes: dict[str, tuple[int, ...]], all_shapes: dict[str, tuple]) -> list[Unit]:
+    for path, shape in shapes.items():
+      self.check_leaf(path, shape)
+    return [self._unit(path, shape, all_shapes) for path, shape in shapes.items()]
+
+  def _unit(self, path, shape, all_shapes) -> Unit:
+    del all_shapes
+    return Unit(path, ((path, None),), (), _size(shape), 1)
+
+  def group_scores(self, unit: Unit, scores: dict[str, jax.Array]) -> jax.Array:
+    return scores[unit.members[0][0]].ravel()
+
+  def expand(self, unit: Unit, keep: jax.Array, shapes: dict[str, tuple]) -> dict[str, jax.Array]:
+    path = unit.members[0][0]
+    return {path: keep.reshape(shapes[path])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstructured(Structure):
+  name = "unstructured"
+
+
+@dataclasses.dataclass(frozen=True)
+class NM(Structure):
+  """`n` kept of every `m` consecutive weights along `axis` (default: the input axis)."""
+
+  n: int = 2
+  m: int = 4
+  axis: int = -2
+  name = "N:M"
+
+  def __post_init__(self):
+    for f in ("n", "m", "axis"):
+      if isinstance(getattr(self, f), bool) or not isinstance(getattr(self, f), int):
+        raise TypeError(f"N:M `{f}` must be an int; got {getattr(self, f)!r}.")
+    if not 0 < self.n <= self.m:
+      raise ValueError(
+        f"N:M needs 0 < N <= M (N weights kept of every M); got N={self.n}, M={self.m}. "
+        "Write e.g. '2:4'."
+      )
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.n / self.m
+
+  def check_leaf(self, path, shape):
+    if not -len(shape) <= self.axis < len(shape):
+      raise ValueError(
+        f"N:M axis {self.axis} is out of range for `{path}` with shape {shape}; pick an axis "
+        f"in [-{len(shape)}, {len(shape) - 1}] or exclude the leaf."
+      )
+    if shape[self.axis] % self.m:
+      raise ValueError(
+        f"N:M sparsity needs `{path}`.shape[{self.axis}] divisible by M={self.m}; got shape "
+        f"{shape}. Exclude the leaf from `target`, or choose another `axis`."
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class Block(Structure):
+  """`rows x cols` tiles over the last two axes."""
+
+  rows: int = 4
+  cols: int = 4
+  name = "block"
+
+  def check_leaf(self, path, shape):
+    if len(shape) < 2 or shape[-2] % self.rows or shape[-1] % self.cols:
+      raise ValueError(
+        f"block sparsity needs `{path}` to have >= 2 dims with the last two divisible by "
+        f"({self.rows}, {self.cols}); got shape {shape}. Pick a block that divides them or "
+        "exclude the leaf."
+      )
+
+  def _unit(self, path, shape, all_shapes):
+    return Unit(
+      path, ((path, None),), (), _size(shape) // (self.rows * self.cols), self.rows * self.cols
+    )
+
+  def group_scores(self, unit, scores):
+    s = scores[unit.members[0][0]]
+    *lead, h, w = s.shape
+    tiles = s.reshape(*lead, h // self.rows, self.rows, w // self.cols, self.cols)
+    return tiles.sum(axis=(-3, -1)).ravel()
+
+  def expand(self, unit, keep, shapes):
+    path = unit.members[0][0]
+    *lead, h, w = shapes[path]
+    tiles = keep.reshape(*lead, h // self.rows, 1, w // self.cols, 1)
+    full = jnp.broadcast_to(tiles, (*lead, h // self.rows, self.rows, w // self.cols, self.cols))
+    return {path: full.reshape(shapes[path])}
+
+
+def _sibling_bias(path: str, channels: int, all_shapes: dict[str, tuple]) -> tuple:
+  bias = path.rsplit("/", 1)[0] + "/bias" if "/" in path else "bias"
+  return ((bias, 0),) if all_shapes.get(bias) == (channels,) else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel(Structure):
+  """Whole channels along `axis`: -1 = output channels / filters (bias follows), -2 = inputs."""
+
+  axis: int = -1
+  name = "channel"
+
+  def check_leaf(self, path, shape):
+    if len(shape) < 2:
+      raise ValueError(
+        f"channel pruning needs a kernel with >= 2 dims; `{path}` has shape {shape} (a bias or "
+        "scale). Biases follow their kernel's channel mask: set `target` to kernels only, e.g. "
+        "'.*kernel'."
+      )
+
+  def _unit(self, path, shape, all_shapes):
+    channels = shape[self.axis]
+    followers = (
+      _sibling_bias(path, channels, all_shapes) if self.axis in (-1, len(shape) - 1) else ()
+    )
+    return Unit(path, ((path, self.axis),), followers, channels, _size(shape) // channels)
+
+  def group_scores(self, unit, scores):
+    path, axis = unit.members[0]
+    return _axis_group_scores(scores[path], axis, unit.num_groups)
+
+  def expand(self, unit, keep, shapes):
+    out = {}
+    for path, axis in unit.members + unit.followers:
+      out[path] = _expand_axis(keep, shapes[path], axis)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads(Structure):
+  """Whole attention heads of layers whose q/k/v/out projections the rule selects."""
+
+  num_heads: int = 4
+  qkv: tuple[str, ...] = ("query", "key", "value")
+  out: str = "out"
+  name = "heads"
+
+  def units(self, shapes, all_shapes):
+    pattern = re.compile(rf"(.*)/({'|'.join(map(re.escape, self.qkv + (self.out,)))})/kernel")
+    modules: dict[str, list[str]] = {}
+    for path, shape in shapes.items():
+      match = pattern.fullmatch(path)
+      if match is None or len(shape) != 2:
+        raise ValueError(
+          f"head pruning needs 2-D attention kernels named */{{{','.join(self.qkv)},"
+          f"{self.out}}}/kernel; `{path}` with shape {shape} is not one. Set `target` to "
+          "e.g. '.*attention/.*/kernel'."
+        )
+      modules.setdefault(match.group(1), []).append(path)
+    units = []
+    for prefix, paths in modules.items():
+      members, followers = [], []
+      for path in paths:
+        is_out = path == f"{prefix}/{self.out}/kernel"
+        axis = 0 if is_out else 1
+        width = shapes[path][axis]
+        if width % self.num_heads:
+          raise ValueError(
+            f"`{path}` has {width} features, not divisible by num_heads={self.num_heads}; set "
+            "`num_heads` to the model's head count."
+          )
+        members.append((path, axis))
+        if not is_out:
+          followers += _sibling_bias(path, width, all_shapes)
+      size = sum(_size(shapes[p]) for p, _ in members) // self.num_heads
+      units.append(Unit(prefix, tuple(members), tuple(followers), self.num_heads, size))
+    return units
+
+  def group_scores(self, unit, scores):
+    return sum(_axis_group_scores(scores[p], a, unit.num_groups) for p, a in unit.members)
+
+  def expand(self, unit, keep, shapes):
+    return {p: _expand_axis(keep, shapes[p], a) for p, a in unit.members + unit.followers}
+
+
+def parse_structure(spec: Any, *, num_heads: int | None = None, block=(4, 4)) -> Structure:
+  """A `Structure` from a recipe string: `unstructured`, `"2:4"`, `block`, `channel`, `heads`."""
+  if isinstance(spec, Structure):
+    return spec
+  if not isinstance(spec, str):
+    raise TypeError(f"`structure` must be a string such as '2:4'; got {type(spec).__name__}.")
+  if spec == "unstructured":
+    return Unstructured()
+  if spec == "channel":
+    return Channel(-1)
+  if spec == "input_channel":
+    return Channel(-2)
+  if spec == "block":
+    return Block(*block)
+  if spec == "heads":
+    return Heads(num_heads or 4)
+  match = re.fullmatch(r"(\d+):(\d+)", spec)
+  if match:
+    return NM(int(match.group(1)), int(match.group(2)))
+  raise ValueError(
+    f"Unknown structure {spec!r}; expected one of unstructured, 'N:M' (e.g. '2:4'), block, "
+    "channel, input_channel, heads."
+  )
