@@ -93,6 +93,8 @@ def machine_description() -> dict[str, Any]:
     "jax": jax.__version__,
     "backend": jax.default_backend(),
     "devices": len(jax.devices()),
+    # Other work on the machine skews absolute times (ratios less so); record how busy it was.
+    "load_average_1min": round(os.getloadavg()[0], 2),
   }
 
 
@@ -154,7 +156,12 @@ def render_markdown(directory: Path) -> str:
       "",
       f"Run {payload['date']} on {machine['processor']}, {machine['cpu_count']} CPUs, "
       f"{machine['platform']}, Python {machine['python']}, jax {machine['jax']} "
-      f"({machine['backend']}, {machine['devices']} device(s)).",
+      f"({machine['backend']}, {machine['devices']} device(s))"
+      + (
+        f", load average {machine['load_average_1min']} at start."
+        if "load_average_1min" in machine
+        else "; load not recorded (these runs shared the machine with other jobs)."
+      ),
       "",
       "| model | method | metric | value | float reference | size | ratio | seconds | notes |",
       "|---|---|---|---|---|---|---|---|---|",
