@@ -176,3 +176,26 @@ def test_bad_step_arguments(models_and_params):
     step.init(wide.init(jax.random.key(0), X)["params"], tp, X, key=jax.random.key(0))
   with pytest.raises(TypeError, match="apply"):
     functional(3)
+
+
+def test_distills_into_a_pruned_and_quantized_student_in_one_loop(models_and_params):
+  from jaxshrink.quant import LayerQuant, QArray, QuantSpec, convert, qat_apply
+  from jaxshrink.sparsity import Pruner, pruning
+
+  teacher, tp, student, sp = models_and_params
+  spec = QuantSpec(bits=8)
+  qat_student = qat_apply(functional(student)[0], ".*kernel", LayerQuant(spec, activation_bits=8))
+  tx = pruning(optax.adam(1e-2), Pruner(".*fc1/kernel", sparsity=0.5))
+  step = distill_step(qat_student, functional(teacher)[0], tx, DistillLoss(temperature=2.0))
+  state = step.init(sp, tp, X, key=jax.random.key(0))
+  losses = []
+  for _ in range(20):
+    state, metrics = step.step(state, tp, X, Y)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0]
+  kernel = np.asarray(state.params["fc1"]["kernel"])
+  assert np.sum(kernel == 0) == kernel.size // 2  # the mask survived QAT updates
+  ctree = convert(state.params, ".*kernel", spec)
+  assert isinstance(ctree["fc1"]["kernel"], QArray)
+  # Pruned weights stay exactly zero through int8 conversion.
+  np.testing.assert_array_equal(np.asarray(ctree["fc1"]["kernel"].materialize()) == 0, kernel == 0)
