@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _console():
-  from rich.console import Console
+  from jaxshrink.report import console
 
-  # Pipes and CI logs default to 80 columns, which would cut leaf paths; tables need more.
-  console = Console()
-  return console if console.is_terminal else Console(width=160)
+  return console()
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -235,8 +234,15 @@ def _one_line(e: BaseException) -> str:
   return " ".join(str(e).split())
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+  # Users act on the message (it names the leaf and the fallback), not on our source line.
+  return f"jaxshrink: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  if not args.debug:
+    warnings.formatwarning = _format_warning
   try:
     return args.func(args)
   except UsageError as e:

@@ -122,10 +122,11 @@ def run_method(method: DemoMethod, base: recipes.Pipeline, out: Path) -> tuple[P
 
 def run_demo(out: Path, *, quick: bool = False, console=None) -> list[DemoRow]:
   """Runs the demo; prints the table and writes `demo.json` and `demo.png` to `out`."""
-  from rich.console import Console
   from rich.table import Table
 
-  console = console or Console()
+  from jaxshrink.report import console as default_console
+
+  console = console or default_console()
   out.mkdir(parents=True, exist_ok=True)
   methods = [m for m in METHODS if m.quick or not quick]
   console.print(f"[bold]jaxshrink demo[/bold]: {MODEL}, {len(methods)} methods -> {out}")

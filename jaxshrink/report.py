@@ -162,6 +162,14 @@ def tree_report(tree: Any) -> TreeReport:
   return TreeReport(layers=tuple(leaf_report(p, leaf) for p, leaf in flatten(tree).items()))
 
 
+def console():
+  """A rich Console; pipes and CI logs get 160 columns so tables keep whole leaf paths."""
+  from rich.console import Console
+
+  terminal = Console()
+  return terminal if terminal.is_terminal else Console(width=160)
+
+
 def format_bytes(n: float) -> str:
   for unit in ("B", "KiB", "MiB", "GiB"):
     if abs(n) < 1024 or unit == "GiB":
