@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -294,11 +295,21 @@ def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
 def evaluate_tree(model: Any, tree: Any, dataset: Any) -> float:
   """The model's metric on `dataset`'s test split, running `tree` as it would be served."""
   from jaxshrink import models
+
+  return float(models.evaluate(_serving_model(model), tree, dataset))
+
+
+_SERVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _serving_model(model: Any) -> Any:
+  """`model` whose apply runs W8A8 layers on the integer path and decodes other encodings
+  inside jit; one per model, so repeated evaluations reuse the compiled function."""
   from jaxshrink.quant import quantized_apply
 
-  # W8A8 layers run on the integer path; every other encoding is decoded inside jit.
-  decoding = dataclasses.replace(model, apply=quantized_apply(model.apply))
-  return float(models.evaluate(decoding, tree, dataset))
+  if model not in _SERVING:
+    _SERVING[model] = dataclasses.replace(model, apply=quantized_apply(model.apply))
+  return _SERVING[model]
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> CompressResult:
