@@ -182,7 +182,8 @@ def test_distills_into_a_pruned_and_quantized_student_in_one_loop(models_and_par
   from jaxshrink.quant import LayerQuant, QArray, QuantSpec, convert, qat_apply
   from jaxshrink.sparsity import Pruner, pruning
 
-  teacher, tp, student, sp = models_and_params
+  teacher, tp, student, _ = models_and_params
+  sp = student.init(jax.random.key(1), X)["params"]  # fresh: steps donate their state
   spec = QuantSpec(bits=8)
   qat_student = qat_apply(functional(student)[0], ".*kernel", LayerQuant(spec, activation_bits=8))
   tx = pruning(optax.adam(1e-2), Pruner(".*fc1/kernel", sparsity=0.5))
