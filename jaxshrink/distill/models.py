@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from jaxshrink.models import ZooModel, linen_functions, nnx_functions
+from jaxshrink.models import ZooModel
+from jaxshrink.models.base import zoo_model
 
 STUDENT_HIDDEN = 128
 _INPUT_SHAPE = (8, 8, 1)
@@ -55,30 +56,23 @@ class DigitsStudentNNX(nnx.Module):
 
 def digits_student() -> ZooModel:
   """The linen digits student, MLP 64-128-10 (~9.6k params)."""
-  module = DigitsStudent()
-  init, apply = linen_functions(module, _INPUT_SHAPE, "float32")
-  return ZooModel(
-    name="digits-student",
-    framework="linen",
-    init=init,
-    apply=apply,
-    input_shape=_INPUT_SHAPE,
-    module=module,
-    description="MLP 64-128-10 distillation student on 8x8 digits (Linen)",
+  return zoo_model(
+    "digits-student",
+    DigitsStudent(),
+    _INPUT_SHAPE,
+    "float32",
+    "MLP 64-128-10 distillation student on 8x8 digits (Linen)",
     **_RECIPE,
   )
 
 
 def digits_student_nnx() -> ZooModel:
   """The nnx digits student, same architecture and paths as `digits_student`."""
-  init, apply = nnx_functions(DigitsStudentNNX)
-  return ZooModel(
-    name="digits-student-nnx",
-    framework="nnx",
-    init=init,
-    apply=apply,
-    input_shape=_INPUT_SHAPE,
-    module=DigitsStudentNNX,
-    description="MLP 64-128-10 distillation student on 8x8 digits (NNX)",
+  return zoo_model(
+    "digits-student-nnx",
+    DigitsStudentNNX,
+    _INPUT_SHAPE,
+    "float32",
+    "MLP 64-128-10 distillation student on 8x8 digits (NNX)",
     **_RECIPE,
   )

@@ -156,3 +156,33 @@ def nnx_functions(
     return nnx.merge(graphdef, state)(x)
 
   return init, apply
+
+
+def zoo_model(
+  name: str,
+  module: Any,
+  input_shape: tuple[int, ...],
+  input_dtype: str,
+  description: str,
+  **recipe: Any,
+) -> ZooModel:
+  """A `ZooModel` from a Linen module instance or an NNX module class.
+
+  The framework follows from `module`; `recipe` holds the remaining `ZooModel` fields
+  (data, metric, train_steps, learning_rate, batch_size, ...).
+  """
+  if isinstance(module, nn.Module):
+    framework, (init, apply) = "linen", linen_functions(module, input_shape, input_dtype)
+  else:
+    framework, (init, apply) = "nnx", nnx_functions(module)
+  return ZooModel(
+    name=name,
+    framework=framework,
+    init=init,
+    apply=apply,
+    input_shape=input_shape,
+    input_dtype=input_dtype,
+    module=module,
+    description=description,
+    **recipe,
+  )

@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 
 from jaxshrink.data.augment import random_translate
-from jaxshrink.models.base import ZooModel, linen_functions, nnx_functions
+from jaxshrink.models.base import ZooModel, zoo_model
 from jaxshrink.models.mlp import DIGITS_INPUT_SHAPE, DIGITS_NUM_CLASSES
 
 # Shared recipe: both frameworks must reach the same accuracy with the same budget. Random
@@ -79,32 +79,23 @@ class DigitsCNNNNX(nnx.Module):
 
 def digits_cnn() -> ZooModel:
   """The Linen digits CNN (~150k params)."""
-  module = DigitsCNN()
-  init, apply = linen_functions(module, DIGITS_INPUT_SHAPE, "float32")
-  return ZooModel(
-    name="digits-cnn",
-    framework="linen",
-    init=init,
-    apply=apply,
-    input_shape=DIGITS_INPUT_SHAPE,
-    input_dtype="float32",
-    module=module,
-    description="CNN conv32-conv64-pool-128-10 on 8x8 digits (Linen)",
+  return zoo_model(
+    "digits-cnn",
+    DigitsCNN(),
+    DIGITS_INPUT_SHAPE,
+    "float32",
+    "CNN conv32-conv64-pool-128-10 on 8x8 digits (Linen)",
     **CNN_RECIPE,
   )
 
 
 def digits_cnn_nnx() -> ZooModel:
   """The NNX digits CNN, same architecture and param paths as `digits_cnn`."""
-  init, apply = nnx_functions(DigitsCNNNNX)
-  return ZooModel(
-    name="digits-cnn-nnx",
-    framework="nnx",
-    init=init,
-    apply=apply,
-    input_shape=DIGITS_INPUT_SHAPE,
-    input_dtype="float32",
-    module=DigitsCNNNNX,
-    description="CNN conv32-conv64-pool-128-10 on 8x8 digits (NNX)",
+  return zoo_model(
+    "digits-cnn-nnx",
+    DigitsCNNNNX,
+    DIGITS_INPUT_SHAPE,
+    "float32",
+    "CNN conv32-conv64-pool-128-10 on 8x8 digits (NNX)",
     **CNN_RECIPE,
   )

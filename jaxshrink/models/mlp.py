@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from jaxshrink.models.base import ZooModel, linen_functions, nnx_functions
+from jaxshrink.models.base import ZooModel, zoo_model
 
 DIGITS_INPUT_SHAPE = (8, 8, 1)
 DIGITS_NUM_CLASSES = 10
@@ -69,32 +69,23 @@ class DigitsMLPNNX(nnx.Module):
 
 def digits_mlp() -> ZooModel:
   """The Linen digits MLP (~50k params)."""
-  module = DigitsMLP()
-  init, apply = linen_functions(module, DIGITS_INPUT_SHAPE, "float32")
-  return ZooModel(
-    name="digits-mlp",
-    framework="linen",
-    init=init,
-    apply=apply,
-    input_shape=DIGITS_INPUT_SHAPE,
-    input_dtype="float32",
-    module=module,
-    description="MLP 64-256-128-10 on 8x8 digits (Linen)",
+  return zoo_model(
+    "digits-mlp",
+    DigitsMLP(),
+    DIGITS_INPUT_SHAPE,
+    "float32",
+    "MLP 64-256-128-10 on 8x8 digits (Linen)",
     **MLP_RECIPE,
   )
 
 
 def digits_mlp_nnx() -> ZooModel:
   """The NNX digits MLP, same architecture and param paths as `digits_mlp`."""
-  init, apply = nnx_functions(DigitsMLPNNX)
-  return ZooModel(
-    name="digits-mlp-nnx",
-    framework="nnx",
-    init=init,
-    apply=apply,
-    input_shape=DIGITS_INPUT_SHAPE,
-    input_dtype="float32",
-    module=DigitsMLPNNX,
-    description="MLP 64-256-128-10 on 8x8 digits (NNX)",
+  return zoo_model(
+    "digits-mlp-nnx",
+    DigitsMLPNNX,
+    DIGITS_INPUT_SHAPE,
+    "float32",
+    "MLP 64-256-128-10 on 8x8 digits (NNX)",
     **MLP_RECIPE,
   )
