@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from jaxshrink import data, models
-from jaxshrink.bench import Record
+from jaxshrink.bench import Record, best_time
 from jaxshrink.distill import DistillLoss, distill, distill_step
 from jaxshrink.distill.models import digits_student
 from jaxshrink.distill.train import student_optimizer
@@ -39,15 +39,6 @@ NO_KD = DistillLoss(temperature=1.0, alpha=0.0)  # hard labels only
 
 def _errors(model, params, dataset) -> int:
   return round((1.0 - models.evaluate(model, params, dataset)) * dataset.num_test)
-
-
-def _best_time(fn, repeats: int = 5) -> float:
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def _step_timing(teacher, tp, student, dataset) -> tuple[float, float]:
@@ -81,8 +72,8 @@ def _step_timing(teacher, tp, student, dataset) -> tuple[float, float]:
   run_kd(), run_plain()  # compile
   kd_t, plain_t = float("inf"), float("inf")
   for _ in range(2):  # interleaved
-    kd_t = min(kd_t, _best_time(run_kd))
-    plain_t = min(plain_t, _best_time(run_plain))
+    kd_t = min(kd_t, best_time(run_kd))
+    plain_t = min(plain_t, best_time(run_plain))
   return kd_t, plain_t
 
 

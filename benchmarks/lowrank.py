@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink import data, models
-from jaxshrink.bench import Record
+from jaxshrink.bench import Record, best_time
 from jaxshrink.encoding import materialize
 from jaxshrink.lowrank import factorize, finetune, lowrank_apply, plan_ranks
 from jaxshrink.recipes import evaluate_tree
@@ -39,22 +39,13 @@ def _magnitude_mask(w: jax.Array, keep: int) -> jax.Array:
   return jnp.abs(w) >= threshold
 
 
-def _best_time(fn, repeats: int = 5) -> float:
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
 def _interleaved(fns: dict, rounds: int = 2) -> dict:
   for fn in fns.values():
     jax.block_until_ready(fn())  # compile
   best = dict.fromkeys(fns, float("inf"))
   for _ in range(rounds):
     for name, fn in fns.items():
-      best[name] = min(best[name], _best_time(fn))
+      best[name] = min(best[name], best_time(fn))
   return best
 
 

@@ -13,7 +13,7 @@ import optax
 
 import jaxshrink.sparsity.stage  # noqa: F401
 from jaxshrink import data, models
-from jaxshrink.bench import Record
+from jaxshrink.bench import Record, best_time
 from jaxshrink.export import disk_bytes, save
 from jaxshrink.models import cross_entropy_loss
 from jaxshrink.recipes import Pipeline, evaluate_tree
@@ -111,15 +111,6 @@ def _bytes_rows(pipeline):
   return rows
 
 
-def _best(fn, repeats=5):
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
 def _overhead_row(pipeline):
   model, params, ds = pipeline.model, pipeline.tree, pipeline.dataset
   x, y = ds.x_train[:64], ds.y_train[:64]
@@ -149,7 +140,7 @@ def _overhead_row(pipeline):
   times = {"plain": float("inf"), "wrapped": float("inf")}
   for _ in range(3):
     for name, run in runs.items():
-      times[name] = min(times[name], _best(run, 2))
+      times[name] = min(times[name], best_time(run, 2))
   ratio = times["wrapped"] / times["plain"]
   return Record(SUITE, "digits-cnn", "pruning wrapper step (no mask update)", "step_time_ratio",
                 ratio, 1.0, None, None, times["wrapped"] / 20,
@@ -168,8 +159,8 @@ def _shrink_row(pipeline):
   big_fn(masked.tree, x), small_fn(small, x)
   t_big = t_small = float("inf")
   for _ in range(3):
-    t_big = min(t_big, _best(lambda: big_fn(masked.tree, x)))
-    t_small = min(t_small, _best(lambda: small_fn(small, x)))
+    t_big = min(t_big, best_time(lambda: big_fn(masked.tree, x)))
+    t_small = min(t_small, best_time(lambda: small_fn(small, x)))
   diff = float(np.abs(np.asarray(big_fn(masked.tree, x)) - np.asarray(small_fn(small, x))).max())
   acc = evaluate_tree(small_model, small, pipeline.dataset)
   return Record(SUITE, "digits-cnn", "channel 75% + shrink", "inference_time_ratio",

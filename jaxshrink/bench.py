@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,18 @@ class Record:
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def best_time(fn, repeats: int = 5) -> float:
+  """Fastest of `repeats` runs of `fn()` in seconds, waiting for its JAX results."""
+  import jax
+
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best
 
 
 def default_directory() -> Path:
