@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxshrink import data, export, models
-from jaxshrink.data.dataset import Dataset
+from jaxshrink import export
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import JaxshrinkError, NoMatchError
 from jaxshrink.quant import QArray, QuantSpec, quantize
@@ -102,23 +101,8 @@ def test_bad_layer_inputs(layer):
 
 
 @pytest.fixture(scope="module")
-def lm():
-  model = models.get_model("tiny-lm")
-  params = models.pretrained(model, progress=False)
-  full = data.get_dataset(model.data)
-  rng = np.random.default_rng(1)
-  calib = full.x_train[rng.choice(len(full.x_train), 128, replace=False)]
-  test = rng.choice(len(full.x_test), 256, replace=False)
-  subset = Dataset(
-    "stdlib-text[subset]",
-    full.kind,
-    full.x_train[:1],
-    full.y_train[:1],
-    full.x_test[test],
-    full.y_test[test],
-    full.num_classes,
-  )
-  batches = [calib[i : i + 32] for i in range(0, len(calib), 32)]
+def lm(tiny_lm_calibration):
+  model, params, subset, batches = tiny_lm_calibration(seed=1, windows=128)
   spec = QuantSpec(bits=4)
   tree = awq(model.apply, params, batches, LM_RULE, spec, grid=10)
   return model, params, subset, batches, spec, tree
