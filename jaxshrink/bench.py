@@ -5,6 +5,11 @@ A suite is a file `benchmarks/<name>.py` defining `SUITE = "<name>"`, a one-line
 in `benchmarks/results/<name>.json` and regenerates `BENCHMARKS.md` next to
 `benchmarks/` from every stored result, so suites can be rerun one at a time.
 
+Optionally a suite defines `summarize(records) -> str`, markdown printed under its table
+(targets met or missed, with the numbers), and `plot(records, ax)`, which draws on a
+matplotlib Axes; the figure is saved as `benchmarks/results/<name>.png` and shown in
+BENCHMARKS.md.
+
 Timings on shared CPUs are noisy: suites report a time as a ratio against a
 baseline measured side by side in the same run (in `extra`), never alone.
 """
@@ -128,17 +133,33 @@ def run_benchmarks(
     payload = {
       "suite": name,
       "description": getattr(module, "DESCRIPTION", ""),
+      "summary": module.summarize(suite_records) if hasattr(module, "summarize") else "",
       "date": datetime.date.today().isoformat(),
       "machine": machine_description(),
       "records": [r.to_json() for r in suite_records],
     }
     (directory / RESULTS).mkdir(exist_ok=True)
     (directory / RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    if hasattr(module, "plot"):
+      _plot(module.plot, suite_records, directory / RESULTS / f"{name}.png")
     records.extend(suite_records)
   if json_out is not None:
     json_out.write_text(json.dumps([r.to_json() for r in records], indent=1) + "\n")
   write_markdown(directory)
   return records
+
+
+def _plot(draw, records: list[Record], path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")  # no display on CI machines or TPU VMs
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  draw(records, ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def _cell(value: Any, digits: int = 4) -> str:
@@ -188,6 +209,11 @@ def render_markdown(directory: Path) -> str:
         f"{_cell(r['reference_value'])} | {format_bytes(size) if size else '–'} | {ratio} | "
         f"{_cell(r['seconds'], 2)} | {notes} |"
       )
+    if payload.get("summary"):
+      lines += ["", payload["summary"].strip()]
+    figure = path.with_suffix(".png")
+    if figure.is_file():
+      lines += ["", f"![{payload['suite']}]({figure.relative_to(directory.parent).as_posix()})"]
     lines.append("")
   return "\n".join(lines)
 
