@@ -8,7 +8,16 @@ into the README between the `techniques` markers, in the order below. Run after 
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("quantization.md", "gptq-awq.md", "sparsity.md", "distillation-lowrank.md")
+ORDER = (
+  "quantization.md",
+  "gptq-awq.md",
+  "sparsity.md",
+  "distillation-lowrank.md",
+  "checkpoints.md",
+  "real-model.md",
+  "scale-out.md",
+  "notebooks.md",
+)
 START, END = "<!-- techniques:start -->", "<!-- techniques:end -->"
 
 
