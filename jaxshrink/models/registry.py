@@ -55,7 +55,8 @@ def load_model(source: str) -> ZooModel:
 
   Args:
     source: a name from `list_models()`, or `"package.module:factory"` where `factory()` returns
-      a `ZooModel`.
+      a `ZooModel`; either may end in `(field=value, ...)` overrides of the module's sizes
+      (`jaxshrink.models.configured`).
 
   Raises:
     JaxshrinkError: for an unknown name or an unimportable factory.
@@ -63,6 +64,10 @@ def load_model(source: str) -> ZooModel:
   """
   if not isinstance(source, str):
     raise TypeError(f"`source` must be a str; got {type(source).__name__}.")
+  if source.rstrip().endswith(")"):  # "tiny-lm(layer_heads=(2, 2, 2, 2))": a shrunk model
+    from jaxshrink.models.configured import load_configured
+
+    return load_configured(source, load_model)
   if source in _MODEL_FACTORIES:
     return get_model(source)
   if ":" in source:

@@ -1,8 +1,10 @@
 """`tiny-lm`: a small causal decoder-only transformer over bytes (GPT-2 style, pre-LayerNorm).
 
 Attention is written with plain `jnp` ops and every projection is an `nn.Dense` with a 2-D kernel
-(`block_0/attention/query/kernel` is (d, d)), so pruning and quantization see ordinary matrices and
-a custom `dot_general` reaches every matmul that holds weights.
+(`block_0/attention/query/kernel` is (d, num_heads * head_dim), by default (d, d)), so pruning and
+quantization see ordinary matrices and a custom `dot_general` reaches every matmul that holds
+weights. `head_dim` and per-block `layer_heads` let a head-pruned model be rebuilt with fewer
+heads (`jaxshrink.sparsity.shrink_model`); their defaults give the original shapes.
 """
 
 from __future__ import annotations
@@ -22,21 +24,31 @@ TINY_LM_VOCAB = 256
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention: (B, T, d) -> (B, T, d)."""
+  """Multi-head causal self-attention: (B, T, d) -> (B, T, d).
+
+  Attributes:
+    num_heads: attention heads.
+    head_dim: features per head; None means `d // num_heads`. The query/key/value projections
+      have `num_heads * head_dim` outputs and the output projection as many inputs, so a model
+      that lost heads keeps its width d.
+    dot_general: optional replacement for `lax.dot_general` in every Dense.
+  """
 
   num_heads: int
+  head_dim: int | None = None
   dot_general: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, length, width = x.shape
-    if width % self.num_heads:
+    if self.head_dim is None and width % self.num_heads:
       raise ValueError(
         f"attention width {width} must be divisible by `num_heads`={self.num_heads}; "
-        f"choose a width that is a multiple of the head count."
+        f"choose a width that is a multiple of the head count, or set `head_dim`."
       )
-    head_dim = width // self.num_heads
-    dense = functools.partial(nn.Dense, width, dot_general=self.dot_general)
+    head_dim = self.head_dim or width // self.num_heads
+    features = self.num_heads * head_dim
+    dense = functools.partial(nn.Dense, features, dot_general=self.dot_general)
 
     def heads(y: jax.Array) -> jax.Array:
       return y.reshape(batch, length, self.num_heads, head_dim)
@@ -49,8 +61,8 @@ class CausalSelfAttention(nn.Module):
     scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
     # Softmax in float32 even for bf16 activations: its exp/sum is what overflows first.
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(value.dtype)
-    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, length, width)
-    return dense(name="out")(mixed)
+    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, length, features)
+    return nn.Dense(width, dot_general=self.dot_general, name="out")(mixed)
 
 
 class MLPBlock(nn.Module):
@@ -71,13 +83,15 @@ class DecoderBlock(nn.Module):
 
   num_heads: int
   mlp_hidden: int
+  head_dim: int | None = None
   dot_general: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + CausalSelfAttention(self.num_heads, self.dot_general, name="attention")(
-      nn.LayerNorm(name="ln1")(x)
+    attention = CausalSelfAttention(
+      self.num_heads, head_dim=self.head_dim, dot_general=self.dot_general, name="attention"
     )
+    x = x + attention(nn.LayerNorm(name="ln1")(x))
     return x + MLPBlock(self.mlp_hidden, self.dot_general, name="mlp")(nn.LayerNorm(name="ln2")(x))
 
 
@@ -88,6 +102,9 @@ class TinyLM(nn.Module):
     width: model width d.
     depth: number of decoder blocks, named `block_0` .. `block_{depth-1}`.
     num_heads: attention heads per block.
+    head_dim: features per head; None means `width // num_heads` (the trained tiny-lm).
+    layer_heads: heads of each block, overriding `num_heads` (a head-pruned model), each of
+      `head_dim` (default `width // num_heads`) features; None means `num_heads` everywhere.
     max_length: longest sequence (size of the learned position table).
     vocab_size: number of token ids (256 for bytes).
     dot_general: optional replacement for `lax.dot_general` in every Dense (quantization hook).
@@ -99,6 +116,8 @@ class TinyLM(nn.Module):
   max_length: int = TINY_LM_CONTEXT
   vocab_size: int = TINY_LM_VOCAB
   dot_general: Any = None
+  head_dim: int | None = None
+  layer_heads: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -108,12 +127,25 @@ class TinyLM(nn.Module):
         f"`tokens` has length {length} but the model has {self.max_length} positions; pass "
         f"windows of at most {self.max_length} tokens."
       )
+    heads = tuple(self.layer_heads or (self.num_heads,) * self.depth)
+    if len(heads) != self.depth or min(heads) < 1:
+      raise ValueError(
+        f"`layer_heads` must give a head count >= 1 for each of the {self.depth} blocks; got "
+        f"{self.layer_heads}. Pass one entry per block, or None for `num_heads` everywhere."
+      )
+    # Heads keep the trained size when some are removed: their scores are scaled by sqrt(head_dim).
+    head_dim = self.head_dim
+    if head_dim is None and self.layer_heads is not None:
+      head_dim = self.width // self.num_heads
     embed_init = nn.initializers.normal(stddev=0.02)
     x = nn.Embed(self.vocab_size, self.width, embedding_init=embed_init, name="embed")(tokens)
     positions = nn.Embed(self.max_length, self.width, embedding_init=embed_init, name="pos_embed")
     x = x + positions(jnp.arange(length, dtype=jnp.int32))[None]
     for index in range(self.depth):
-      x = DecoderBlock(self.num_heads, 4 * self.width, self.dot_general, name=f"block_{index}")(x)
+      block = DecoderBlock(
+        heads[index], 4 * self.width, head_dim, self.dot_general, name=f"block_{index}"
+      )
+      x = block(x)
     x = nn.LayerNorm(name="ln_final")(x)
     return nn.Dense(self.vocab_size, dot_general=self.dot_general, name="head")(x)
 
