@@ -21,7 +21,7 @@ import ctypes
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,18 @@ import numpy as np
 
 from jaxshrink import encoding
 from jaxshrink.errors import CheckpointError
+from jaxshrink.export import storage
 from jaxshrink.export.layout import checksum, decode_leaf, encode_leaf
-from jaxshrink.export.manifest import ARRAYS, MANIFEST, build_manifest, read_manifest
+from jaxshrink.export.manifest import (
+  ARRAYS,
+  MANIFEST,
+  build_manifest,
+  leaf_arrays,
+  leaf_entry,
+  placements,
+  read_manifest,
+)
+from jaxshrink.report import leaf_report
 from jaxshrink.tree import flatten_with_keys, unflatten
 
 # (path, stored field name, stored shape) -> Sharding for that array, or None for host numpy.
@@ -88,9 +98,11 @@ def save(
 
   Returns:
     The checkpoint path.
-  """
-  import orbax.checkpoint as ocp
 
+  Raises:
+    CheckpointError: `directory` exists and `overwrite` is False.
+    TypeError: a leaf is neither an array nor an `Encoding`.
+  """
   target = Path(directory).absolute()
   if target.exists() and not overwrite:
     raise CheckpointError(
@@ -99,23 +111,23 @@ def save(
   target.parent.mkdir(parents=True, exist_ok=True)
   _remove_stale_staging(target)
 
-  stored: dict[str, dict[str, np.ndarray]] = {}
-  entries = []
-  for index, (path, keys, leaf) in enumerate(flatten_with_keys(tree)):
+  stored: list[np.ndarray] = []
+  leaves = []
+  for path, keys, leaf in flatten_with_keys(tree):
     if not isinstance(leaf, encoding.Encoding) and not hasattr(leaf, "dtype"):
       raise TypeError(
         f"Leaf `{path}` is a {type(leaf).__name__}; a checkpoint holds arrays and encodings "
         "only. Remove it from the tree before saving."
       )
     arrays, meta = encode_leaf(leaf)
-    slot = f"leaf_{index:05d}"
-    stored[slot] = arrays
-    entries.append((path, keys, leaf, slot, meta, arrays))
-  manifest = build_manifest(tree, entries, model=model, data=data, recipe=recipe, metrics=metrics)
+    stored.extend(arrays.values())
+    sparsity = leaf_report(path, leaf).sparsity
+    leaves.append(leaf_entry(path, keys, meta, arrays, digest=checksum(arrays), sparsity=sparsity))
+  manifest = build_manifest(leaves, model=model, data=data, recipe=recipe, metrics=metrics)
 
   staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
   try:
-    ocp.PyTreeCheckpointer().save(staging / ARRAYS, stored)
+    storage.write(staging / ARRAYS, stored)
     with open(staging / MANIFEST, "w") as f:
       f.write(manifest)
       f.flush()
@@ -136,31 +148,21 @@ def save(
   return target
 
 
-def _restore_arrays(directory: Path, manifest: dict[str, Any], shardings: ShardingFn | None):
-  import orbax.checkpoint as ocp
-
-  arrays_dir = (directory / ARRAYS).absolute()
-  try:
-    if shardings is None:
-      return ocp.PyTreeCheckpointer().restore(arrays_dir)
-    restore_args = {}
-    for leaf in manifest["leaves"]:
-      restore_args[leaf["slot"]] = {}
-      for name, info in leaf["arrays"].items():
-        sharding = shardings(leaf["path"], name, tuple(info["shape"]))
-        restore_args[leaf["slot"]][name] = (
-          ocp.RestoreArgs(restore_type=np.ndarray)
-          if sharding is None
-          else ocp.ArrayRestoreArgs(sharding=sharding)
-        )
-    return ocp.PyTreeCheckpointer().restore(
-      arrays_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
-    )
-  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+def _select(manifest: dict[str, Any], leaves: Sequence[str] | None, directory: Path) -> list[int]:
+  paths = [leaf["path"] for leaf in manifest["leaves"]]
+  if leaves is None:
+    return list(range(len(paths)))
+  if isinstance(leaves, str):
+    raise TypeError(f"`leaves` must be a list of leaf paths, not the string {leaves!r}.")
+  index = {p: i for i, p in enumerate(paths)}
+  unknown = [p for p in leaves if p not in index]
+  if unknown:
     raise CheckpointError(
-      f"Cannot read the arrays of `{directory}` ({type(e).__name__}: {str(e)[:200]}); "
-      "the checkpoint is truncated or damaged. Re-export it."
-    ) from None
+      f"`{directory}` has no leaf {', '.join(map(repr, unknown[:8]))}; its leaves are "
+      f"{', '.join(paths[:12])}{' ...' if len(paths) > 12 else ''}. Pass paths from "
+      "`jaxshrink inspect`."
+    )
+  return sorted({index[p] for p in leaves})
 
 
 def load(
@@ -169,6 +171,7 @@ def load(
   dense: bool = False,
   shardings: ShardingFn | None = None,
   verify: bool = True,
+  leaves: Sequence[str] | None = None,
 ) -> dict:
   """Loads a checkpoint as a compressed tree, or as dense float params.
 
@@ -178,32 +181,60 @@ def load(
     shardings: `(path, field, shape) -> Sharding | None` to restore arrays straight
       onto devices (e.g. `NamedSharding`s of a mesh) without first gathering them;
       see `jaxshrink.export.shard_like`. None restores host numpy arrays.
-    verify: check every array's SHA-256 against the manifest. Sharded arrays are
+    verify: check every loaded leaf's SHA-256 against the manifest. Sharded arrays are
       hashed from the shards this process holds, fetched to host memory.
+    leaves: leaf paths to load (e.g. `["dense1/kernel"]`); only their array files are
+      read. None loads every leaf.
 
   Returns:
-    A nested dict with the saved paths; leaves are arrays or encodings.
+    A nested dict with the saved (or selected) paths; leaves are arrays or encodings.
 
   Raises:
-    CheckpointError: missing or truncated files, failed checksums, newer format.
+    CheckpointError: missing or truncated files, failed checksums, newer format, unknown
+      leaf paths in `leaves`.
+
+  >>> load("out/ckpt", leaves=["dense1/kernel"])["dense1"]["kernel"].describe()
+  'int8 per-channel sym'
   """
   directory = Path(directory)
   manifest = read_manifest(directory)
-  stored = _restore_arrays(directory, manifest, shardings)
+  selected = _select(manifest, leaves, directory)
+  where = placements(manifest)
+  flat, owner = [], []
+  for i in selected:
+    leaf = manifest["leaves"][i]
+    for name, placement in zip(leaf_arrays(leaf), where[i], strict=True):
+      flat.append(placement)
+      owner.append((leaf, name))
+
+  def sharding_of(j: int):
+    leaf, name = owner[j]
+    return shardings(leaf["path"], name, flat[j].shape)
+
+  try:
+    restored = storage.read(
+      directory / ARRAYS, flat, range(len(flat)), None if shardings is None else sharding_of
+    )
+  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+    raise CheckpointError(
+      f"Cannot read the arrays of `{directory}` ({type(e).__name__}: {str(e)[:200]}); "
+      "the checkpoint is truncated or damaged. Re-export it."
+    ) from None
+  by_leaf: dict[str, dict[str, Any]] = {}
+  for j, (leaf, name) in enumerate(owner):
+    by_leaf.setdefault(leaf["path"], {})[name] = restored[j]
   entries = []
-  for leaf in manifest["leaves"]:
-    arrays = stored.get(leaf["slot"]) if isinstance(stored, dict) else None
-    if arrays is None or set(arrays) != set(leaf["arrays"]):
-      raise CheckpointError(f"`{directory}` lacks arrays of leaf `{leaf['path']}`; re-export it.")
+  for i in selected:
+    leaf = manifest["leaves"][i]
+    arrays = by_leaf.get(leaf["path"], {})
     if verify:
-      for name, info in leaf["arrays"].items():
-        host = np.asarray(jax.device_get(arrays[name]))
-        if checksum(host) != info["sha256"]:
-          raise CheckpointError(
-            f"Checksum mismatch in leaf `{leaf['path']}` (array `{name}`) of `{directory}`: "
-            "the file is corrupted. Re-export the checkpoint."
-          )
-    value = decode_leaf(leaf["meta"], dict(arrays))
+      host = {name: np.asarray(jax.device_get(a)) for name, a in arrays.items()}
+      if checksum(host) != leaf["sha256"]:
+        raise CheckpointError(
+          f"Checksum mismatch in leaf `{leaf['path']}` of `{directory}`: the file is corrupted. "
+          "Re-export the checkpoint."
+        )
+    value = decode_leaf(leaf["meta"], arrays)
     if dense and isinstance(value, encoding.Encoding):
       value = value.materialize()
     entries.append((tuple(leaf["keys"]), value))

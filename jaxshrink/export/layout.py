@@ -2,13 +2,21 @@
 
 A dense leaf is the single array `value`. An `Encoding` is its array fields
 (nested encodings flattened with dotted names such as `values.codes`) plus a
-JSON description: encoding name, static fields, nested descriptions, and the
-optional fields that are absent. Decoding goes through the encoding registry
-only, so no file content is ever executed.
+JSON description: encoding name, logical shape and dtype, the static fields
+that differ from the class defaults (None where a field has no default), and
+nested descriptions. An optional
+array field that is absent (a symmetric code's zero point) is simply not among
+the arrays. Decoding goes through the encoding registry only, so no file
+content is ever executed.
+
+>>> arrays, meta = encode_leaf(quantize(jnp.ones((64, 8)), QuantSpec(bits=8)))
+>>> sorted(arrays), meta["encoding"], meta["shape"]
+(['codes', 'scale'], 'qarray', [64, 8])
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -17,14 +25,22 @@ import numpy as np
 from jaxshrink import encoding
 
 DENSE = "array"  # the encoding name recorded for a leaf stored as a plain array
+_LOGICAL = ("shape", "dtype")  # recorded beside the encoding name, not among the statics
 
 
-def checksum(a: np.ndarray) -> str:
-  """SHA-256 over dtype, shape and the C-order bytes of `a`."""
+CHECKSUM_HEX = 16  # hex digits kept of the SHA-256 (64 bits: a damaged leaf goes unnoticed
+# with probability 2**-64, and the manifest stays small beside a small model's arrays)
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+  """SHA-256 over the name, dtype, shape and C-order bytes of each array, sorted by name;
+  the first `CHECKSUM_HEX` hex digits."""
   digest = hashlib.sha256()
-  digest.update(f"{a.dtype.name}:{a.shape}:".encode())
-  digest.update(np.ascontiguousarray(a).tobytes())
-  return digest.hexdigest()
+  for name in sorted(arrays):
+    a = np.asarray(arrays[name])
+    digest.update(f"{name}:{a.dtype.name}:{a.shape}:".encode())
+    digest.update(np.ascontiguousarray(a).tobytes())
+  return digest.hexdigest()[:CHECKSUM_HEX]
 
 
 def to_json(value: Any) -> Any:
@@ -42,41 +58,80 @@ def from_json(value: Any) -> Any:
   return value
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+  return {
+    f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+  }
+
+
 def encode_leaf(leaf: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Splits a leaf into its stored arrays and a JSON description."""
+  """Splits a leaf into its stored arrays and a JSON description.
+
+  Args:
+    leaf: a dense array or an `Encoding` (possibly nested).
+
+  Returns:
+    `(arrays, meta)`: arrays by (dotted) field name, in field order, and the JSON-ready
+    description `{"encoding", "shape", "dtype", "static"?, "children"?}`.
+  """
   if not isinstance(leaf, encoding.Encoding):
-    return {"value": np.asarray(leaf)}, {"encoding": DENSE}
+    value = np.asarray(leaf)
+    return {"value": value}, {
+      "encoding": DENSE,
+      "shape": list(value.shape),
+      "dtype": value.dtype.name,
+    }
   arrays: dict[str, np.ndarray] = {}
   meta: dict[str, Any] = {
     "encoding": leaf.name,
-    "static": {k: to_json(v) for k, v in leaf.static_fields().items()},
-    "children": {},
+    "shape": to_json(tuple(int(d) for d in leaf.shape)),
+    "dtype": str(leaf.dtype),
   }
+  defaults = _defaults(type(leaf))
+  # A static field equal to its default, or None where there is no default, is left out.
+  static = {
+    k: to_json(v)
+    for k, v in leaf.static_fields().items()
+    if k not in _LOGICAL and v != defaults.get(k)
+  }
+  if static:
+    meta["static"] = static
   for field, child in leaf.children().items():
     if child is None:  # optional array fields, e.g. no zero point for symmetric codes
-      meta.setdefault("absent", []).append(field)
-    elif isinstance(child, encoding.Encoding):
+      continue
+    if isinstance(child, encoding.Encoding):
       child_arrays, child_meta = encode_leaf(child)
       arrays.update({f"{field}.{k}": v for k, v in child_arrays.items()})
-      meta["children"][field] = child_meta
+      meta.setdefault("children", {})[field] = child_meta
     else:
       arrays[field] = np.asarray(child)
   return arrays, meta
 
 
-def decode_leaf(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
-  """Rebuilds a leaf from `encode_leaf`'s output; unknown encodings raise."""
+def decode_leaf(meta: dict[str, Any], arrays: dict[str, Any]) -> Any:
+  """Rebuilds a leaf from `encode_leaf`'s output; unknown encodings raise.
+
+  `arrays` may hold `jax.ShapeDtypeStruct`s instead of arrays: the result is then an
+  abstract encoding, enough for `describe()` and `nbytes` (what `inspect` shows).
+  """
   if meta["encoding"] == DENSE:
     return arrays["value"]
   cls = encoding.encoding_class(meta["encoding"])
-  kwargs = {k: from_json(v) for k, v in meta["static"].items()}
+  defaults = _defaults(cls)
+  kwargs = {
+    f.name: None
+    for f in dataclasses.fields(cls)
+    if f.name not in cls.array_fields and f.name not in defaults
+  }
+  kwargs.update({k: from_json(v) for k, v in meta.get("static", {}).items()})
+  kwargs["shape"] = tuple(meta["shape"])
+  kwargs["dtype"] = meta["dtype"]
+  children = meta.get("children", {})
   for field in cls.array_fields:
-    if field in meta.get("absent", ()):
-      kwargs[field] = None
-    elif field in meta["children"]:
+    if field in children:
       prefix = field + "."
       sub = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-      kwargs[field] = decode_leaf(meta["children"][field], sub)
+      kwargs[field] = decode_leaf(children[field], sub)
     else:
-      kwargs[field] = arrays[field]
+      kwargs[field] = arrays.get(field)
   return cls(**kwargs)

@@ -1,10 +1,19 @@
 """The checkpoint manifest: a versioned JSON description of every stored leaf.
 
-It records the format and jaxshrink versions, the model and data sources, the
-recipe and measured metrics, totals, and per leaf: path, key components (so
-nnx integer keys survive), encoding with its static fields, logical shape and
-dtype, size stats, and the dtype, shape and SHA-256 of each stored array.
-`inspect` reads only this file.
+On disk (`manifest.json`, compact JSON) it records the format and jaxshrink
+versions, the model and data sources, the recipe and measured metrics, the
+packing threshold of `storage.py`, and per leaf, in storage order:
+
+- `path`, and `keys` only where they are not the path's `/`-split strings
+  (nnx integer keys);
+- `encoding`, logical `shape` and `dtype`, the `static` fields that differ from
+  the encoding's defaults and the `children` of nested encodings;
+- `bits_per_weight`, `sparsity` (only when not 0) and one `sha256` over the leaf's arrays;
+- `arrays`: `{field: [dtype, shape]}` in storage order.
+
+Everything derivable is left out of the file and added by `read_manifest`:
+per leaf `bytes` and `description`, and the `totals`. `inspect` reads only
+this file.
 """
 
 from __future__ import annotations
@@ -14,15 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxshrink import encoding
+import jax
+import numpy as np
+
 from jaxshrink.errors import CheckpointError
-from jaxshrink.export.layout import checksum
-from jaxshrink.report import leaf_report, tree_report
+from jaxshrink.export import storage
+from jaxshrink.export.layout import DENSE, decode_leaf
 
 FORMAT = "jaxshrink-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed small arrays, raw zarr entries, one checksum per leaf
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
+_META_KEYS = ("encoding", "shape", "dtype", "static", "children")
 
 
 def _version() -> str:
@@ -31,24 +43,32 @@ def _version() -> str:
   return __version__
 
 
-def build_manifest(tree, entries, *, model, data, recipe, metrics) -> str:
-  """The manifest JSON text for `entries` of (path, keys, leaf, slot, meta, arrays)."""
-  leaves = []
-  for path, keys, leaf, slot, meta, arrays in entries:
-    leaves.append(
-      {
-        **leaf_report(path, leaf).to_json(),
-        "keys": list(keys),
-        "slot": slot,
-        "dtype": encoding.logical_dtype(leaf),
-        "meta": meta,
-        "arrays": {
-          name: {"dtype": a.dtype.name, "shape": list(a.shape), "sha256": checksum(a)}
-          for name, a in arrays.items()
-        },
-      }
-    )
-  totals = tree_report(tree).to_json()
+def leaf_entry(
+  path: str,
+  keys: tuple,
+  meta: dict[str, Any],
+  arrays: dict[str, np.ndarray],
+  *,
+  digest: str,
+  sparsity: float,
+) -> dict[str, Any]:
+  """One leaf's manifest record (see the module docstring)."""
+  entry: dict[str, Any] = {"path": path}
+  if list(keys) != path.split("/"):
+    entry["keys"] = list(keys)
+  entry.update(meta)
+  if sparsity:
+    entry["sparsity"] = round(sparsity, 3)
+  entry["sha256"] = digest
+  if meta["encoding"] == DENSE:  # a plain array: its one array is the shape and dtype
+    del entry["encoding"]
+  else:
+    entry["arrays"] = {name: [a.dtype.name, list(a.shape)] for name, a in arrays.items()}
+  return entry
+
+
+def build_manifest(leaves, *, model, data, recipe, metrics) -> str:
+  """The manifest JSON text for `leaves` made by `leaf_entry`."""
   manifest = {
     "format": FORMAT,
     "format_version": FORMAT_VERSION,
@@ -58,15 +78,83 @@ def build_manifest(tree, entries, *, model, data, recipe, metrics) -> str:
     "data": data,
     "recipe": recipe,
     "metrics": metrics or {},
+    "pack_below": storage.PACK_BELOW,
     "leaves": leaves,
-    "totals": {k: totals[k] for k in ("total_bytes", "float32_bytes", "ratio")},
   }
   # Compact separators: on a small model the manifest is a visible share of the checkpoint.
   return json.dumps(manifest, separators=(",", ":"))
 
 
+def leaf_arrays(leaf: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """`{field: (dtype, shape)}` of one manifest leaf, in storage order."""
+  if "arrays" not in leaf:
+    return {"value": (leaf["dtype"], tuple(leaf["shape"]))}
+  return {name: (dtype, tuple(shape)) for name, (dtype, shape) in leaf["arrays"].items()}
+
+
+def placements(manifest: dict[str, Any]) -> list[list[storage.StoredArray]]:
+  """Per leaf, where each of its arrays is stored (see `storage.plan`)."""
+  specs = [leaf_arrays(leaf) for leaf in manifest["leaves"]]
+  flat, _ = storage.plan(
+    [spec for arrays in specs for spec in arrays.values()], manifest["pack_below"]
+  )
+  out, i = [], 0
+  for arrays in specs:
+    out.append(flat[i : i + len(arrays)])
+    i += len(arrays)
+  return out
+
+
+def _describe(leaf: dict[str, Any]) -> str:
+  if leaf["encoding"] == DENSE:
+    return leaf["dtype"]
+  abstract = {
+    name: jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+    for name, (dtype, shape) in leaf_arrays(leaf).items()
+  }
+  try:
+    return decode_leaf(leaf["meta"], abstract).describe()
+  except Exception:  # an encoding whose describe() needs values: its name will do
+    return leaf["encoding"]
+
+
+def _derive(manifest: dict[str, Any]) -> None:
+  # What the file leaves out because it follows from the rest (see the module docstring).
+  total = float32 = 0
+  for leaf in manifest["leaves"]:
+    leaf.setdefault("encoding", DENSE)
+    leaf["meta"] = {k: leaf[k] for k in _META_KEYS if k in leaf}  # what `decode_leaf` reads
+    leaf.setdefault("keys", leaf["path"].split("/"))
+    size = int(np.prod(leaf["shape"], dtype=np.int64))
+    nbytes = sum(
+      int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+      for dtype, shape in leaf_arrays(leaf).values()
+    )
+    leaf["bytes"] = nbytes
+    leaf["bits_per_weight"] = round(8.0 * nbytes / max(size, 1), 4)
+    leaf["description"] = _describe(leaf)
+    leaf.setdefault("sparsity", 0.0)
+    if leaf["encoding"] == DENSE:
+      leaf["encoding"] = leaf["dtype"]  # reports name a dense leaf by its dtype
+    total += nbytes
+    float32 += 4 * size
+  manifest["totals"] = {
+    "total_bytes": total,
+    "float32_bytes": float32,
+    "ratio": round(float32 / max(total, 1), 4),
+  }
+
+
 def read_manifest(directory) -> dict[str, Any]:
-  """Reads and validates only the manifest (cheap; no arrays are touched)."""
+  """Reads and validates only the manifest (cheap; no array file is opened).
+
+  Returns:
+    The manifest dict, with the derived per-leaf `bytes`, `description`, `keys`, `sparsity`
+    and the `totals` added.
+
+  Raises:
+    CheckpointError: not a checkpoint, a damaged manifest, or a newer format version.
+  """
   path = Path(directory)
   if not path.is_dir():
     raise CheckpointError(f"`{path}` is not a directory; expected a jaxshrink checkpoint.")
@@ -88,8 +176,19 @@ def read_manifest(directory) -> dict[str, Any]:
       f"`{path}` has format version {version!r}; this jaxshrink ({_version()}) reads up to "
       f"{FORMAT_VERSION}. Upgrade jaxshrink."
     )
-  if not isinstance(manifest.get("leaves"), list):
+  if version < FORMAT_VERSION:
+    raise CheckpointError(
+      f"`{path}` has format version {version}, written before the compact layout of version "
+      f"{FORMAT_VERSION}; re-export it from its recipe with this jaxshrink."
+    )
+  if not isinstance(manifest.get("leaves"), list) or "pack_below" not in manifest:
     raise CheckpointError(f"`{manifest_path}` has no leaf list; the file is damaged.")
+  try:
+    _derive(manifest)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(
+      f"`{manifest_path}` has a malformed leaf ({type(e).__name__}: {e}); the file is damaged."
+    ) from None
   return manifest
 
 

@@ -23,7 +23,7 @@ from jaxshrink.export.layout import decode_leaf, encode_leaf
 from jaxshrink.tree import flatten_with_keys, unflatten
 
 LAYOUT_KEY = "jaxshrink.layout"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: `layout.encode_leaf` records shape and dtype beside the encoding
 _NATIVE = {
   "bool",
   "uint8",
@@ -86,8 +86,12 @@ def import_safetensors(path: str | os.PathLike) -> dict:
           f"`{path}` has no `{LAYOUT_KEY}` metadata; it was not written by jaxshrink."
         )
       layout = json.loads(header[LAYOUT_KEY])
-      if layout.get("version", 0) > LAYOUT_VERSION:
-        raise CheckpointError(f"`{path}` has a newer layout version; upgrade jaxshrink.")
+      version = layout.get("version", 0)
+      if version != LAYOUT_VERSION:
+        fix = "upgrade jaxshrink" if version > LAYOUT_VERSION else "re-export it"
+        raise CheckpointError(
+          f"`{path}` has layout version {version}; this jaxshrink reads {LAYOUT_VERSION}: {fix}."
+        )
       entries = []
       for leaf in layout["leaves"]:
         arrays = {}
