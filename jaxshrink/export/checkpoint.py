@@ -119,7 +119,7 @@ def save(
         f"Leaf `{path}` is a {type(leaf).__name__}; a checkpoint holds arrays and encodings "
         "only. Remove it from the tree before saving."
       )
-    arrays, meta = encode_leaf(leaf)
+    arrays, meta = encode_leaf(leaf, compact=True)
     stored.extend(arrays.values())
     sparsity = leaf_report(path, leaf).sparsity
     leaves.append(leaf_entry(path, keys, meta, arrays, digest=checksum(arrays), sparsity=sparsity))

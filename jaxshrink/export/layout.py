@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxshrink import encoding
+from jaxshrink.export import nm_ranks
 
 DENSE = "array"  # the encoding name recorded for a leaf stored as a plain array
 _LOGICAL = ("shape", "dtype")  # recorded beside the encoding name, not among the statics
@@ -64,11 +65,26 @@ def _defaults(cls: type) -> dict[str, Any]:
   }
 
 
-def encode_leaf(leaf: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _nm_geometry(static: dict[str, Any], shape: tuple[int, ...]) -> dict[str, int]:
+  length = shape[static["axis"]]
+  return {
+    "n": static["n"],
+    "m": static["m"],
+    "groups": length // static["m"],
+    "cols": int(np.prod(shape, dtype=np.int64)) // max(length, 1),
+  }
+
+
+def encode_leaf(
+  leaf: Any, *, compact: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Splits a leaf into its stored arrays and a JSON description.
 
   Args:
     leaf: a dense array or an `Encoding` (possibly nested).
+    compact: store N:M positions as pattern ranks (`nm_ranks`, checkpoints); the
+      description then says so under `stored_as`. False keeps every array as the
+      encoding holds it (safetensors, for other runtimes).
 
   Returns:
     `(arrays, meta)`: arrays by (dotted) field name, in field order, and the JSON-ready
@@ -100,11 +116,16 @@ def encode_leaf(leaf: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if child is None:  # optional array fields, e.g. no zero point for symmetric codes
       continue
     if isinstance(child, encoding.Encoding):
-      child_arrays, child_meta = encode_leaf(child)
+      child_arrays, child_meta = encode_leaf(child, compact=compact)
       arrays.update({f"{field}.{k}": v for k, v in child_arrays.items()})
       meta.setdefault("children", {})[field] = child_meta
     else:
       arrays[field] = np.asarray(child)
+  if compact and leaf.name == "nm":
+    ranks = nm_ranks.encode(arrays["indices"], **_nm_geometry(leaf.static_fields(), leaf.shape))
+    if ranks is not None:
+      arrays["indices"] = ranks
+      meta["stored_as"] = {"indices": nm_ranks.NAME}
   return arrays, meta
 
 
@@ -134,4 +155,10 @@ def decode_leaf(meta: dict[str, Any], arrays: dict[str, Any]) -> Any:
       kwargs[field] = decode_leaf(children[field], sub)
     else:
       kwargs[field] = arrays.get(field)
+  stored_as = meta.get("stored_as", {})
+  if stored_as.get("indices") == nm_ranks.NAME and isinstance(kwargs["indices"], np.ndarray):
+    geometry = _nm_geometry(kwargs, kwargs["shape"])
+    kwargs["indices"] = nm_ranks.decode(kwargs["indices"], **geometry)
+  elif set(stored_as) - {"indices"} or set(stored_as.values()) - {nm_ranks.NAME}:
+    raise ValueError(f"Unknown stored form {stored_as}; upgrade jaxshrink.")
   return cls(**kwargs)

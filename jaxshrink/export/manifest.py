@@ -34,7 +34,7 @@ FORMAT = "jaxshrink-checkpoint"
 FORMAT_VERSION = 2  # 2: packed small arrays, raw zarr entries, one checksum per leaf
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
-_META_KEYS = ("encoding", "shape", "dtype", "static", "children")
+_META_KEYS = ("encoding", "shape", "dtype", "static", "children", "stored_as")
 
 
 def _version() -> str:

@@ -1,0 +1,102 @@
+"""N:M index metadata at its information limit, for checkpoints.
+
+`NMSparse` keeps, per group of `m`, the positions of its `n` values, `ceil(log2 m)`
+bits each (2:4: 4 bits per group), which is what a kernel unpacks fastest. But
+a group's positions are one of only `C(m, n)` patterns (2:4: 6), so a checkpoint
+stores each group's pattern rank instead, several ranks per word as base-`C(m, n)`
+digits: three 2:4 groups per byte, 2.67 bits per group where `log2 6 = 2.58` is
+the limit. `decode` gives back the encoding's own packed positions, bit for bit.
+
+>>> stored = encode(indices, n=2, m=4, groups=64, cols=256)  # None if it cannot help
+>>> np.array_equal(decode(stored, n=2, m=4, groups=64, cols=256), indices)
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import numpy as np
+
+NAME = "nm-ranks"  # recorded in the manifest for a transcoded `indices` array
+_MAX_M = 16  # pattern lookup tables have 2**m entries
+
+
+def _position_bits(m: int) -> int:
+  # `NMSparse`'s packed width: the smallest of 1, 2, 4, 8 bits that holds a position.
+  need = max(1, math.ceil(math.log2(m)))
+  return next(b for b in (1, 2, 4, 8) if b >= need)
+
+
+@functools.cache
+def _tables(n: int, m: int):
+  patterns = np.array(list(itertools.combinations(range(m), n)), np.int64).reshape(-1, n)
+  rank_of_mask = np.full(1 << m, -1, np.int64)
+  rank_of_mask[(1 << patterns).sum(axis=1)] = np.arange(len(patterns))
+  count = len(patterns)
+  # The word (bytes, ranks per word) with the fewest bits per rank.
+  best = None
+  for nbytes in (1, 2, 4, 8):
+    per = 0
+    while count ** (per + 1) <= 1 << (8 * nbytes):
+      per += 1
+    if per and (best is None or 8 * nbytes / per < 8 * best[0] / best[1]):
+      best = (nbytes, per)
+  return patterns, rank_of_mask, count, best
+
+
+def _unpack_positions(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+  per = 8 // bits
+  shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+  codes = (packed[:, None] >> shifts) & np.uint8((1 << bits) - 1)
+  return codes.reshape(-1)[:count].astype(np.int64)
+
+
+def _pack_positions(positions: np.ndarray, bits: int) -> np.ndarray:
+  per = 8 // bits
+  flat = positions.astype(np.uint8).ravel()
+  flat = np.concatenate([flat, np.zeros((-flat.size) % per, np.uint8)]).reshape(-1, per)
+  shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+  return np.bitwise_or.reduce(flat << shifts, axis=1).astype(np.uint8)
+
+
+def encode(indices: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np.ndarray | None:
+  """Pattern ranks of `NMSparse.indices` as packed uint8, or None when not applicable.
+
+  None (store the positions as they are) when `m` is too large for a lookup table,
+  when a group's positions are not distinct and sorted, or when the ranks would not
+  decode to the very same bytes.
+  """
+  if m > _MAX_M or not 0 < n < m:
+    return None
+  indices = np.asarray(indices)
+  bits = _position_bits(m)
+  positions = _unpack_positions(indices, bits, groups * n * cols)
+  positions = positions.reshape(groups, n, cols).transpose(0, 2, 1).reshape(-1, n)
+  patterns, rank_of_mask, count, (nbytes, per) = _tables(n, m)
+  ranks = rank_of_mask[(1 << positions).sum(axis=1)] if positions.size else np.zeros(0, np.int64)
+  if (ranks < 0).any() or not np.array_equal(patterns[ranks], positions):
+    return None
+  ranks = np.concatenate([ranks, np.zeros((-ranks.size) % per, np.int64)]).reshape(-1, per)
+  words = np.zeros(ranks.shape[0], np.uint64)
+  for i in range(per - 1, -1, -1):  # Horner: the first rank is the lowest digit
+    words = words * np.uint64(count) + ranks[:, i].astype(np.uint64)
+  stored = words.astype(f"<u{nbytes}").view(np.uint8)
+  if not np.array_equal(decode(stored, n=n, m=m, groups=groups, cols=cols), indices):
+    return None
+  return stored
+
+
+def decode(stored: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np.ndarray:
+  """`NMSparse.indices` (packed positions) from `encode`'s output."""
+  patterns, _, count, (nbytes, per) = _tables(n, m)
+  words = np.ascontiguousarray(stored, np.uint8).view(f"<u{nbytes}").astype(np.uint64)
+  digits = np.empty((words.size, per), np.int64)
+  for i in range(per):
+    digits[:, i] = (words % np.uint64(count)).astype(np.int64)
+    words = words // np.uint64(count)
+  ranks = digits.reshape(-1)[: groups * cols]
+  positions = patterns[ranks].reshape(groups, cols, n).transpose(0, 2, 1)
+  return _pack_positions(positions, _position_bits(m))
