@@ -31,6 +31,10 @@ def _console():
   return console()
 
 
+# Reported next to `value` for embedding models (metric "cosine").
+SECONDARY_METRICS = ("min_cosine", "neighbour_agreement")
+
+
 def _print_json(payload: dict[str, Any]) -> None:
   print(json.dumps(payload, indent=2))
 
@@ -57,6 +61,7 @@ def cmd_compress(args) -> int:
     "out": str(out),
     "model": recipe.model,
     **{k: result.metrics.get(k) for k in ("metric", "value", "reference_value")},
+    **{k: result.metrics[k] for k in SECONDARY_METRICS if k in result.metrics},
     **{k: v for k, v in result.report.to_json().items() if k != "layers"},
     "disk_bytes": export.disk_bytes(out),
     "seconds": result.metrics["seconds"],
@@ -102,10 +107,19 @@ def cmd_eval(args) -> int:
   }
   export.check_matches(manifest, shapes, what=manifest["model"])
   source = args.data or manifest.get("data") or model.data
-  dataset = data.load_data_source(source)
-  tree = export.load(args.dir)
-  value = recipes.evaluate_tree(model, tree, dataset)
   reference_model, reference_params = _reference(manifest, model)
+  if model.metric == "cosine" and source.lower().endswith(".txt"):
+    # One sentence per line; the targets are the float model's embeddings of them.
+    from jaxshrink.data.sentences import read_sentences, sentence_dataset
+
+    dataset = sentence_dataset(
+      read_sentences(source), source, apply=reference_model.apply, params=reference_params
+    )
+  else:
+    dataset = data.load_data_source(source)
+  tree = export.load(args.dir)
+  measured = recipes.evaluate_metrics(model, tree, dataset)
+  value = measured.pop("value")
   reference = recipes.evaluate_tree(reference_model, reference_params, dataset)
   payload = {
     "checkpoint": str(args.dir),
@@ -114,11 +128,13 @@ def cmd_eval(args) -> int:
     "metric": model.metric,
     "value": value,
     "reference_value": reference,
+    **measured,
   }
   if args.json:
     _print_json(payload)
   else:
-    print(f"{model.metric} on {source}: {value:.4f} (float reference {reference:.4f})")
+    extra = "".join(f"; {k} {v:.4f}" for k, v in measured.items())
+    print(f"{model.metric} on {source}: {value:.4f} (float reference {reference:.4f}){extra}")
   return 0
 
 
@@ -206,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint against float")
   p.add_argument("dir", help="checkpoint directory")
-  p.add_argument("--data", help="zoo data name, module:factory, or a .npz/.txt file")
+  p.add_argument(
+    "--data",
+    help="zoo data name, module:factory, or a .npz/.txt file (for an embedding model such as "
+    "minilm-l6, a .txt file holds one sentence per line)",
+  )
   p.add_argument("--json", action="store_true", help="print the result as JSON")
   p.set_defaults(func=cmd_eval)
 

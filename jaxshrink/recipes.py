@@ -299,6 +299,27 @@ def evaluate_tree(model: Any, tree: Any, dataset: Any) -> float:
   return float(models.evaluate(_serving_model(model), tree, dataset))
 
 
+def evaluate_metrics(model: Any, tree: Any, dataset: Any) -> dict[str, float]:
+  """`{"value": <the model's metric>}`, plus secondary metrics for embedding models.
+
+  For a "cosine" model the test split is embedded once and scored with
+  `models.embedding_metrics` against the dataset's target embeddings: `value` is the mean
+  cosine, and `min_cosine` and `neighbour_agreement` are added.
+  """
+  if model.metric != "cosine":
+    return {"value": evaluate_tree(model, tree, dataset)}
+  from jaxshrink import models
+  from jaxshrink.models.minilm import embed_ids
+
+  embeddings = embed_ids(_serving_model(model).apply, tree, dataset.x_test)
+  scores = models.embedding_metrics(embeddings, dataset.y_test)
+  return {
+    "value": scores["mean_cosine"],
+    "min_cosine": scores["min_cosine"],
+    "neighbour_agreement": scores["neighbour_agreement"],
+  }
+
+
 _SERVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -325,9 +346,11 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> CompressResult:
     "stages": list(pipeline.log),
   }
   if recipe.export["evaluate"]:
-    metrics["value"] = evaluate_tree(pipeline.model, pipeline.tree, pipeline.dataset)
+    measured = evaluate_metrics(pipeline.model, pipeline.tree, pipeline.dataset)
+    metrics["value"] = measured.pop("value")
     metrics["reference_value"] = evaluate_tree(
       pipeline.float_model, pipeline.float_params, pipeline.dataset
     )
+    metrics.update(measured)  # min_cosine, neighbour_agreement for embedding models
   metrics["seconds"] = round(time.perf_counter() - start, 3)
   return CompressResult(recipe=recipe, pipeline=pipeline, report=report, metrics=metrics)

@@ -106,8 +106,8 @@ def test_digits_split_is_deterministic_and_read_only():
 
 
 def test_unknown_dataset_lists_valid_names():
-  assert list_datasets() == ["digits", "stdlib-text"]
-  with pytest.raises(JaxshrinkError, match=r"unknown dataset 'mnist'.*'digits', 'stdlib-text'"):
+  assert list_datasets() == ["digits", "minilm-sentences", "stdlib-text"]
+  with pytest.raises(JaxshrinkError, match=r"'mnist'.*'digits', 'minilm-sentences', 'stdlib-text'"):
     get_dataset("mnist")
 
 

@@ -10,7 +10,8 @@ from jaxshrink.errors import JaxshrinkError
 
 CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language-model"
-KINDS = (CLASSIFICATION, LANGUAGE_MODEL)
+EMBEDDING = "embedding"
+KINDS = (CLASSIFICATION, LANGUAGE_MODEL, EMBEDDING)
 
 
 # eq=False: the fields are arrays, so field-wise `==` would be ambiguous; identity equality keeps
@@ -21,13 +22,15 @@ class Dataset:
 
   Attributes:
     name: registry name ("digits") or the source it was loaded from.
-    kind: "classification" or "language-model".
+    kind: "classification", "language-model" or "embedding".
     x_train: classification: (N, ...) float32 inputs, e.g. (N, 8, 8, 1) in [0, 1];
-      language-model: (N, T) int32 token windows.
-    y_train: classification: (N,) int32 labels; language-model: (N, T) int32 next-token targets.
+      language-model: (N, T) int32 token windows; embedding: (N, L) int32 token ids.
+    y_train: classification: (N,) int32 labels; language-model: (N, T) int32 next-token targets;
+      embedding: (N, D) float32 target embeddings (a reference model's outputs).
     x_test: same layout as `x_train`.
     y_test: same layout as `y_train`.
-    num_classes: number of labels (10 for digits) or the vocabulary size (256 for bytes).
+    num_classes: number of labels (10 for digits), the vocabulary size (256 for bytes), or the
+      embedding width D.
 
   >>> ds = Dataset("toy", "classification", np.zeros((4, 2), np.float32), np.zeros(4, np.int32),
   ...              np.zeros((2, 2), np.float32), np.zeros(2, np.int32), num_classes=3)
@@ -60,7 +63,13 @@ class Dataset:
           f"dataset {self.name!r}: `x_{split}` has {x.shape[0]} examples but `y_{split}` has "
           f"{y.shape[0]}; they must match."
         )
-      if not np.issubdtype(y.dtype, np.integer):
+      if self.kind == EMBEDDING:
+        if y.ndim != 2 or not np.issubdtype(y.dtype, np.floating):
+          raise JaxshrinkError(
+            f"embedding dataset {self.name!r} needs (N, D) float `y_{split}` targets; got shape "
+            f"{y.shape} and dtype {y.dtype}."
+          )
+      elif not np.issubdtype(y.dtype, np.integer):
         raise JaxshrinkError(
           f"dataset {self.name!r}: `y_{split}` must hold integer labels; got dtype {y.dtype}."
         )

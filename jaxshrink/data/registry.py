@@ -7,11 +7,13 @@ from collections.abc import Callable
 
 from jaxshrink.data.dataset import Dataset
 from jaxshrink.data.digits import load_digits_dataset
+from jaxshrink.data.sentences import load_minilm_sentences_dataset
 from jaxshrink.data.text import load_stdlib_text_dataset
 from jaxshrink.errors import JaxshrinkError
 
 _DATASET_BUILDERS: dict[str, Callable[[], Dataset]] = {
   "digits": load_digits_dataset,
+  "minilm-sentences": load_minilm_sentences_dataset,
   "stdlib-text": load_stdlib_text_dataset,
 }
 
@@ -20,7 +22,7 @@ def list_datasets() -> list[str]:
   """Names accepted by `get_dataset`, sorted.
 
   >>> list_datasets()
-  ['digits', 'stdlib-text']
+  ['digits', 'minilm-sentences', 'stdlib-text']
   """
   return sorted(_DATASET_BUILDERS)
 

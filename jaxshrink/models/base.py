@@ -19,7 +19,9 @@ import numpy as np
 from flax import nnx
 
 FRAMEWORKS = ("linen", "nnx")
-METRICS = ("accuracy", "perplexity")
+METRICS = ("accuracy", "perplexity", "cosine")
+# Metrics where a larger value is better; the rest (perplexity) are lower-is-better.
+HIGHER_IS_BETTER = ("accuracy", "cosine")
 
 
 # eq=False: fields hold functions and modules; identity equality keeps the model hashable.
@@ -32,7 +34,8 @@ class ZooModel:
     framework: "linen" or "nnx" (how `module` is written; `init`/`apply` hide the difference).
     data: default dataset, a name from `jaxshrink.data.list_datasets()` or any
       `load_data_source` string.
-    metric: "accuracy" (classification) or "perplexity" (language model).
+    metric: "accuracy" (classification), "perplexity" (language model) or "cosine" (sentence
+      embeddings, scored as the mean cosine similarity to the float model's embeddings).
     init: PRNG key -> float32 param tree (plain nested dict of arrays).
     apply: (params, inputs) -> logits; pure, so it works under `jax.jit`, `jax.grad`, `vmap`.
     train_steps: default number of optimizer steps for `train` / `pretrained`.
@@ -47,6 +50,9 @@ class ZooModel:
     module: Linen: the `nn.Module` instance (rebuild with e.g. `module.clone(dot_general=...)`).
       NNX: the module class, constructed as `module(rngs=nnx.Rngs(params=key), **kwargs)`.
     description: one line for listings.
+    weights: for a pretrained model shipped as weights (e.g. `minilm-l6`): a no-argument
+      function returning its float param tree; `models.pretrained` then loads it instead of
+      training. None (the default) means the model is trained by `pretrained` on first use.
 
   >>> from jaxshrink.models import get_model
   >>> model = get_model("digits-mlp")
@@ -71,6 +77,7 @@ class ZooModel:
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   module: Any = None
   description: str = ""
+  weights: Callable[[], dict] | None = None
 
   def __post_init__(self):
     if self.framework not in FRAMEWORKS:
@@ -82,6 +89,8 @@ class ZooModel:
       raise ValueError(
         f"`metric` must be one of {list(METRICS)}; got {self.metric!r} for model {self.name!r}."
       )
+    if self.weights is not None and not callable(self.weights):
+      raise TypeError(f"`weights` of model {self.name!r} must be None or a callable.")
     if not callable(self.init) or not callable(self.apply):
       raise TypeError(f"`init` and `apply` of model {self.name!r} must be callables.")
     for field in ("train_steps", "batch_size"):
@@ -90,8 +99,8 @@ class ZooModel:
 
   @property
   def higher_is_better(self) -> bool:
-    """True for accuracy, False for perplexity."""
-    return self.metric == "accuracy"
+    """True for accuracy and cosine, False for perplexity."""
+    return self.metric in HIGHER_IS_BETTER
 
   def input_spec(self, batch_size: int = 1) -> jax.ShapeDtypeStruct:
     """Shape and dtype of a batch of inputs, for `jax.eval_shape(model.apply, params, spec)`."""

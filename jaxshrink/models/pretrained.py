@@ -105,6 +105,10 @@ def _save(entry: pathlib.Path, params: dict, meta: dict) -> None:
 def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
   """Returns trained params for a zoo model, training and caching them on first use.
 
+  A model shipped with pretrained weights (`model.weights`, e.g. `minilm-l6`) is not trained:
+  its weights are loaded (no cache entry is written) and checked against `model.init`'s
+  structure, shapes and dtypes.
+
   Training uses `jax.random.key(0)` and the model's default recipe and dataset, so the weights are
   deterministic on a given machine. A cache entry that cannot be read (corrupt, truncated, or from
   an incompatible architecture) is deleted with a warning and retrained.
@@ -122,6 +126,8 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
   (3, 3, 1, 32)
   """
   model = _resolve(name_or_model)
+  if model.weights is not None:
+    return _shipped_weights(model)
   entry = pretrained_dir(model.name)
   locks = cache_dir() / "locks"
   locks.mkdir(parents=True, exist_ok=True)
@@ -133,6 +139,28 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
       return _load_or_train(model, entry, progress=progress)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _shipped_weights(model: ZooModel) -> dict:
+  """`model.weights()`, checked leaf by leaf against the architecture."""
+  params = model.weights()
+  abstract = jax.eval_shape(model.init, jax.random.key(PRETRAINED_SEED))
+  got = {jax.tree_util.keystr(p, simple=True, separator="/"): leaf
+         for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}  # fmt: skip
+  for path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    leaf = got.pop(name, None)
+    if leaf is None or tuple(leaf.shape) != tuple(want.shape) or leaf.dtype != want.dtype:
+      found = "missing" if leaf is None else f"{tuple(leaf.shape)} {leaf.dtype}"
+      raise JaxshrinkError(
+        f"pretrained weights of {model.name!r}: param `{name}` is {found}; expected "
+        f"{tuple(want.shape)} {want.dtype}. The weights do not fit the model's architecture."
+      )
+  if got:
+    raise JaxshrinkError(
+      f"pretrained weights of {model.name!r} hold params the model lacks: {sorted(got)[:5]}."
+    )
+  return params
 
 
 def _load_or_train(model: ZooModel, entry: pathlib.Path, *, progress: bool) -> dict:

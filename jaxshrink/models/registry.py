@@ -9,6 +9,7 @@ from jaxshrink.data.sources import import_factory
 from jaxshrink.errors import JaxshrinkError
 from jaxshrink.models.base import ZooModel
 from jaxshrink.models.cnn import digits_cnn, digits_cnn_nnx
+from jaxshrink.models.minilm import minilm_l6
 from jaxshrink.models.mlp import digits_mlp, digits_mlp_nnx
 from jaxshrink.models.transformer import tiny_lm
 
@@ -17,6 +18,7 @@ _MODEL_FACTORIES: dict[str, Callable[[], ZooModel]] = {
   "digits-cnn-nnx": digits_cnn_nnx,
   "digits-mlp": digits_mlp,
   "digits-mlp-nnx": digits_mlp_nnx,
+  "minilm-l6": minilm_l6,
   "tiny-lm": tiny_lm,
 }
 
@@ -25,7 +27,7 @@ def list_models() -> list[str]:
   """Names accepted by `get_model`, sorted.
 
   >>> list_models()
-  ['digits-cnn', 'digits-cnn-nnx', 'digits-mlp', 'digits-mlp-nnx', 'tiny-lm']
+  ['digits-cnn', 'digits-cnn-nnx', 'digits-mlp', 'digits-mlp-nnx', 'minilm-l6', 'tiny-lm']
   """
   return sorted(_MODEL_FACTORIES)
 

