@@ -158,7 +158,7 @@ def cmd_inspect(args) -> int:
   console.print(
     f"{format_bytes(report.total_bytes)} stored for {format_bytes(report.float32_bytes)} of "
     f"float32 ({report.ratio:.2f}x); {format_bytes(payload['disk_bytes'])} on disk with the "
-    "manifest and orbax metadata (orbax compresses chunks)."
+    "manifest and orbax metadata (read from the manifest only)."
   )
   return 0
 

@@ -189,3 +189,40 @@ def test_checksum_mismatch_names_the_leaf(tmp_path, tree):
   manifest_path.write_text(json.dumps(manifest))
   with pytest.raises(CheckpointError, match=r"Checksum mismatch in leaf `encoder/layer_0/bias`"):
     load(tmp_path / "ck")
+
+
+def test_inspect_reads_only_the_manifest(tmp_path, tree, capsys):
+  import shutil
+
+  from jaxshrink.cli import main
+
+  save(tmp_path / "ck", cast_params(tree, "encoder/.*/kernel", dtype="bfloat16"))
+  shutil.rmtree(tmp_path / "ck" / "arrays")  # no array file left to open
+  assert main(["inspect", str(tmp_path / "ck"), "--json"]) == 0
+  payload = json.loads(capsys.readouterr().out)
+  layers = {layer["path"]: layer for layer in payload["layers"]}
+  assert layers["encoder/layer_0/kernel"]["description"] == "bfloat16 storage"
+  assert layers["encoder/layer_0/kernel"]["bytes"] == 16 * 8 * 2
+  assert layers["head/kernel"]["bits_per_weight"] == (16 * 8 * 2 + 4) * 8 / (16 * 8)
+  assert main(["inspect", str(tmp_path / "ck")]) == 0
+  assert "bfloat16 storage" in capsys.readouterr().out
+
+
+def test_load_selected_leaves_reads_only_their_arrays(tmp_path):
+  import shutil
+
+  big = (1 << 20) // 4  # float32 elements of one own orbax entry
+  params = {
+    "a": {"kernel": np.arange(big, dtype=np.float32).reshape(512, 512)},
+    "b": {"kernel": -np.arange(big, dtype=np.float32).reshape(512, 512), "bias": np.ones(3)},
+  }
+  save(tmp_path / "ck", params)
+  shutil.rmtree(tmp_path / "ck" / "arrays" / "a1")  # `b/kernel`'s own entry
+  part = load(tmp_path / "ck", leaves=["a/kernel", "b/bias"])
+  assert sorted(part) == ["a", "b"] and sorted(part["b"]) == ["bias"]
+  np.testing.assert_array_equal(part["a"]["kernel"], params["a"]["kernel"])
+  np.testing.assert_array_equal(part["b"]["bias"], params["b"]["bias"])
+  with pytest.raises(CheckpointError, match="truncated or damaged"):
+    load(tmp_path / "ck")
+  with pytest.raises(CheckpointError, match=r"has no leaf 'c/kernel'; its leaves are a/kernel"):
+    load(tmp_path / "ck", leaves=["c/kernel"])
