@@ -208,23 +208,27 @@ def test_schedules():
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5])
 def test_sparsity_outside_range(bad):
-  with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+  with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\).*Use e.g. 0.9"):
     Pruner(".*kernel", bad)
+  with pytest.raises(ValueError, match=r"`overrides\['dense'\]` must be in \[0, 1\)"):
+    Pruner(".*kernel", 0.5, overrides={"dense": bad})
 
 
 def test_nm_errors():
-  with pytest.raises(ValueError, match="divisible by M=4"):
+  with pytest.raises(
+    ValueError, match=r"`d/kernel`.shape\[-2\] divisible by M=4.*Exclude the leaf"
+  ):
     Pruner(".*kernel", structure="2:4").masks({"d": {"kernel": np.ones((6, 4), np.float32)}})
-  with pytest.raises(ValueError, match="0 < N <= M"):
+  with pytest.raises(ValueError, match="0 < N <= M.*got N=5, M=4. Write e.g. '2:4'"):
     NM(5, 4)
   with pytest.raises(ValueError, match="0 < N <= M"):
     Pruner(".*kernel", structure="5:4")
 
 
 def test_unknown_criterion_structure_allocation():
-  with pytest.raises(ValueError, match="Unknown criterion 'size'"):
+  with pytest.raises(ValueError, match=r"Unknown criterion 'size'; expected one of \['magnitude'"):
     Pruner(".*kernel", criterion="size")
-  with pytest.raises(ValueError, match="Unknown structure 'rows'"):
+  with pytest.raises(ValueError, match="Unknown structure 'rows'; expected one of unstructured"):
     Pruner(".*kernel", structure="rows")
   with pytest.raises(ValueError, match="Unknown allocation 'local'"):
     Pruner(".*kernel", allocation="local")
@@ -234,7 +238,9 @@ def test_mask_tree_mismatch():
   params = _params()
   masks = Pruner(".*kernel", 0.5).masks(params)
   del masks["head"]
-  with pytest.raises(ValueError, match=r"missing masks for \['head/bias', 'head/kernel'\]"):
+  with pytest.raises(
+    ValueError, match=r"missing masks for \['head/bias', 'head/kernel'\].*Pruner.masks\(params\)"
+  ):
     check_masks(params, masks)
   masks = Pruner(".*kernel", 0.5).masks(params)
   masks["dense"]["kernel"] = masks["dense"]["kernel"].astype(jnp.float32)
@@ -243,7 +249,9 @@ def test_mask_tree_mismatch():
 
 
 def test_schedule_end_before_begin():
-  with pytest.raises(ValueError, match=r"`end` \(5\) comes before `begin` \(10\)"):
+  with pytest.raises(
+    ValueError, match=r"`end` \(5\) comes before `begin` \(10\); set end >= begin"
+  ):
     polynomial_schedule(begin=10, end=5)
   with pytest.raises(ValueError, match="frequency"):
     Schedule("constant", 0, None, 0)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxshrink.models import cross_entropy_loss
+from jaxshrink.models import task_loss
 
 
 def finetune_optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:
@@ -38,7 +38,7 @@ def finetune(
   augment = model.augment
 
   def loss_fn(p, x, y):
-    return cross_entropy_loss(model.apply(p, x), y)
+    return task_loss(model.apply(p, x), y)  # cross-entropy, or cosine for embedding targets
 
   @jax.jit
   def step(p, state, index, k):

@@ -9,23 +9,35 @@ those channels. The shrunk model computes what the masked model computes
 (a pruned channel is exactly zero after its bias and a zero-preserving
 activation such as ReLU or GELU), with smaller arrays.
 
-`shrink_model` also returns the matching model configuration for zoo models
-(or for any model given `fields`): a `ZooModel` whose module is rebuilt with
-the new widths.
+After `Heads` pruning, `shrink_heads` removes the pruned heads: the query/key/value
+kernels lose those heads' output columns (and bias entries), the attention output
+projection the matching input rows. A removed head contributed nothing (its value
+columns or output rows were zero), and the kept heads keep their size, so the
+outputs are unchanged.
+
+`shrink_model` also returns the matching model configuration: a `ZooModel` rebuilt
+with the new sizes (`jaxshrink.models.configured`). Channel shrinking sets the
+width fields of zoo models (or any model given `fields`); head shrinking sets
+`head_dim` and `layer_heads` (heads per attention layer, in layer order), the
+fields `TinyLM` takes. `shrink` returns the config itself, so a recipe records
+`model_source("tiny-lm", config)` in the checkpoint and `jaxshrink eval` rebuilds it.
 
 >>> small_model, small_params = shrink_model(model, pruned, masks)
 >>> small_params["dense1"]["kernel"].shape      # (1024, 64) instead of (1024, 128)
+>>> small_lm, small_params = shrink_model(lm, pruned, masks, structure=Heads(4))
+>>> small_lm.name                               # 'tiny-lm(head_dim=40, layer_heads=(2, 2, 2, 2))'
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from jaxshrink.sparsity.structures import Channel, Heads, Structure, parse_structure
 from jaxshrink.tree import flatten, map_with_path
 
 # Zoo models: producer kernel -> constructor field holding its output width.
@@ -105,30 +117,188 @@ def sequential_links(paths: Sequence[str]) -> list[tuple[str, str | None]]:
   return [(a, b) for a, b in zip(paths[:-1], paths[1:], strict=True)]
 
 
-def shrink_model(
+def model_heads(model: Any) -> dict[str, int]:
+  """`{"num_heads": n}` or `{"head_size": d}` read from a model's module or config, else `{}`.
+
+  Looks at the Linen module's fields, or, for an NNX constructor bound with
+  `functools.partial`, at the arguments it was bound to (a config such as `BertConfig`).
+  A set `head_dim` wins: a shrunk model's layers differ in head count, not head size.
+  """
+  module = getattr(model, "module", None)
+  candidates = [module]
+  if isinstance(module, functools.partial):
+    candidates += [*module.args, *module.keywords.values()]
+  for obj in candidates:
+    heads = getattr(obj, "num_heads", None)
+    if isinstance(heads, int) and not isinstance(heads, bool):
+      head_dim = getattr(obj, "head_dim", None)
+      if isinstance(head_dim, int) and getattr(obj, "layer_heads", None) is not None:
+        return {"head_size": head_dim}
+      return {"num_heads": heads}
+  return {}
+
+
+def _layer_order(prefix: str) -> list:
+  """Natural order: `block_2` before `block_10`."""
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", prefix)]
+
+
+def shrink_heads(params: Any, masks: Any, structure: Heads) -> tuple[Any, dict[str, int], int]:
+  """Removes pruned attention heads: q/k/v output columns (and biases), out-projection rows.
+
+  Args:
+    params: head-pruned params (pruned heads are zero).
+    masks: bool masks from a `Heads` pruner.
+    structure: the `Heads` structure they were pruned with.
+
+  Returns:
+    `(smaller params, {attention prefix: heads kept} for every attention layer, head size)`.
+
+  Raises:
+    ValueError: when no attention kernel was pruned, heads differ in size between layers, or a
+      removed head still contributes (neither its value columns nor its output rows are zero).
+  """
+  flat = {p: np.asarray(v) for p, v in flatten(params).items()}
+  flat_masks = flatten(masks)
+  names = structure.qkv + structure.out
+  pattern = re.compile(rf"(.*)/({'|'.join(map(re.escape, names))})/kernel")
+  layers: dict[str, dict[str, str]] = {}
+  for path in flat:
+    match = pattern.fullmatch(path)
+    if match is not None and flat[path].ndim == 2:
+      layers.setdefault(match.group(1), {})[match.group(2)] = path
+  layers = {k: v for k, v in layers.items() if set(v) & set(structure.qkv)}
+  pruned = [p for p, f in layers.items() if any(np.ndim(flat_masks.get(k, ())) for k in f.values())]
+  if not pruned:
+    raise ValueError(
+      "shrink found no head-pruned attention kernel (*/{query,key,value,out}/kernel with a "
+      "mask); prune with structure 'heads' and target e.g. '.*attention/.*/kernel' first."
+    )
+  kept: dict[str, int] = {}
+  sizes: set[int] = set()
+  for prefix in sorted(layers, key=_layer_order):
+    found = layers[prefix]
+    qkv_path = next(found[n] for n in structure.qkv if n in found)
+    width = flat[qkv_path].shape[1]
+    heads = structure.heads_of(qkv_path, width)
+    head_size = width // heads
+    sizes.add(head_size)
+    if prefix not in pruned:
+      kept[prefix] = heads
+      continue
+    keep = np.zeros(heads, bool)
+    for name, path in found.items():
+      mask = flat_masks.get(path, ())
+      if np.ndim(mask):
+        mask = np.asarray(mask, bool)
+        per_head = mask.T if name in structure.out else mask
+        keep |= per_head.reshape(-1, heads, head_size).any(axis=(0, 2))
+    _check_removed_heads(flat, prefix, found, structure, ~keep, head_size)
+    heads_kept = np.flatnonzero(keep)
+    if heads_kept.size == 0:
+      heads_kept = np.array([0])  # a layer needs one head; its contribution is zero anyway
+    columns = (heads_kept[:, None] * head_size + np.arange(head_size)).ravel()
+    for name, path in found.items():
+      axis = 0 if name in structure.out else 1
+      flat[path] = np.take(flat[path], columns, axis=axis)
+      bias = path.rsplit("/", 1)[0] + "/bias"
+      if axis == 1 and bias in flat and flat[bias].shape == (width,):
+        flat[bias] = flat[bias][columns]
+    kept[prefix] = int(heads_kept.size)
+  if len(sizes) != 1:
+    raise ValueError(
+      f"attention heads differ in size between layers ({sorted(sizes)} features); the shrunk "
+      "model takes one `head_dim`. Pass `Heads(head_size=...)` matching the model."
+    )
+  return map_with_path(lambda path, leaf: flat[path], params), kept, sizes.pop()
+
+
+def _check_removed_heads(flat, prefix, found, structure, removed, head_size) -> None:
+  """A head can go only if its output is zero: value columns and bias, or output rows."""
+  if not removed.any():
+    return
+  zero = np.zeros(removed.shape, bool)
+  for name, path in found.items():
+    w = flat[path]
+    if name in structure.out:
+      zero |= (w.reshape(-1, head_size, w.shape[1]) == 0).all(axis=(1, 2))
+    elif name == structure.qkv[-1]:
+      heads = (w.reshape(w.shape[0], -1, head_size) == 0).all(axis=(0, 2))
+      bias = flat.get(path.rsplit("/", 1)[0] + "/bias")
+      if bias is not None and bias.shape == (w.shape[1],):
+        heads &= (bias.reshape(-1, head_size) == 0).all(axis=1)
+      zero |= heads
+  live = np.flatnonzero(removed & ~zero)
+  if live.size:
+    raise ValueError(
+      f"heads {live.tolist()} of `{prefix}` have no kept weight in the selected "
+      f"projections but their {structure.qkv[-1]} columns and {'/'.join(structure.out)} rows are "
+      "not zero, so removing them would change the outputs. Include the value and output "
+      "kernels in `target` (e.g. '.*attention/.*/kernel')."
+    )
+
+
+def heads_config(kept: Mapping[str, int], head_size: int) -> dict[str, Any]:
+  """The model fields of a head-shrunk model: `head_dim` and per-layer `layer_heads`."""
+  return {"head_dim": int(head_size), "layer_heads": tuple(kept[p] for p in kept)}
+
+
+def _structure(model: Any, structure: Any) -> Structure:
+  if structure is None or structure == "channel":
+    return Channel(-1)
+  if structure == "heads":
+    sizes = model_heads(model)
+    if not sizes:
+      raise ValueError(
+        f"shrink with structure 'heads' needs the head count of model {model.name!r}, which "
+        "has no `num_heads` in its module or config; pass `Heads(num_heads=...)`."
+      )
+    return parse_structure("heads", **sizes)
+  return parse_structure(structure)
+
+
+def shrink(
   model: Any,
   params: Any,
   masks: Any,
   *,
+  structure: Structure | str | None = None,
   fields: Mapping[str, str] | None = None,
   links: Sequence[tuple[str, str | None]] | None = None,
-) -> tuple[Any, Any]:
-  """Smaller params and a `ZooModel` configured for them.
+) -> tuple[Any, dict[str, Any]]:
+  """Smaller params and the model fields that describe them.
 
   Args:
-    model: a `jaxshrink.models.ZooModel` whose module takes the widths as fields
-      (linen) or constructor keywords (nnx).
-    params: channel-pruned params.
+    model: the `ZooModel` the params belong to.
+    params: channel- or head-pruned params.
     masks: their bool masks.
-    fields: `{producer kernel path: module field of its width}`; zoo models have defaults.
-    links: producer/consumer pairs; default: consecutive entries of `fields`.
+    structure: `Channel(-1)` / `"channel"` (default) or `Heads(...)` / `"heads"` (sizes read
+      from the model's `num_heads` / `head_dim`).
+    fields: channels: `{producer kernel path: module field of its width}`; zoo models have
+      defaults.
+    links: channels: producer/consumer pairs; default: each producer feeds the next kernel.
 
   Returns:
-    `(shrunk ZooModel, shrunk params)`.
-  """
-  from jaxshrink.models.base import linen_functions, nnx_functions
+    `(shrunk params, {module field: new value})`, e.g. `{"hidden": 64}` or
+    `{"head_dim": 40, "layer_heads": (2, 2, 2, 2)}`.
 
-  fields = dict(fields or ZOO_FIELDS.get(model.name, {}))
+  Raises:
+    ValueError: for a structure other than output channels or heads, or a model without the
+      fields to describe the result.
+  """
+  from jaxshrink.models.configured import parse_model_source
+
+  structure = _structure(model, structure)
+  if isinstance(structure, Heads):
+    small, kept, head_size = shrink_heads(params, masks, structure)
+    return small, heads_config(kept, head_size)
+  if not isinstance(structure, Channel) or structure.axis != -1:
+    raise ValueError(
+      f"shrink needs structure 'channel' (whole output channels) or 'heads'; got "
+      f"{getattr(structure, 'name', structure)!r}. Prune with one of those, or do not shrink."
+    )
+  base = parse_model_source(model.name)[0]
+  fields = dict(fields or ZOO_FIELDS.get(base, {}))
   if not fields:
     raise ValueError(
       f"shrink needs `fields` for model {model.name!r}: which module field holds each pruned "
@@ -141,14 +311,25 @@ def shrink_model(
     kernels = [p for p in names if p.endswith("kernel")]
     links = [(p, kernels[kernels.index(p) + 1]) for p in order if p in pruned]
   small, widths = shrink_params(params, masks, links)
-  config = {fields[p]: w for p, w in widths.items() if p in fields}
-  if model.framework == "linen":
-    module = model.module.clone(**config)
-    init, apply = linen_functions(module, model.input_shape, model.input_dtype)
-  else:
-    module = functools.partial(model.module, **config)
-    init, apply = nnx_functions(module)
-  small_model = dataclasses.replace(
-    model, name=f"{model.name}-shrunk", init=init, apply=apply, module=module
-  )
-  return small_model, small
+  return small, {fields[p]: w for p, w in widths.items() if p in fields}
+
+
+def shrink_model(
+  model: Any,
+  params: Any,
+  masks: Any,
+  *,
+  structure: Structure | str | None = None,
+  fields: Mapping[str, str] | None = None,
+  links: Sequence[tuple[str, str | None]] | None = None,
+) -> tuple[Any, Any]:
+  """Smaller params and a `ZooModel` configured for them (see `shrink` for the arguments).
+
+  Returns:
+    `(shrunk ZooModel, shrunk params)`; the model's name is its source with the new sizes,
+    e.g. `"digits-cnn(channels2=16, hidden=64)"`, which `jaxshrink.models.load_model` accepts.
+  """
+  from jaxshrink.models.configured import configure_model
+
+  small, config = shrink(model, params, masks, structure=structure, fields=fields, links=links)
+  return configure_model(model, config), small

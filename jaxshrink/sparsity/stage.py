@@ -6,7 +6,13 @@ stages:
             steps: 600, schedule: {kind: polynomial, end: 360, frequency: 30}}
   - prune: {structure: "2:4", method: oneshot, exclude: "conv1/kernel"}
   - prune: {sparsity: 0.9, method: gradual, quantize_nonzeros: 8}
+  - prune: {target: ".*attention/.*/kernel", structure: heads, sparsity: 0.5, method: oneshot,
+            shrink: true}          # tiny-lm: 2 of 4 heads per block removed
 ```
+
+With `shrink: true` the pipeline's model becomes the smaller one and its `model_source`
+records the new sizes (`"tiny-lm(head_dim=40, layer_heads=(2, 2, 2, 2))"`), so the saved
+checkpoint names a model `jaxshrink eval` rebuilds.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from jaxshrink.sparsity.encodings import encode_sparse
 from jaxshrink.sparsity.finetune import finetune, finetune_optimizer
 from jaxshrink.sparsity.oneshot import oneshot_prune, sparsegpt, wanda
 from jaxshrink.sparsity.schedules import schedule_from_options
-from jaxshrink.sparsity.shrink import shrink_model
-from jaxshrink.sparsity.structures import NM, Channel, parse_structure
+from jaxshrink.sparsity.shrink import model_heads, shrink
+from jaxshrink.sparsity.structures import NM, Channel, Heads, parse_structure
 from jaxshrink.sparsity.wrapper import masks_of, pruning
 from jaxshrink.tree import flatten
 
@@ -49,7 +55,8 @@ PRUNE_OPTIONS: dict[str, Any] = {
   "schedule": {},
   "drop_fraction": 0.3,
   "calibration_batches": 4,
-  "num_heads": 4,
+  "num_heads": None,
+  "head_size": None,
   "shrink": False,
   "encode": True,
   "quantize_nonzeros": None,
@@ -68,6 +75,33 @@ def _saliency_grads(model: Any, params: Any, dataset: Any) -> Any:
   return jax.grad(lambda p: cross_entropy_loss(model.apply(p, x), y))(params)
 
 
+def _structure(options: dict[str, Any], model: Any):
+  heads = {k: options[k] for k in ("num_heads", "head_size") if options[k] is not None}
+  if options["structure"] == "heads" and not heads:
+    heads = model_heads(model)  # e.g. tiny-lm's num_heads=4, BERT config's num_heads=12
+  return parse_structure(options["structure"], **heads)
+
+
+def _check_shrinkable(structure: Any, options: dict[str, Any]) -> None:
+  # Checked before pruning, so a bad recipe fails before any fine-tuning runs.
+  if not isinstance(structure, Heads) and (
+    not isinstance(structure, Channel) or structure.axis != -1
+  ):
+    raise ValueError(
+      f"`shrink: true` needs structure 'channel' (whole output channels) or 'heads'; got "
+      f"{options['structure']!r}. Set one of those, or shrink: false."
+    )
+
+
+def _shrunk(pipeline: Pipeline, model: Any, params: Any, masks: Any, structure: Any):
+  """The smaller model and params, with the model source recording the new sizes."""
+  from jaxshrink.models.configured import configure_model, model_source
+
+  params, config = shrink(model, params, masks, structure=structure)
+  source = model_source(pipeline.model_source or model.name, config)
+  return configure_model(model, config), params, source
+
+
 def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   """Runs one pruning method on the pipeline's tree (and model, when shrinking)."""
   method = options["method"]
@@ -78,7 +112,9 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       "prune needs float params but the tree already holds encodings; put `prune` before "
       "quantize/cast stages (use `quantize_nonzeros` for prune + int8)."
     )
-  structure = parse_structure(options["structure"], num_heads=options["num_heads"])
+  structure = _structure(options, pipeline.model)
+  if options["shrink"]:
+    _check_shrinkable(structure, options)
   pruner = Pruner(
     rule_from_options(options),
     sparsity=options["sparsity"],
@@ -113,13 +149,9 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     batches = _calibration(dataset, options["calibration_batches"])
     fn = wanda if method == "wanda" else sparsegpt
     params, masks = fn(model.apply, params, batches, pruner)
+  source = pipeline.model_source
   if options["shrink"]:
-    if not isinstance(structure, Channel) or structure.axis != -1:
-      raise ValueError(
-        f"`shrink: true` needs structure 'channel' (whole output channels); got "
-        f"{options['structure']!r}. Set structure: channel or shrink: false."
-      )
-    model, params = shrink_model(model, params, masks)
+    model, params, source = _shrunk(pipeline, model, params, masks, structure)
   elif options["encode"]:
     params = encode_sparse(
       params,
@@ -131,7 +163,7 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   params = jax.tree.map(
     lambda a: a if is_encoding(a) else jnp.asarray(a), params, is_leaf=is_encoding
   )
-  return dataclasses.replace(pipeline, model=model, tree=params, key=key)
+  return dataclasses.replace(pipeline, model=model, tree=params, key=key, model_source=source)
 
 
 register_stage(
@@ -139,6 +171,7 @@ register_stage(
   options=PRUNE_OPTIONS,
   doc=(
     "Prune selected kernels (gradual, oneshot, rigl, set, wanda, sparsegpt; unstructured, N:M, "
-    "block, channel, heads) and store them as bitmask / N:M encodings or shrink channels."
+    "block, channel, heads) and store them as bitmask / N:M encodings, or shrink channels and "
+    "heads into a smaller model."
   ),
 )(prune_stage)

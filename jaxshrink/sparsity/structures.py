@@ -6,8 +6,9 @@
 - `Block(rows, cols)`: `rows x cols` tiles of the last two axes.
 - `Channel(axis)`: whole output channels / conv filters (`axis=-1`, the
   matching bias entries follow) or input channels (`axis=-2`).
-- `Heads(num_heads)`: whole attention heads: query/key/value columns (and
-  biases) and the output projection's rows of one head are pruned together.
+- `Heads(num_heads)` / `Heads(head_size=...)`: whole attention heads: the
+  query/key/value columns (and biases) and the output projection's rows of
+  one head are pruned together.
 
 A structure splits the selected leaves into *units* (a leaf, or the leaves of
 one attention layer) whose weights fall into *groups* that are kept or pruned
@@ -226,42 +227,103 @@ class Channel(Structure):
 
 @dataclasses.dataclass(frozen=True)
 class Heads(Structure):
-  """Whole attention heads of layers whose q/k/v/out projections the rule selects."""
+  """Whole attention heads of layers whose q/k/v/out projections the rule selects.
 
-  num_heads: int = 4
+  The head count of a layer is `num_heads`, or its q/k/v width over `head_size` when that is
+  given (a model whose layers kept different numbers of heads). The projections are the
+  `*/{query,key,value}/kernel` columns and the `*/{out,output}/kernel` rows of each head
+  (tiny-lm and BERT naming); the q/k/v biases follow.
+  """
+
+  num_heads: int | None = None
+  head_size: int | None = None
   qkv: tuple[str, ...] = ("query", "key", "value")
-  out: str = "out"
+  out: tuple[str, ...] = ("out", "output")
   name = "heads"
 
-  def units(self, shapes, all_shapes):
-    pattern = re.compile(rf"(.*)/({'|'.join(map(re.escape, self.qkv + (self.out,)))})/kernel")
-    modules: dict[str, list[str]] = {}
-    for path, shape in shapes.items():
-      match = pattern.fullmatch(path)
-      if match is None or len(shape) != 2:
+  def __post_init__(self):
+    given = [f for f in ("num_heads", "head_size") if getattr(self, f) is not None]
+    if len(given) != 1:
+      raise ValueError(
+        "structure 'heads' needs exactly one of `num_heads` (heads per layer) or `head_size` "
+        f"(features per head); got num_heads={self.num_heads}, head_size={self.head_size}. Set "
+        "the `num_heads` option, or prune a model whose config has `num_heads`."
+      )
+    value = getattr(self, given[0])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"Heads `{given[0]}` must be a positive int; got {value!r}.")
+    for f in ("qkv", "out"):
+      if isinstance(getattr(self, f), str):
+        object.__setattr__(self, f, (getattr(self, f),))
+
+  def heads_of(self, path: str, width: int) -> int:
+    """Heads in a projection with `width` head features; raises if they do not divide."""
+    if self.head_size is not None:
+      if width % self.head_size:
         raise ValueError(
-          f"head pruning needs 2-D attention kernels named */{{{','.join(self.qkv)},"
-          f"{self.out}}}/kernel; `{path}` with shape {shape} is not one. Set `target` to "
-          "e.g. '.*attention/.*/kernel'."
+          f"`{path}` has {width} head features, not a multiple of head_size={self.head_size}; "
+          "set `head_size` to the model's features per head."
         )
-      modules.setdefault(match.group(1), []).append(path)
+      return width // self.head_size
+    if width % self.num_heads:
+      raise ValueError(
+        f"`{path}` has {width} features, not divisible by num_heads={self.num_heads}; set "
+        "`num_heads` to the model's head count."
+      )
+    return self.num_heads
+
+  def modules(self, paths: Any) -> dict[str, dict[str, str]]:
+    """`{attention prefix: {projection name: kernel path}}` for the attention kernels in `paths`.
+
+    Raises:
+      ValueError: for a path that is not an attention kernel, or a module with no q/k/v.
+    """
+    names = self.qkv + self.out
+    pattern = re.compile(rf"(.*)/({'|'.join(map(re.escape, names))})/kernel")
+    modules: dict[str, dict[str, str]] = {}
+    for path in paths:
+      match = pattern.fullmatch(path)
+      if match is None:
+        raise ValueError(
+          f"head pruning needs attention kernels named */{{{','.join(names)}}}/kernel; `{path}` "
+          "is not one. Set `target` to e.g. '.*attention/.*/kernel'."
+        )
+      modules.setdefault(match.group(1), {})[match.group(2)] = path
+    for prefix, found in modules.items():
+      if not set(found) & set(self.qkv):
+        raise ValueError(
+          f"`{next(iter(found.values()))}` was selected for head pruning but `{prefix}` has no "
+          f"selected {'/'.join(self.qkv)} kernel, so it is not an attention layer's output. Set "
+          "`target` to the attention kernels only, e.g. '.*attention/.*/kernel'."
+        )
+    return modules
+
+  def units(self, shapes, all_shapes):
+    for path, shape in shapes.items():
+      if len(shape) != 2:
+        raise ValueError(
+          f"head pruning needs 2-D attention kernels; `{path}` has shape {shape}. Set `target` "
+          "to e.g. '.*attention/.*/kernel'."
+        )
     units = []
-    for prefix, paths in modules.items():
-      members, followers = [], []
-      for path in paths:
-        is_out = path == f"{prefix}/{self.out}/kernel"
-        axis = 0 if is_out else 1
+    for prefix, found in self.modules(shapes).items():
+      members, followers, counts = [], [], set()
+      for proj, path in found.items():
+        axis = 0 if proj in self.out else 1
         width = shapes[path][axis]
-        if width % self.num_heads:
-          raise ValueError(
-            f"`{path}` has {width} features, not divisible by num_heads={self.num_heads}; set "
-            "`num_heads` to the model's head count."
-          )
+        counts.add(self.heads_of(path, width))
         members.append((path, axis))
-        if not is_out:
+        if axis == 1:
           followers += _sibling_bias(path, width, all_shapes)
-      size = sum(_size(shapes[p]) for p, _ in members) // self.num_heads
-      units.append(Unit(prefix, tuple(members), tuple(followers), self.num_heads, size))
+      if len(counts) != 1:
+        raise ValueError(
+          f"the projections of `{prefix}` disagree on the head count ({sorted(counts)}): "
+          f"{ {p: shapes[p] for p in found.values()} }. Pass `head_size` for a layer whose "
+          "heads were shrunk."
+        )
+      heads = counts.pop()
+      size = sum(_size(shapes[p]) for p, _ in members) // heads
+      units.append(Unit(prefix, tuple(members), tuple(followers), heads, size))
     return units
 
   def group_scores(self, unit, scores):
@@ -271,8 +333,13 @@ class Heads(Structure):
     return {p: _expand_axis(keep, shapes[p], a) for p, a in unit.members + unit.followers}
 
 
-def parse_structure(spec: Any, *, num_heads: int | None = None, block=(4, 4)) -> Structure:
-  """A `Structure` from a recipe string: `unstructured`, `"2:4"`, `block`, `channel`, `heads`."""
+def parse_structure(
+  spec: Any, *, num_heads: int | None = None, head_size: int | None = None, block=(4, 4)
+) -> Structure:
+  """A `Structure` from a recipe string: `unstructured`, `"2:4"`, `block`, `channel`, `heads`.
+
+  `heads` uses `head_size` when given, else `num_heads`, else 4 heads.
+  """
   if isinstance(spec, Structure):
     return spec
   if not isinstance(spec, str):
@@ -286,6 +353,8 @@ def parse_structure(spec: Any, *, num_heads: int | None = None, block=(4, 4)) ->
   if spec == "block":
     return Block(*block)
   if spec == "heads":
+    if head_size is not None:
+      return Heads(head_size=head_size)
     return Heads(num_heads or 4)
   match = re.fullmatch(r"(\d+):(\d+)", spec)
   if match:
