@@ -3,10 +3,13 @@
 `quantized_apply(apply_fn)` returns `apply(ctree, *args)` that runs the user's unmodified
 `apply_fn` (linen, nnx or pure) on a compressed tree. Every `QArray` is materialized inside
 `jit` (weight-only int8/int4: the packed codes are unpacked in the fused consumer), and every
-matmul or conv whose kernel is a `QArray` with `act_bits` set runs as int8 x int8 -> int32
-(`preferred_element_type=jnp.int32`), then rescales: W8A8 with dynamic per-token activation
-scales, or the static scale found by calibration. No per-layer injection is needed: the op is
-substituted by kernel path in a replay of the traced function (`capture.replay_with`).
+matmul or conv whose kernel is an integer `QArray` with `act_bits` set runs as int8 x int8 ->
+int32 (`preferred_element_type=jnp.int32`), then rescales: W8A8 (or W4A8) with dynamic
+per-token activation scales, or the static scale found by calibration. Per-group weights give
+one int32 partial sum per group, each rescaled by its scale; asymmetric weights subtract the
+zero point times the activation codes' (group) sum, in int32. No per-layer injection is
+needed: the op is substituted by kernel path in a replay of the traced function
+(`capture.replay_with`).
 
 >>> logits = jax.jit(quantized_apply(model.apply))(ctree, x)
 """
@@ -27,8 +30,8 @@ from jaxshrink.quant.qarray import QArray, from_matrix
 
 
 def _integer_ok(q: QArray) -> bool:
-  """Codes usable directly by an int8 dot: symmetric int, one scale per column (or tensor)."""
-  return q.format == "int" and q.symmetric and q.group_size is None
+  """Codes usable by an int8 dot: any integer QArray (grouped and asymmetric included)."""
+  return q.format == "int" and q.act_bits is not None
 
 
 def _act_codes(x, q: QArray, axes):
@@ -40,6 +43,41 @@ def _act_codes(x, q: QArray, axes):
   return jnp.clip(jnp.round(x / sx), -qmax, qmax), sx
 
 
+def _grouped(values: jax.Array, k: int, group: int) -> jax.Array:
+  """`(..., K)` -> `(..., G, g)`, zero-padding K up to whole groups (zeros add nothing)."""
+  g = -(-k // group)
+  pad = [(0, 0)] * (values.ndim - 1) + [(0, g * group - k)]
+  return jnp.pad(values, pad).reshape(*values.shape[:-1], g, group)
+
+
+def integer_matmul(xq: jax.Array, q: QArray) -> jax.Array:
+  """`xq (rows, K) int8 codes @ dequant(q)` as int8 x int8 -> int32 dots, float32 out.
+
+  Per-group weights: the contraction is reshaped into `G` groups and one batched int8 dot
+  yields `G` int32 partial sums per output, each rescaled by its group's scale. Asymmetric
+  weights (`w = (c - zp) * s`): the zero point comes out of the integer sum as
+  `xq · c - (Σ_group xq) * zp`, so codes stay int8 and the correction is exact in int32.
+  The activation scale is applied by the caller.
+  """
+  codes = q.unpacked_codes().astype(jnp.int8)  # (K, N)
+  rows, k = xq.shape
+  if q.group_size is None:  # per-channel / per-tensor: one group
+    acc = lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = acc[None]  # (1, rows, N)
+    sums = None if q.zero_point is None else jnp.sum(xq, axis=1, dtype=jnp.int32)[None, :, None]
+  else:
+    xg = jnp.swapaxes(_grouped(xq, k, q.group_size), 0, 1)  # (G, rows, g)
+    cg = jnp.swapaxes(_grouped(codes.T, k, q.group_size), 0, 1)  # (G, N, g)
+    acc = lax.dot_general(
+      xg, cg, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32
+    )  # (G, rows, N)
+    sums = None if q.zero_point is None else jnp.sum(xg, axis=2, dtype=jnp.int32)[..., None]
+  if sums is not None:
+    acc = acc - sums * q.zero_point.astype(jnp.int32)[:, None, :]
+  scale = q.scale.astype(jnp.float32)[:, None, :]  # (G, 1, N)
+  return jnp.sum(acc.astype(jnp.float32) * scale, axis=0)
+
+
 def qarray_matmul(x2d: jax.Array, q: QArray) -> jax.Array:
   """`x2d (rows, K) @ logical(q) (K, N)`, on the integer path when `q.act_bits` is set."""
   x = x2d.astype(jnp.float32)
@@ -48,15 +86,9 @@ def qarray_matmul(x2d: jax.Array, q: QArray) -> jax.Array:
   if q.act_bits is None:
     return x @ q.dequantized_matrix(with_input_scale=False)
   xq, sx = _act_codes(x, q, (1,))
-  if not _integer_ok(q):  # grouped / asymmetric / fp8 weights: same numerics in float
+  if not _integer_ok(q):  # fp8 weights: the same numerics in float
     return (xq * sx) @ q.dequantized_matrix(with_input_scale=False)
-  acc = lax.dot_general(
-    xq.astype(jnp.int8),
-    q.unpacked_codes().astype(jnp.int8),
-    (((1,), (0,)), ((), ())),
-    preferred_element_type=jnp.int32,
-  )
-  return acc.astype(jnp.float32) * sx * q.scale.astype(jnp.float32)
+  return integer_matmul(xq.astype(jnp.int8), q) * sx
 
 
 def _dot(params, invals, in_src, qs):
@@ -79,6 +111,27 @@ def _dot(params, invals, in_src, qs):
   return out.astype(params.get("preferred_element_type") or x.dtype)
 
 
+def _conv_kernel_codes(q: QArray, out_axis: int) -> tuple[jax.Array, int]:
+  """int8 conv kernel whose output features are `G*N` per-group codes (+ `G` group masks).
+
+  Output feature `(g, n)` holds `q`'s codes restricted to group `g`'s rows, so one int8 conv
+  yields every group's int32 partial sum; for asymmetric weights `G` more all-ones features
+  give each group's window sum of activation codes, for the zero-point correction.
+  """
+  codes = q.unpacked_codes()  # int32 (K, N)
+  group = q.group_size or q.k
+  g = -(-q.k // group)
+  columns = codes
+  if g > 1 or q.zero_point is not None:
+    member = (jnp.arange(q.k)[:, None] // group == jnp.arange(g)[None, :]).astype(jnp.int32)
+    columns = (codes[:, None, :] * member[:, :, None]).reshape(q.k, g * q.n)
+    if q.zero_point is not None:
+      columns = jnp.concatenate([columns, member], axis=1)
+  shape = list(q.shape)
+  shape[out_axis] = columns.shape[1]
+  return from_matrix(columns.astype(jnp.int8), tuple(shape), q.contract_dims), g
+
+
 def _conv(params, invals, in_src, qs):
   if in_src[1] not in qs:
     return None
@@ -97,16 +150,20 @@ def _conv(params, invals, in_src, qs):
     return None
   axes = tuple(d for d in range(x.ndim) if d != lhs_spec[0])
   xq, sx = _act_codes(x.astype(jnp.float32), q, axes)
-  wq = from_matrix(q.unpacked_codes().astype(jnp.int8), q.shape, q.contract_dims)
+  wq, g = _conv_kernel_codes(q, rhs_spec[0])
   kw = {k: v for k, v in params.items() if k not in ("preferred_element_type", "precision")}
   acc = lax.conv_general_dilated_p.bind(
     xq.astype(jnp.int8), wq, **kw, precision=None, preferred_element_type=np.dtype("int32")
   )
-  shape = [1] * acc.ndim
-  shape[out_spec[1]] = q.n
-  batch = [1] * acc.ndim
+  acc = jnp.moveaxis(acc, out_spec[1], -1)
+  main = acc[..., : g * q.n].reshape(*acc.shape[:-1], g, q.n)
+  if q.zero_point is not None:
+    main = main - acc[..., g * q.n :, None] * q.zero_point.astype(jnp.int32)
+  y = jnp.sum(main.astype(jnp.float32) * q.scale.astype(jnp.float32), axis=-2)
+  y = jnp.moveaxis(y, -1, out_spec[1])
+  batch = [1] * y.ndim
   batch[out_spec[0]] = sx.shape[lhs_spec[0]]
-  out = acc.astype(jnp.float32) * q.scale.astype(jnp.float32).reshape(shape) * sx.reshape(batch)
+  out = y * sx.reshape(batch)
   return out.astype(params.get("preferred_element_type") or x.dtype)
 
 
