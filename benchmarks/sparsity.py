@@ -1,8 +1,17 @@
 """Sparsity suite: accuracy vs sparsity, 2:4, tiny-lm one-shot pruning, wrapper overhead,
-shrink speed and bytes on disk."""
+shrink speed (channels on digits-cnn, heads on tiny-lm) and bytes on disk.
+
+The parts take from seconds (bytes) to most of an hour (accuracy: 17 fine-tuning runs). To
+rerun some of them, name them in `JAXSHRINK_SPARSITY_PARTS` (comma-separated, from `PARTS`);
+the stored rows of the other parts are kept:
+
+    JAXSHRINK_SPARSITY_PARTS=heads,shrink jaxshrink bench --suite sparsity
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -13,13 +22,14 @@ import optax
 
 import jaxshrink.sparsity.stage  # noqa: F401
 from jaxshrink import data, models
-from jaxshrink.bench import Record, best_time
+from jaxshrink.bench import RESULTS, Record, best_time
 from jaxshrink.export import disk_bytes, save
 from jaxshrink.models import cross_entropy_loss
 from jaxshrink.recipes import Pipeline, evaluate_tree
 from jaxshrink.report import tree_report
 from jaxshrink.sparsity import (
   NM,
+  Heads,
   Pruner,
   encode_sparse,
   oneshot_prune,
@@ -38,8 +48,10 @@ DESCRIPTION = (
   "polynomial, gradual global magnitude and RigL (400 fine-tuning steps); 2:4; tiny-lm "
   "perplexity at 50% and 2:4 for magnitude, Wanda, SparseGPT (all block kernels); wrapper "
   "step-time overhead and shrink inference-time ratio, interleaved best-of; bytes on disk "
-  "(every checkpoint file) for 90%, 2:4 and 2:4 + int4."
+  "(every checkpoint file) for 90%, 2:4 and 2:4 + int4; tiny-lm with 2 of 4 heads per block "
+  "pruned and shrunk: inference time and perplexity against the masked model."
 )
+PARTS = ("overhead", "shrink", "heads", "bytes", "accuracy", "tiny-lm")
 SPARSITIES = (0.5, 0.75, 0.9, 0.95)
 STEPS = 400
 CNN_RULE = {"target": ".*kernel", "exclude": "conv1/kernel"}
@@ -198,11 +210,109 @@ def _tiny_lm_rows():
   return rows
 
 
+def _heads_row():
+  model = models.get_model("tiny-lm")
+  params = models.pretrained(model, progress=False)
+  ds = data.get_dataset(model.data)
+  start = time.perf_counter()
+  masked, masks = oneshot_prune(params, Pruner(r".*attention/.*/kernel", 0.5, structure=Heads(4)))
+  small_model, small = shrink_model(model, masked, masks, structure="heads")
+  seconds = time.perf_counter() - start
+  x = ds.x_test[:32]
+  big_fn, small_fn = jax.jit(model.apply), jax.jit(small_model.apply)
+  big_fn(masked, x), small_fn(small, x)
+  t_big = t_small = float("inf")
+  for _ in range(3):
+    t_big = min(t_big, best_time(lambda: big_fn(masked, x)))
+    t_small = min(t_small, best_time(lambda: small_fn(small, x)))
+  diff = float(np.abs(np.asarray(big_fn(masked, x)) - np.asarray(small_fn(small, x))).max())
+  return Record(SUITE, "tiny-lm", "heads 50% (2 of 4 per block) + shrink", "inference_time_ratio",
+                t_small / t_big, 1.0, tree_report(small).total_bytes,
+                tree_report(params).float32_bytes, seconds,
+                {"perplexity": models.evaluate(small_model, small, ds),
+                 "perplexity_masked": models.evaluate(model, masked, ds),
+                 "float_perplexity": models.evaluate(model, params, ds),
+                 "max_abs_diff_vs_masked": diff, "shrunk_model": small_model.name})  # fmt: skip
+
+
+def part_of(record: dict) -> str:
+  """Which part of the suite produced a stored row."""
+  if record["metric"] == "step_time_ratio":
+    return "overhead"
+  if record["metric"] == "inference_time_ratio":
+    return "heads" if record["model"] == "tiny-lm" else "shrink"
+  return {"disk_bytes": "bytes", "accuracy": "accuracy", "perplexity": "tiny-lm"}[record["metric"]]
+
+
+def _parts() -> tuple[str, ...]:
+  chosen = tuple(p for p in os.environ.get("JAXSHRINK_SPARSITY_PARTS", "").split(",") if p)
+  unknown = sorted(set(chosen) - set(PARTS))
+  if unknown:
+    raise ValueError(
+      f"JAXSHRINK_SPARSITY_PARTS names unknown parts {unknown}; choose from {list(PARTS)}."
+    )
+  return chosen or PARTS
+
+
 def run() -> list[Record]:
+  parts = _parts()
+  stored = Path(__file__).parent / RESULTS / f"{SUITE}.json"
+  kept = []
+  if parts != PARTS and stored.is_file():
+    kept = [r for r in json.loads(stored.read_text())["records"] if part_of(r) not in parts]
   pipeline = _pipeline("digits-cnn")
-  base = evaluate_tree(pipeline.model, pipeline.tree, pipeline.dataset)
-  records = [_overhead_row(pipeline), _shrink_row(pipeline)]
-  records += _bytes_rows(pipeline)
-  records += _accuracy_rows(pipeline, base)
-  records += _tiny_lm_rows()  # last: the tiny-lm weights train on first use
-  return records
+  runs = {
+    "overhead": lambda: [_overhead_row(pipeline)],
+    "shrink": lambda: [_shrink_row(pipeline)],
+    "heads": lambda: [_heads_row()],
+    "bytes": lambda: _bytes_rows(pipeline),
+    "accuracy": lambda: _accuracy_rows(
+      pipeline, evaluate_tree(pipeline.model, pipeline.tree, pipeline.dataset)
+    ),
+    "tiny-lm": _tiny_lm_rows,
+  }
+  fresh = {part: runs[part]() for part in PARTS if part in parts}
+  old = {part: [Record(**r) for r in kept if part_of(r) == part] for part in PARTS}
+  return [record for part in PARTS for record in fresh.get(part, old[part])]
+
+
+def _row(records: list[Record], method: str) -> Record | None:
+  return next((r for r in records if r.method == method), None)
+
+
+def summarize(records: list[Record]) -> str:
+  """The issue's targets, met or missed, with the measured numbers."""
+  lines = []
+
+  def check(label, ok, detail):
+    lines.append(f"- {'met' if ok else 'MISSED'}: {label} ({detail})")
+
+  gradual = _row(records, "gradual polynomial 90%")
+  if gradual:
+    loss = 100 * (gradual.reference_value - gradual.value)
+    check("gradual 90% loses <= 1.0 point", loss <= 1.0, f"{loss:.2f} points")
+  for method, goal in (("90% bitmask", 6.0), ("90% bitmask + int8", 15.0)):
+    r = _row(records, method)
+    if r:
+      ratio = r.float32_bytes / r.size_bytes
+      check(f"{method} checkpoint >= {goal:g}x smaller on disk", ratio >= goal, f"{ratio:.2f}x")
+  two_four = _row(records, "2:4 + 150 fine-tune steps")
+  if two_four:
+    loss = 100 * (two_four.reference_value - two_four.value)
+    check("2:4 loses <= 0.5 points", loss <= 0.5, f"{loss:.2f} points")
+  for label in ("50%", "2:4"):
+    ppl = {m: _row(records, f"{m} {label}") for m in ("magnitude", "wanda", "sparsegpt")}
+    if all(ppl.values()):
+      values = {m: r.value for m, r in ppl.items()}
+      ok = values["wanda"] < values["magnitude"] and values["sparsegpt"] < values["magnitude"]
+      detail = ", ".join(f"{m} {v:.3f}" for m, v in values.items())
+      check(f"tiny-lm {label}: Wanda and SparseGPT beat magnitude", ok, detail)
+  overhead = next((r for r in records if r.metric == "step_time_ratio"), None)
+  if overhead:
+    check("wrapper step <= 1.15x plain", overhead.value <= 1.15, f"{overhead.value:.2f}x")
+  for r in records:
+    if r.metric == "inference_time_ratio":
+      diff = r.extra.get("max_abs_diff_vs_masked", float("nan"))
+      check(f"{r.model} {r.method} runs faster than the masked model", r.value < 1.0,
+            f"{r.value:.2f}x time, max |diff| {diff:.1e}")  # fmt: skip
+  return "\n".join(lines)
