@@ -232,6 +232,41 @@ def test_head_count_from_a_bert_config():
   assert model_heads(Fake()) == {"num_heads": 12}
 
 
+def test_bert_encoder_head_shrink():
+  """Runs once `BertConfig` takes `head_dim` and per-layer `layer_heads` (the fields a
+  head-shrunk model is configured with); until then head pruning works but not the rebuild."""
+  import dataclasses
+  import functools
+
+  bert = pytest.importorskip("jaxshrink.models.bert")
+  fields = {f.name for f in dataclasses.fields(bert.BertConfig)}
+  if not {"head_dim", "layer_heads"} <= fields:
+    pytest.skip("BertConfig has no `head_dim` / `layer_heads` fields to rebuild a shrunk encoder")
+  from jaxshrink.models.base import zoo_model
+
+  config = bert.BertConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32,
+                           vocab_size=128, max_positions=8)  # fmt: skip
+  model = zoo_model("bert-tiny", functools.partial(bert.BertEncoder, config), (8,), "int32",
+                    "test encoder", data="digits", metric="cosine", train_steps=1,
+                    learning_rate=1e-3, batch_size=1)  # fmt: skip
+  params = model.init(jax.random.key(0))
+  assert model_heads(model) == {"num_heads": 4}
+  masked, masks = oneshot_prune(params, Pruner(ATTENTION, 0.5, structure=Heads(4)))
+  small_model, small = shrink_model(model, masked, masks, structure="heads")
+  assert small_model.name == "bert-tiny(head_dim=4, layer_heads=(2, 2))"
+  query = small["encoder"]["layer_1"]["attention"]["query"]["kernel"]
+  assert query.shape == (16, 8)
+  assert small["encoder"]["layer_1"]["attention"]["output"]["kernel"].shape == (8, 16)
+  assert small["encoder"]["layer_1"]["output"]["kernel"].shape == (32, 16)
+  tokens = np.array([[101, 5, 7, 9, 102, 0, 0, 0], [101, 3, 4, 102, 0, 0, 0, 0]], np.int32)
+  np.testing.assert_allclose(
+    np.asarray(small_model.apply(small, tokens)),
+    np.asarray(model.apply(masked, tokens)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+
 def test_bad_head_input_names_the_leaf_and_the_fix(lm, head_pruned):
   model, params, _ = lm
   with pytest.raises(ValueError, match="exactly one of `num_heads`.*or `head_size`"):
