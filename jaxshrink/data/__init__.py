@@ -1,4 +1,5 @@
-"""Offline datasets: scikit-learn digits and a byte-level corpus of stdlib docstrings."""
+"""Offline datasets: scikit-learn digits, a byte-level corpus of stdlib docstrings, and the
+minilm-sentences embedding set."""
 
 from jaxshrink.data.augment import random_translate as random_translate
 from jaxshrink.data.cache import atomic_write_bytes as atomic_write_bytes

@@ -1,4 +1,4 @@
-"""The `minilm-sentences` evaluation set: 80 paraphrase pairs on everyday and technical topics.
+"""The `minilm-sentences` sentences: 80 paraphrase pairs, 40 distractors, 40 training sentences.
 
 Written for jaxshrink (no third-party text). Each pair says the same thing in different words, so
 in the float model the nearest neighbour of most sentences is its partner: top-1 neighbour
@@ -317,4 +317,49 @@ TRAINING_SENTENCES: tuple[str, ...] = (
   "Most of the island is covered by tropical forest.",
   "The programmer rewrote the slow loop in vectorized form.",
   "They hiked along the coast for two days.",
+)
+
+# Same topic as a pair, different meaning: near misses that make the nearest-neighbour check
+# depend on fine distinctions instead of topic alone.
+DISTRACTORS: tuple[str, ...] = (
+  "The dog slept on the cold kitchen floor all night.",
+  "The train to Berlin left exactly on time.",
+  "She pulled the weeds out of her vegetable garden.",
+  "The stock market rose steadily for the whole month.",
+  "He lent his umbrella to a stranger at the bus stop.",
+  "The museum is closed on Mondays for cleaning.",
+  "Too much exercise without rest can cause injuries.",
+  "The children collected shells along the beach.",
+  "Our flight landed early thanks to a strong tailwind.",
+  "The recipe works just as well without eggs.",
+  "A pruned network can be fine-tuned to recover accuracy.",
+  "The laptop screen cracked when it fell off the desk.",
+  "The river dried up during the long summer drought.",
+  "He missed a penalty in the final minute.",
+  "The doctor told him to cut down on sugar.",
+  "The company laid off fifty workers this year.",
+  "The price of tea has stayed the same for years.",
+  "The bridge reopened after the repairs were finished.",
+  "The old phone still takes decent pictures.",
+  "The meeting on Monday was cancelled altogether.",
+  "The software update introduced a new login bug.",
+  "The hikers turned back before reaching the summit.",
+  "Electric cars still cost more than petrol cars in many countries.",
+  "The printer on the second floor jams every morning.",
+  "The soup was far too salty to eat.",
+  "The restaurant was almost empty on Tuesday night.",
+  "Interpreters translate speech from one language to another.",
+  "The painting was stolen from the museum last year.",
+  "It rained heavily yesterday afternoon.",
+  "The cat hissed at the mail carrier.",
+  "The bank lowered interest rates by a quarter point.",
+  "He sold his old bicycle to a neighbour.",
+  "The baby woke up crying just after midnight.",
+  "The glacier is growing again after a few cold winters.",
+  "They gave their old dog to the animal shelter.",
+  "Wind turbines supply most of the town's electricity.",
+  "The passport office is closed during the holidays.",
+  "The hotel room was small and had no windows.",
+  "Neural networks can forget old tasks when trained on new ones.",
+  "The lift was repaired, so you can skip the stairs.",
 )

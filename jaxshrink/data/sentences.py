@@ -1,14 +1,15 @@
 """The `minilm-sentences` dataset: token ids in, the float MiniLM's embeddings as targets.
 
 Test split: the 160 sentences of `EVALUATION_PAIRS` (80 paraphrase pairs, pair partners
-adjacent). Training/calibration split: `TRAINING_SENTENCES` plus sentences cut from Python
-standard-library docstrings (the `stdlib-text` corpus), shuffled with a fixed seed; every split
+adjacent) and 40 `DISTRACTORS` (same topic as a pair, different meaning).
+Training/calibration split: `TRAINING_SENTENCES` plus sentences cut from Python standard-library
+docstrings (the `stdlib-text` corpus), shuffled with a fixed seed; every split
 is built offline and deterministically.
 
 `x_*` are (N, L) int32 token ids padded with [PAD]=0 (L: the longest sentence of the split); `y_*`
 are (N, 384) float32 unit-norm embeddings of the pretrained float model, so the model metric
 "cosine" is the mean cosine similarity between a (compressed) model's embeddings and the float
-model's. Computing the targets runs the encoder over ~670 sentences, so the arrays are cached in
+model's. Computing the targets runs the encoder over ~710 sentences, so the arrays are cached in
 `cache_dir()/data/`, keyed by the weights package version and the Python version (whose
 docstrings make up the corpus).
 """
@@ -26,10 +27,10 @@ import numpy as np
 
 from jaxshrink.data.cache import atomic_write_bytes, cache_dir
 from jaxshrink.data.dataset import EMBEDDING, Dataset, freeze_arrays
-from jaxshrink.data.sentence_pairs import EVALUATION_PAIRS, TRAINING_SENTENCES
+from jaxshrink.data.sentence_pairs import DISTRACTORS, EVALUATION_PAIRS, TRAINING_SENTENCES
 from jaxshrink.errors import JaxshrinkError
 
-SENTENCES_VERSION = "v1"
+SENTENCES_VERSION = "v2"
 SENTENCES_SEED = 0
 # Training sentences longer than this many tokens are skipped (not truncated): short sequences
 # keep target computation and calibration cheap on CPU.
@@ -42,8 +43,12 @@ _CODE_MARKS = ("::", "--", "==", "->", "()", ">>>")
 
 
 def evaluation_sentences() -> list[str]:
-  """The 160 test sentences; sentences `2k` and `2k + 1` are paraphrases of each other."""
-  return [sentence for pair in EVALUATION_PAIRS for sentence in pair]
+  """The 200 test sentences: 80 paraphrase pairs, then 40 same-topic distractors.
+
+  Sentences `2k` and `2k + 1` (k < 80) are paraphrases of each other; the last 40 each share a
+  topic with one pair but not its meaning.
+  """
+  return [sentence for pair in EVALUATION_PAIRS for sentence in pair] + list(DISTRACTORS)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -216,11 +221,11 @@ def _cached_arrays() -> tuple[np.ndarray, ...]:
 
 
 def load_minilm_sentences_dataset() -> Dataset:
-  """Loads `minilm-sentences`: 512 training and 160 test sentences with float targets.
+  """Loads `minilm-sentences`: 512 training and 200 test sentences with float targets.
 
   >>> ds = load_minilm_sentences_dataset()  # doctest: +SKIP
   >>> ds.x_test.shape[0], ds.y_test.shape, ds.x_test.dtype  # doctest: +SKIP
-  (160, (160, 384), dtype('int32'))
+  (200, (200, 384), dtype('int32'))
   """
   x_train, y_train, x_test, y_test = _cached_arrays()
   return Dataset(

@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxshrink.data.dataset import CLASSIFICATION, KINDS, LANGUAGE_MODEL, Dataset, freeze_arrays
+from jaxshrink.data.dataset import (
+  CLASSIFICATION,
+  EMBEDDING,
+  KINDS,
+  LANGUAGE_MODEL,
+  Dataset,
+  freeze_arrays,
+)
 from jaxshrink.data.registry import get_dataset, list_datasets
 from jaxshrink.data.text import BYTE_VOCAB_SIZE, text_test_dataset
 from jaxshrink.errors import JaxshrinkError
@@ -76,9 +83,16 @@ def _load_npz(path: pathlib.Path) -> Dataset:
       raise JaxshrinkError(f"{str(path)!r}: `kind` must be one of {list(KINDS)}; got {kind!r}.")
   else:
     is_tokens = np.issubdtype(x_test.dtype, np.integer) and x_test.ndim == 2
-    kind = LANGUAGE_MODEL if is_tokens else CLASSIFICATION
+    # Token ids with float (N, D) targets: reference embeddings of a sentence encoder.
+    is_embedding = is_tokens and np.issubdtype(arrays["y_test"].dtype, np.floating)
+    if is_embedding and arrays["y_test"].ndim == 2:
+      kind = EMBEDDING
+    else:
+      kind = LANGUAGE_MODEL if is_tokens else CLASSIFICATION
 
   def as_split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if kind == EMBEDDING:
+      return x.astype(np.int32), y.astype(np.float32)
     x = x.astype(np.int32) if kind == LANGUAGE_MODEL else x.astype(np.float32)
     return x, y.astype(np.int32)
 
@@ -87,9 +101,11 @@ def _load_npz(path: pathlib.Path) -> Dataset:
     x_train, y_train = as_split(arrays["x_train"], arrays["y_train"])
   else:
     x_train = np.zeros((0, *x_test.shape[1:]), x_test.dtype)
-    y_train = np.zeros((0, *y_test.shape[1:]), np.int32)
+    y_train = np.zeros((0, *y_test.shape[1:]), y_test.dtype)
   if "num_classes" in arrays:
     num_classes = int(arrays["num_classes"])
+  elif kind == EMBEDDING:
+    num_classes = int(y_test.shape[1])
   elif kind == LANGUAGE_MODEL:
     num_classes = BYTE_VOCAB_SIZE
   else:
@@ -108,7 +124,8 @@ def load_data_source(source: str) -> Dataset:
       * a name from `list_datasets()`, e.g. `"digits"`;
       * `"package.module:factory"`: `factory()` must return a `Dataset`;
       * a path to a `.npz` file with `x_test`, `y_test` and optionally `x_train`, `y_train`,
-        `kind` and `num_classes` (an integer 2-D `x_test` means a language model);
+        `kind` and `num_classes` (an integer 2-D `x_test` means a language model, or an
+        embedding dataset when `y_test` is a float (N, D) array of target embeddings);
       * a path to a `.txt` file: a byte-level language-model dataset whose test windows cover
         the whole file (no training split).
 

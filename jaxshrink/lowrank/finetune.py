@@ -48,19 +48,20 @@ def finetune(
     batch_size: examples per step.
     key: PRNG key for the batch order and augmentation.
     augment: optional `(key, x) -> x` inside the step.
-    loss_fn: `(logits, labels) -> ()`, default cross-entropy.
+    loss_fn: `(logits, labels) -> ()`, default `models.task_loss` (cross-entropy for labels,
+      cosine distance for embedding targets).
 
   Returns:
     The tree with trained factors and float leaves.
   """
   from jaxshrink.distill.train import batch_indices
-  from jaxshrink.models import cross_entropy_loss
+  from jaxshrink.models import task_loss
 
   if not isinstance(steps, int) or steps < 1:
     raise ValueError(f"fine-tuning `steps` must be a positive int; got {steps!r}.")
   if not learning_rate > 0:
     raise ValueError(f"`learning_rate` must be > 0; got {learning_rate!r}.")
-  loss_fn = cross_entropy_loss if loss_fn is None else loss_fn
+  loss_fn = task_loss if loss_fn is None else loss_fn
   key = jax.random.key(0) if key is None else key
   data_key, aug_key = jax.random.split(key)
   leaves, treedef = jax.tree.flatten(tree)

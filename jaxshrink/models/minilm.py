@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.data.sentences import SENTENCE_TOKENS
 from jaxshrink.errors import JaxshrinkError
 from jaxshrink.models.base import ZooModel, zoo_model
 from jaxshrink.models.bert import BertConfig, BertEncoder
@@ -36,7 +37,7 @@ STUDENT_LAYERS = (0, 2, 4)
 # Longest input: BERT has 512 position embeddings.
 MAX_TOKENS = 512
 # Token length of one example in the zoo model's `input_shape` (the training split's length).
-TRAIN_TOKENS = 64
+TRAIN_TOKENS = SENTENCE_TOKENS
 
 
 def find_spec(name: str):
@@ -155,18 +156,26 @@ def load_safetensors_params(path: str | pathlib.Path, config: BertConfig = MINIL
   return convert_safetensors(tensors, config, source=f"`{path}`")
 
 
-# The conversion takes ~0.3 s; one copy per process. Leaves are jax arrays, hence immutable.
+# Reading and converting takes ~0.5 s: the host copy is kept for the process.
 @functools.cache
+def _host_params() -> dict:
+  params = load_safetensors_params(minilm_files() / "model.safetensors")
+  for leaf in jax.tree.leaves(params):
+    leaf.flags.writeable = False
+  return params
+
+
 def minilm_params() -> dict:
   """The pretrained all-MiniLM-L6-v2 param tree (float32 jax arrays, 22.6M params).
 
-  The checkpoint's BERT pooler (unused by mean pooling) is left out.
+  The checkpoint's BERT pooler (unused by mean pooling) is left out. Each call returns fresh
+  device arrays, so a caller that donates them (a jitted training step) cannot invalidate
+  another caller's copy.
 
   Raises:
     JaxshrinkError: the weights package is missing (the message holds the pip command).
   """
-  params = load_safetensors_params(minilm_files() / "model.safetensors")
-  return jax.tree.map(jnp.asarray, params)
+  return jax.tree.map(jnp.array, _host_params())
 
 
 def student_params(layers: Sequence[int] = STUDENT_LAYERS) -> dict:
@@ -281,10 +290,23 @@ def encode(sentences: Sequence[str], max_length: int | None = None) -> np.ndarra
 
 
 def embed_ids(apply, params: dict, ids: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-  """Runs `apply(params, ids)` in fixed-size batches (one compilation); (N, D) float32."""
+  """Runs a jitted `apply(params, ids)` over fixed-size batches, so it compiles once.
+
+  Args:
+    apply: `(params, ids) -> (B, D)` embeddings, e.g. a zoo model's apply or
+      `quantized_apply(model.apply)`.
+    params: its param tree (dense or compressed, as `apply` expects).
+    ids: (N, L) token ids, N >= 1.
+    batch_size: rows per call; the last batch is padded with all-[PAD] rows.
+
+  Returns:
+    (N, D) embeddings as a NumPy array.
+  """
   if batch_size < 1:
     raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
   ids = np.asarray(ids, np.int32)
+  if ids.ndim != 2 or ids.shape[0] == 0:
+    raise JaxshrinkError(f"`ids` must be (N, L) token ids with N >= 1; got shape {ids.shape}.")
   run = _jitted(apply)
   size = min(batch_size, ids.shape[0])
   chunks = []

@@ -151,7 +151,7 @@ def qat_finetune(
 
   Your own loop works the same way: use `qat_apply(...)` in the loss.
   """
-  from jaxshrink.models import cross_entropy_loss
+  from jaxshrink.models import task_loss
 
   if steps < 1:
     raise ValueError(f"QAT `steps` must be >= 1; got {steps}.")
@@ -161,9 +161,7 @@ def qat_finetune(
 
   @jax.jit
   def step(p, state, idx):
-    loss, grads = jax.value_and_grad(
-      lambda p: cross_entropy_loss(qapply(p, x_all[idx]), y_all[idx])
-    )(p)
+    loss, grads = jax.value_and_grad(lambda p: task_loss(qapply(p, x_all[idx]), y_all[idx]))(p)
     updates, state = opt.update(grads, state, p)
     return optax.apply_updates(p, updates), state, loss
 
