@@ -100,6 +100,19 @@ def test_padding_does_not_change_embeddings():
   np.testing.assert_array_equal(out[2], 0.0)  # an all-padding row embeds to zeros, not NaN
 
 
+def test_bert_config_sizes_and_bad_values():
+  config = BertConfig(num_layers=2, hidden_size=8, num_heads=2, head_dim=3, layer_heads=(1, 2))
+  assert (config.head_size, config.heads(0), config.heads(1)) == (3, 1, 2)
+  with pytest.raises(ValueError, match=r"`hidden_size` \(10\) must be divisible by `num_heads`"):
+    BertConfig(hidden_size=10, num_heads=4)
+  with pytest.raises(
+    ValueError, match="`layer_heads` must give a head count >= 1 for each of the 6"
+  ):
+    BertConfig(layer_heads=(12, 12))
+  with pytest.raises(ValueError, match="`num_layers` must be a positive int; got 0"):
+    BertConfig(num_layers=0)
+
+
 def test_student_starts_from_teacher_layers(params):
   student = minilm.minilm_l3_student()
   sparams = student.init(jax.random.key(0))

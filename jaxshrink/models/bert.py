@@ -4,7 +4,7 @@ The architecture is BERT's (Devlin et al., 2019) as used by sentence-transformer
 position + token-type embeddings, `num_layers` post-LayerNorm encoder layers (self-attention,
 then a GELU feed-forward block), mean pooling over the non-padding tokens and L2
 normalization. `BertConfig` sizes it, so the 6-layer MiniLM teacher and a 3-layer student come
-from the same code.
+from the same code; `head_dim` and per-layer `layer_heads` describe a head-pruned encoder.
 
 Every matmul with a weight is an `nnx.Linear` with a 2-D `(in, out)` kernel, including the
 query/key/value/output projections of attention, so quantization, pruning and low-rank stages
@@ -53,6 +53,9 @@ class BertConfig:
     layer_norm_eps: epsilon of every LayerNorm.
     pad_id: the padding token id; positions holding it are masked out of attention and
       pooling (it must never occur as a real token).
+    head_dim: features per attention head; None means `hidden_size // num_heads`.
+    layer_heads: heads of each layer, overriding `num_heads` (a head-pruned encoder rebuilt by
+      `jaxshrink.sparsity.shrink_model`); None means `num_heads` in every layer.
   """
 
   num_layers: int = 6
@@ -64,6 +67,8 @@ class BertConfig:
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   pad_id: int = 0
+  head_dim: int | None = None
+  layer_heads: tuple[int, ...] | None = None
 
   def __post_init__(self):
     for field in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size",
@@ -71,16 +76,29 @@ class BertConfig:
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"BertConfig `{field}` must be a positive int; got {value!r}.")
-    if self.hidden_size % self.num_heads:
+    if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(
         f"BertConfig `hidden_size` ({self.hidden_size}) must be divisible by `num_heads` "
-        f"({self.num_heads}); choose a head count that divides it."
+        f"({self.num_heads}); choose a head count that divides it, or set `head_dim`."
+      )
+    if self.head_dim is not None and (isinstance(self.head_dim, bool) or self.head_dim < 1):
+      raise ValueError(f"BertConfig `head_dim` must be None or a positive int; got "
+                       f"{self.head_dim!r}.")  # fmt: skip
+    heads = self.layer_heads
+    if heads is not None and (len(heads) != self.num_layers or min(heads) < 1):
+      raise ValueError(
+        f"BertConfig `layer_heads` must give a head count >= 1 for each of the "
+        f"{self.num_layers} layers; got {heads}. Pass one entry per layer, or None."
       )
 
   @property
-  def head_dim(self) -> int:
-    """Width of one attention head."""
-    return self.hidden_size // self.num_heads
+  def head_size(self) -> int:
+    """Features per attention head (`head_dim`, or `hidden_size // num_heads`)."""
+    return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+  def heads(self, layer: int) -> int:
+    """Attention heads of encoder layer `layer`."""
+    return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
 
 
 def _linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -115,19 +133,18 @@ class BertEmbeddings(nnx.Module):
 class BertAttention(nnx.Module):
   """Multi-head self-attention with its output projection, residual and LayerNorm."""
 
-  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-    self.num_heads = config.num_heads
-    hidden = config.hidden_size
-    self.query = _linear(hidden, hidden, rngs)
-    self.key = _linear(hidden, hidden, rngs)
-    self.value = _linear(hidden, hidden, rngs)
-    self.output = _linear(hidden, hidden, rngs)
+  def __init__(self, config: BertConfig, num_heads: int, *, rngs: nnx.Rngs):
+    self.num_heads, self.head_dim = num_heads, config.head_size
+    hidden, inner = config.hidden_size, num_heads * config.head_size
+    self.query = _linear(hidden, inner, rngs)
+    self.key = _linear(hidden, inner, rngs)
+    self.value = _linear(hidden, inner, rngs)
+    self.output = _linear(inner, hidden, rngs)
     self.layer_norm = _layer_norm(config, rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    batch, length, hidden = x.shape
-    heads = self.num_heads
-    head_dim = hidden // heads
+    batch, length, _ = x.shape
+    heads, head_dim = self.num_heads, self.head_dim
 
     def split(t):
       return t.reshape(batch, length, heads, head_dim)
@@ -139,15 +156,15 @@ class BertAttention(nnx.Module):
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores, axis=-1)
     context = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=PRECISION)
-    context = context.reshape(batch, length, hidden)
+    context = context.reshape(batch, length, heads * head_dim)
     return self.layer_norm(x + self.output(context))
 
 
 class BertLayer(nnx.Module):
   """One post-norm encoder layer: attention block, then the GELU feed-forward block."""
 
-  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-    self.attention = BertAttention(config, rngs=rngs)
+  def __init__(self, config: BertConfig, num_heads: int, *, rngs: nnx.Rngs):
+    self.attention = BertAttention(config, num_heads, rngs=rngs)
     self.intermediate = _linear(config.hidden_size, config.intermediate_size, rngs)
     self.output = _linear(config.intermediate_size, config.hidden_size, rngs)
     self.output_norm = _layer_norm(config, rngs)
@@ -165,7 +182,7 @@ class BertLayers(nnx.Module):
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
     self.num_layers = config.num_layers
     for index in range(config.num_layers):
-      setattr(self, f"layer_{index}", BertLayer(config, rngs=rngs))
+      setattr(self, f"layer_{index}", BertLayer(config, config.heads(index), rngs=rngs))
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     for index in range(self.num_layers):
