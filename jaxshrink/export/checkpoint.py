@@ -108,8 +108,14 @@ def save(
     raise CheckpointError(
       f"`{target}` already exists; pass overwrite=True (CLI: --overwrite) to replace it."
     )
-  target.parent.mkdir(parents=True, exist_ok=True)
-  _remove_stale_staging(target)
+  # Multi-host: every process calls save with the same tree. Sharded arrays are gathered to
+  # host copies (a collective), every process joins orbax's write of one staging directory,
+  # and process 0 alone writes the manifest and renames; the others wait on a barrier.
+  primary = jax.process_index() == 0
+  if primary:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
+  tree = _gather_to_host(tree)
 
   stored: list[np.ndarray] = []
   leaves = []
@@ -125,9 +131,13 @@ def save(
     leaves.append(leaf_entry(path, keys, meta, arrays, digest=checksum(arrays), sparsity=sparsity))
   manifest = build_manifest(leaves, model=model, data=data, recipe=recipe, metrics=metrics)
 
-  staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+  suffix = uuid.uuid4().hex[:8] if jax.process_count() == 1 else f"multihost{jax.process_count()}"
+  staging = target.parent / f".{target.name}.partial-{suffix}"
+  _barrier("jaxshrink.export.save.start")
   try:
     storage.write(staging / ARRAYS, stored)
+    if not primary:
+      return target
     with open(staging / MANIFEST, "w") as f:
       f.write(manifest)
       f.flush()
@@ -144,8 +154,31 @@ def save(
     _fsync_dir(target.parent)
   finally:
     # After an exchange, `staging` holds the previous checkpoint; either way it goes.
-    shutil.rmtree(staging, ignore_errors=True)
+    if primary:
+      shutil.rmtree(staging, ignore_errors=True)
+    _barrier("jaxshrink.export.save.done")
   return target
+
+
+def _gather_to_host(tree: Any) -> Any:
+  """Host copies of arrays spread over several processes (a collective on every process)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+
+  def gather(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+  return jax.tree.map(gather, tree)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _select(manifest: dict[str, Any], leaves: Sequence[str] | None, directory: Path) -> list[int]:

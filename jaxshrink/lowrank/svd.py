@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.distributed import place_encoding
 from jaxshrink.encoding import Encoding
 from jaxshrink.lowrank.encoding import LowRank, default_contract_dims, matrix_shape
 from jaxshrink.tree import Rule, as_rule, flatten, map_selected, select
@@ -201,6 +202,10 @@ def factorize_array(
 ) -> LowRank:
   """One kernel as a rank-`rank` `LowRank` encoding.
 
+  The SVD runs on the host over the whole `(K, N)` matrix: a sharded kernel is gathered
+  here, the one place the maths needs every column at once. The factors then go back onto
+  the kernel's mesh (`b` split like its output axis, `a` replicated).
+
   >>> factorize_array(jnp.ones((3, 3, 8, 16)), 4).matrix_shape
   (72, 16)
   """
@@ -209,9 +214,10 @@ def factorize_array(
   check_rank(rank, shape, *matrix_shape(shape, cdims), path)
   a, b = svd_factors(_matrix(w, cdims), int(rank))
   dtype = np.dtype(w.dtype).name
-  return LowRank.from_factors(
+  encoded = LowRank.from_factors(
     a.astype(dtype), b.astype(dtype), shape=shape, contract_dims=cdims, path=path
   )
+  return place_encoding(encoded, getattr(w, "sharding", None))
 
 
 def factorize(
