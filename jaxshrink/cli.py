@@ -77,6 +77,7 @@ def cmd_compress(args) -> int:
       f"{model.metric}: {result.metrics['value']:.4f} "
       f"(float reference {result.metrics['reference_value']:.4f}); "
       f"{summary['disk_bytes']} bytes on disk; {result.report.ratio:.2f}x smaller than float32"
+      + "".join(f"; {k} {result.metrics[k]:.4f}" for k in SECONDARY_METRICS if k in result.metrics)
     )
   return 0
 
