@@ -115,6 +115,9 @@ def test_channel_prune_and_shrink_recipe(cnn):
   assert shrunk.tree["conv2"]["kernel"].shape == (3, 3, 16, 32)
   assert shrunk.tree["dense1"]["kernel"].shape == (512, 64)
   assert shrunk.model.module.hidden == 64
+  # The checkpoint's model source rebuilds the smaller model.
+  assert shrunk.model_source == "digits-cnn(channels1=16, channels2=32, hidden=64)"
+  assert models.load_model(shrunk.model_source).module.channels2 == 32
   x = pipeline.dataset.x_test[:128]
   a = pipeline.model.apply(masked, x)
   b = shrunk.model.apply(shrunk.tree, x)

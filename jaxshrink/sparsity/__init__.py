@@ -26,6 +26,10 @@ from jaxshrink.sparsity.schedules import constant_schedule as constant_schedule
 from jaxshrink.sparsity.schedules import one_shot_schedule as one_shot_schedule
 from jaxshrink.sparsity.schedules import periodic_schedule as periodic_schedule
 from jaxshrink.sparsity.schedules import polynomial_schedule as polynomial_schedule
+from jaxshrink.sparsity.shrink import heads_config as heads_config
+from jaxshrink.sparsity.shrink import model_heads as model_heads
+from jaxshrink.sparsity.shrink import shrink as shrink
+from jaxshrink.sparsity.shrink import shrink_heads as shrink_heads
 from jaxshrink.sparsity.shrink import shrink_model as shrink_model
 from jaxshrink.sparsity.shrink import shrink_params as shrink_params
 from jaxshrink.sparsity.structures import NM as NM
