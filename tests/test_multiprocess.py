@@ -1,0 +1,152 @@
+"""The pod job on two CPU processes (4 devices each, gloo collectives), against one process.
+
+The pair runs `python -m jaxshrink.podjob` (the same module `tpu/launch.sh` runs on every TPU
+VM worker) with `tpu/recipes/digits-cnn-prune-qat.yaml`: gradual pruning and int8 QAT on a
+global batch split over 8 devices, model-parallel 2. It writes a multi-host orbax checkpoint
+and the compact export; a fresh pair restores both and evaluates. A single process with one
+device runs the same job at the same time; every number must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jaxshrink import export
+from jaxshrink.data import cache_dir
+from jaxshrink.models import get_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "tpu" / "recipes" / "digits-cnn-prune-qat.yaml"
+STEPS = 20
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(args: list[str], devices: int, log: Path) -> subprocess.Popen:
+  env = dict(os.environ)
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir() / "xla"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+  )
+  with open(log, "w") as out:
+    # Own session: a timeout kills the process group, gloo and orbax threads included.
+    return subprocess.Popen(
+      [sys.executable, "-m", "jaxshrink.podjob", *args], cwd=ROOT, env=env, stdout=out,
+      stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def _pair(args: list[str], tmp: Path, name: str) -> list[subprocess.Popen]:
+  port = _free_port()
+  flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
+  return [_launch([*args, *flags, str(i)], 4, tmp / f"{name}.{i}.log") for i in range(2)]
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float, tmp: Path) -> None:
+  deadline = time.monotonic() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"pod job processes ran past {timeout:.0f} s; logs in {tmp}")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  failed = [p.args for p in procs if p.returncode]
+  if failed:
+    logs = "\n".join(
+      f"--- {log.name}\n" + "\n".join(
+        line for line in log.read_text().splitlines()[-15:] if "Gloo" not in line
+      )
+      for log in sorted(tmp.glob("*.log"))
+    )  # fmt: skip
+    pytest.fail(f"pod job failed: {failed}\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+  tmp = tmp_path_factory.mktemp("podjob")
+  # Start from a fixed random init (no wait on the zoo cache), recorded as a float checkpoint.
+  model = get_model("digits-cnn")
+  export.save(tmp / "init", jax.device_get(model.init(jax.random.key(0))), model="digits-cnn",
+              data="digits")  # fmt: skip
+  recipe = yaml.safe_load(RECIPE.read_text())
+  recipe["params"] = str(tmp / "init")
+  (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+  job = ["--recipe", str(tmp / "recipe.yaml"), "--steps", str(STEPS)]
+  single = _launch([*job, "--out", str(tmp / "single")], 1, tmp / "single.log")
+  _wait([single, *_pair([*job, "--out", str(tmp / "pair"), "--model-parallel", "2"], tmp,
+                        "train")], 300, tmp)  # fmt: skip
+  _wait(_pair(["--evaluate", str(tmp / "pair"), "--model-parallel", "2"], tmp, "eval"), 200, tmp)
+  return tmp
+
+
+def _restore_train(path: Path) -> dict:
+  import orbax.checkpoint as ocp
+
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckpt:
+    meta = ckpt.metadata(path).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    return jax.device_get(ckpt.restore(path, target))
+
+
+def test_two_processes_train_like_one(runs):
+  single = json.loads((runs / "single" / "result.json").read_text())
+  pair = json.loads((runs / "pair" / "result.json").read_text())
+  assert (pair["processes"], pair["devices"], pair["mesh"]) == (2, 8, {"data": 4, "model": 2})
+  assert (single["processes"], single["devices"]) == (1, 1)
+  np.testing.assert_allclose(pair["losses"], single["losses"], rtol=1e-4)
+  assert pair["accuracy"] == single["accuracy"]
+  assert (
+    pair["sparsity"]
+    == single["sparsity"]
+    == {p: 0.5 for p in ("conv1/kernel", "conv2/kernel", "dense1/kernel", "dense2/kernel")}
+  )
+  a, b = _restore_train(runs / "pair" / "train"), _restore_train(runs / "single" / "train")
+  for x, y in zip(jax.tree.leaves(a["masks"]), jax.tree.leaves(b["masks"]), strict=True):
+    np.testing.assert_array_equal(x, y)
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+    np.testing.assert_allclose(x, y, atol=2e-5)
+
+
+def test_compact_exports_agree(runs):
+  pair, single = export.load(runs / "pair" / "compact"), export.load(runs / "single" / "compact")
+  for layer in ("conv1", "conv2", "dense1", "dense2"):
+    q, r = pair[layer]["kernel"], single[layer]["kernel"]
+    assert (q.bits, q.codes.dtype) == (8, np.int8)
+    # Float noise between 8 devices and 1 may move a code by one step, essentially never.
+    diff = np.abs(np.asarray(q.codes, np.int32) - np.asarray(r.codes, np.int32))
+    assert diff.max() <= 1 and diff.mean() < 1e-3, layer
+    np.testing.assert_allclose(q.scale, r.scale, rtol=1e-4)
+    np.testing.assert_allclose(pair[layer]["bias"], single[layer]["bias"], atol=2e-5)
+
+
+def test_fresh_pair_restores_and_evaluates(runs):
+  single = json.loads((runs / "single" / "result.json").read_text())
+  evaluated = json.loads((runs / "pair" / "evaluate.json").read_text())
+  assert evaluated["processes"] == 2
+  assert evaluated["accuracy"] == single["accuracy"]
+  params = _restore_train(runs / "single" / "train")["params"]
+  total = sum(float(np.abs(np.asarray(a, np.float64)).sum()) for a in jax.tree.leaves(params))
+  assert evaluated["params_abs_sum"] == pytest.approx(total, rel=1e-5)
