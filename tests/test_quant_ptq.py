@@ -1,6 +1,7 @@
 """PTQ on digits-cnn (linen and nnx): W8A8 accuracy, checkpoint sizes, the recipe stage, QAT."""
 
 import dataclasses
+import json
 import warnings
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxshrink.quant.stage  # noqa: F401  (registers the `quantize` stage)
-from jaxshrink import data, export, models, recipes
+from jaxshrink import cli, data, export, models, recipes
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import JaxshrinkError, NoMatchError
 from jaxshrink.quant import QArray, QuantSpec
@@ -49,7 +50,7 @@ def test_w8a8_ptq_accuracy_integer_path_and_size(zoo, tmp_path):
   assert export.disk_bytes(tmp_path / "f32") / export.disk_bytes(tmp_path / "w8a8") >= 3.5
 
 
-def test_int4_g128_size_and_fallback(zoo, tmp_path):
+def test_int4_g128_size_and_fallback(zoo, tmp_path, capsys):
   model, dataset, params, _ = zoo
   if model.framework == "nnx":
     pytest.skip("same param paths and numerics as the linen twin; covered there")
@@ -61,6 +62,12 @@ def test_int4_g128_size_and_fallback(zoo, tmp_path):
   export.save(tmp_path / "int4", ctree)
   export.save(tmp_path / "f32", params)
   assert export.disk_bytes(tmp_path / "f32") / export.disk_bytes(tmp_path / "int4") >= 6.9
+  # `jaxshrink inspect` shows bits per weight, bytes and the group fallback per QArray leaf.
+  assert cli.main(["inspect", str(tmp_path / "int4"), "--json"]) == 0
+  layers = {row["path"]: row for row in json.loads(capsys.readouterr().out)["layers"]}
+  assert "g128 > K=9: per-channel" in layers["conv1/kernel"]["encoding"]
+  assert layers["dense1/kernel"]["bits_per_weight"] == pytest.approx(8 * dense1.nbytes / 1024 / 128)
+  assert layers["dense1/kernel"]["bits_per_weight"] <= 4.4 and layers["dense1/kernel"]["bytes"] > 0
   apply = lambda t, x: model.apply(materialize(t), x)  # noqa: E731
   assert _accuracy(apply, ctree, dataset) >= _accuracy(model.apply, params, dataset) - 0.02
 

@@ -12,7 +12,9 @@ Modes:
 - `int`: int8 x int8 -> int32 forward (`preferred_element_type=jnp.int32`) then rescale; the
   backward pass is the float one through the quantizers (straight-through), so a QAT step costs
   about a float step. Also the dynamic W8A8 serving path for float weights.
-- `int_full`: like `int`, and the two backward matmuls are int8 too (AQT's `fully_quantized`).
+- `int_full`: like `int`, and the two backward matmuls are int8 too (AQT's `fully_quantized`,
+  with its default `use_fwd_quant`: the backward reuses the forward's int8 codes, only the
+  incoming gradient is quantized, per row over each backward contraction).
 
 Weight-only int8/int4 from packed codes and static-scale W8A8 run through `quantized_apply`
 (`jaxshrink.quant.serve`), which substitutes each `QArray` kernel's matmul in any model.
@@ -28,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _EPS = 1e-30
@@ -147,39 +150,72 @@ def int8_dot_ste(lhs, rhs, dimension_numbers, bits, full, half=False):
 
 
 def _ste_fwd(lhs, rhs, dimension_numbers, bits, full, half):
-  out = int8_dot(lhs, rhs, dimension_numbers, lhs_bits=bits, rhs_bits=bits, half=half)
-  return out, (lhs, rhs)
+  if not full:
+    out = int8_dot(lhs, rhs, dimension_numbers, lhs_bits=bits, rhs_bits=bits, half=half)
+    return out, (lhs, rhs)
+  # int8 backward reuses the forward's codes (AQT's `use_fwd_quant`): the residuals are the
+  # int8 operands and their scales, so the backward quantizes only the incoming gradient.
+  (lc, rc), (lb, rb) = dimension_numbers
+  sl, sr = _scale_over(lhs, tuple(lc), bits, half), _scale_over(rhs, tuple(rc), bits, half)
+  ql, qr = _int_codes(lhs, sl, bits), _int_codes(rhs, sr, bits)
+  acc = lax.dot_general(ql, qr, dimension_numbers, preferred_element_type=jnp.int32)
+  n_lf = len(_free(lhs.ndim, lc, lb))
+  n_rf = len(_free(rhs.ndim, rc, rb))
+  sl_out = _to_out(sl, lhs.ndim, lc, lb, True, n_rf)
+  sr_out = _to_out(sr, rhs.ndim, rc, rb, False, n_lf)
+  out = acc.astype(jnp.float32) * sl_out * sr_out
+  # Zero-size arrays carry the operand dtypes (residuals must be arrays).
+  return out, (ql, qr, sl_out, sr_out, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
 
 
 def _ste_bwd(dimension_numbers, bits, full, half, res, g):
-  lhs, rhs = res
-  _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dimension_numbers), lhs, rhs)
   if not full:
+    lhs, rhs = res
+    _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dimension_numbers), lhs, rhs)
     gl, gr = vjp(g.astype(lhs.dtype))
     return gl.astype(lhs.dtype), gr.astype(rhs.dtype)
-  # The transposed matmuls of the vjp, each replayed as an int8 dot.
-  closed = jax.make_jaxpr(vjp)(g)
-  gl, gr = _eval_int8(closed, g, bits, half)
-  return gl.astype(lhs.dtype), gr.astype(rhs.dtype)
+  ql, qr, sl_out, sr_out, l_dtype, r_dtype = res
+  (lc, rc), (lb, rb) = map(lambda t: tuple(map(tuple, t)), dimension_numbers)
+  lf, rf = _free(ql.ndim, lc, lb), _free(qr.ndim, rc, rb)
+  nb = len(lb)
+  g_batch = tuple(range(nb))
+  g_lf = tuple(range(nb, nb + len(lf)))  # gradient axes of the lhs free dims
+  g_rf = tuple(range(nb + len(lf), g.ndim))  # ... and of the rhs free dims
+  g = g.astype(jnp.float32)
+  # d lhs = g . W^T over the rhs free axes; W = qr * sr, so sr moves onto g (per rf element).
+  gl = _int8_grad_dot(g * sr_out, qr, g_rf, rf, g_batch, rb, bits, half)
+  gl = _to_layout(gl, ql.ndim, lb, lf, lc, rc)
+  # d rhs = X^T . g over the lhs free axes; X = ql * sl, so sl moves onto g.
+  gr = _int8_grad_dot(g * sl_out, ql, g_lf, lf, g_batch, lb, bits, half)
+  gr = _to_layout(gr, qr.ndim, rb, rf, rc, lc)
+  return gl.astype(l_dtype.dtype), gr.astype(r_dtype.dtype)
 
 
-def _eval_int8(closed, g, bits, half):
-  env = {}
-  read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]  # noqa: E731
-  for var, val in zip(closed.jaxpr.constvars, closed.consts, strict=True):
-    env[var] = val
-  env[closed.jaxpr.invars[0]] = g
-  for eqn in closed.jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    if eqn.primitive.name == "dot_general":
-      dims = eqn.params["dimension_numbers"]
-      out = [int8_dot(*invals, dims, lhs_bits=bits, rhs_bits=bits, half=half)]
-    else:
-      out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-      out = out if eqn.primitive.multiple_results else [out]
-    for var, val in zip(eqn.outvars, out, strict=True):
-      env[var] = val
-  return [read(v) for v in closed.jaxpr.outvars]
+def _int8_grad_dot(g, codes, g_contract, c_contract, g_batch, c_batch, bits, half):
+  """`dot_general(g, codes)` with `g` quantized per row over `g_contract`: int8 -> int32.
+
+  Output layout: batch, g's remaining axes, then `codes`' remaining axes (in axis order).
+  """
+  sg = _scale_over(g, g_contract, bits, half)
+  acc = lax.dot_general(
+    _int_codes(g, sg, bits), codes, ((g_contract, c_contract), (g_batch, c_batch)),
+    preferred_element_type=jnp.int32,
+  )  # fmt: skip
+  g_keep = [d for d in range(g.ndim) if d not in g_contract]
+  s = sg.reshape([sg.shape[d] for d in g_keep] + [1] * (acc.ndim - len(g_keep)))
+  return acc.astype(jnp.float32) * s
+
+
+def _to_layout(out, ndim, batch, free, contract, other_contract):
+  """Gradient from dot_general layout (batch, free, other's kept axes) to the operand's."""
+  # The other operand's kept axes are its contracting ones, in its axis order; each pairs
+  # with one of this operand's contracting axes.
+  order = np.argsort(other_contract)
+  position = {d: i for i, d in enumerate(batch)}
+  position.update({d: len(batch) + i for i, d in enumerate(free)})
+  base = len(batch) + len(free)
+  position.update({contract[j]: base + rank for rank, j in enumerate(order)})
+  return jnp.transpose(out, [position[d] for d in range(ndim)])
 
 
 int8_dot_ste.defvjp(_ste_fwd, _ste_bwd)
