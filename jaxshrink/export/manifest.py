@@ -6,14 +6,18 @@ packing threshold of `storage.py`, and per leaf, in storage order:
 
 - `path`, and `keys` only where they are not the path's `/`-split strings
   (nnx integer keys);
-- `encoding`, logical `shape` and `dtype`, the `static` fields that differ from
-  the encoding's defaults and the `children` of nested encodings;
-- `bits_per_weight`, `sparsity` (only when not 0) and one `sha256` over the leaf's arrays;
-- `arrays`: `{field: [dtype, shape]}` in storage order.
+- `encoding` (absent for a plain array), logical `shape` and `dtype`, the `static`
+  fields that differ from the encoding's defaults (code bits, group size, N:M, ...),
+  the `children` of nested encodings and `stored_as` for arrays kept in a denser
+  form than in memory (`nm_ranks`);
+- `sparsity` (only when not 0) and `sha256`: the first 64 bits of one SHA-256 over
+  the leaf's arrays;
+- `arrays`: `{field: [dtype, shape]}` in storage order (a plain array's one array
+  is its shape and dtype).
 
-Everything derivable is left out of the file and added by `read_manifest`:
-per leaf `bytes` and `description`, and the `totals`. `inspect` reads only
-this file.
+Everything derivable is left out of the file and added by `read_manifest`: per
+leaf `bytes`, `bits_per_weight`, `description` and `meta` (what `decode_leaf`
+reads), and the `totals`. `inspect` reads only this file.
 """
 
 from __future__ import annotations
