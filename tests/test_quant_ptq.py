@@ -65,7 +65,8 @@ def test_int4_g128_size_and_fallback(zoo, tmp_path, capsys):
   # `jaxshrink inspect` shows bits per weight, bytes and the group fallback per QArray leaf.
   assert cli.main(["inspect", str(tmp_path / "int4"), "--json"]) == 0
   layers = {row["path"]: row for row in json.loads(capsys.readouterr().out)["layers"]}
-  assert "g128 > K=9: per-channel" in layers["conv1/kernel"]["encoding"]
+  assert layers["conv1/kernel"]["encoding"] == "qarray"
+  assert "g128 > K=9: per-channel" in layers["conv1/kernel"]["description"]
   assert layers["dense1/kernel"]["bits_per_weight"] == pytest.approx(8 * dense1.nbytes / 1024 / 128)
   assert layers["dense1/kernel"]["bits_per_weight"] <= 4.4 and layers["dense1/kernel"]["bytes"] > 0
   apply = lambda t, x: model.apply(materialize(t), x)  # noqa: E731
