@@ -69,10 +69,10 @@ def _calibration(dataset: Any, batches: int, rows: int = 128) -> list[np.ndarray
 
 
 def _saliency_grads(model: Any, params: Any, dataset: Any) -> Any:
-  from jaxshrink.models import cross_entropy_loss
+  from jaxshrink.models import task_loss
 
   x, y = dataset.x_train[:256], dataset.y_train[:256]
-  return jax.grad(lambda p: cross_entropy_loss(model.apply(p, x), y))(params)
+  return jax.grad(lambda p: task_loss(model.apply(p, x), y))(params)
 
 
 def _structure(options: dict[str, Any], model: Any):
