@@ -61,21 +61,21 @@ def integer_matmul(xq: jax.Array, q: QArray) -> jax.Array:
   """
   codes = q.unpacked_codes().astype(jnp.int8)  # (K, N)
   rows, k = xq.shape
-  if q.group_size is None:  # per-channel / per-tensor: one group
+  scale = q.scale.astype(jnp.float32)
+  if q.group_size is None:  # per-channel / per-tensor: one int8 dot, scale (1, N) or (1, 1)
     acc = lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    acc = acc[None]  # (1, rows, N)
-    sums = None if q.zero_point is None else jnp.sum(xq, axis=1, dtype=jnp.int32)[None, :, None]
-  else:
-    xg = jnp.swapaxes(_grouped(xq, k, q.group_size), 0, 1)  # (G, rows, g)
-    cg = jnp.swapaxes(_grouped(codes.T, k, q.group_size), 0, 1)  # (G, N, g)
-    acc = lax.dot_general(
-      xg, cg, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32
-    )  # (G, rows, N)
-    sums = None if q.zero_point is None else jnp.sum(xg, axis=2, dtype=jnp.int32)[..., None]
-  if sums is not None:
+    if q.zero_point is not None:
+      acc = acc - jnp.sum(xq, axis=1, dtype=jnp.int32)[:, None] * q.zero_point.astype(jnp.int32)
+    return acc.astype(jnp.float32) * scale
+  xg = jnp.swapaxes(_grouped(xq, k, q.group_size), 0, 1)  # (G, rows, g)
+  cg = jnp.swapaxes(_grouped(codes.T, k, q.group_size), 0, 1)  # (G, N, g)
+  acc = lax.dot_general(
+    xg, cg, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32
+  )  # (G, rows, N)
+  if q.zero_point is not None:
+    sums = jnp.sum(xg, axis=2, dtype=jnp.int32)[..., None]  # (G, rows, 1)
     acc = acc - sums * q.zero_point.astype(jnp.int32)[:, None, :]
-  scale = q.scale.astype(jnp.float32)[:, None, :]  # (G, 1, N)
-  return jnp.sum(acc.astype(jnp.float32) * scale, axis=0)
+  return jnp.sum(acc.astype(jnp.float32) * scale[:, None, :], axis=0)
 
 
 def qarray_matmul(x2d: jax.Array, q: QArray) -> jax.Array:
