@@ -153,6 +153,9 @@ def gptq_matrix(
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """GPTQ on one `(K, N)` matrix given its `(K, K)` Hessian.
 
+  The row sweep is sequential over `K`; output columns are independent, so a matrix split on
+  `N` over a mesh stays split. The `K x K` inverse-Hessian factor is built on the host.
+
   Args:
     w2d: float `(K, N)` weights (rows = input channels).
     h: `(K, K)` Hessian of the layer inputs (`jaxshrink.hessian.hessian_from_gram`).

@@ -177,6 +177,9 @@ def sparsegpt(
 ) -> tuple[Any, Any]:
   """SparseGPT: prune each layer and re-fit its kept weights. Returns `(pruned, masks)`.
 
+  The sweep walks the input columns in order; outputs stay split like the kernel on a mesh,
+  but the unstructured per-block ranking sorts a whole `N x block` slice (a gather).
+
   Args:
     apply_fn: `(params, x) -> outputs`.
     params: float param tree.

@@ -53,7 +53,8 @@ class Unit:
 def keep_top(scores: jax.Array, n_keep: Any) -> jax.Array:
   """Bool mask keeping exactly the `n_keep` highest of a 1-D array (ties: lower index wins).
 
-  `n_keep` may be traced, so schedules can move it inside `jit`.
+  `n_keep` may be traced, so schedules can move it inside `jit`. The sort gathers `scores`
+  onto every device when they are split over a mesh (docs/design.md, "Sharding").
   """
   order = jnp.argsort(-scores, stable=True)
   ranks = jnp.zeros(scores.shape, jnp.int32).at[order].set(jnp.arange(scores.size, dtype=jnp.int32))
