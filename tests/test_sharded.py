@@ -20,8 +20,10 @@ SCRIPT = Path(__file__).with_name("sharded_checks.py")
 TRANSFORMS = ("masks_uniform", "masks_global", "convert", "quantize_int4", "qat_dot",
               "prune_step", "distill", "hessians", "gptq", "sparsegpt", "svd")  # fmt: skip
 CHEAP = ("convert", "qat_dot")  # also on the (4, 2) mesh
-# Places that gather a whole parameter (documented in docs/design.md, "Sharding").
-GATHERS = {"masks_uniform", "masks_global", "prune_step"}
+# Places that gather a whole parameter (documented in docs/design.md, "Sharding"): none
+# among these; SVD and the GPTQ/SparseGPT column sweeps gather one matrix on the host, which
+# these checks run outside the compiled program.
+GATHERS: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +54,9 @@ def test_sharded_equals_single_device(results, mesh, transform):
     assert check["gathers"] == [], check["gathers"]
 
 
-def test_mask_ranking_gathers_only_on_model_meshes(results):
-  # Ranking sorts each leaf's scores; XLA sorts a split array by gathering it, so standalone
-  # masks come out replicated (documented). Inside a training step the wrapper's masks keep
-  # their weight's layout (prune_step above), though the ranking still gathers the scores.
-  assert results["dp8/masks_global"]["gathers"] == []
-  for name in ("mp2x4/masks_uniform", "mp2x4/masks_global"):
-    assert results[name]["gathers"] != [], name
+def test_mask_ranking_keeps_model_split_scores_in_place(results):
+  # Ranking counts against a threshold found bit by bit instead of sorting, so a kernel split
+  # over the model axis is never gathered and its mask keeps the kernel's layout.
+  for name in ("mp2x4/masks_uniform", "mp2x4/masks_global", "mp2x4/prune_step"):
+    assert results[name]["gathers"] == [], name
+    assert results[name]["layout"] == [], name

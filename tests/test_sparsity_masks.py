@@ -52,6 +52,36 @@ def test_keep_top_exact_under_jit():
   assert keep.dtype == jnp.bool_
 
 
+_KEEP_TOP = jax.jit(keep_top)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+  shape=st.sampled_from([(1,), (7,), (5, 6), (3, 4, 5)]),
+  values=st.sampled_from(["normal", "ties", "signed_zeros", "neg_inf"]),
+  seed=st.integers(0, 10_000),
+  extra=st.integers(-1, 2),
+)
+def test_keep_top_equals_a_stable_sort_on_nd_scores(shape, values, seed, extra):
+  # keep_top counts against a threshold instead of sorting (no gather on a mesh); it must
+  # pick exactly what a stable descending argsort of the raveled scores picks.
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=shape).astype(np.float32)
+  if values == "ties":
+    x = np.round(x)
+  elif values == "signed_zeros":
+    x = np.round(x) * 0.0 * np.sign(rng.normal(size=shape)) + np.round(x)
+  elif values == "neg_inf":
+    x[rng.random(shape) < 0.3] = -np.inf
+  n = int(rng.integers(0, x.size + 1)) + extra
+  order = np.argsort(-np.where(x == 0, 0.0, x).ravel(), kind="stable")
+  want = np.zeros(x.size, bool)
+  want[order[: max(n, 0)]] = True
+  got = np.asarray(_KEEP_TOP(jnp.asarray(x), jnp.int32(n)))
+  assert got.shape == shape
+  np.testing.assert_array_equal(got.ravel(), want)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
   n=st.integers(1, 4),

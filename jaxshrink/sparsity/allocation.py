@@ -25,7 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink.sparsity.criteria import check_criterion, score_leaf
-from jaxshrink.sparsity.structures import NM, Structure, Unit, keep_top, nm_mask, parse_structure
+from jaxshrink.sparsity.structures import (
+  NM,
+  Structure,
+  Unit,
+  keep_top,
+  keep_top_many,
+  nm_mask,
+  parse_structure,
+)
 from jaxshrink.tree import Rule, as_rule, flatten, map_with_path, select
 
 ALLOCATIONS = ("uniform", "global", "erk")
@@ -186,12 +194,8 @@ class Pruner:
         normed = [g / (jnp.sqrt(jnp.mean(g * g)) + 1e-12) for g in groups]
         total = sum(u.num_groups for u in pool)
         pruned = jnp.round(self.sparsity * fraction * total).astype(jnp.int32)
-        keep = keep_top(jnp.concatenate(normed), total - pruned)
-        start = 0
-        for unit in pool:
-          part = keep[start : start + unit.num_groups]
-          out.update(self.structure.expand(unit, part, shapes))
-          start += unit.num_groups
+        for unit, keep in zip(pool, keep_top_many(normed, total - pruned), strict=True):
+          out.update(self.structure.expand(unit, keep, shapes))
     return map_with_path(lambda path, leaf: out.get(path, jnp.ones((), bool)), params)
 
 

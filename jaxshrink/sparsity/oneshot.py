@@ -107,8 +107,8 @@ def wanda(
       masks[path] = nm_mask(full, s.n, s.m, s.axis)
       continue
     if comparison == "layer":
-      keep = keep_top(score.ravel(), score.size - round(sparsities[path] * score.size))
-      masks[path] = _from_matrix(keep.reshape(score.shape), w.shape, site.contract_dims)
+      keep = keep_top(score, score.size - round(sparsities[path] * score.size))
+      masks[path] = _from_matrix(keep, w.shape, site.contract_dims)
       continue
     rows = score.shape[0]
     keep = rows - round(sparsities[path] * rows)
@@ -135,7 +135,7 @@ def _sparsegpt_matrix(w, u, *, pruned: float, n: int, m: int, block: int):
     if m == 0:
       score = (w1 / diag[None, :]) ** 2
       drop = round(pruned * score.size)
-      pruned_mask = keep_top(-score.ravel(), drop).reshape(score.shape)  # the `drop` lowest
+      pruned_mask = keep_top(-score, drop)  # the `drop` lowest
     else:
       pruned_mask = jnp.zeros_like(w1, dtype=bool)
 
@@ -178,7 +178,7 @@ def sparsegpt(
   """SparseGPT: prune each layer and re-fit its kept weights. Returns `(pruned, masks)`.
 
   The sweep walks the input columns in order; outputs stay split like the kernel on a mesh,
-  but the unstructured per-block ranking sorts a whole `N x block` slice (a gather).
+  and the per-block ranking counts rather than sorts (`keep_top`), so it gathers nothing.
 
   Args:
     apply_fn: `(params, x) -> outputs`.

@@ -50,15 +50,71 @@ class Unit:
   group_size: int
 
 
-def keep_top(scores: jax.Array, n_keep: Any) -> jax.Array:
-  """Bool mask keeping exactly the `n_keep` highest of a 1-D array (ties: lower index wins).
+def _order_keys(scores: jax.Array) -> jax.Array:
+  """uint32 keys with the same order as the float scores (-0.0 counts as +0.0)."""
+  x = jnp.where(scores == 0, 0.0, scores.astype(jnp.float32))
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  sign = jnp.uint32(0x80000000)
+  # Positive floats order like their bits; negative ones in reverse. Flipping puts both on
+  # one unsigned scale: negatives below positives, larger magnitudes further out.
+  return jnp.where(bits >= sign, ~bits, bits | sign)
 
-  `n_keep` may be traced, so schedules can move it inside `jit`. The sort gathers `scores`
-  onto every device when they are split over a mesh (docs/design.md, "Sharding").
+
+def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
+  """Row-major position of every element, built from iotas so it stays shard-local."""
+  index = jnp.full(shape, offset, jnp.int32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+    stride *= shape[axis]
+  return index
+
+
+def keep_top_many(scores: list[jax.Array], n_keep: Any) -> list[jax.Array]:
+  """Bool masks keeping exactly the `n_keep` highest scores over all arrays together.
+
+  Ties go to the lower position in the concatenation of the raveled arrays. The arrays keep
+  their shapes: the k-th largest key is found bit by bit (radix select) with one count per
+  bit, then ties are cut by position the same way. Every step is an elementwise compare and
+  a sum, so on params split over a mesh each device counts its shard and only scalars cross
+  devices; no parameter is gathered, as a sort would need to. `n_keep` may be traced.
   """
-  order = jnp.argsort(-scores, stable=True)
-  ranks = jnp.zeros(scores.shape, jnp.int32).at[order].set(jnp.arange(scores.size, dtype=jnp.int32))
-  return ranks < n_keep
+  keys = [_order_keys(s) for s in scores]
+  total = sum(int(np.prod(s.shape, dtype=np.int64)) for s in scores)
+  n_keep = jnp.asarray(n_keep, jnp.int32)
+
+  def count(pred) -> jax.Array:
+    return sum(jnp.sum(pred(i, k), dtype=jnp.int32) for i, k in enumerate(keys))
+
+  def threshold_bit(bit, t):
+    candidate = t | (jnp.uint32(1) << bit.astype(jnp.uint32))
+    return jnp.where(count(lambda i, k: k >= candidate) >= n_keep, candidate, t)
+
+  # Largest t with at least n_keep keys >= t: the n_keep-th largest key.
+  t = jax.lax.fori_loop(0, 32, lambda j, t: threshold_bit(31 - j, t), jnp.uint32(0))
+  need = n_keep - count(lambda i, k: k > t)  # ties at t still to keep, >= 1 when n_keep >= 1
+  offsets = np.cumsum([0] + [int(np.prod(s.shape, dtype=np.int64)) for s in scores])
+  positions = [_flat_index(s.shape, int(o)) for s, o in zip(scores, offsets[:-1], strict=True)]
+  index_bits = max(1, int(total - 1).bit_length())
+
+  def cut_bit(bit, b):
+    candidate = b | (jnp.int32(1) << bit)
+    fewer = count(lambda i, k: (k == t) & (positions[i] < candidate)) < need
+    return jnp.where(fewer, candidate, b)
+
+  # Largest b with fewer than `need` ties before it: the tie at b is the last one kept.
+  cut = jax.lax.fori_loop(0, index_bits, lambda j, b: cut_bit(index_bits - 1 - j, b), 0)
+  return [
+    ((k > t) | ((k == t) & (p <= cut))) & (n_keep > 0) | (n_keep >= total)
+    for k, p in zip(keys, positions, strict=True)
+  ]
+
+
+def keep_top(scores: jax.Array, n_keep: Any) -> jax.Array:
+  """Bool mask keeping exactly the `n_keep` highest scores of an array (ties: lower
+  row-major position wins). `n_keep` may be traced, so schedules can move it inside `jit`;
+  see `keep_top_many` for why no sort is used."""
+  return keep_top_many([scores], n_keep)[0]
 
 
 def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
@@ -105,7 +161,9 @@ class Structure:
     return Unit(path, ((path, None),), (), _size(shape), 1)
 
   def group_scores(self, unit: Unit, scores: dict[str, jax.Array]) -> jax.Array:
-    return scores[unit.members[0][0]].ravel()
+    # Every weight is its own group; keeping the leaf's shape (no ravel) keeps its layout
+    # on a mesh.
+    return scores[unit.members[0][0]]
 
   def expand(self, unit: Unit, keep: jax.Array, shapes: dict[str, tuple]) -> dict[str, jax.Array]:
     path = unit.members[0][0]
