@@ -15,4 +15,5 @@ from jaxshrink.distill.step import DistillState as DistillState
 from jaxshrink.distill.step import DistillStep as DistillStep
 from jaxshrink.distill.step import distill_step as distill_step
 from jaxshrink.distill.step import functional as functional
+from jaxshrink.distill.taps import tapped_apply as tapped_apply
 from jaxshrink.distill.train import distill as distill
