@@ -2,7 +2,8 @@
 
 Run as a script (tests/test_sharded.py does, in a subprocess): it forces 8 simulated CPU
 devices, runs each check on a data-parallel mesh `(8,)` and a model-parallel mesh `(2, 4)`
-(`convert` and the QAT dot also on `(4, 2)`), and prints one JSON object `{check: {"equal", "err", "layout", "gathers"}}`:
+(`convert` and the QAT dot also on `(4, 2)`), and prints one JSON object
+`{check: {"equal", "err", "layout", "gathers"}}`:
 
 - `equal`: the sharded result equals the single-device one (exact for masks and codes,
   float tolerance for trained params);
