@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 
 import numpy as np
 
+from jaxshrink.sparsity.encodings import index_bits, pack_small, unpack_small
+
 NAME = "nm-ranks"  # recorded in the manifest for a transcoded `indices` array
 _MAX_M = 16  # pattern lookup tables have 2**m entries
-
-
-def _position_bits(m: int) -> int:
-  # `NMSparse`'s packed width: the smallest of 1, 2, 4, 8 bits that holds a position.
-  need = max(1, math.ceil(math.log2(m)))
-  return next(b for b in (1, 2, 4, 8) if b >= need)
 
 
 @functools.cache
@@ -47,21 +42,6 @@ def _tables(n: int, m: int):
   return patterns, rank_of_mask, count, best
 
 
-def _unpack_positions(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-  per = 8 // bits
-  shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-  codes = (packed[:, None] >> shifts) & np.uint8((1 << bits) - 1)
-  return codes.reshape(-1)[:count].astype(np.int64)
-
-
-def _pack_positions(positions: np.ndarray, bits: int) -> np.ndarray:
-  per = 8 // bits
-  flat = positions.astype(np.uint8).ravel()
-  flat = np.concatenate([flat, np.zeros((-flat.size) % per, np.uint8)]).reshape(-1, per)
-  shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-  return np.bitwise_or.reduce(flat << shifts, axis=1).astype(np.uint8)
-
-
 def encode(indices: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np.ndarray | None:
   """Pattern ranks of `NMSparse.indices` as packed uint8, or None when not applicable.
 
@@ -72,8 +52,8 @@ def encode(indices: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np
   if m > _MAX_M or not 0 < n < m:
     return None
   indices = np.asarray(indices)
-  bits = _position_bits(m)
-  positions = _unpack_positions(indices, bits, groups * n * cols)
+  # NMSparse's own packing of the positions (host copy, int64 for the mask sums below).
+  positions = np.asarray(unpack_small(indices, index_bits(m), groups * n * cols), np.int64)
   positions = positions.reshape(groups, n, cols).transpose(0, 2, 1).reshape(-1, n)
   patterns, rank_of_mask, count, (nbytes, per) = _tables(n, m)
   ranks = rank_of_mask[(1 << positions).sum(axis=1)] if positions.size else np.zeros(0, np.int64)
@@ -99,4 +79,4 @@ def decode(stored: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np.
     words = words // np.uint64(count)
   ranks = digits.reshape(-1)[: groups * cols]
   positions = patterns[ranks].reshape(groups, cols, n).transpose(0, 2, 1)
-  return _pack_positions(positions, _position_bits(m))
+  return pack_small(positions, index_bits(m))
