@@ -356,7 +356,7 @@ _RECIPE = dict(data="minilm-sentences", metric="cosine", train_steps=300, learni
 
 
 def minilm_l6() -> ZooModel:
-  """The pretrained all-MiniLM-L6-v2 encoder (22.7M params): ids (B, L) -> (B, 384)."""
+  """The pretrained all-MiniLM-L6-v2 encoder (22.6M params): ids (B, L) -> (B, 384)."""
   return zoo_model(
     "minilm-l6",
     functools.partial(BertEncoder, MINILM_CONFIG),
