@@ -80,7 +80,8 @@ def keep_top_many(scores: list[jax.Array], n_keep: Any) -> list[jax.Array]:
   devices; no parameter is gathered, as a sort would need to. `n_keep` may be traced.
   """
   keys = [_order_keys(s) for s in scores]
-  total = sum(int(np.prod(s.shape, dtype=np.int64)) for s in scores)
+  offsets = np.cumsum([0] + [_size(s.shape) for s in scores])  # row-major start of each array
+  total = int(offsets[-1])
   n_keep = jnp.asarray(n_keep, jnp.int32)
 
   def count(pred) -> jax.Array:
@@ -93,7 +94,6 @@ def keep_top_many(scores: list[jax.Array], n_keep: Any) -> list[jax.Array]:
   # Largest t with at least n_keep keys >= t: the n_keep-th largest key.
   t = jax.lax.fori_loop(0, 32, lambda j, t: threshold_bit(31 - j, t), jnp.uint32(0))
   need = n_keep - count(lambda i, k: k > t)  # ties at t still to keep, >= 1 when n_keep >= 1
-  offsets = np.cumsum([0] + [int(np.prod(s.shape, dtype=np.int64)) for s in scores])
   positions = [_flat_index(s.shape, int(o)) for s, o in zip(scores, offsets[:-1], strict=True)]
   index_bits = max(1, int(total - 1).bit_length())
 
