@@ -44,8 +44,9 @@ def cmd_compress(args) -> int:
 
   recipe = recipes.load_recipe(args.recipe)
   out = Path(args.out)
-  if out.exists() and not args.overwrite:
+  if (out.exists() or out.is_symlink()) and not args.overwrite:
     raise UsageError(f"`{out}` already exists; pass --overwrite to replace it.")
+  export.check_overwrite(out.absolute())  # before the recipe runs: never lose a run to it
   result = recipes.run_recipe(recipe, progress=not args.json)
   model = result.pipeline.model
   export.save(
@@ -82,23 +83,40 @@ def cmd_compress(args) -> int:
   return 0
 
 
-def _reference(manifest: dict[str, Any], model: Any) -> tuple[Any, Any]:
+def _reference(manifest: dict[str, Any], model: Any, args) -> tuple[Any, Any]:
   """The float model and params the checkpoint was compressed from."""
-  from jaxshrink import models, recipes
+  from jaxshrink import recipes
+  from jaxshrink.models.registry import checkpoint_model, load_model
 
   recipe = manifest.get("recipe") or {}
-  if recipe.get("model") and recipe["model"] != manifest["model"]:
-    model = models.load_model(recipe["model"])  # e.g. the teacher of a distilled student
+  if args.reference_model:
+    model = load_model(args.reference_model)
+  elif recipe.get("model") is not None and recipe["model"] != manifest["model"]:
+    # e.g. the teacher of a distilled student; named by the checkpoint, so zoo models only
+    model = checkpoint_model(recipe["model"], field="recipe.model", where=args.dir,
+                             flag="--reference-model")  # fmt: skip
   return model, recipes.load_float_params(model, recipe.get("params"), progress=False)
 
 
 def cmd_eval(args) -> int:
-  from jaxshrink import data, export, models, recipes
+  from jaxshrink import data, export, recipes
+  from jaxshrink.data.sources import checkpoint_data_source
+  from jaxshrink.models.registry import checkpoint_model, load_model
 
   manifest = export.read_manifest(args.dir)
-  if not manifest.get("model"):
-    raise JaxshrinkError(f"`{args.dir}` records no model, so it cannot be evaluated.")
-  model = models.load_model(manifest["model"])
+  # The checkpoint is untrusted: what it names is resolved among zoo names only; code to
+  # import comes from the flags the user types.
+  if args.model:
+    model, name = load_model(args.model), args.model
+  elif manifest["model"]:
+    model, name = (
+      checkpoint_model(manifest["model"], field="model", where=args.dir),
+      manifest["model"],
+    )
+  else:
+    raise UsageError(
+      f"`{args.dir}` records no model, so it cannot be evaluated; pass --model module:factory."
+    )
   import jax
 
   from jaxshrink.tree import flatten
@@ -106,25 +124,27 @@ def cmd_eval(args) -> int:
   shapes = {
     p: tuple(a.shape) for p, a in flatten(jax.eval_shape(model.init, jax.random.key(0))).items()
   }
-  export.check_matches(manifest, shapes, what=manifest["model"])
-  source = args.data or manifest.get("data") or model.data
-  reference_model, reference_params = _reference(manifest, model)
-  if model.metric == "cosine" and source.lower().endswith(".txt"):
+  export.check_matches(manifest, shapes, what=name)
+  source = args.data or manifest["data"] or model.data
+  reference_model, reference_params = _reference(manifest, model, args)
+  if args.data and model.metric == "cosine" and source.lower().endswith(".txt"):
     # One sentence per line; the targets are the float model's embeddings of them.
     from jaxshrink.data.sentences import read_sentences, sentence_dataset
 
     dataset = sentence_dataset(
       read_sentences(source), source, apply=reference_model.apply, params=reference_params
     )
+  elif args.data or not manifest["data"]:
+    dataset = data.load_data_source(source)  # typed by the user, or the model's own default
   else:
-    dataset = data.load_data_source(source)
+    dataset = checkpoint_data_source(source, field="data", where=args.dir)
   tree = export.load(args.dir)
   measured = recipes.evaluate_metrics(model, tree, dataset)
   value = measured.pop("value")
   reference = recipes.evaluate_tree(reference_model, reference_params, dataset)
   payload = {
     "checkpoint": str(args.dir),
-    "model": manifest["model"],
+    "model": name,
     "data": source,
     "metric": model.metric,
     "value": value,
@@ -166,11 +186,14 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
   from jaxshrink import export
+  from jaxshrink.export.overwrite import check_overwrite_file
+  from jaxshrink.export.safetensors_io import LAYOUT_KEY
 
   manifest = export.read_manifest(args.dir)
   out = Path(args.out)
-  if out.exists() and not args.overwrite:
+  if (out.exists() or out.is_symlink()) and not args.overwrite:
     raise UsageError(f"`{out}` already exists; pass --overwrite to replace it.")
+  check_overwrite_file(out, LAYOUT_KEY)  # replaces only a safetensors file jaxshrink wrote
   tree = export.load(args.dir)
   export.export_safetensors(
     tree, out, metadata={"model": manifest.get("model") or "", "source": str(args.dir)}
@@ -217,12 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("compress", parents=[common], help="run a YAML recipe, write a checkpoint")
   p.add_argument("recipe", help="recipe YAML file")
   p.add_argument("--out", required=True, help="checkpoint directory to write")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument(
+    "--overwrite", action="store_true", help="replace an existing checkpoint (or empty dir) --out"
+  )
   p.add_argument("--json", action="store_true", help="print the summary as JSON")
   p.set_defaults(func=cmd_compress)
 
   p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint against float")
   p.add_argument("dir", help="checkpoint directory")
+  p.add_argument(
+    "--model",
+    help="zoo model or module:factory to evaluate with (default: the zoo model the checkpoint "
+    "names; a checkpoint never makes jaxshrink import code)",
+  )
+  p.add_argument(
+    "--reference-model",
+    help="zoo model or module:factory of the float reference, when it differs from --model "
+    "(e.g. a distillation teacher)",
+  )
   p.add_argument(
     "--data",
     help="zoo data name, module:factory, or a .npz/.txt file (for an embedding model such as "
@@ -240,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("dir", help="checkpoint directory")
   p.add_argument("--to", choices=["safetensors"], required=True, help="output format")
   p.add_argument("out", help="output file")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+  p.add_argument("--overwrite", action="store_true", help="replace an output file jaxshrink wrote")
   p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("bench", parents=[common], help="run benchmarks/, regenerate BENCHMARKS.md")

@@ -213,12 +213,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
   """Restores the job's checkpoints on a fresh set of processes and evaluates the compact one."""
   import orbax.checkpoint as ocp
 
-  from jaxshrink import data, export, models
+  from jaxshrink import export
+  from jaxshrink.data.sources import checkpoint_data_source
+  from jaxshrink.models.registry import checkpoint_model
 
   out = Path(args.evaluate).absolute() if "://" not in args.evaluate else args.evaluate
   manifest = export.read_manifest(f"{out}/compact")
-  model = models.load_model(manifest["model"])
-  dataset = data.load_data_source(manifest["data"])
+  # The checkpoint is untrusted input: it may name zoo models and datasets only.
+  where = f"{out}/compact"
+  model = checkpoint_model(manifest["model"], field="model", where=where)
+  dataset = checkpoint_data_source(manifest["data"], field="data", where=where)
   mesh = distributed.make_mesh(args.model_parallel)
   tree = jax.device_put(export.load(f"{out}/compact"),
                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))  # fmt: skip

@@ -18,7 +18,7 @@ from jaxshrink.data.dataset import (
 )
 from jaxshrink.data.registry import get_dataset, list_datasets
 from jaxshrink.data.text import BYTE_VOCAB_SIZE, text_test_dataset
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import CheckpointError, JaxshrinkError
 
 
 def _expected_sources() -> str:
@@ -160,3 +160,25 @@ def load_data_source(source: str) -> Dataset:
       )
     return dataset
   raise JaxshrinkError(f"unknown data source {source!r}; {_expected_sources()}.")
+
+
+def checkpoint_data_source(source: object, *, field: str, where: str) -> Dataset:
+  """The dataset a checkpoint's manifest names: a zoo dataset name only.
+
+  A checkpoint is untrusted input: a `module:factory` would run code and a file path would
+  read whatever the file names, so both are refused and nothing is imported or opened. The
+  user gives such data with `--data` (`load_data_source`).
+
+  Raises:
+    CheckpointError: one line naming the field, the value and the fix.
+
+  >>> checkpoint_data_source("digits", field="data", where="ckpt").num_classes
+  10
+  """
+  if isinstance(source, str) and source in list_datasets():
+    return get_dataset(source)
+  raise CheckpointError(
+    f"`{where}`: manifest field `{field}` names {source!r}. A checkpoint may name only a zoo "
+    f"dataset ({', '.join(list_datasets())}), never code to import or a file, so nothing was "
+    "loaded. Give the data yourself: `--data module:factory` or `--data FILE.npz`."
+  )

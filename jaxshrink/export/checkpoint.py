@@ -9,7 +9,9 @@ A checkpoint directory holds
 Saving is atomic: everything is written into a hidden sibling directory which
 replaces the target only once complete (an atomic directory exchange on Linux),
 so a crash at any point leaves either the previous checkpoint or the new one,
-never a half one. Loading verifies every checksum.
+never a half one. `overwrite=True` replaces only an existing checkpoint or an empty
+directory (`overwrite.py`). Loading checks the manifest, then every array's digest
+(`digest.py`); a sharded restore hashes only the shards each process holds.
 
 >>> save("out/ckpt", ctree, model="digits-cnn", data="digits")
 >>> ctree = load("out/ckpt"); params = load("out/ckpt", dense=True)
@@ -18,6 +20,7 @@ never a half one. Loading verifies every checksum.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import uuid
@@ -31,7 +34,8 @@ import numpy as np
 from jaxshrink import encoding
 from jaxshrink.errors import CheckpointError
 from jaxshrink.export import storage
-from jaxshrink.export.layout import checksum, decode_leaf, encode_leaf
+from jaxshrink.export.digest import array_digest, as_hex, sharded_sums
+from jaxshrink.export.layout import decode_leaf, encode_leaf
 from jaxshrink.export.manifest import (
   ARRAYS,
   MANIFEST,
@@ -41,6 +45,14 @@ from jaxshrink.export.manifest import (
   placements,
   read_manifest,
 )
+from jaxshrink.export.overwrite import (
+  MARKER,
+  check_overwrite,
+  make_staging,
+  remove_stale_staging,
+  staging_name,
+)
+from jaxshrink.export.validate import check_manifest
 from jaxshrink.report import leaf_report
 from jaxshrink.tree import flatten_with_keys, unflatten
 
@@ -70,12 +82,6 @@ def _fsync_dir(path: Path) -> None:
     os.close(fd)
 
 
-def _remove_stale_staging(target: Path) -> None:
-  # A writer killed mid-save leaves `.NAME.partial-*`; it never loads, so reclaim the space.
-  for stale in target.parent.glob(f".{target.name}.partial-*"):
-    shutil.rmtree(stale, ignore_errors=True)
-
-
 def save(
   directory: str | os.PathLike,
   tree: Any,
@@ -94,27 +100,29 @@ def save(
     model, data: zoo names or `module:factory` sources, so `eval` can rebuild.
     recipe: the recipe that produced the tree, recorded verbatim.
     metrics: measured metrics of the compress run, recorded verbatim.
-    overwrite: replace an existing checkpoint at `directory`.
+    overwrite: replace an existing checkpoint (or empty directory) at `directory`; anything
+      else there is refused and left untouched.
 
   Returns:
     The checkpoint path.
 
   Raises:
     CheckpointError: `directory` exists and `overwrite` is False.
+    UsageError: `overwrite` is True but `directory` is a symlink, a file, or a non-empty
+      directory that is not a jaxshrink checkpoint (checked before any work is done).
     TypeError: a leaf is neither an array nor an `Encoding`.
+    ValueError: a leaf whose dtype or encoding a checkpoint cannot describe.
   """
   target = Path(directory).absolute()
-  if target.exists() and not overwrite:
+  if (target.exists() or target.is_symlink()) and not overwrite:
     raise CheckpointError(
       f"`{target}` already exists; pass overwrite=True (CLI: --overwrite) to replace it."
     )
+  check_overwrite(target)
   # Multi-host: every process calls save with the same tree. Sharded arrays are gathered to
   # host copies (a collective), every process joins orbax's write of one staging directory,
   # and process 0 alone writes the manifest and renames; the others wait on a barrier.
   primary = jax.process_index() == 0
-  if primary:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(target)
   tree = _gather_to_host(tree)
 
   stored: list[np.ndarray] = []
@@ -128,11 +136,20 @@ def save(
     arrays, meta = encode_leaf(leaf, compact=True)
     stored.extend(arrays.values())
     sparsity = leaf_report(path, leaf).sparsity
-    leaves.append(leaf_entry(path, keys, meta, arrays, digest=checksum(arrays), sparsity=sparsity))
+    digests = [array_digest(a) for a in arrays.values()]
+    leaves.append(leaf_entry(path, keys, meta, arrays, digests=digests, sparsity=sparsity))
   manifest = build_manifest(leaves, model=model, data=data, recipe=recipe, metrics=metrics)
+  try:  # what load would refuse is refused here, before anything is written
+    check_manifest(json.loads(manifest), "this tree")
+  except CheckpointError as e:
+    raise ValueError(f"Cannot save a loadable checkpoint: {e}") from None
 
   suffix = uuid.uuid4().hex[:8] if jax.process_count() == 1 else f"multihost{jax.process_count()}"
-  staging = target.parent / f".{target.name}.partial-{suffix}"
+  staging = target.parent / staging_name(target, suffix)
+  if primary:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)  # a writer killed mid-save left it; it never loads
+    make_staging(staging)
   _barrier("jaxshrink.export.save.start")
   try:
     storage.write(staging / ARRAYS, stored)
@@ -142,12 +159,14 @@ def save(
       f.write(manifest)
       f.flush()
       os.fsync(f.fileno())
+    (staging / MARKER).unlink()  # a complete checkpoint now; its manifest marks it as ours
     _fsync_dir(staging)
+    check_overwrite(target)  # again, right before replacing: the target may have changed
     if not target.exists():
       os.rename(staging, target)
     elif not _exchange(staging, target):
       # No atomic exchange on this platform: two renames, with a short window between them.
-      retired = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+      retired = target.parent / staging_name(target, uuid.uuid4().hex[:8])
       os.rename(target, retired)
       os.rename(staging, target)
       shutil.rmtree(retired, ignore_errors=True)
@@ -214,8 +233,9 @@ def load(
     shardings: `(path, field, shape) -> Sharding | None` to restore arrays straight
       onto devices (e.g. `NamedSharding`s of a mesh) without first gathering them;
       see `jaxshrink.export.shard_like`. None restores host numpy arrays.
-    verify: check every loaded leaf's SHA-256 against the manifest. Sharded arrays are
-      hashed from the shards this process holds, fetched to host memory.
+    verify: check every loaded array against its digest. A sharded array is hashed shard by
+      shard from the buffers this process holds, never gathered (see `digest.py`); every
+      process must then call `load` alike. The manifest is checked whatever `verify` says.
     leaves: leaf paths to load (e.g. `["dense1/kernel"]`); only their array files are
       read. None loads every leaf.
 
@@ -223,8 +243,8 @@ def load(
     A nested dict with the saved (or selected) paths; leaves are arrays or encodings.
 
   Raises:
-    CheckpointError: missing or truncated files, failed checksums, newer format, unknown
-      leaf paths in `leaves`.
+    CheckpointError: missing or truncated files, failed checksums, a manifest field of the
+      wrong type or out of bounds, another format version, unknown leaf paths in `leaves`.
 
   >>> load("out/ckpt", leaves=["dense1/kernel"])["dense1"]["kernel"].describe()
   'int8 per-channel sym'
@@ -236,12 +256,12 @@ def load(
   flat, owner = [], []
   for i in selected:
     leaf = manifest["leaves"][i]
-    for name, placement in zip(leaf_arrays(leaf), where[i], strict=True):
+    for k, (name, placement) in enumerate(zip(leaf_arrays(leaf), where[i], strict=True)):
       flat.append(placement)
-      owner.append((leaf, name))
+      owner.append((leaf, name, k))
 
   def sharding_of(j: int):
-    leaf, name = owner[j]
+    leaf, name, _ = owner[j]
     return shardings(leaf["path"], name, flat[j].shape)
 
   try:
@@ -253,23 +273,37 @@ def load(
       f"Cannot read the arrays of `{directory}` ({type(e).__name__}: {str(e)[:200]}); "
       "the checkpoint is truncated or damaged. Re-export it."
     ) from None
+  for j, (leaf, name, _) in enumerate(owner):
+    got, want = restored[j], flat[j]
+    if tuple(got.shape) != want.shape or np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise CheckpointError(
+        f"Array `{name}` of leaf `{leaf['path']}` in `{directory}` is stored as {got.dtype} "
+        f"{tuple(got.shape)}; the manifest says {want.dtype} {want.shape}. The checkpoint is "
+        "damaged: re-export it."
+      )
+  if verify:
+    sums = sharded_sums([restored[j] for j in range(len(flat))])
+    for j, (leaf, name, k) in enumerate(owner):
+      if as_hex(sums[j]) != leaf["digests"][k]:
+        raise CheckpointError(
+          f"Checksum mismatch in leaf `{leaf['path']}` (array `{name}`) of `{directory}`: the "
+          "file is corrupted. Re-export the checkpoint."
+        )
   by_leaf: dict[str, dict[str, Any]] = {}
-  for j, (leaf, name) in enumerate(owner):
+  for j, (leaf, name, _) in enumerate(owner):
     by_leaf.setdefault(leaf["path"], {})[name] = restored[j]
   entries = []
   for i in selected:
     leaf = manifest["leaves"][i]
-    arrays = by_leaf.get(leaf["path"], {})
-    if verify:
-      host = {name: np.asarray(jax.device_get(a)) for name, a in arrays.items()}
-      if checksum(host) != leaf["sha256"]:
-        raise CheckpointError(
-          f"Checksum mismatch in leaf `{leaf['path']}` of `{directory}`: the file is corrupted. "
-          "Re-export the checkpoint."
-        )
-    value = decode_leaf(leaf["meta"], arrays)
-    if dense and isinstance(value, encoding.Encoding):
-      value = value.materialize()
+    try:
+      value = decode_leaf(leaf["meta"], by_leaf.get(leaf["path"], {}))
+      if dense and isinstance(value, encoding.Encoding):
+        value = value.materialize()
+    except Exception as e:  # validated above; anything left is damage the checks missed
+      raise CheckpointError(
+        f"Cannot decode leaf `{leaf['path']}` of `{directory}` ({type(e).__name__}: "
+        f"{str(e)[:200]}). Re-export the checkpoint."
+      ) from None
     entries.append((tuple(leaf["keys"]), value))
   return unflatten(entries)
 

@@ -17,7 +17,6 @@ content is ever executed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -27,21 +26,6 @@ from jaxshrink.export import nm_ranks
 
 DENSE = "array"  # the encoding name recorded for a leaf stored as a plain array
 _LOGICAL = ("shape", "dtype")  # recorded beside the encoding name, not among the statics
-
-
-CHECKSUM_HEX = 16  # hex digits kept of the SHA-256 (64 bits: a damaged leaf goes unnoticed
-# with probability 2**-64, and the manifest stays small beside a small model's arrays)
-
-
-def checksum(arrays: dict[str, np.ndarray]) -> str:
-  """SHA-256 over the name, dtype, shape and C-order bytes of each array, sorted by name;
-  the first `CHECKSUM_HEX` hex digits."""
-  digest = hashlib.sha256()
-  for name in sorted(arrays):
-    a = np.asarray(arrays[name])
-    digest.update(f"{name}:{a.dtype.name}:{a.shape}:".encode())
-    digest.update(np.ascontiguousarray(a).tobytes())
-  return digest.hexdigest()[:CHECKSUM_HEX]
 
 
 def to_json(value: Any) -> Any:

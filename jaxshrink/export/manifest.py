@@ -10,10 +10,14 @@ packing threshold of `storage.py`, and per leaf, in storage order:
   fields that differ from the encoding's defaults (code bits, group size, N:M, ...),
   the `children` of nested encodings and `stored_as` for arrays kept in a denser
   form than in memory (`nm_ranks`);
-- `sparsity` (only when not 0) and `sha256`: the first 64 bits of one SHA-256 over
-  the leaf's arrays;
+- `sparsity` (only when not 0), `digests`: one 64-bit digest per stored array, and `sha256`:
+  the leaf digest over everything that shapes its decoding plus those digests (`digest.py`);
 - `arrays`: `{field: [dtype, shape]}` in storage order (a plain array's one array
   is its shape and dtype).
+
+and, top-level, `sha256`: the layout digest over `pack_below` and every leaf digest in order.
+`read_manifest` refuses a manifest larger than `MAX_MANIFEST_BYTES`, checks the type and
+bounds of every field (`validate.py`) and both digests, before any array file is opened.
 
 Everything derivable is left out of the file and added by `read_manifest`: per
 leaf `bytes`, `bits_per_weight`, `description` and `meta` (what `decode_leaf`
@@ -32,10 +36,14 @@ import numpy as np
 
 from jaxshrink.errors import CheckpointError
 from jaxshrink.export import storage
+from jaxshrink.export.digest import layout_digest, leaf_digest
 from jaxshrink.export.layout import DENSE, decode_leaf
+from jaxshrink.export.validate import check_manifest
 
 FORMAT = "jaxshrink-checkpoint"
-FORMAT_VERSION = 2  # 2: packed small arrays, raw zarr entries, one checksum per leaf
+FORMAT_VERSION = 3  # 3: digests cover decode metadata, per-array digests verifiable by shard
+# 2: packed small arrays, raw zarr entries, one checksum per leaf over the array bytes only
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest of 100k leaves is about 30 MiB
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 _META_KEYS = ("encoding", "shape", "dtype", "static", "children", "stored_as")
@@ -53,21 +61,22 @@ def leaf_entry(
   meta: dict[str, Any],
   arrays: dict[str, np.ndarray],
   *,
-  digest: str,
+  digests: list[str],
   sparsity: float,
 ) -> dict[str, Any]:
-  """One leaf's manifest record (see the module docstring)."""
+  """One leaf's manifest record (see the module docstring); `digests` per stored array."""
   entry: dict[str, Any] = {"path": path}
   if list(keys) != path.split("/"):
     entry["keys"] = list(keys)
   entry.update(meta)
   if sparsity:
     entry["sparsity"] = round(sparsity, 3)
-  entry["sha256"] = digest
   if meta["encoding"] == DENSE:  # a plain array: its one array is the shape and dtype
     del entry["encoding"]
   else:
     entry["arrays"] = {name: [a.dtype.name, list(a.shape)] for name, a in arrays.items()}
+  entry["digests"] = list(digests)
+  entry["sha256"] = leaf_digest(entry, digests)
   return entry
 
 
@@ -84,6 +93,7 @@ def build_manifest(leaves, *, model, data, recipe, metrics) -> str:
     "metrics": metrics or {},
     "pack_below": storage.PACK_BELOW,
     "leaves": leaves,
+    "sha256": layout_digest(storage.PACK_BELOW, [leaf["sha256"] for leaf in leaves]),
   }
   # Compact separators: on a small model the manifest is a visible share of the checkpoint.
   return json.dumps(manifest, separators=(",", ":"))
@@ -149,6 +159,45 @@ def _derive(manifest: dict[str, Any]) -> None:
   }
 
 
+def _finite(text: str) -> float:
+  value = float(text)
+  if value != value or value in (float("inf"), float("-inf")):
+    raise ValueError(f"non-finite number {text}")
+  return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  out = dict(pairs)
+  if len(out) != len(pairs):
+    raise ValueError("duplicate keys in one object")
+  return out
+
+
+def _reject_constant(name: str):
+  raise ValueError(f"{name} is not JSON")
+
+
+def _parse(manifest_path: Path) -> Any:
+  """The JSON of a manifest, refusing what could exhaust memory or time."""
+  try:
+    with open(manifest_path, "rb") as f:
+      raw = f.read(MAX_MANIFEST_BYTES + 1)
+  except OSError as e:
+    raise CheckpointError(f"Cannot read `{manifest_path}` ({e.strerror}).") from None
+  if len(raw) > MAX_MANIFEST_BYTES:
+    raise CheckpointError(
+      f"`{manifest_path}` is larger than {MAX_MANIFEST_BYTES} bytes; no jaxshrink manifest is. "
+      "The file is damaged or not a jaxshrink manifest."
+    )
+  try:
+    return json.loads(raw.decode("utf-8"), parse_float=_finite, parse_constant=_reject_constant,
+                      object_pairs_hook=_no_duplicates)  # fmt: skip
+  except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+    raise CheckpointError(
+      f"`{manifest_path}` is corrupt or truncated ({type(e).__name__}: {str(e)[:120]})."
+    ) from None
+
+
 def read_manifest(directory) -> dict[str, Any]:
   """Reads and validates only the manifest (cheap; no array file is opened).
 
@@ -157,7 +206,9 @@ def read_manifest(directory) -> dict[str, Any]:
     and the `totals` added.
 
   Raises:
-    CheckpointError: not a checkpoint, a damaged manifest, or a newer format version.
+    CheckpointError: not a checkpoint, a damaged or oversized manifest, a field of the wrong
+      type or out of bounds, a digest that does not match the manifest, or another format
+      version.
   """
   path = Path(directory)
   if not path.is_dir():
@@ -168,25 +219,38 @@ def read_manifest(directory) -> dict[str, Any]:
       f"`{path}` is not a jaxshrink checkpoint: it has no {MANIFEST}. Create one with "
       "`jaxshrink compress RECIPE --out DIR`."
     )
-  try:
-    manifest = json.loads(manifest_path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"`{manifest_path}` is corrupt or truncated ({e}).") from None
+  manifest = _parse(manifest_path)
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
     raise CheckpointError(f"`{manifest_path}` is not a {FORMAT} manifest.")
   version = manifest.get("format_version")
-  if not isinstance(version, int) or version > FORMAT_VERSION:
+  if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
     raise CheckpointError(
       f"`{path}` has format version {version!r}; this jaxshrink ({_version()}) reads up to "
       f"{FORMAT_VERSION}. Upgrade jaxshrink."
     )
   if version < FORMAT_VERSION:
+    # Older checksums cover only array bytes, not what shapes decoding: not verifiable here.
     raise CheckpointError(
-      f"`{path}` has format version {version}, written before the compact layout of version "
-      f"{FORMAT_VERSION}; re-export it from its recipe with this jaxshrink."
+      f"`{path}` has format version {version}, whose checksums do not cover the metadata that "
+      f"shapes decoding (version {FORMAT_VERSION} does); re-export it from its recipe with this "
+      "jaxshrink."
     )
-  if not isinstance(manifest.get("leaves"), list) or "pack_below" not in manifest:
-    raise CheckpointError(f"`{manifest_path}` has no leaf list; the file is damaged.")
+  check_manifest(manifest, f"`{manifest_path}`")
+  for leaf in manifest["leaves"]:
+    if leaf_digest(leaf, leaf["digests"]) != leaf["sha256"]:
+      raise CheckpointError(
+        f"Checksum mismatch in the manifest entry of leaf `{leaf['path']}` of `{path}`: its "
+        "description (encoding, shapes, bits, ...) was changed or damaged. Re-export the "
+        "checkpoint."
+      )
+  if (
+    layout_digest(manifest["pack_below"], [x["sha256"] for x in manifest["leaves"]])
+    != (manifest["sha256"])
+  ):
+    raise CheckpointError(
+      f"Checksum mismatch in the layout of `{manifest_path}`: leaves were added, removed or "
+      "reordered, or `pack_below` changed. Re-export the checkpoint."
+    )
   try:
     _derive(manifest)
   except (KeyError, TypeError, ValueError) as e:

@@ -22,7 +22,7 @@ import numpy as np
 from jaxshrink.sparsity.encodings import index_bits, pack_small, unpack_small
 
 NAME = "nm-ranks"  # recorded in the manifest for a transcoded `indices` array
-_MAX_M = 16  # pattern lookup tables have 2**m entries
+MAX_M = 16  # pattern lookup tables have 2**m entries
 
 
 @functools.cache
@@ -49,7 +49,7 @@ def encode(indices: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np
   when a group's positions are not distinct and sorted, or when the ranks would not
   decode to the very same bytes.
   """
-  if m > _MAX_M or not 0 < n < m:
+  if m > MAX_M or not 0 < n < m:
     return None
   indices = np.asarray(indices)
   # NMSparse's own packing of the positions (host copy, int64 for the mask sums below).
@@ -69,14 +69,33 @@ def encode(indices: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np
   return stored
 
 
+def stored_size(*, n: int, m: int, count: int) -> int:
+  """Bytes `encode` stores for `count` groups (`groups * cols`) of an `n:m` pattern."""
+  if not 0 < n < m <= MAX_M:
+    raise ValueError(f"pattern ranks need 0 < n < m <= {MAX_M}; got n={n}, m={m}")
+  _, _, _, (nbytes, per) = _tables(n, m)
+  return -(-count // per) * nbytes
+
+
 def decode(stored: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np.ndarray:
-  """`NMSparse.indices` (packed positions) from `encode`'s output."""
+  """`NMSparse.indices` (packed positions) from `encode`'s output.
+
+  Raises:
+    ValueError: `m` beyond the lookup tables, a stored size other than `stored_size`, or a
+      rank that names no pattern.
+  """
+  stored = np.ascontiguousarray(stored, np.uint8).reshape(-1)
+  if stored.size != stored_size(n=n, m=m, count=groups * cols):
+    raise ValueError(f"{stored.size} bytes of pattern ranks; {groups * cols} groups need "
+                     f"{stored_size(n=n, m=m, count=groups * cols)}")  # fmt: skip
   patterns, _, count, (nbytes, per) = _tables(n, m)
-  words = np.ascontiguousarray(stored, np.uint8).view(f"<u{nbytes}").astype(np.uint64)
+  words = stored.view(f"<u{nbytes}").astype(np.uint64)
   digits = np.empty((words.size, per), np.int64)
   for i in range(per):
     digits[:, i] = (words % np.uint64(count)).astype(np.int64)
     words = words // np.uint64(count)
   ranks = digits.reshape(-1)[: groups * cols]
+  if ranks.size and int(ranks.max()) >= count:
+    raise ValueError(f"pattern rank {int(ranks.max())} out of range; {n}:{m} has {count}")
   positions = patterns[ranks].reshape(groups, cols, n).transpose(0, 2, 1)
   return pack_small(positions, index_bits(m))

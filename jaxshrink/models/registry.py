@@ -1,4 +1,9 @@
-"""Named zoo models: `get_model("digits-cnn")`, `list_models()`, `load_model(source)`."""
+"""Named zoo models: `get_model("digits-cnn")`, `list_models()`, `load_model(source)`.
+
+`load_model` is for sources the user types (recipes, flags): it may import their
+`module:factory`. A source read from a checkpoint is untrusted and goes through
+`checkpoint_model`, which accepts zoo names with literal overrides only and never imports.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import functools
 from collections.abc import Callable
 
 from jaxshrink.data.sources import import_factory
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import CheckpointError, JaxshrinkError
 from jaxshrink.models.base import ZooModel
 from jaxshrink.models.cnn import digits_cnn, digits_cnn_nnx
 from jaxshrink.models.minilm import minilm_l6
@@ -81,3 +86,43 @@ def load_model(source: str) -> ZooModel:
       )
     return model
   return get_model(source)  # raises the unknown-name error with the valid names
+
+
+def checkpoint_model(source: object, *, field: str, where: str, flag: str = "--model") -> ZooModel:
+  """The model a checkpoint's manifest names: a zoo name, with literal size overrides only.
+
+  A checkpoint is untrusted input, so nothing it names is imported: `module:factory` sources
+  (and anything else that is not a zoo name) are refused. Overrides such as
+  `tiny-lm(head_dim=40)` are parsed with `ast.literal_eval` only.
+
+  Args:
+    source: the manifest value (any JSON type).
+    field: the manifest field it came from, e.g. `model` or `recipe.model`, for the message.
+    where: the checkpoint, for the message.
+    flag: the CLI flag through which the user can give the model instead.
+
+  Raises:
+    CheckpointError: one line naming the field, the value and the fix; nothing was imported.
+
+  >>> checkpoint_model("tiny-lm(head_dim=40)", field="model", where="ckpt").name
+  'tiny-lm(head_dim=40)'
+  """
+  from jaxshrink.models.configured import configure_model, parse_model_source
+
+  fix = (
+    f"A checkpoint may name only a zoo model ({', '.join(list_models())}, optionally with "
+    "literal size overrides), never code to import, so nothing was loaded. Give the model "
+    f"yourself: `{flag} module:factory` on the command line, or pass your model in Python."
+  )
+  if not isinstance(source, str):
+    raise CheckpointError(f"`{where}`: manifest field `{field}` is {source!r}, not a string. {fix}")
+  try:
+    base, overrides = parse_model_source(source)
+  except JaxshrinkError as e:
+    raise CheckpointError(f"`{where}`: manifest field `{field}`: {e} {fix}") from None
+  if base not in _MODEL_FACTORIES:
+    raise CheckpointError(f"`{where}`: manifest field `{field}` names {source!r}. {fix}")
+  try:
+    return configure_model(get_model(base), overrides, name=source if overrides else "")
+  except JaxshrinkError as e:
+    raise CheckpointError(f"`{where}`: manifest field `{field}`: {e}") from None
