@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 
 import jax
 import numpy as np
@@ -20,42 +20,69 @@ from jaxshrink.export import (
   read_manifest,
 )
 
+# A writer that stops inside `save` at a chosen point and tells the parent, which then kills it.
 WRITER = textwrap.dedent(
   """
-  import sys, numpy as np
+  import os, sys, time, numpy as np
   from jaxshrink import save
-  target = sys.argv[1]
-  trees = [{"w": np.full((512, 512), float(i), np.float32)} for i in (1, 2)]
-  print("ready", flush=True)
-  i = 0
-  while True:
-    save(target, trees[i % 2], overwrite=True)
-    i += 1
+  from jaxshrink.export import checkpoint, storage
+  target, point = sys.argv[1], sys.argv[2]
+
+  def stall(*args):
+    print("stalled", os.getpid(), flush=True)
+    time.sleep(600)
+
+  if point == "arrays":  # staging holds the array data; no manifest yet
+    write = storage.write
+    def hooked(directory, arrays, *args):
+      write(directory, arrays, *args)
+      stall()
+    storage.write = hooked
+  else:  # "rename": staging is a complete checkpoint; the exchange has not happened
+    checkpoint._exchange = stall
+  save(target, {"w": np.full((512, 512), 2.0, np.float32), "b": np.arange(3.0)}, overwrite=True)
+  print("finished", flush=True)
   """
 )
 
 
-def test_killed_save_never_leaves_a_half_checkpoint(tmp_path):
+def _files(root):
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("point", ["arrays", "rename"])
+def test_save_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, point):
   target = tmp_path / "ck"
-  save(target, {"w": np.full((512, 512), 1.0, np.float32)})
-  rng = np.random.default_rng(0)
-  for _ in range(5):
-    proc = subprocess.Popen(
-      [sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-      assert proc.stdout.readline().strip() == "ready"
-      time.sleep(float(rng.uniform(0.05, 1.0)))
-    finally:
-      proc.send_signal(signal.SIGKILL)
-      proc.wait(timeout=30)
-    tree = load(target)  # the previous or the new checkpoint, whole
-    value = float(tree["w"][0, 0])
-    assert value in (1.0, 2.0)
-    np.testing.assert_array_equal(tree["w"], np.full((512, 512), value, np.float32))
-  names = [p.name for p in tmp_path.iterdir()]
-  save(target, {"w": np.zeros(3, np.float32)}, overwrite=True)  # also reclaims stale staging
-  assert [p.name for p in tmp_path.iterdir()] == ["ck"], names
+  previous = {"w": np.full((512, 512), 1.0, np.float32), "b": np.arange(3.0) - 1}
+  save(target, previous)
+  before = _files(target)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", WRITER, str(target), point], stdout=subprocess.PIPE, text=True
+  )
+  watchdog = threading.Timer(240, proc.kill)  # a writer that never reaches the hook fails
+  watchdog.start()
+  try:
+    line = proc.stdout.readline().split()
+    assert line == ["stalled", str(proc.pid)], line  # the writer is inside save, stopped
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".ck.partial-")]
+    assert len(staging) == 1, staging
+    data = [p for p in (staging[0] / "arrays").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in data) >= 512 * 512 * 4  # array data is written
+    assert (staging[0] / "manifest.json").is_file() == (point == "rename")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+  finally:
+    watchdog.cancel()
+    proc.kill()
+    proc.stdout.close()
+  assert staging[0].is_dir()  # the kill left the half-written staging directory behind
+  assert _files(target) == before  # the previous checkpoint, byte for byte
+  tree = load(target, verify=True)
+  np.testing.assert_array_equal(tree["w"], previous["w"])
+  np.testing.assert_array_equal(tree["b"], previous["b"])
+  save(target, {"w": np.zeros(3, np.float32)}, overwrite=True)  # reclaims the stale staging
+  assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+  np.testing.assert_array_equal(load(target)["w"], np.zeros(3, np.float32))
 
 
 def _data_files(directory):
