@@ -60,9 +60,10 @@ def ste(x: jax.Array, fq: jax.Array) -> jax.Array:
   return x + lax.stop_gradient(fq - x)
 
 
-def fake_quant_sym(x: jax.Array, axes: tuple[int, ...], bits: int) -> jax.Array:
-  """Symmetric absmax fake quantization reduced over `axes`, STE gradient."""
-  s = lax.stop_gradient(_scale_over(x, axes, bits))
+def fake_quant_sym(x: jax.Array, axes: tuple[int, ...], bits: int, half: bool = False) -> jax.Array:
+  """Symmetric absmax fake quantization reduced over `axes`, STE gradient (`half` as
+  `_scale_over`), so it takes the values the integer modes compute with."""
+  s = lax.stop_gradient(_scale_over(x, axes, bits, half))
   fq = jnp.clip(jnp.round(x / s), -_qmax(bits), _qmax(bits)) * s
   return ste(x, fq.astype(x.dtype))
 
@@ -117,65 +118,85 @@ def _to_out(scale, ndim, contract, batch, lhs_side: bool, n_other_free: int):
   return s.reshape(s.shape[: len(batch)] + ones + s.shape[len(batch) :])
 
 
-def int8_dot(lhs, rhs, dimension_numbers, *, lhs_bits=8, rhs_bits=8, lhs_per_tensor=False,
-             half=False):  # fmt: skip
-  """`lax.dot_general` computed as int8 x int8 -> int32, rescaled to float32.
+# Bits of the incoming gradient's codes in `int_full` (AQT's `bwd_bits`), whatever the operand
+# bits: the gradient has no forward codes to reuse, and 8 bits keep its error at ~1%.
+GRAD_BITS = 8
 
-  `rhs` is quantized per output channel (over its contracting axes), `lhs` per token (or per
-  tensor). Both use symmetric absmax scales computed on the fly.
-  """
+
+def _int_forward(lhs, rhs, dimension_numbers, lhs_bits, rhs_bits, lhs_per_tensor, half):
+  """int8 x int8 -> int32 dot rescaled to float32, and the codes with their output-layout scales."""
   (lc, rc), (lb, rb) = dimension_numbers
-  lc, rc, lb, rb = map(tuple, (lc, rc, lb, rb))
   l_axes = tuple(range(lhs.ndim)) if lhs_per_tensor else lc
   sl, sr = _scale_over(lhs, l_axes, lhs_bits, half), _scale_over(rhs, rc, rhs_bits, half)
-  acc = lax.dot_general(
-    _int_codes(lhs, sl, lhs_bits),
-    _int_codes(rhs, sr, rhs_bits),
-    dimension_numbers,
-    preferred_element_type=jnp.int32,
-  )
-  n_lf = len(_free(lhs.ndim, lc, lb))
-  n_rf = len(_free(rhs.ndim, rc, rb))
-  out_l = (
-    sl.reshape((1,) * acc.ndim) if lhs_per_tensor else _to_out(sl, lhs.ndim, lc, lb, True, n_rf)
-  )
-  out_r = _to_out(sr, rhs.ndim, rc, rb, False, n_lf)
-  return acc.astype(jnp.float32) * out_l * out_r
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def int8_dot_ste(lhs, rhs, dimension_numbers, bits, full, half=False):
-  """int8 forward; backward float (full=False) or int8 (full=True) straight-through."""
-  return int8_dot(lhs, rhs, dimension_numbers, lhs_bits=bits, rhs_bits=bits, half=half)
-
-
-def _ste_fwd(lhs, rhs, dimension_numbers, bits, full, half):
-  if not full:
-    out = int8_dot(lhs, rhs, dimension_numbers, lhs_bits=bits, rhs_bits=bits, half=half)
-    return out, (lhs, rhs)
-  # int8 backward reuses the forward's codes (AQT's `use_fwd_quant`): the residuals are the
-  # int8 operands and their scales, so the backward quantizes only the incoming gradient.
-  (lc, rc), (lb, rb) = dimension_numbers
-  sl, sr = _scale_over(lhs, tuple(lc), bits, half), _scale_over(rhs, tuple(rc), bits, half)
-  ql, qr = _int_codes(lhs, sl, bits), _int_codes(rhs, sr, bits)
+  ql, qr = _int_codes(lhs, sl, lhs_bits), _int_codes(rhs, sr, rhs_bits)
   acc = lax.dot_general(ql, qr, dimension_numbers, preferred_element_type=jnp.int32)
   n_lf = len(_free(lhs.ndim, lc, lb))
   n_rf = len(_free(rhs.ndim, rc, rb))
-  sl_out = _to_out(sl, lhs.ndim, lc, lb, True, n_rf)
+  if lhs_per_tensor:
+    sl_out = sl.reshape((1,) * acc.ndim)
+  else:
+    sl_out = _to_out(sl, lhs.ndim, lc, lb, True, n_rf)
   sr_out = _to_out(sr, rhs.ndim, rc, rb, False, n_lf)
-  out = acc.astype(jnp.float32) * sl_out * sr_out
-  # Zero-size arrays carry the operand dtypes (residuals must be arrays).
-  return out, (ql, qr, sl_out, sr_out, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
+  return acc.astype(jnp.float32) * sl_out * sr_out, (ql, qr, sl_out, sr_out)
 
 
-def _ste_bwd(dimension_numbers, bits, full, half, res, g):
+def _dims(dimension_numbers):
+  """`dimension_numbers` as nested tuples of ints (hashable, for `nondiff_argnums`)."""
+  return tuple(tuple(tuple(int(d) for d in axes) for axes in pair) for pair in dimension_numbers)
+
+
+def int8_dot(lhs, rhs, dimension_numbers, *, lhs_bits=8, rhs_bits=8, lhs_per_tensor=False,
+             half=False):  # fmt: skip
+  """`lax.dot_general` computed as int8 x int8 -> int32, rescaled to float32 (no custom VJP).
+
+  `rhs` is quantized per output channel (over its contracting axes), `lhs` per token (or per
+  tensor). Both use symmetric absmax scales computed on the fly. Differentiate `int_dot_ste`
+  instead: autodiff through the rounding here gives zero gradients almost everywhere.
+  """
+  dims = _dims(dimension_numbers)
+  return _int_forward(lhs, rhs, dims, lhs_bits, rhs_bits, lhs_per_tensor, half)[0]
+
+
+def int_dot_ste(lhs, rhs, dimension_numbers, *, lhs_bits=8, rhs_bits=8, lhs_per_tensor=False,
+                half=False, full=False):  # fmt: skip
+  """`int8_dot` forward with a straight-through backward, for any bits and lhs granularity.
+
+  `full=False`: the backward is the float one of `lax.dot_general` on the unquantized
+  operands. `full=True` (AQT's `fully_quantized` with `use_fwd_quant`): both backward matmuls
+  are int8 x int8 -> int32, reusing the forward's codes (whatever their bits) and scales, and
+  quantizing only the incoming gradient (`GRAD_BITS`, per row over each backward contraction);
+  it approximates the straight-through gradient through the dequantized operands.
+  """
+  dims = _dims(dimension_numbers)
+  return _int_dot_ste(lhs, rhs, dims, lhs_bits, rhs_bits, bool(lhs_per_tensor), bool(half),
+                      bool(full))  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _int_dot_ste(lhs, rhs, dimension_numbers, lhs_bits, rhs_bits, lhs_per_tensor, half, full):
+  return int8_dot(
+    lhs, rhs, dimension_numbers, lhs_bits=lhs_bits, rhs_bits=rhs_bits,
+    lhs_per_tensor=lhs_per_tensor, half=half,
+  )  # fmt: skip
+
+
+def _ste_fwd(lhs, rhs, dimension_numbers, lhs_bits, rhs_bits, lhs_per_tensor, half, full):
+  out, codes = _int_forward(lhs, rhs, dimension_numbers, lhs_bits, rhs_bits, lhs_per_tensor, half)
+  if not full:
+    return out, (lhs, rhs)
+  # The integer backward needs only the codes and their scales; zero-size arrays carry the
+  # operand dtypes (residuals must be arrays).
+  return out, (*codes, jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
+
+
+def _ste_bwd(dimension_numbers, lhs_bits, rhs_bits, lhs_per_tensor, half, full, res, g):
   if not full:
     lhs, rhs = res
     _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dimension_numbers), lhs, rhs)
-    gl, gr = vjp(g.astype(lhs.dtype))
+    gl, gr = vjp(g.astype(jnp.result_type(lhs.dtype, rhs.dtype)))
     return gl.astype(lhs.dtype), gr.astype(rhs.dtype)
   ql, qr, sl_out, sr_out, l_dtype, r_dtype = res
-  (lc, rc), (lb, rb) = map(lambda t: tuple(map(tuple, t)), dimension_numbers)
+  (lc, rc), (lb, rb) = dimension_numbers
   lf, rf = _free(ql.ndim, lc, lb), _free(qr.ndim, rc, rb)
   nb = len(lb)
   g_batch = tuple(range(nb))
@@ -183,10 +204,11 @@ def _ste_bwd(dimension_numbers, bits, full, half, res, g):
   g_rf = tuple(range(nb + len(lf), g.ndim))  # ... and of the rhs free dims
   g = g.astype(jnp.float32)
   # d lhs = g . W^T over the rhs free axes; W = qr * sr, so sr moves onto g (per rf element).
-  gl = _int8_grad_dot(g * sr_out, qr, g_rf, rf, g_batch, rb, bits, half)
+  gl = _int8_grad_dot(g * sr_out, qr, g_rf, rf, g_batch, rb, GRAD_BITS, half)
   gl = _to_layout(gl, ql.ndim, lb, lf, lc, rc)
-  # d rhs = X^T . g over the lhs free axes; X = ql * sl, so sl moves onto g.
-  gr = _int8_grad_dot(g * sl_out, ql, g_lf, lf, g_batch, lb, bits, half)
+  # d rhs = X^T . g over the lhs free axes; X = ql * sl (per row, or one per tensor), so sl
+  # moves onto g.
+  gr = _int8_grad_dot(g * sl_out, ql, g_lf, lf, g_batch, lb, GRAD_BITS, half)
   gr = _to_layout(gr, qr.ndim, rb, rf, rc, lc)
   return gl.astype(l_dtype.dtype), gr.astype(r_dtype.dtype)
 
@@ -218,7 +240,7 @@ def _to_layout(out, ndim, batch, free, contract, other_contract):
   return jnp.transpose(out, [position[d] for d in range(ndim)])
 
 
-int8_dot_ste.defvjp(_ste_fwd, _ste_bwd)
+_int_dot_ste.defvjp(_ste_fwd, _ste_bwd)
 
 MODES = ("fake", "int", "int_full")
 
@@ -245,10 +267,13 @@ class QuantDotGeneral:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"QuantDotGeneral `mode` must be one of {list(MODES)}; got {self.mode!r}.")
-    if self.mode != "fake" and (self.weight_bits > 8 or self.activation_bits not in (8, 4, 2)):
+    if self.mode != "fake" and (
+      self.weight_bits not in range(2, 9) or self.activation_bits not in range(2, 9)
+    ):
       raise ValueError(
-        f"Integer modes need weight and activation bits <= 8; got weight_bits={self.weight_bits}"
-        f", activation_bits={self.activation_bits}. Use mode `fake` for weight-only QAT."
+        f"Integer modes need weight and activation bits from 2 to 8; got weight_bits="
+        f"{self.weight_bits}, activation_bits={self.activation_bits}. Use mode `fake` for "
+        "weight-only QAT."
       )
 
   def __call__(
@@ -257,23 +282,19 @@ class QuantDotGeneral:
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
     (lc, rc), _ = dimension_numbers
     if self.mode == "fake":
-      rhs = fake_quant_sym(rhs, tuple(rc), self.weight_bits)
+      half = not self.preserve_max_val
+      rhs = fake_quant_sym(rhs, tuple(rc), self.weight_bits, half)
       if self.activation_bits is not None:
         axes = tuple(range(lhs.ndim)) if self.per_tensor_activations else tuple(lc)
-        lhs = fake_quant_sym(lhs, axes, self.activation_bits)
+        lhs = fake_quant_sym(lhs, axes, self.activation_bits, half)
       return lax.dot_general(
         lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
       )
-    if self.weight_bits == self.activation_bits and not self.per_tensor_activations:
-      out = int8_dot_ste(
-        lhs, rhs, dimension_numbers, self.weight_bits, self.mode == "int_full",
-        not self.preserve_max_val,
-      )  # fmt: skip
-    else:
-      out = int8_dot(
-        lhs, rhs, dimension_numbers, lhs_bits=self.activation_bits, rhs_bits=self.weight_bits,
-        lhs_per_tensor=self.per_tensor_activations, half=not self.preserve_max_val,
-      )  # fmt: skip
+    out = int_dot_ste(
+      lhs, rhs, dimension_numbers, lhs_bits=self.activation_bits, rhs_bits=self.weight_bits,
+      lhs_per_tensor=self.per_tensor_activations, half=not self.preserve_max_val,
+      full=self.mode == "int_full",
+    )  # fmt: skip
     return out.astype(out_dtype)
 
 
@@ -291,13 +312,31 @@ class QuantEinsum:
 class QuantConv:
   """Drop-in `lax.conv_general_dilated` (rhs = kernel, per output feature).
 
-  Modes as `QuantDotGeneral`; the integer modes run an int8 conv with int32 accumulation and a
-  straight-through float backward; activations use one scale per example.
+  Modes `fake` and `int` as `QuantDotGeneral`: `int` runs an int8 conv with int32
+  accumulation and the float backward of the conv on the unquantized operands
+  (straight-through); activations use one scale per example. There is no integer conv
+  backward, so `int_full` is refused rather than silently run as `int`.
   """
 
   mode: str = "fake"
   weight_bits: int = 8
   activation_bits: int | None = 8
+
+  def __post_init__(self):
+    if self.mode not in ("fake", "int"):
+      raise ValueError(
+        f"QuantConv `mode` must be `fake` or `int`; got {self.mode!r}. A conv has no integer "
+        "backward: use `int` (int8 forward, float straight-through backward)."
+      )
+    if (
+      self.mode == "int"
+      and self.activation_bits is not None
+      and (self.weight_bits not in range(2, 9) or self.activation_bits not in range(2, 9))
+    ):
+      raise ValueError(
+        f"QuantConv mode `int` needs weight and activation bits from 2 to 8; got weight_bits="
+        f"{self.weight_bits}, activation_bits={self.activation_bits}. Use mode `fake`."
+      )
 
   def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, batch_group_count=1,

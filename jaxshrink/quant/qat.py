@@ -29,7 +29,7 @@ from jax import lax
 
 from jaxshrink.capture import kernel_matrix, replay_with
 from jaxshrink.quant import numerics
-from jaxshrink.quant.dot_general import fake_quant_sym, int8_dot_ste, ste
+from jaxshrink.quant.dot_general import fake_quant_sym, int_dot_ste, ste
 from jaxshrink.quant.ptq import LayerQuant, Overrides, quantize_params, resolve_layers
 from jaxshrink.quant.qarray import from_matrix
 from jaxshrink.quant.spec import QuantSpec
@@ -74,10 +74,15 @@ def qat_apply(
   if mode not in QAT_MODES:
     raise ValueError(f"QAT `mode` must be one of {list(QAT_MODES)}; got {mode!r}.")
   base = spec if isinstance(spec, LayerQuant) else LayerQuant(spec)
-  cache: dict[int, dict[str, LayerQuant]] = {}
+  # Keyed by the treedef itself (hashable, equal for equal structures) and the leaf shapes
+  # (rules may select by rank or size): an `id()` of the temporary treedef is reused once it
+  # is freed, handing one tree another tree's selection. The rule, spec and overrides are
+  # fixed per `qat_apply` call (this cache lives in its closure), so they need no key.
+  cache: dict[Any, dict[str, LayerQuant]] = {}
 
   def apply(params, *args):
-    key = id(jax.tree.structure(params))
+    leaves, treedef = jax.tree.flatten(params)
+    key = (treedef, tuple(tuple(getattr(leaf, "shape", ())) for leaf in leaves))
     if key not in cache:
       cache[key] = resolve_layers(params, rule, base, overrides)
     layers = cache[key]
@@ -101,7 +106,8 @@ def qat_apply(
           and layer.activation_bits == 8 and layer.spec.group_size is None
         )  # fmt: skip
         if integer:
-          out = int8_dot_ste(x, w, eqn.params["dimension_numbers"], 8, mode == "int_full")
+          dims = eqn.params["dimension_numbers"]
+          out = int_dot_ste(x, w, dims, lhs_bits=8, rhs_bits=8, full=mode == "int_full")
           return [out.astype(eqn.outvars[0].aval.dtype)]
         x_axes = tuple(x_contract)
       else:
