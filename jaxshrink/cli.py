@@ -126,18 +126,21 @@ def cmd_eval(args) -> int:
   }
   export.check_matches(manifest, shapes, what=name)
   source = args.data or manifest["data"] or model.data
+  dataset = None
+  if not args.data and manifest["data"]:  # named by the checkpoint: a zoo dataset only
+    dataset = checkpoint_data_source(source, field="data", where=args.dir)
   reference_model, reference_params = _reference(manifest, model, args)
-  if args.data and model.metric == "cosine" and source.lower().endswith(".txt"):
+  if dataset is not None:
+    pass
+  elif model.metric == "cosine" and source.lower().endswith(".txt"):
     # One sentence per line; the targets are the float model's embeddings of them.
     from jaxshrink.data.sentences import read_sentences, sentence_dataset
 
     dataset = sentence_dataset(
       read_sentences(source), source, apply=reference_model.apply, params=reference_params
     )
-  elif args.data or not manifest["data"]:
-    dataset = data.load_data_source(source)  # typed by the user, or the model's own default
   else:
-    dataset = checkpoint_data_source(source, field="data", where=args.dir)
+    dataset = data.load_data_source(source)  # typed by the user, or the model's own default
   tree = export.load(args.dir)
   measured = recipes.evaluate_metrics(model, tree, dataset)
   value = measured.pop("value")
