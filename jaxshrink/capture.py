@@ -36,6 +36,10 @@ from jaxshrink.tree import Rule, as_rule, flatten, no_match_message
 
 # Ops a kernel may pass through on its way to the matmul without losing its identity.
 _TRANSPARENT = {"convert_element_type", "copy", "copy_p", "reshape", "squeeze", "expand_dims"}
+# Ops that move a kernel's elements around: `replay_with(..., layout_ops=LAYOUT_OPS)` tags
+# their outputs `Derived`, so a substitute can tell a transposed kernel from the kernel itself.
+LAYOUT_OPS = frozenset({"transpose", "rev", "slice", "dynamic_slice", "broadcast_in_dim", "pad"})
+FOLLOWED_OPS = frozenset(_TRANSPARENT) | LAYOUT_OPS
 # Call-like primitives whose body is inlined so provenance follows the kernel inside.
 _CALLS = {
   "jit",
@@ -92,6 +96,18 @@ def gram_reducer() -> Reducer:
     init=lambda k: (jnp.zeros((k, k), jnp.float32), jnp.zeros((), jnp.float32)),
     update=lambda s, x: (s[0] + x.T @ x, s[1] + x.shape[0]),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+  """Provenance of a value computed from the leaf at `path` by the layout op `op`.
+
+  Never equal to a path string, so code that looks kernels up by path does not mistake, e.g.,
+  `w.T` for `w`.
+  """
+
+  path: str
+  op: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +186,10 @@ class _Replay:
     reducers: Mapping[str, Reducer],
     states: dict,
     substitute: Callable[[Any, list, list], list | None] | None = None,
+    layout_ops: frozenset[str] = frozenset(),
   ):
     self.selected = selected
+    self.layout_ops = layout_ops
     self.reducers = reducers
     self.states = states  # path -> name -> state, updated in place
     self.sites: dict[str, Site] = {}
@@ -210,7 +228,7 @@ class _Replay:
           with eqn.ctx.manager:
             outvals = eqn.primitive.bind(*invals, **params)
           outvals = outvals if eqn.primitive.multiple_results else [outvals]
-        out_src = [in_src[0] if name in _TRANSPARENT and in_src[0] else None] * len(outvals)
+        out_src = [self._provenance(name, in_src)] * len(outvals)
         if name == "dot_general":
           self._on_dot(eqn, invals, in_src)
         elif name == "conv_general_dilated" and in_src[1] in self.selected:
@@ -222,6 +240,16 @@ class _Replay:
           src[var] = path
     outs = [_read(env, v) for v in jaxpr.outvars]
     return outs, [src.get(v) if not isinstance(v, jcore.Literal) else None for v in jaxpr.outvars]
+
+  def _provenance(self, name, in_src):
+    src = in_src[0] if in_src else None
+    if src is None:
+      return None
+    if name in _TRANSPARENT:
+      return src
+    if name in self.layout_ops:
+      return src if isinstance(src, Derived) else Derived(src, name)
+    return None
 
   def _on_dot(self, eqn, invals, in_src):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -243,6 +271,8 @@ def replay_with(
   args: tuple,
   paths: Mapping[int, str],
   substitute: Substitute,
+  *,
+  layout_ops: frozenset[str] = frozenset(),
 ) -> Any:
   """Runs `apply_fn(params, *args)` with `substitute` hooked on ops fed by chosen leaves.
 
@@ -251,7 +281,10 @@ def replay_with(
     params: a dense param tree (jax.Array leaves).
     args: the remaining positional arguments.
     paths: `{leaf index in jax.tree.leaves(params): path}` of the leaves to follow.
-    substitute: see `Substitute`.
+    substitute: see `Substitute`; `in_src` holds each operand's leaf path, a `Derived` for
+      a value one of `layout_ops` made from a followed leaf, or None.
+    layout_ops: primitive names (e.g. `LAYOUT_OPS`) whose outputs are tagged `Derived`;
+      by default provenance stops at them.
 
   Works under `jit`, `grad` and `vmap`: the replay only re-binds the traced primitives.
   """
@@ -264,7 +297,7 @@ def replay_with(
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves, *arg_leaves)
   origin = [paths.get(i) for i in range(n)] + [None] * len(arg_leaves)
-  replay = _Replay(set(paths.values()), {}, {}, substitute)
+  replay = _Replay(set(paths.values()), {}, {}, substitute, frozenset(layout_ops))
   outs, _ = replay.run(closed.jaxpr, closed.consts, [*leaves, *arg_leaves], origin)
   return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 

@@ -16,6 +16,8 @@ needed: the op is substituted by kernel path in a replay of the traced function
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,9 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxshrink.capture import _dot_input_matrix, replay_with
+from jaxshrink.capture import FOLLOWED_OPS, LAYOUT_OPS, Derived, _dot_input_matrix, replay_with
 from jaxshrink.encoding import is_encoding
+from jaxshrink.errors import JaxshrinkError
 from jaxshrink.quant.qarray import QArray, from_matrix
+from jaxshrink.tree import params_of, path_string
 
 
 def _integer_ok(q: QArray) -> bool:
@@ -91,14 +95,20 @@ def qarray_matmul(x2d: jax.Array, q: QArray) -> jax.Array:
   return integer_matmul(xq.astype(jnp.int8), q) * sx
 
 
-def _dot(params, invals, in_src, qs):
+def _dot(params, invals, w_index, q):
+  """`(out, None)` on the integer path, else `(None, why)`; fp8 gives `(out, why)`."""
   (lc, rc), (lb, rb) = params["dimension_numbers"]
-  w_index = 1 if in_src[1] in qs else 0
-  q = qs[in_src[w_index]]
   w, x = invals[w_index], invals[1 - w_index]
   w_contract, x_contract = (rc, lc) if w_index == 1 else (lc, rc)
-  if lb or rb or tuple(w.shape) != q.shape or tuple(sorted(w_contract)) != q.contract_dims:
-    return None  # the kernel was reshaped on the way: keep the materialized op
+  if lb or rb:
+    return None, "it is contracted with batch dimensions (a batched matmul)"
+  if tuple(w.shape) != q.shape:
+    return None, f"it is reshaped from {q.shape} to {tuple(w.shape)} before its matmul"
+  if tuple(sorted(w_contract)) != q.contract_dims:
+    return None, (
+      f"its matmul contracts axes {tuple(sorted(w_contract))}, but it was quantized over "
+      f"{q.contract_dims}"
+    )
   order = np.argsort(w_contract)
   x_sorted = tuple(int(x_contract[i]) for i in order)
   x_free = [x.shape[d] for d in range(x.ndim) if d not in x_contract]
@@ -108,7 +118,9 @@ def _dot(params, invals, in_src, qs):
     out = y.reshape(*x_free, *w_free)
   else:
     out = y.T.reshape(*w_free, *x_free)
-  return out.astype(params.get("preferred_element_type") or x.dtype)
+  out = out.astype(params.get("preferred_element_type") or x.dtype)
+  fp8 = q.act_bits is not None and not _integer_ok(q)
+  return out, (f"its {q.format} codes have no int8 product" if fp8 else None)
 
 
 def _conv_kernel_codes(q: QArray, out_axis: int) -> tuple[jax.Array, int]:
@@ -132,22 +144,31 @@ def _conv_kernel_codes(q: QArray, out_axis: int) -> tuple[jax.Array, int]:
   return from_matrix(columns.astype(jnp.int8), tuple(shape), q.contract_dims), g
 
 
-def _conv(params, invals, in_src, qs):
-  if in_src[1] not in qs:
-    return None
-  q, (x, w) = qs[in_src[1]], invals
-  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+def _conv_refusal(q: QArray, params, w) -> str | None:
+  """Why the integer conv cannot take this kernel, or None."""
+  lhs_spec, rhs_spec, _ = params["dimension_numbers"]
   contract = tuple(sorted(d for d in range(w.ndim) if d != rhs_spec[0]))
-  if (
-    q.act_bits is None
-    or not _integer_ok(q)
-    or q.input_scale is not None
-    or tuple(w.shape) != q.shape
-    or contract != q.contract_dims
-    or params["feature_group_count"] != 1
-    or params["batch_group_count"] != 1
-  ):
-    return None
+  groups = params["feature_group_count"]
+  if not _integer_ok(q):
+    return f"its {q.format} codes have no int8 conv"
+  if q.input_scale is not None:
+    return "it carries a SmoothQuant input scale, which the integer conv does not apply"
+  if tuple(w.shape) != q.shape:
+    return f"it is reshaped from {q.shape} to {tuple(w.shape)} before its conv"
+  if contract != q.contract_dims:
+    return f"its conv contracts axes {contract}, but it was quantized over {q.contract_dims}"
+  if groups != 1:
+    kind = "depthwise" if w.shape[rhs_spec[1]] == 1 else "grouped"
+    return f"it is a {kind} conv (feature_group_count={groups}); the integer conv is ungrouped"
+  if params["batch_group_count"] != 1:
+    return f"its conv has batch_group_count={params['batch_group_count']}"
+  return None
+
+
+def _conv(params, invals, q):
+  """The integer conv of a kernel `_conv_refusal` accepts (float32 rescale, then cast)."""
+  x = invals[0]
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   axes = tuple(d for d in range(x.ndim) if d != lhs_spec[0])
   xq, sx = _act_codes(x.astype(jnp.float32), q, axes)
   wq, g = _conv_kernel_codes(q, rhs_spec[0])
@@ -167,28 +188,141 @@ def _conv(params, invals, in_src, qs):
   return out.astype(params.get("preferred_element_type") or x.dtype)
 
 
-def quantized_apply(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+def fake_quant_activation(x: jax.Array, q: QArray, axes: tuple[int, ...]) -> jax.Array:
+  """`x` rounded to the codes the integer path would give it, dequantized (x's dtype).
+
+  One scale per slice over `axes` (a dot's contracting axes: per token; all but a conv's
+  batch axis: per example), or the calibrated static scale. A SmoothQuant static scale was
+  calibrated for `x / input_scale`, which a fallback cannot form, so those use dynamic scales.
+  """
+  static = q if q.input_scale is None else dataclasses.replace(q, act_scale=None)
+  xq, sx = _act_codes(x.astype(jnp.float32), static, axes)
+  return (xq * sx).astype(x.dtype)
+
+
+class IntegerPathError(JaxshrinkError):
+  """`quantized_apply(..., strict=True)`: a W8A8 kernel cannot run on the integer path."""
+
+
+class IntegerPathWarning(UserWarning):
+  """A W8A8 kernel runs in float (fake-quantized activations), not on the integer path."""
+
+
+_FIX = (
+  "Store the kernel in the shape and layout its op consumes (and quantize it with matching "
+  "`contract_dims`), or quantize it weight-only (`activation_bits: null`)"
+)
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+  """Path of every leaf (encodings are leaves), without linen's `params/` prefix."""
+  prefix = "params/" if params_of(tree) is not tree else ""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_encoding)[0]
+  return [path_string(kp).removeprefix(prefix) for kp, _ in flat]
+
+
+def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   """`apply(ctree, *args)` running `apply_fn` with every W8A8 `QArray` on the integer path.
 
-  Leaves that are other encodings (or weight-only QArrays) are materialized inside `jit`.
+  Leaves that are other encodings (or weight-only QArrays) are materialized inside `jit`. A
+  W8A8 kernel the integer path cannot take (batched or reshaped kernels, one used through a
+  transpose or other layout op, grouped/depthwise convs, fp8 codes) still gets its
+  activations quantized as the integer path would (`fake_quant_activation`) and multiplied in
+  float by the dequantized kernel, with an `IntegerPathWarning` naming the leaf and why; a
+  kernel whose value passes through an op the replay does not follow (e.g. `mul`, `scan`) is
+  named too, as that use runs in float with float activations.
+
+  Args:
+    apply_fn: `(params, *args) -> outputs`, linen, nnx or pure.
+    strict: raise `IntegerPathError` (at trace time) instead of warning.
+
+  Raises:
+    IntegerPathError: with `strict=True`, naming each such leaf, the reason and the fix.
   """
 
   def apply(ctree, *args):
     leaves, treedef = jax.tree.flatten(ctree, is_leaf=is_encoding)
-    qs = {str(i): leaf for i, leaf in enumerate(leaves) if isinstance(leaf, QArray)}
+    names = _leaf_paths(ctree)
+    qs = {names[i]: leaf for i, leaf in enumerate(leaves) if isinstance(leaf, QArray)}
+    w8a8 = {p for p, q in qs.items() if q.act_bits is not None}
     dense = [leaf.materialize() if is_encoding(leaf) else leaf for leaf in leaves]
     params = jax.tree.unflatten(treedef, dense)
+    off_path: dict[str, list[str]] = {}  # path -> reasons, in the order they were met
+
+    def note(path, reason, quantized):
+      # A fallback quantizes activations; an op the replay does not follow cannot.
+      effect = "runs in float on fake-quantized activations" if quantized else (
+        "that use runs in float with float activations")  # fmt: skip
+      reasons = off_path.setdefault(path, [])
+      if f"{reason}: {effect}" not in reasons:
+        reasons.append(f"{reason}: {effect}")
 
     def substitute(eqn, invals, in_src):
       name = eqn.primitive.name
-      if name not in ("dot_general", "conv_general_dilated"):
+      if name not in _OP:
+        for i, src in enumerate(in_src):
+          if _source(src) in w8a8 and not (i == 0 and name in FOLLOWED_OPS):
+            note(_source(src), f"it passes through `{name}`, which is not followed", False)
         return None
-      if not any(p in qs for p in in_src[:2]):
+      w_index = 1 if _source(in_src[1]) in qs else 0 if _source(in_src[0]) in qs else None
+      if w_index is None:
         return None
-      fn = _dot if name == "dot_general" else _conv
-      out = fn(eqn.params, invals, in_src, qs)
-      return None if out is None else [out]
+      src = in_src[w_index]
+      q = qs[_source(src)]
+      if name == "conv_general_dilated" and w_index == 0:
+        return None  # a kernel as the conv's input: nothing to substitute
+      if isinstance(src, Derived):
+        out, why = None, f"it reaches its {_OP[name]} through `{src.op}`"
+      elif name == "dot_general":
+        out, why = _dot(eqn.params, invals, w_index, q)
+      elif q.act_bits is None:
+        return None  # weight-only conv: the materialized kernel is exact
+      else:
+        why = _conv_refusal(q, eqn.params, invals[1])
+        out = _conv(eqn.params, invals, q) if why is None else None
+      if q.act_bits is None or why is None:
+        return None if out is None else [out]
+      note(_source(src), why, True)
+      if out is not None:  # fp8 dot: the integer path's numerics, emulated in float
+        return [out]
+      x_index = 1 - w_index
+      if name == "dot_general":
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        axes = tuple(rc if x_index == 1 else lc)
+      else:
+        batch_axis = eqn.params["dimension_numbers"][0][0]
+        axes = tuple(d for d in range(invals[0].ndim) if d != batch_axis)
+      invals = list(invals)
+      invals[x_index] = fake_quant_activation(invals[x_index], q, axes)
+      out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+      return [out]
 
-    return replay_with(apply_fn, params, args, {int(i): i for i in qs}, substitute)
+    index = {i: path for i, path in enumerate(names) if path in qs}
+    out = replay_with(apply_fn, params, args, index, substitute, layout_ops=LAYOUT_OPS)
+    _report(off_path, qs, strict)
+    return out
 
   return apply
+
+
+_OP = {"dot_general": "matmul", "conv_general_dilated": "conv"}
+
+
+def _source(src) -> str | None:
+  return src.path if isinstance(src, Derived) else src
+
+
+def _report(off_path: dict[str, list[str]], qs: dict[str, QArray], strict: bool) -> None:
+  lines = [f"`{path}` (int{qs[path].act_bits} activations): {'; '.join(why)}"
+           for path, why in off_path.items()]  # fmt: skip
+  if lines and strict:
+    raise IntegerPathError(
+      f"W8A8 kernels off the integer path: {' | '.join(lines)}. {_FIX}; or call "
+      "`quantized_apply` without `strict=True` to accept the float fallback."
+    )
+  for line in lines:
+    warnings.warn(
+      f"{line}. {_FIX}; `quantized_apply(..., strict=True)` makes this an error.",
+      IntegerPathWarning,
+      stacklevel=3,
+    )
