@@ -12,7 +12,7 @@ import pytest
 import jaxshrink.quant.stage  # noqa: F401  (registers the `quantize` stage)
 from jaxshrink import cli, data, export, models, recipes
 from jaxshrink.encoding import materialize
-from jaxshrink.errors import JaxshrinkError, NoMatchError
+from jaxshrink.errors import JaxshrinkError, NoMatchError, UsageError
 from jaxshrink.quant import QArray, QuantSpec
 from jaxshrink.quant.calibrate import calibrate
 from jaxshrink.quant.ptq import LayerQuant, ptq, quantize_params
@@ -106,6 +106,28 @@ def test_qat_apply_grad_and_convert(zoo):
   assert float(jnp.abs(grads["conv1"]["kernel"]).sum()) > 0
   ctree = convert(params, ".*kernel", QuantSpec(bits=2))
   assert ctree["dense1"]["kernel"].codes.shape == (256, 128)  # 4 codes per byte
+
+
+def test_minmax_calibration_is_refused_naming_absmax(zoo):
+  """`minmax` equalled `absmax` (symmetric codes); it is a usage error naming the replacement."""
+  model, _, params, batches = zoo
+  if model.framework == "nnx":
+    pytest.skip("argument checks do not depend on the framework")
+  with pytest.raises(UsageError, match="`method` 'minmax' was removed.*Set `method` to 'absmax'"):
+    calibrate(model.apply, params, batches, "dense.*kernel", method="minmax")
+  with pytest.raises(UsageError, match="`calibration` 'minmax' was removed.*to 'absmax'"):
+    ptq(model.apply, params, batches, ".*kernel", QuantSpec(), activation_bits=8,
+        calibration="minmax")  # fmt: skip
+  with pytest.raises(
+    ValueError, match=r"must be one of \['absmax', 'percentile', 'mse'\]; got 'max'"
+  ):
+    calibrate(model.apply, params, batches, "dense.*kernel", method="max")
+  recipe = recipes.parse_recipe({
+    "model": "digits-cnn",
+    "stages": [{"quantize": {"activation_bits": 8, "calibration": "minmax"}}],
+  })  # fmt: skip
+  with pytest.raises(UsageError, match="`calibration` 'minmax' was removed"):
+    recipes.run_recipe(recipe, progress=False)
 
 
 def test_bad_input(zoo):

@@ -3,7 +3,8 @@
 Statistics of the inputs that meet each kernel come from `capture.collect`, which replays the
 user's apply function (linen, nnx or pure), so no module needs instrumenting. Methods:
 
-- `absmax` (a.k.a. minmax for symmetric codes): the largest |x| seen;
+- `absmax`: the largest |x| seen (activation codes are symmetric, so a separate min and max
+  would give the same range: the former alias `minmax` is refused with a usage error);
 - `percentile`: the `percentile`-th percentile of |x| over a row sample (clips outliers);
 - `mse`: the clipping value on a grid that minimizes the quantization MSE on the sample.
 
@@ -22,9 +23,13 @@ import numpy as np
 from jax import lax
 
 from jaxshrink.capture import Reducer, Site, absmax_reducer, collect
+from jaxshrink.errors import UsageError
 from jaxshrink.tree import Rule
 
-METHODS = ("absmax", "minmax", "percentile", "mse")
+METHODS = ("absmax", "percentile", "mse")
+# Former names and their replacements. `minmax` computed exactly what `absmax` does (the
+# activation codes are symmetric: one scale, no zero point), so it is refused by name.
+REMOVED_METHODS = {"minmax": "absmax"}
 # Rows kept per kernel for percentile / MSE calibration.
 SAMPLE_ROWS = 2048
 
@@ -69,10 +74,27 @@ def _fq_error(x: np.ndarray, clip: float, bits: int) -> float:
   return float(np.mean((x - np.clip(np.round(x / s), -qmax, qmax) * s) ** 2))
 
 
+def check_method(method: str, argument: str = "method") -> None:
+  """Raises unless `method` is one of `METHODS`, naming `argument` (e.g. `calibration`).
+
+  Raises:
+    UsageError: a removed method (names its replacement). ValueError: an unknown one.
+  """
+  if method in REMOVED_METHODS:
+    raise UsageError(
+      f"Calibration `{argument}` {method!r} was removed: activation codes are symmetric, so it "
+      f"gave exactly the range of {REMOVED_METHODS[method]!r}. Set `{argument}` to "
+      f"{REMOVED_METHODS[method]!r} (or 'percentile' / 'mse' to clip outliers)."
+    )
+  if method not in METHODS:
+    raise ValueError(f"Calibration `{argument}` must be one of {list(METHODS)}; got {method!r}.")
+
+
 def choose_clip(sample: np.ndarray, absmax: float, method: str, *, bits: int = 8,
                 percentile: float = 99.99) -> float:  # fmt: skip
   """Clipping value of one tensor's activations for `method`."""
-  if method in ("absmax", "minmax") or sample.size == 0:
+  check_method(method)
+  if method == "absmax" or sample.size == 0:
     return float(absmax)
   if method == "percentile":
     return float(min(np.percentile(np.abs(sample), percentile), absmax))
@@ -96,17 +118,17 @@ def calibrate(
 
   Args:
     apply_fn, params, batches, rule: as `capture.collect`.
-    method: `absmax`, `minmax`, `percentile` or `mse`.
+    method: `absmax`, `percentile` or `mse`.
     bits: activation bits (MSE search only).
     percentile: for `percentile`.
     input_scales: optional `{path: (K,)}`; the clip is computed for `x / input_scale`
       (SmoothQuant's migrated activations).
 
   Raises:
-    ValueError: unknown method. JaxshrinkError: empty or non-finite calibration data.
+    ValueError: unknown method. UsageError: `minmax` (removed; use `absmax`).
+    JaxshrinkError: empty or non-finite calibration data.
   """
-  if method not in METHODS:
-    raise ValueError(f"Calibration `method` must be one of {list(METHODS)}; got {method!r}.")
+  check_method(method)
   reducers = {"absmax": absmax_reducer()}
   if method in ("percentile", "mse"):
     reducers["sample"] = sample_reducer()

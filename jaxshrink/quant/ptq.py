@@ -23,7 +23,7 @@ from jaxshrink.capture import kernel_matrix
 from jaxshrink.encoding import Encoding
 from jaxshrink.errors import NoMatchError
 from jaxshrink.quant import numerics
-from jaxshrink.quant.calibrate import calibrate, check_batches
+from jaxshrink.quant.calibrate import calibrate, check_batches, check_method
 from jaxshrink.quant.qarray import QArray, default_contract_dims, normalize_contract_dims
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.tree import Rule, as_rule, flatten, map_with_path, no_match_message, select
@@ -176,15 +176,17 @@ def ptq(
     spec: default weight spec (or a `LayerQuant`).
     activation_bits: None for weight-only, 8 for W8A8 (default for layers without override).
     static_activations: store calibrated activation scales (else dynamic per token).
-    calibration: `absmax`, `minmax`, `percentile` or `mse` clipping of activations.
+    calibration: `absmax`, `percentile` or `mse` clipping of activations.
     percentile: for `percentile`.
     smooth_alpha: SmoothQuant migration strength (0..1) for Dense-like kernels; None = off.
     overrides: per-rule settings, as in `quantize_params`.
 
   Raises:
     JaxshrinkError: empty calibration set or NaN/Inf in it. NoMatchError: a rule matches
-      nothing.
+      nothing. UsageError: `calibration="minmax"` (removed; use `absmax`). ValueError: an
+      unknown `calibration`.
   """
+  check_method(calibration, "calibration")  # before any calibration batch runs
   base = spec if isinstance(spec, LayerQuant) else LayerQuant(spec, activation_bits)
   layers = resolve_layers(params, rule, base, overrides)
   batches = check_batches(batches)
@@ -199,7 +201,7 @@ def ptq(
       if st.site.op == "dot_general" and layers[path].activation_bits is not None:
         w2d = np.asarray(kernel_matrix(flat[path], st.site.contract_dims))
         input_scales[path] = smooth_scales(st.absmax, w2d, smooth_alpha)
-  if calibration not in ("absmax", "minmax") or input_scales:
+  if calibration != "absmax" or input_scales:
     stats = calibrate(
       apply_fn, params, batches, kernel_rule, method=calibration, percentile=percentile,
       input_scales=input_scales,
