@@ -100,6 +100,26 @@ def test_bad_layer_inputs(layer):
 # --- tiny-lm: the end-to-end target -------------------------------------------------------
 
 
+def test_overrides_set_per_layer_specs_and_keep_layers_float(layer):
+  x, w, _, _ = layer
+  b = np.random.default_rng(2).normal(size=(N, 8)).astype(np.float32)
+  params = {"a": {"kernel": jnp.asarray(w)}, "b": {"kernel": jnp.asarray(b)}}
+
+  def apply(p, x):
+    return jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+
+  rule, spec = Rule(".*kernel"), QuantSpec(bits=4)
+  base = awq(apply, params, [x], rule, spec)
+  overrides = [("b/kernel", QuantSpec(bits=3, group_size=16)), ("a/kernel", None)]
+  tree = awq(apply, params, [x], rule, spec, overrides=overrides)
+  assert tree["a"]["kernel"] is params["a"]["kernel"]
+  q = tree["b"]["kernel"]
+  assert (q.bits, q.group_size, q.input_scale.shape) == (3, 16, (N,))
+  assert not np.array_equal(q.codes, base["b"]["kernel"].codes)
+  with pytest.raises(ValueError, match="AWQ produces integer codes.*`b/kernel`"):
+    awq(apply, params, [x], rule, spec, overrides=[("b/kernel", QuantSpec(format="fp8_e5m2"))])
+
+
 @pytest.fixture(scope="module")
 def lm(tiny_lm_calibration):
   model, params, subset, batches = tiny_lm_calibration(seed=1, windows=128)

@@ -10,6 +10,7 @@ import pytest
 from jaxshrink.errors import JaxshrinkError, NoMatchError
 from jaxshrink.quant import QArray, QuantSpec, quantize
 from jaxshrink.quant.gptq import gptq, gptq_kernel, gptq_matrix
+from jaxshrink.quant.ptq import LayerQuant
 from jaxshrink.tree import Rule, flatten, map_selected
 
 K, N, ROWS = 48, 24, 256
@@ -163,6 +164,33 @@ def test_bad_layer_inputs(layer):
     gptq_matrix(jnp.asarray(w), h, QuantSpec(bits=4), block_size=0)
   with pytest.raises(TypeError, match="must be a jaxshrink.quant.QuantSpec"):
     gptq_matrix(jnp.asarray(w), h, {"bits": 4})
+
+
+def _two_layers(p, x):
+  return jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+
+
+def test_overrides_set_per_layer_specs_and_keep_layers_float(layer):
+  x, w, _ = layer
+  b = np.random.default_rng(2).normal(size=(N, 8)).astype(np.float32)
+  params = {"a": {"kernel": jnp.asarray(w)}, "b": {"kernel": jnp.asarray(b)}}
+  rule, spec = Rule(".*kernel"), QuantSpec(bits=4)
+  base = gptq(_two_layers, params, [x], rule, spec)
+  tree = gptq(_two_layers, params, [x], rule, spec, overrides=[("b/kernel", QuantSpec(bits=8))])
+  assert (tree["a"]["kernel"].bits, tree["b"]["kernel"].bits) == (4, 8)
+  # Each layer sees the float model's inputs: an override changes no other layer.
+  np.testing.assert_array_equal(tree["a"]["kernel"].codes, base["a"]["kernel"].codes)
+  skipped = gptq(_two_layers, params, [x], rule, spec, overrides=[("a/.*", None)])
+  assert skipped["a"]["kernel"] is params["a"]["kernel"]
+  np.testing.assert_array_equal(skipped["b"]["kernel"].codes, base["b"]["kernel"].codes)
+  assert gptq(_two_layers, params, [x], rule, spec, overrides=[(".*", None)]) is params
+  with pytest.raises(ValueError, match="GPTQ quantizes weights only.*`b/kernel`"):
+    gptq(_two_layers, params, [x], rule, spec, overrides=[("b/kernel", LayerQuant(spec, 8))])
+  with pytest.raises(ValueError, match="GPTQ produces integer codes.*`b/kernel`"):
+    gptq(_two_layers, params, [x], rule, spec,
+         overrides=[("b/kernel", QuantSpec(format="fp8_e4m3"))])  # fmt: skip
+  with pytest.raises(NoMatchError, match="Override"):
+    gptq(_two_layers, params, [x], rule, spec, overrides=[("c/kernel", None)])
 
 
 # --- tiny-lm: the end-to-end target -------------------------------------------------------

@@ -34,10 +34,11 @@ import jax.numpy as jnp
 from jaxshrink import capture
 from jaxshrink.capture import kernel_matrix
 from jaxshrink.quant import numerics
-from jaxshrink.quant.gptq import check_spec
+from jaxshrink.quant.gptq import check_spec, layer_specs, paths_rule
+from jaxshrink.quant.ptq import Overrides
 from jaxshrink.quant.qarray import QArray, normalize_contract_dims
 from jaxshrink.quant.spec import QuantSpec
-from jaxshrink.tree import Rule, map_selected, select
+from jaxshrink.tree import Rule, map_with_path
 
 # Floor on the per-channel activation magnitude, so channels that were never active
 # do not produce zero or infinite scales.
@@ -182,6 +183,7 @@ def awq(
   *,
   grid: int = 20,
   clip: bool = True,
+  overrides: Overrides = (),
 ) -> Any:
   """AWQ-quantizes the kernels selected by `rule`, from calibration batches.
 
@@ -193,6 +195,8 @@ def awq(
     spec: bits, symmetry and granularity (integer format), weight-only.
     grid: number of `α` values searched per kernel.
     clip: also search a per-channel clipping ratio (see `awq_matrix`).
+    overrides: `[(rule, QuantSpec | None)]`: per-layer specs; None keeps a layer float. Later
+      ones win.
 
   Returns:
     The tree with `QArray` leaves (`input_scale` set) for the selected kernels.
@@ -203,14 +207,19 @@ def awq(
 
   >>> tree = awq(model.apply, params, batches, Rule(".*kernel", min_ndim=2), QuantSpec(bits=4))
   """
-  spec = check_spec(spec, "AWQ")
+  # A rule that matches nothing raises NoMatchError listing the paths.
+  specs = layer_specs(params, rule, spec, overrides, "AWQ")
   if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
     raise ValueError(f"`grid` must be a positive int; got {grid!r}. 20 is typical.")
-  select(params, rule)  # a rule that matches nothing raises NoMatchError listing the paths
+  if not specs:  # every selected layer was kept float
+    return params
   reducers = {"gram": capture.gram_reducer(), "abs": abs_mean_reducer()}
-  collected = capture.collect(apply_fn, params, batches, rule, reducers)
+  collected = capture.collect(apply_fn, params, batches, paths_rule(specs), reducers)
 
-  def quantize_leaf(path: str, kernel: jax.Array) -> QArray:
+  def quantize_leaf(path: str, kernel: Any) -> Any:
+    if path not in specs:
+      return kernel
+    leaf_spec = specs[path]
     stats, site = collected.stats[path], collected.sites[path]
     dims = normalize_contract_dims(site.contract_dims, kernel.ndim, path)
     gram, count = stats["gram"]
@@ -219,19 +228,19 @@ def awq(
       kernel_matrix(kernel, dims),
       gram / count,
       total / count,
-      spec,
+      leaf_spec,
       grid=grid,
       clip=clip,
       path=path,
     )
     note = f"awq alpha={alpha:g}"
-    if spec.grouped and spec.group_size > codes.shape[0]:
-      note = f"g{spec.group_size} > K={codes.shape[0]}: per-channel; {note}"
+    if leaf_spec.grouped and leaf_spec.group_size > codes.shape[0]:
+      note = f"g{leaf_spec.group_size} > K={codes.shape[0]}: per-channel; {note}"
     return QArray.from_codes(
       codes,
       scale,
       zp,
-      spec,
+      leaf_spec,
       shape=kernel.shape,
       dtype=kernel.dtype,
       contract_dims=dims,
@@ -239,4 +248,4 @@ def awq(
       note=note,
     )
 
-  return map_selected(quantize_leaf, params, rule)
+  return map_with_path(quantize_leaf, params)

@@ -23,6 +23,8 @@ Implementation notes (what this module does, and why):
   are rounded to nearest; the error of other rows never reaches them.
 - All selected layers are quantized from the float model's activations (one calibration pass,
   memory `K × K` per layer), not sequentially through already-quantized layers.
+- `overrides` give layers their own spec, or keep them float (None), as in
+  `jaxshrink.quant.ptq.quantize_params`; only the layers that end up quantized are calibrated.
 
 >>> tree = gptq(model.apply, params, batches, Rule(".*kernel", min_ndim=2), QuantSpec(bits=4))
 >>> tree["block_0"]["mlp"]["fc1"]["kernel"].codes.dtype      # packed int4
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,9 +48,10 @@ from jax import lax
 from jaxshrink.capture import kernel_matrix
 from jaxshrink.hessian import collect_hessians, damped_inverse_cholesky
 from jaxshrink.quant import numerics
+from jaxshrink.quant.ptq import LayerQuant, Overrides, resolve_layers
 from jaxshrink.quant.qarray import QArray, normalize_contract_dims
 from jaxshrink.quant.spec import QuantSpec
-from jaxshrink.tree import Rule, map_selected
+from jaxshrink.tree import Rule, map_with_path
 
 
 def check_spec(spec: QuantSpec, method: str, path: str = "<array>") -> QuantSpec:
@@ -64,6 +68,37 @@ def check_spec(spec: QuantSpec, method: str, path: str = "<array>") -> QuantSpec
       "format 'int', or method 'rtn' for fp8."
     )
   return dataclasses.replace(spec, rounding="nearest")
+
+
+def layer_specs(
+  params: Any, rule: Rule | str, spec: QuantSpec, overrides: Overrides, method: str
+) -> dict[str, QuantSpec]:
+  """`{path: spec}` of the kernels a weight-only method quantizes.
+
+  `rule` selects kernels for `spec`; `overrides` (`[(rule, QuantSpec | None)]`, later ones win)
+  give some their own spec or keep them float (None), as in `quantize_params`.
+
+  Raises:
+    NoMatchError: the rule or an override's rule matches nothing.
+    ValueError: a spec the method cannot produce, or an override asking for activation bits.
+  """
+  base = check_spec(spec, method)
+  layers = resolve_layers(params, rule, LayerQuant(base), overrides)
+  specs = {}
+  for path, layer in layers.items():
+    if layer.activation_bits is not None:
+      raise ValueError(
+        f"{method} quantizes weights only; the override for `{path}` asks for "
+        f"activation_bits={layer.activation_bits}. Pass a QuantSpec (or None) in `overrides`; "
+        "the `quantize` recipe stage adds W8A8 activations on top of it."
+      )
+    specs[path] = check_spec(layer.spec, method, path)
+  return specs
+
+
+def paths_rule(paths: Iterable[str]) -> Rule:
+  """A rule selecting exactly `paths` (what is left to calibrate after overrides)."""
+  return Rule(include="|".join(re.escape(p) for p in paths))
 
 
 def _row_spec(spec: QuantSpec) -> QuantSpec:
@@ -271,6 +306,7 @@ def gptq(
   damp: float = 0.01,
   act_order: bool = False,
   block_size: int = 128,
+  overrides: Overrides = (),
 ) -> Any:
   """GPTQ-quantizes the kernels selected by `rule`, from calibration batches.
 
@@ -283,6 +319,8 @@ def gptq(
     damp: relative Hessian damping; retried 10x larger when a Cholesky fails.
     act_order: visit input channels by decreasing activation energy.
     block_size: rows per lazy-update block.
+    overrides: `[(rule, QuantSpec | None)]`: per-layer specs; None keeps a layer float. Later
+      ones win.
 
   Returns:
     The tree with `QArray` leaves for the selected kernels, other leaves unchanged.
@@ -291,17 +329,22 @@ def gptq(
     JaxshrinkError: empty calibration set, NaN/Inf in a batch, a rule matching nothing, or a
       Hessian that stays singular. ValueError: unsupported bits or format, NaN weights.
 
-  >>> tree = gptq(model.apply, params, batches, Rule(".*kernel"), QuantSpec(bits=4, group_size=32))
+  >>> tree = gptq(model.apply, params, batches, Rule(".*kernel"), QuantSpec(bits=4, group_size=32),
+  ...             overrides=[("head/kernel", QuantSpec(bits=8)), ("embed/.*", None)])
   """
-  spec = check_spec(spec, "GPTQ")
-  hessians = collect_hessians(apply_fn, params, batches, rule)
+  specs = layer_specs(params, rule, spec, overrides, "GPTQ")
+  if not specs:  # every selected layer was kept float
+    return params
+  hessians = collect_hessians(apply_fn, params, batches, paths_rule(specs))
 
-  def quantize_leaf(path: str, kernel: jax.Array) -> QArray:
+  def quantize_leaf(path: str, kernel: Any) -> Any:
+    if path not in specs:
+      return kernel
     h, site = hessians[path]
     return gptq_kernel(
       kernel,
       h,
-      spec,
+      specs[path],
       contract_dims=site.contract_dims,
       damp=damp,
       act_order=act_order,
@@ -309,4 +352,4 @@ def gptq(
       path=path,
     )
 
-  return map_selected(quantize_leaf, params, rule)
+  return map_with_path(quantize_leaf, params)
