@@ -1,4 +1,12 @@
-"""The `quantize` recipe stage: RTN, calibrated W8A8 PTQ, SmoothQuant, QAT, GPTQ, AWQ."""
+"""The `quantize` recipe stage: RTN, calibrated W8A8 PTQ, SmoothQuant, QAT, GPTQ, AWQ.
+
+Every key is read by some method, and no key is accepted and then ignored: a key the chosen
+method does not read, set to anything but its default, is a `UsageError` naming the key, the
+method and the fix (`grid` with gptq, `alpha` with rtn, `calibration` on a weight-only run, ...).
+`overrides` and W8A8 activations (`activation_bits`, `calibration`, `static_activations`) work
+with every method: GPTQ and AWQ quantize the weights, then each kernel whose layer has
+activation bits gets the static (or dynamic) activation scale that `ptq` would give it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from jaxshrink.errors import UsageError
-from jaxshrink.quant.ptq import LayerQuant, ptq, quantize_params
+from jaxshrink.quant.calibrate import calibrate
+from jaxshrink.quant.ptq import LayerQuant, ptq, quantize_params, resolve_layers
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
-from jaxshrink.tree import Rule
+from jaxshrink.tree import Rule, flatten, map_with_path
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "qat")
 SPEC_KEYS = ("weight_bits", "activation_bits", "group_size", "symmetric", "format")
@@ -36,6 +45,17 @@ OPTIONS = {
   "grid": 20,  # AWQ: points of the scale-exponent search
   "overrides": [],
 }
+# Keys only some methods read, and what they mean (for the refusal's message).
+METHOD_KEYS = {
+  "steps": (("qat",), "QAT fine-tuning steps"),
+  "learning_rate": (("qat",), "the QAT learning rate"),
+  "alpha": (("smoothquant",), "SmoothQuant's migration strength"),
+  "act_order": (("gptq",), "GPTQ's input order"),
+  "damp": (("gptq",), "GPTQ's Hessian damping"),
+  "grid": (("awq",), "AWQ's scale-exponent search"),
+}
+# Methods that calibrate even weight-only (Hessians, activation magnitudes, channel maxima).
+CALIBRATED = ("gptq", "awq", "smoothquant")
 
 
 def _layer(settings: dict[str, Any], where: str) -> LayerQuant:
@@ -60,13 +80,71 @@ def _overrides(options: dict[str, Any]) -> list:
         f"Unknown key(s) {sorted(unknown)} in `overrides[{i}]` of `quantize`; valid: target, "
         f"exclude, skip, {', '.join(SPEC_KEYS)}."
       )
+    skip = entry.get("skip", False)
+    if not isinstance(skip, bool):
+      raise UsageError(f"`overrides[{i}].skip` of `quantize` must be true or false; got {skip!r}.")
     rule = Rule(include=entry["target"], exclude=entry.get("exclude"))
-    if entry.get("skip"):
+    if skip:
+      ignored = sorted(set(entry) & set(SPEC_KEYS))
+      if ignored:
+        raise UsageError(
+          f"`overrides[{i}]` of `quantize` has `skip: true`, which keeps its layers float, and "
+          f"also sets {', '.join(ignored)}; remove those keys or the `skip`."
+        )
       out.append((rule, None))
       continue
     merged = {k: entry.get(k, options[k]) for k in SPEC_KEYS}
     out.append((rule, _layer(merged, f"overrides[{i}]")))
   return out
+
+
+def _check_keys(options: dict[str, Any], layers: dict[str, LayerQuant]) -> None:
+  """Refuses every key the method would not read (set away from its default)."""
+  method = options["method"]
+
+  def refuse(key: str, why: str, fix: str) -> None:
+    raise UsageError(
+      f"`{key}: {options[key]!r}` of `quantize` does not apply to method `{method}`: {why}. {fix}"
+    )
+
+  for key, (methods, meaning) in METHOD_KEYS.items():
+    if method not in methods and options[key] != OPTIONS[key]:
+      refuse(key, f"it sets {meaning}", f"Remove `{key}`, or use method `{methods[0]}`.")
+  if method in ("gptq", "awq"):
+    for i, entry in enumerate(options["overrides"]):
+      if entry.get("format", "int") != "int":
+        raise UsageError(
+          f"`overrides[{i}].format: {entry['format']!r}` of `quantize`: method `{method}` "
+          "produces integer codes. Use format `int`, or method `rtn` for fp8."
+        )
+    if options["format"] != "int":
+      refuse("format", f"{method} produces integer codes", "Use format `int`, or method `rtn`.")
+  if any(layer.activation_bits for layer in layers.values()):
+    if not options["static_activations"] and options["calibration"] != OPTIONS["calibration"]:
+      refuse(
+        "calibration",
+        "it chooses the static activation clip, and `static_activations: false` computes "
+        "scales per token at run time",
+        "Remove `calibration`, or set `static_activations: true`.",
+      )
+    return
+  if method == "smoothquant":
+    raise UsageError(
+      "Method `smoothquant` of `quantize` migrates activation outliers into the weights for "
+      "W8A8, but no layer has `activation_bits`. Set `activation_bits: 8`, or use method `rtn` "
+      "for weight-only quantization."
+    )
+  fix = "Set `activation_bits: 8` for W8A8, or remove `{}`."
+  for key in ("calibration", "static_activations"):
+    if options[key] != OPTIONS[key]:
+      refuse(key, "it sets how activations are quantized and no layer has `activation_bits`",
+             fix.format(key))  # fmt: skip
+  if method not in CALIBRATED and options["calibration_batches"] != OPTIONS["calibration_batches"]:
+    refuse(
+      "calibration_batches",
+      f"weight-only {method} reads no calibration data",
+      fix.format("calibration_batches"),
+    )
 
 
 def calibration_batches(pipeline: Pipeline, count: int) -> list:
@@ -76,6 +154,50 @@ def calibration_batches(pipeline: Pipeline, count: int) -> list:
   x = np.asarray(pipeline.dataset.x_train)
   size = pipeline.model.batch_size
   return [x[i * size : (i + 1) * size] for i in range(count) if i * size < len(x)]
+
+
+def with_activations(
+  apply_fn: Any,
+  params: Any,
+  ctree: Any,
+  batches: list,
+  layers: dict[str, LayerQuant],
+  *,
+  calibration: str = "absmax",
+  static_activations: bool = True,
+) -> Any:
+  """Adds activation quantization to the `QArray`s of `ctree` whose layer has activation bits.
+
+  The activation scales are the ones `ptq` gives round-to-nearest kernels: `calibrate` on the
+  float `params` with the same clipping method, `scale = clip / (2^(bits-1) - 1)`, or dynamic
+  per-token scales when `static_activations` is False. A kernel with an `input_scale` (AWQ)
+  meets `x / input_scale`, so that is what its clip is calibrated on.
+  """
+  bits = {path: layer.activation_bits for path, layer in layers.items() if layer.activation_bits}
+  if not bits:
+    return ctree
+  flat = flatten(ctree)
+  stats = {}
+  if static_activations:
+    from jaxshrink.quant.gptq import paths_rule
+
+    input_scales = {
+      p: np.asarray(flat[p].input_scale) for p in bits if flat[p].input_scale is not None
+    }
+    stats = calibrate(
+      apply_fn, params, batches, paths_rule(bits), method=calibration, input_scales=input_scales
+    )
+
+  def visit(path: str, leaf: Any) -> Any:
+    if path not in bits:
+      return leaf
+    act_scale = None
+    if path in stats:
+      qmax = 2 ** (bits[path] - 1) - 1
+      act_scale = np.asarray([max(stats[path].clip, 1e-30) / qmax], np.float32)
+    return dataclasses.replace(leaf, act_bits=int(bits[path]), act_scale=act_scale)
+
+  return map_with_path(visit, ctree)
 
 
 @register_stage(
@@ -92,19 +214,21 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   layer = _layer(options, "quantize")
   overrides = _overrides(options)
   model, tree = pipeline.model, pipeline.tree
-  if (
-    method == "rtn"
-    and options["activation_bits"] is None
-    and not any(o and o.activation_bits for _, o in overrides)
-  ):
+  layers = resolve_layers(tree, rule, layer, overrides)
+  _check_keys(options, layers)
+  activations = any(q.activation_bits for q in layers.values())
+  if method == "rtn" and not activations:
     tree = quantize_params(tree, rule, layer, overrides=overrides)
     return dataclasses.replace(pipeline, tree=tree)
   batches = calibration_batches(pipeline, options["calibration_batches"])
+  act_options = {
+    "calibration": options["calibration"],
+    "static_activations": options["static_activations"],
+  }
   if method in ("rtn", "smoothquant"):
     tree = ptq(
-      model.apply, tree, batches, rule, layer, calibration=options["calibration"],
-      static_activations=options["static_activations"], overrides=overrides,
-      smooth_alpha=options["alpha"] if method == "smoothquant" else None,
+      model.apply, tree, batches, rule, layer, overrides=overrides,
+      smooth_alpha=options["alpha"] if method == "smoothquant" else None, **act_options,
     )  # fmt: skip
   elif method == "qat":
     from jaxshrink.quant.qat import convert, qat_finetune
@@ -114,24 +238,26 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       model.apply, tree, ds.x_train, ds.y_train, rule, layer, steps=options["steps"],
       learning_rate=options["learning_rate"], batch_size=model.batch_size, overrides=overrides,
     ).params  # fmt: skip
-    if layer.activation_bits is None:
-      tree = convert(trained, rule, layer, overrides=overrides)
+    if activations:
+      tree = ptq(model.apply, trained, batches, rule, layer, overrides=overrides, **act_options)
     else:
-      tree = ptq(model.apply, trained, batches, rule, layer, overrides=overrides)
-  elif method == "gptq":
-    from jaxshrink.quant.gptq import gptq
-
-    tree = gptq(
-      model.apply,
-      tree,
-      batches,
-      rule,
-      layer.spec,
-      damp=options["damp"],
-      act_order=options["act_order"],
-    )
+      tree = convert(trained, rule, layer, overrides=overrides)
   else:
-    from jaxshrink.quant.awq import awq
+    # GPTQ/AWQ quantize weights; the layers' activation bits are added on top.
+    weight_overrides = [(r, None if o is None else o.spec) for r, o in overrides]
+    if method == "gptq":
+      from jaxshrink.quant.gptq import gptq
 
-    tree = awq(model.apply, tree, batches, rule, layer.spec, grid=options["grid"])
+      quantized = gptq(
+        model.apply, tree, batches, rule, layer.spec, damp=options["damp"],
+        act_order=options["act_order"], overrides=weight_overrides,
+      )  # fmt: skip
+    else:
+      from jaxshrink.quant.awq import awq
+
+      quantized = awq(
+        model.apply, tree, batches, rule, layer.spec, grid=options["grid"],
+        overrides=weight_overrides,
+      )  # fmt: skip
+    tree = with_activations(model.apply, tree, quantized, batches, layers, **act_options)
   return dataclasses.replace(pipeline, tree=tree)
