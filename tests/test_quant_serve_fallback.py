@@ -163,3 +163,15 @@ def test_integer_layers_and_weight_only_stay_silent():
     warnings.simplefilter("error")
     y = jax.jit(quantized_apply(apply, strict=True))(ctree, IMG)
   assert y.shape == (2, 5) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_embedding_lookup_is_not_a_fallback():
+  """A W8A8 table read by `gather` has no activations: no warning, the matmul after is int8."""
+  emb = _w8(jax.random.normal(jax.random.key(7), (12, 16)), contract_dims=(1,))
+  w = _w8(jax.random.normal(jax.random.key(8), (16, 6)))
+  apply = lambda p, ids: p["emb"][ids] @ p["w"]  # noqa: E731
+  ids = jnp.asarray([0, 3, 11])
+  y = jax.jit(quantized_apply(apply, strict=True))({"emb": emb, "w": w}, ids)
+  rows = np.asarray(emb.materialize())[np.asarray(ids)]
+  reference = jnp.matmul(_fake_act(rows, (1,)), w.materialize(), precision=HIGH)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(reference), rtol=1e-5, atol=1e-5)

@@ -261,7 +261,7 @@ def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Ca
       name = eqn.primitive.name
       if name not in _OP:
         for i, src in enumerate(in_src):
-          if _source(src) in w8a8 and not (i == 0 and name in FOLLOWED_OPS):
+          if _source(src) in w8a8 and not (i == 0 and name in _NOT_MATMUL_INPUT):
             note(_source(src), f"it passes through `{name}`, which is not followed", False)
         return None
       w_index = 1 if _source(in_src[1]) in qs else 0 if _source(in_src[0]) in qs else None
@@ -306,6 +306,9 @@ def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Ca
 
 
 _OP = {"dot_general": "matmul", "conv_general_dilated": "conv"}
+# Ops whose first operand may be a W8A8 leaf without a float matmul on it: the followed ones,
+# and `gather` (an embedding lookup has no activations to quantize).
+_NOT_MATMUL_INPUT = FOLLOWED_OPS | {"gather"}
 
 
 def _source(src) -> str | None:
