@@ -1,12 +1,15 @@
 """Checkpoint safety: killed saves, damaged files, mismatched models, interop, sharding."""
 
+import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -192,3 +195,78 @@ def test_sharded_restore_on_8_simulated_devices(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().endswith("ok")
+
+
+CHECKS = Path(__file__).with_name("export_sharded_checks.py")
+
+
+def _sharded_run(directory, processes: int = 1) -> list[dict]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  port = []
+  if processes > 1:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = [f"127.0.0.1:{s.getsockname()[1]}", str(processes)]
+  procs = [
+    subprocess.Popen([sys.executable, str(CHECKS), str(directory), *port,
+                      *([str(i)] if port else [])], env=env, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for i in range(processes)
+  ]  # fmt: skip
+  results = []
+  try:
+    for proc in procs:
+      out, err = proc.communicate(timeout=300)
+      assert proc.returncode == 0, err[-3000:]
+      results.append(json.loads(out.strip().splitlines()[-1]))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+  return results
+
+
+def _check_sharded(result: dict) -> None:
+  assert result["codes_spec"] == "P('data', 'model')"
+  assert result["codes_local_shards"] == [[256, 512]]
+  assert result["codes_equal"]
+  assert result["hashed_whole_sharded"] == []  # no sharded array was hashed whole
+  assert "(256, 512) of (1024, 1024)" in result["hashed_blocks"]
+  assert "(256, 128) of (512, 512)" in result["hashed_blocks"]
+  assert result["corruption"].startswith("Checksum mismatch in leaf `dense/kernel` (array `codes`)")
+  assert result["unverified_loads"]
+
+
+def test_sharded_restore_verifies_local_shards_on_8_devices(tmp_path):
+  (result,) = _sharded_run(tmp_path / "ck")
+  _check_sharded(result)
+
+
+def test_sharded_restore_verifies_local_shards_on_2_processes(tmp_path):
+  results = _sharded_run(tmp_path / "ck", processes=2)
+  for result in results:
+    _check_sharded(result)
+  # Process 1 hashes only the shards it holds: the replicated small arrays are process 0's.
+  assert len(results[1]["hashed_blocks"]) < len(results[0]["hashed_blocks"])
+
+
+def test_partial_sums_over_any_blocks_add_up_to_the_digest():
+  from jaxshrink.export.digest import array_digest, as_hex, partial_sum
+
+  rng = np.random.default_rng(0)
+  for dtype, shape in (("int8", (10, 7)), ("float32", (6, 5, 3)), ("bfloat16", (9,)),
+                       ("uint8", ()), ("float16", (4, 0))):  # fmt: skip
+    a = rng.normal(size=shape).astype(dtype) if dtype != "uint8" else np.uint8(200).reshape(())
+    cuts = [sorted({0, d, *rng.integers(0, d + 1, 2).tolist()}) for d in a.shape]
+    total = 0
+    for index in itertools.product(*[list(zip(c, c[1:], strict=False)) for c in cuts]):
+      index = tuple(slice(lo, hi) for lo, hi in index)
+      total += partial_sum(a[index], index, a.shape)
+    assert as_hex(total) == array_digest(a), (dtype, shape)
+    if a.size:  # any one changed element changes the digest; so does a swap
+      b = a.copy().reshape(-1)
+      b.view(np.uint8)[0] ^= 1
+      assert array_digest(b.reshape(a.shape)) != array_digest(a)
+  a = np.arange(6, dtype=np.int32)
+  assert array_digest(a[::-1].copy()) != array_digest(a)

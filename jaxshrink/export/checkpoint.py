@@ -276,6 +276,12 @@ def load(
   for j, (leaf, name, _) in enumerate(owner):
     got, want = restored[j], flat[j]
     if tuple(got.shape) != want.shape or np.dtype(got.dtype) != np.dtype(want.dtype):
+      if isinstance(got, jax.Array) and jax.dtypes.canonicalize_dtype(want.dtype) == got.dtype:
+        raise CheckpointError(
+          f"Array `{name}` of leaf `{leaf['path']}` in `{directory}` is {want.dtype}, which "
+          f"JAX holds as {got.dtype} without `jax_enable_x64`; enable it or restore this leaf "
+          "without `shardings`."
+        )
       raise CheckpointError(
         f"Array `{name}` of leaf `{leaf['path']}` in `{directory}` is stored as {got.dtype} "
         f"{tuple(got.shape)}; the manifest says {want.dtype} {want.shape}. The checkpoint is "
