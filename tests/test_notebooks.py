@@ -13,14 +13,13 @@ import json
 import sys
 from pathlib import Path
 
+import ipykernel  # noqa: F401  (the kernel the notebooks run in)
+import nbclient
+import nbformat
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-
-from jaxshrink.data import cache_dir  # noqa: E402
-from jaxshrink.models.minilm import MINILM_PACKAGE, MINILM_PIP_COMMAND  # noqa: E402
+from jaxshrink.data import cache_dir
+from jaxshrink.models.minilm import MINILM_PACKAGE, MINILM_PIP_COMMAND
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb"))

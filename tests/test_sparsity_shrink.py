@@ -12,6 +12,7 @@ from jaxshrink import models
 from jaxshrink.cli import main
 from jaxshrink.errors import JaxshrinkError
 from jaxshrink.export import save
+from jaxshrink.models import bert
 from jaxshrink.models.configured import model_source, parse_model_source
 from jaxshrink.recipes import parse_recipe, run_recipe
 from jaxshrink.sparsity import Heads, Pruner, oneshot_prune, shrink_model
@@ -222,7 +223,6 @@ def test_heads_generic_bert_naming():
 
 
 def test_head_count_from_a_bert_config():
-  bert = pytest.importorskip("jaxshrink.models.bert")
   import functools
 
   class Fake:
@@ -238,7 +238,6 @@ def test_bert_encoder_head_shrink():
   import dataclasses
   import functools
 
-  bert = pytest.importorskip("jaxshrink.models.bert")
   fields = {f.name for f in dataclasses.fields(bert.BertConfig)}
   if not {"head_dim", "layer_heads"} <= fields:
     pytest.skip("BertConfig has no `head_dim` / `layer_heads` fields to rebuild a shrunk encoder")
