@@ -18,7 +18,7 @@ from jaxshrink.quant import QArray, QuantSpec
 from jaxshrink.quant.calibrate import calibrate
 from jaxshrink.quant.gptq import gptq
 from jaxshrink.quant.ptq import ptq
-from jaxshrink.quant.serve import quantized_apply
+from jaxshrink.quant.serve import IntegerPathWarning, quantized_apply
 from jaxshrink.quant.stage import METHOD_KEYS, METHODS, OPTIONS, SPEC_KEYS, quantize_stage
 from jaxshrink.recipes import RULE_OPTIONS, evaluate_tree
 from jaxshrink.tree import Rule, flatten
@@ -185,15 +185,19 @@ def test_awq_overrides_and_w8a8(pipeline):
     Rule("|".join(paths)),
     input_scales=scales,
   )
-  unscaled = calibrate(pipeline.model.apply, pipeline.tree, _batches(pipeline), Rule("dense2/kernel"))
+  unscaled = calibrate(
+    pipeline.model.apply, pipeline.tree, _batches(pipeline), Rule("dense2/kernel")
+  )
   for path in paths:
     assert tree[path].act_bits == 8 and tree[path].input_scale is not None
     np.testing.assert_allclose(tree[path].act_scale, [want[path].clip / 127], rtol=1e-6)
   assert tree["dense2/kernel"].act_scale[0] != pytest.approx(unscaled["dense2/kernel"].clip / 127)
   model, dataset = pipeline.model, pipeline.dataset
-  assert evaluate_tree(model, nested, dataset) >= (
-    evaluate_tree(model, pipeline.float_params, dataset) - 0.01
-  )
+  # The integer conv cannot divide by an input scale: AWQ's conv1 runs in float on
+  # fake-quantized activations, and serving says so by path.
+  with pytest.warns(IntegerPathWarning, match="conv1/kernel"):
+    accuracy = evaluate_tree(model, nested, dataset)
+  assert accuracy >= evaluate_tree(model, pipeline.float_params, dataset) - 0.01
 
 
 def test_qat_honours_activation_settings(pipeline):
@@ -263,6 +267,10 @@ def test_method_keys_are_refused_by_other_methods(pipeline, method, key):
       r"`overrides\[0\]`.*`skip: true`.*also sets weight_bits",
     ),
     ({"overrides": [{"target": "conv1/kernel", "skip": "yes"}]}, r"`overrides\[0\]\.skip`"),
+    (
+      {"method": "gptq", "activation_bits": 8, "calibration": "minmax"},
+      r"`calibration` 'minmax' was removed",
+    ),
   ],
 )
 def test_unused_settings_are_refused(pipeline, given, match):

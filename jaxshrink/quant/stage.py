@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jaxshrink.errors import UsageError
-from jaxshrink.quant.calibrate import calibrate
+from jaxshrink.quant.calibrate import calibrate, check_method
 from jaxshrink.quant.ptq import LayerQuant, ptq, quantize_params, resolve_layers
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
@@ -215,6 +215,7 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   overrides = _overrides(options)
   model, tree = pipeline.model, pipeline.tree
   layers = resolve_layers(tree, rule, layer, overrides)
+  check_method(options["calibration"], "calibration")  # before GPTQ/AWQ/QAT spend any time
   _check_keys(options, layers)
   activations = any(q.activation_bits for q in layers.values())
   if method == "rtn" and not activations:
