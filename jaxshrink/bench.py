@@ -12,6 +12,9 @@ BENCHMARKS.md.
 
 Timings on shared CPUs are noisy: suites report a time as a ratio against a
 baseline measured side by side in the same run (in `extra`), never alone.
+
+`python -m jaxshrink.bench` regenerates BENCHMARKS.md (and each suite's summary) from the
+stored results without rerunning any suite.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from jaxshrink.report import format_bytes
 
 RESULTS = "results"
 MARKDOWN = "BENCHMARKS.md"
+# The `digits` test split (jaxshrink.data): a fixed stratified 360 images, so one image is
+# 100/360 = 0.28 points of accuracy; an accuracy change is reported with its image count.
+DIGITS_TEST_IMAGES = 360
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +168,50 @@ def _plot(draw, records: list[Record], path: Path) -> None:
   plt.close(fig)
 
 
+def digits_images(value: float, reference: float) -> int:
+  """Test images of `digits` gained (+) or lost (-) between two accuracies on its test split.
+
+  >>> digits_images(0.9888888888888889, 0.9944444444444445)
+  -2
+
+  Raises:
+    ValueError: an accuracy is not a whole number of the 360 test images (it was measured
+      on another set).
+  """
+  counts = []
+  for name, accuracy in (("value", value), ("reference", reference)):
+    count = accuracy * DIGITS_TEST_IMAGES
+    if abs(count - round(count)) > 1e-6:
+      raise ValueError(
+        f"`{name}`={accuracy!r} is not a whole number of the {DIGITS_TEST_IMAGES} digits test "
+        f"images ({count:.3f}); pass accuracies measured on the full `digits` test split."
+      )
+    counts.append(round(count))
+  return counts[0] - counts[1]
+
+
+def digits_difference(value: float, reference: float) -> str:
+  """An accuracy change on the `digits` test split in points and images.
+
+  >>> digits_difference(0.9888888888888889, 0.9944444444444445)
+  '-0.56 points (2 of 360 images)'
+  """
+  images = digits_images(value, reference)
+  points = f"{100 * images / DIGITS_TEST_IMAGES:+.2f}" if images else "0.00"
+  return f"{points} points ({abs(images)} of {DIGITS_TEST_IMAGES} images)"
+
+
+def is_digits_accuracy(record: dict[str, Any]) -> bool:
+  """Whether a stored record is an accuracy on the `digits` test split, against a reference."""
+  return (
+    record["model"].startswith("digits")
+    and record["metric"] == "accuracy"
+    and not record["method"].startswith("float32")  # the reference row itself
+    and record["value"] is not None
+    and record["reference_value"] is not None
+  )
+
+
 def _cell(value: Any, digits: int = 4) -> str:
   if value is None:
     return "–"
@@ -203,11 +253,13 @@ def render_markdown(directory: Path) -> str:
     for r in payload["records"]:
       size, f32 = r["size_bytes"], r["float32_bytes"]
       ratio = f"{f32 / size:.2f}x" if size and f32 else "–"
-      notes = "; ".join(f"{k}={_cell(v, 3)}" for k, v in r["extra"].items())
+      notes = [f"{k}={_cell(v, 3)}" for k, v in r["extra"].items()]
+      if is_digits_accuracy(r):
+        notes.insert(0, f"vs float {digits_difference(r['value'], r['reference_value'])}")
       lines.append(
         f"| {r['model']} | {r['method']} | {r['metric']} | {_cell(r['value'])} | "
         f"{_cell(r['reference_value'])} | {format_bytes(size) if size else '–'} | {ratio} | "
-        f"{_cell(r['seconds'], 2)} | {notes} |"
+        f"{_cell(r['seconds'], 2)} | {'; '.join(notes)} |"
       )
     if payload.get("summary"):
       lines += ["", payload["summary"].strip()]
@@ -222,3 +274,33 @@ def write_markdown(directory: Path) -> Path:
   target = directory.resolve().parent / MARKDOWN
   target.write_text(render_markdown(directory))
   return target
+
+
+def render_only(directory: Path | None = None) -> Path:
+  """Regenerates BENCHMARKS.md from the stored results, without running any suite.
+
+  Each stored suite whose module defines `summarize` gets its summary recomputed from its
+  stored records (the records themselves are not touched), so a change to how a suite words
+  its summary reaches BENCHMARKS.md without rerunning the measurements.
+
+  Returns:
+    The path of the written BENCHMARKS.md.
+  """
+  directory = directory or default_directory()
+  available = discover(directory)
+  for path in sorted((directory / RESULTS).glob("*.json")):
+    payload = json.loads(path.read_text())
+    if payload["suite"] not in available:
+      continue
+    module = _load_suite(available[payload["suite"]])
+    if hasattr(module, "summarize"):
+      records = [Record(**r) for r in payload["records"]]
+      summary = module.summarize(records)
+      if summary != payload.get("summary", ""):
+        payload["summary"] = summary
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+  return write_markdown(directory)
+
+
+if __name__ == "__main__":
+  print(render_only())
