@@ -16,10 +16,12 @@ on the 360 digits test images). Where one model and method name several records 
 on two settings), `METHOD [KEY=VALUE]` picks the one whose `extra[KEY]` is VALUE, and
 `METHOD [#N]` the N-th.
 
+A paragraph or list item that held a placeholder is rewrapped to 100 columns once filled.
 Run after editing a section or rerunning a benchmark: `python docs/build_readme.py`.
 `tests/test_readme.py` fails when the README is out of date, when a placeholder names no
-record, or when a number with three or more significant digits (or a decimal) is typed in a
-section outside a placeholder and is not one of the static facts in STATIC_NUMBERS.
+record, or when a number with three or more significant digits (or a decimal with two) is
+typed outside a placeholder, in a section or in the README's own text around the sections,
+and is not one of the static facts in STATIC_NUMBERS.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import Any
 from jaxshrink.bench import DIGITS_TEST_IMAGES, digits_difference, digits_images
 
 ROOT = Path(__file__).resolve().parents[1]
-
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = (
   "quantization.md",
