@@ -25,8 +25,11 @@ the same over `pack_below` and the leaf digests in order, which fixes every arra
 byte offset. `read_manifest` checks both before any array file is opened; `load` then checks
 each array against its digest before decoding it.
 
->>> array_digest(np.arange(4, dtype=np.int8))
-'...'  # 16 hex digits
+>>> a = np.arange(4, dtype=np.int8)
+>>> array_digest(a)
+'72b853ece1508f6a'
+>>> as_hex(partial_sum(a[:2], (slice(0, 2),), (4,)) + partial_sum(a[2:], (slice(2, 4),), (4,)))
+'72b853ece1508f6a'
 """
 
 from __future__ import annotations
