@@ -7,14 +7,17 @@
 per output channel over its contracting axes), the left one the activation (per token, i.e.
 per row over its contracting axes, or per tensor).
 
-Modes:
-- `fake`: QAT fake quantization with a straight-through estimator (float math).
+Modes (any weight/activation bits from 2 to 8, per-token or per-tensor activations; every
+one has a straight-through backward, never autodiff through round/clip):
+- `fake`: QAT fake quantization with a straight-through estimator (float math): the gradient
+  of the float dot at the dequantized operands.
 - `int`: int8 x int8 -> int32 forward (`preferred_element_type=jnp.int32`) then rescale; the
-  backward pass is the float one through the quantizers (straight-through), so a QAT step costs
-  about a float step. Also the dynamic W8A8 serving path for float weights.
+  backward pass is the float one of the plain dot on the unquantized operands, so a QAT step
+  costs about a float step. Also the dynamic W8A8 serving path for float weights.
 - `int_full`: like `int`, and the two backward matmuls are int8 too (AQT's `fully_quantized`,
-  with its default `use_fwd_quant`: the backward reuses the forward's int8 codes, only the
-  incoming gradient is quantized, per row over each backward contraction).
+  with its default `use_fwd_quant`: the backward reuses the forward's codes, only the incoming
+  gradient is quantized, to 8 bits per row over each backward contraction); it approximates
+  `fake`'s gradient within that 8-bit error.
 
 Weight-only int8/int4 from packed codes and static-scale W8A8 run through `quantized_apply`
 (`jaxshrink.quant.serve`), which substitutes each `QArray` kernel's matmul in any model.
