@@ -4,7 +4,9 @@ The pair runs `python -m jaxshrink.podjob` (the same module `tpu/launch.sh` runs
 VM worker) with `tpu/recipes/digits-cnn-prune-qat.yaml`: gradual pruning and int8 QAT on a
 global batch split over 8 devices, model-parallel 2. It writes a multi-host orbax checkpoint
 and the compact export; a fresh pair restores both and evaluates. A single process with one
-device runs the same job at the same time; every number must agree.
+device runs the same job at the same time. Masks and sparsity agree exactly; float results agree
+within the noise that a different reduction order makes, and every integer code or prediction
+that differs is shown to sit within that noise of a rounding boundary or a tie.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxshrink import export
+from jaxshrink import data, export
 from jaxshrink.data import cache_dir
 from jaxshrink.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "tpu" / "recipes" / "digits-cnn-prune-qat.yaml"
 STEPS = 20
+# Largest weight difference allowed between one device and 2 processes x 4 devices after STEPS
+# steps: f32 rounding from the reduction order, grown over the steps.
+PARAM_NOISE = 2e-5
 
 
 def _free_port() -> int:
@@ -116,8 +121,9 @@ def test_two_processes_train_like_one(runs):
   pair = json.loads((runs / "pair" / "result.json").read_text())
   assert (pair["processes"], pair["devices"], pair["mesh"]) == (2, 8, {"data": 4, "model": 2})
   assert (single["processes"], single["devices"]) == (1, 1)
+  # Eight devices sum the batch and the model-split matmuls in another order than one device:
+  # float noise of the order of f32 rounding, growing slowly over the 20 steps.
   np.testing.assert_allclose(pair["losses"], single["losses"], rtol=1e-4)
-  assert pair["accuracy"] == single["accuracy"]
   assert (
     pair["sparsity"]
     == single["sparsity"]
@@ -127,26 +133,68 @@ def test_two_processes_train_like_one(runs):
   for x, y in zip(jax.tree.leaves(a["masks"]), jax.tree.leaves(b["masks"]), strict=True):
     np.testing.assert_array_equal(x, y)
   for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
-    np.testing.assert_allclose(x, y, atol=2e-5)
+    np.testing.assert_allclose(x, y, atol=PARAM_NOISE)
+
+
+def _distance_to_rounding_boundary(u: np.ndarray) -> np.ndarray:
+  return np.abs(np.abs(u - np.floor(u)) - 0.5)
 
 
 def test_compact_exports_agree(runs):
   pair, single = export.load(runs / "pair" / "compact"), export.load(runs / "single" / "compact")
+  trained = _restore_train(runs / "single" / "train")["params"]
   for layer in ("conv1", "conv2", "dense1", "dense2"):
     q, r = pair[layer]["kernel"], single[layer]["kernel"]
     assert (q.bits, q.codes.dtype) == (8, np.int8)
-    # Float noise between 8 devices and 1 may move a code by one step, essentially never.
-    diff = np.abs(np.asarray(q.codes, np.int32) - np.asarray(r.codes, np.int32))
-    assert diff.max() <= 1 and diff.mean() < 1e-3, layer
     np.testing.assert_allclose(q.scale, r.scale, rtol=1e-4)
-    np.testing.assert_allclose(pair[layer]["bias"], single[layer]["bias"], atol=2e-5)
+    np.testing.assert_allclose(pair[layer]["bias"], single[layer]["bias"], atol=PARAM_NOISE)
+    # A code is round(w / scale). The weights of the two runs differ by at most PARAM_NOISE
+    # (asserted above), so a code may move by one step, and only where w / scale lies within
+    # that noise (over the smallest scale) of a rounding boundary. How many codes sit there
+    # depends on the training run; where they are does not.
+    diff = np.asarray(q.codes, np.int32) - np.asarray(r.codes, np.int32)
+    assert np.abs(diff).max() <= 1, layer
+    # Codes keep a conv kernel as a (fan_in, out) matrix.
+    w = np.reshape(np.asarray(trained[layer]["kernel"], np.float64), r.codes.shape)
+    u = w / np.asarray(r.scale, np.float64)
+    noise = PARAM_NOISE / float(np.min(r.scale)) + 1e-6
+    near = _distance_to_rounding_boundary(u) <= noise
+    assert not np.any((diff != 0) & ~near), layer
+
+
+def _test_logits(path: Path) -> np.ndarray:
+  model = get_model("digits-cnn")
+  tree = export.load(path, dense=True)
+  return np.asarray(jax.jit(model.apply)(tree, data.get_dataset("digits").x_test), np.float64)
+
+
+def test_accuracy_differs_only_where_float_noise_can_flip_a_prediction(runs):
+  single = json.loads((runs / "single" / "result.json").read_text())
+  pair = json.loads((runs / "pair" / "result.json").read_text())
+  y = data.get_dataset("digits").y_test
+  a, b = _test_logits(runs / "single" / "compact"), _test_logits(runs / "pair" / "compact")
+  assert single["accuracy"] == pytest.approx(np.mean(a.argmax(-1) == y), abs=1e-12)
+  assert pair["accuracy"] == pytest.approx(np.mean(b.argmax(-1) == y), abs=1e-12)
+  # The exports differ by float noise (one code step at most, above); the logits move by
+  # `noise`, which flips a prediction only where the top two logits are within 2 * noise.
+  noise = float(np.abs(a - b).max())
+  top = np.sort(a, axis=-1)
+  ambiguous = top[:, -1] - top[:, -2] <= 2 * noise
+  flipped = a.argmax(-1) != b.argmax(-1)
+  assert not np.any(flipped & ~ambiguous)
+  assert noise < 0.05 * float(np.median(top[:, -1] - top[:, -2])), noise
+  images = len(y)
+  assert abs(round(pair["accuracy"] * images) - round(single["accuracy"] * images)) <= (
+    ambiguous.sum()
+  )
 
 
 def test_fresh_pair_restores_and_evaluates(runs):
-  single = json.loads((runs / "single" / "result.json").read_text())
+  pair = json.loads((runs / "pair" / "result.json").read_text())
   evaluated = json.loads((runs / "pair" / "evaluate.json").read_text())
   assert evaluated["processes"] == 2
-  assert evaluated["accuracy"] == single["accuracy"]
-  params = _restore_train(runs / "single" / "train")["params"]
+  # The same processes, mesh and export as the training pair: the same predictions exactly.
+  assert evaluated["accuracy"] == pair["accuracy"]
+  params = _restore_train(runs / "pair" / "train")["params"]
   total = sum(float(np.abs(np.asarray(a, np.float64)).sum()) for a in jax.tree.leaves(params))
   assert evaluated["params_abs_sum"] == pytest.approx(total, rel=1e-5)
