@@ -58,9 +58,9 @@ def main() -> dict:
   hashed: list[tuple[int, ...]] = []
   partial_sum = digest.partial_sum
 
-  def recording(values, index, shape):
+  def recording(values, index, shape, array=0):
     hashed.append((tuple(np.shape(values)), tuple(shape)))
-    return partial_sum(values, index, shape)
+    return partial_sum(values, index, shape, array)
 
   device_get = jax.device_get
 

@@ -34,7 +34,7 @@ import numpy as np
 from jaxshrink import encoding
 from jaxshrink.errors import CheckpointError
 from jaxshrink.export import storage
-from jaxshrink.export.digest import array_digest, as_hex, sharded_sums
+from jaxshrink.export.digest import data_sum, leaf_digest, sharded_sums
 from jaxshrink.export.layout import decode_leaf, encode_leaf
 from jaxshrink.export.manifest import (
   ARRAYS,
@@ -97,7 +97,9 @@ def save(
   Args:
     directory: the checkpoint directory to create.
     tree: param tree whose leaves are arrays or `Encoding`s.
-    model, data: zoo names or `module:factory` sources, so `eval` can rebuild.
+    model, data: the sources the tree was made with, recorded for information. `eval`
+      rebuilds zoo names (with literal overrides) from them; a `module:factory` is never
+      imported from a checkpoint, the user passes it (`jaxshrink eval DIR --model ...`).
     recipe: the recipe that produced the tree, recorded verbatim.
     metrics: measured metrics of the compress run, recorded verbatim.
     overwrite: replace an existing checkpoint (or empty directory) at `directory`; anything
@@ -126,7 +128,7 @@ def save(
   tree = _gather_to_host(tree)
 
   stored: list[np.ndarray] = []
-  leaves = []
+  leaves, sums = [], []
   for path, keys, leaf in flatten_with_keys(tree):
     if not isinstance(leaf, encoding.Encoding) and not hasattr(leaf, "dtype"):
       raise TypeError(
@@ -136,9 +138,9 @@ def save(
     arrays, meta = encode_leaf(leaf, compact=True)
     stored.extend(arrays.values())
     sparsity = leaf_report(path, leaf).sparsity
-    digests = [array_digest(a) for a in arrays.values()]
-    leaves.append(leaf_entry(path, keys, meta, arrays, digests=digests, sparsity=sparsity))
-  manifest = build_manifest(leaves, model=model, data=data, recipe=recipe, metrics=metrics)
+    sums.append(data_sum(list(arrays.values())))
+    leaves.append(leaf_entry(path, keys, meta, arrays, sparsity=sparsity))
+  manifest = build_manifest(leaves, sums, model=model, data=data, recipe=recipe, metrics=metrics)
   try:  # what load would refuse is refused here, before anything is written
     check_manifest(json.loads(manifest), "this tree")
   except CheckpointError as e:
@@ -233,9 +235,10 @@ def load(
     shardings: `(path, field, shape) -> Sharding | None` to restore arrays straight
       onto devices (e.g. `NamedSharding`s of a mesh) without first gathering them;
       see `jaxshrink.export.shard_like`. None restores host numpy arrays.
-    verify: check every loaded array against its digest. A sharded array is hashed shard by
-      shard from the buffers this process holds, never gathered (see `digest.py`); every
-      process must then call `load` alike. The manifest is checked whatever `verify` says.
+    verify: check every loaded leaf's digest, which covers its arrays and every manifest
+      field that shapes its decoding. A sharded array is hashed shard by shard from the
+      buffers this process holds, never gathered (see `digest.py`); every process must then
+      call `load` alike. The manifest's types and bounds are checked whatever `verify` says.
     leaves: leaf paths to load (e.g. `["dense1/kernel"]`); only their array files are
       read. None loads every leaf.
 
@@ -288,12 +291,20 @@ def load(
         "damaged: re-export it."
       )
   if verify:
-    sums = sharded_sums([restored[j] for j in range(len(flat))])
-    for j, (leaf, name, k) in enumerate(owner):
-      if as_hex(sums[j]) != leaf["digests"][k]:
+    sums = sharded_sums([restored[j] for j in range(len(flat))], [k for *_, k in owner])
+    totals: dict[str, int] = {}
+    for j, (leaf, _, _) in enumerate(owner):
+      totals[leaf["path"]] = totals.get(leaf["path"], 0) + sums[j]
+    count = len(manifest["leaves"])
+    for i in selected:
+      leaf, record = manifest["leaves"][i], manifest["decode_records"][i]
+      expected = leaf_digest(record, totals.get(leaf["path"], 0), index=i, count=count,
+                             pack_below=manifest["pack_below"])  # fmt: skip
+      if expected != leaf["sha256"]:
         raise CheckpointError(
-          f"Checksum mismatch in leaf `{leaf['path']}` (array `{name}`) of `{directory}`: the "
-          "file is corrupted. Re-export the checkpoint."
+          f"Checksum mismatch in leaf `{leaf['path']}` of `{directory}`: its arrays, or the "
+          "manifest's description of them (encoding, shapes, bits, layout), were changed or "
+          "damaged. Re-export the checkpoint."
         )
   by_leaf: dict[str, dict[str, Any]] = {}
   for j, (leaf, name, _) in enumerate(owner):

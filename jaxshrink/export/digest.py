@@ -1,32 +1,33 @@
-"""Checkpoint checksums: a digest per stored array, a SHA-256 per leaf, one for the layout.
+"""Checkpoint checksums: one 64-bit digest per leaf over its data and its description.
 
-**Array digest** (manifest `digests`, one per stored array): the sum modulo 2**64, over every
-element, of `fmix64(fmix64(i + SEED) ^ v)`, where `i` is the element's flat C-order index in
-the whole array, `v` its bytes read as an unsigned integer (itemsize 1, 2, 4 or 8) and
-`fmix64` MurmurHash3's 64-bit finalizer. `fmix64` is a bijection, so for a given position the
-term is a bijection of the value: changing any one element always changes the digest, and the
-index in the term catches values moved between positions; random damage to several elements
-goes unnoticed with probability about 2**-64.
+**Data sum.** A leaf's stored arrays are hashed as one sequence of elements: the sum modulo
+2**64, over every element, of `fmix64(fmix64(key + SEED) ^ v)`, where `key` is the element's
+flat C-order index in its array plus `k * 2**44` for the leaf's `k`-th array (so arrays never
+share keys; arrays are below 2**40 elements), `v` its bytes read as an unsigned integer
+(itemsize 1, 2, 4 or 8) and `fmix64` MurmurHash3's 64-bit finalizer. `fmix64` is a bijection,
+so for a given position the term is a bijection of the value: changing any one element always
+changes the sum, and the key in the term catches values moved between positions; random
+damage to several elements goes unnoticed with probability about 2**-64.
 
-The sum splits over any partition of the elements, which is what makes a sharded restore
-verifiable without gathering: every process hashes, from its own device buffers, the
-addressable shards whose `replica_id` is 0 (each element of a global array lies in exactly one
-such shard over all processes), with their global indices. Arrays whose shards all live on
-this process are checked right there. For arrays spread over several processes one
+**Leaf digest** (manifest `sha256`): the first 64 bits of a SHA-256 over the canonical JSON
+of everything that shapes the leaf's decoding (path, keys, encoding, logical shape and dtype,
+static fields such as bits, group size and N:M, nested children, `stored_as`, the dtype and
+shape of each stored array), the leaf's index and the number of leaves, `pack_below` (which
+with the shapes fixes every array's entry and byte offset), and the data sum. `load` checks
+it before decoding anything, so an edited bit width, shape, order or offset fails like a
+flipped byte. A manifest is no larger for it than with a checksum of the bytes alone.
+
+**Sharded restore.** The sum splits over any partition of the elements, so a sharded restore
+is verified without gathering: every process hashes, from its own device buffers, the
+addressable shards whose `replica_id` is 0 (each element of a global array lies in exactly
+one such shard over all processes), with their global indices. Arrays whose shards all live
+on this process are summed right there. For arrays spread over several processes one
 all-gather of the partial sums (8 bytes per array and process, for all arrays at once) gives
-every process the totals, so all processes verify every array and raise the same error.
-No process ever holds more of an array than its own shards.
-
-**Leaf digest** (manifest `sha256`): the first 64 bits of a SHA-256 over the canonical JSON of
-everything that shapes the leaf's decoding (path, keys, encoding, logical shape and dtype,
-static fields such as bits, group size and N:M, nested children, `stored_as`, and the dtype and
-shape of each stored array), then its array digests. **Layout digest** (manifest `sha256`):
-the same over `pack_below` and the leaf digests in order, which fixes every array's entry and
-byte offset. `read_manifest` checks both before any array file is opened; `load` then checks
-each array against its digest before decoding it.
+every process the totals, so all processes verify every leaf and raise the same error. No
+process ever holds more of an array than its own shards.
 
 >>> a = np.arange(4, dtype=np.int8)
->>> array_digest(a)
+>>> as_hex(data_sum([a]))
 '72b853ece1508f6a'
 >>> as_hex(partial_sum(a[:2], (slice(0, 2),), (4,)) + partial_sum(a[2:], (slice(2, 4),), (4,)))
 '72b853ece1508f6a'
@@ -66,13 +67,19 @@ def _as_hex(value: int) -> str:
   return f"{value % (1 << 64):016x}"
 
 
-def partial_sum(values: np.ndarray, index: Sequence[slice], shape: Sequence[int]) -> int:
-  """The digest sum over one block `values` = `whole[index]` of an array of `shape`.
+ARRAY_KEY_BITS = 44  # the k-th array of a leaf hashes its elements with keys from k << 44
+
+
+def partial_sum(
+  values: np.ndarray, index: Sequence[slice], shape: Sequence[int], array: int = 0
+) -> int:
+  """The data sum over one block `values` = `whole[index]` of an array of `shape`.
 
   Args:
     values: host copy of the block (any layout).
     index: one slice per axis, as `Shard.index` gives them.
     shape: the whole array's shape.
+    array: the array's position among its leaf's stored arrays.
 
   Returns:
     The sum as a Python int in `[0, 2**64)`.
@@ -98,15 +105,18 @@ def partial_sum(values: np.ndarray, index: Sequence[slice], shape: Sequence[int]
       flat += positions.reshape([-1 if a == axis else 1 for a in range(len(local))])
     flat = np.atleast_1d(flat).reshape(-1)
     block = bits[r0 * inner : r1 * inner].astype(np.uint64)
-    terms = _fmix64(_fmix64(flat + _SEED) ^ block)
+    terms = _fmix64(_fmix64(flat + np.uint64(array << ARRAY_KEY_BITS) + _SEED) ^ block)
     total += int(terms.sum(dtype=np.uint64))
   return total % (1 << 64)
 
 
-def array_digest(array: np.ndarray) -> str:
-  """The digest of a whole host array (see the module docstring)."""
-  array = np.asarray(array)
-  return _as_hex(partial_sum(array, tuple(slice(None) for _ in array.shape), array.shape))
+def data_sum(arrays: Sequence[np.ndarray]) -> int:
+  """The data sum of one leaf's stored arrays (host arrays, in storage order)."""
+  total = 0
+  for k, a in enumerate(arrays):
+    a = np.asarray(a)
+    total += partial_sum(a, tuple(slice(None) for _ in a.shape), a.shape, k)
+  return total % (1 << 64)
 
 
 def _sha(parts: Sequence[Any]) -> str:
@@ -117,20 +127,25 @@ def _sha(parts: Sequence[Any]) -> str:
   return digest.hexdigest()[:DIGEST_HEX]
 
 
-def leaf_digest(entry: dict[str, Any], digests: Sequence[str]) -> str:
-  """The leaf digest of a manifest entry as written (see the module docstring)."""
+def leaf_digest(entry: dict[str, Any], total: int, *, index: int, count: int,
+                pack_below: int) -> str:  # fmt: skip
+  """The leaf digest of a manifest entry as written (see the module docstring).
+
+  Args:
+    entry: the leaf's manifest entry (only its `DECODE_KEYS` are read).
+    total: the leaf's data sum.
+    index, count: the leaf's position in the manifest and the number of leaves.
+    pack_below: the manifest's packing threshold.
+  """
   record = {k: entry[k] for k in DECODE_KEYS if k in entry}
   record.setdefault("keys", entry["path"].split("/"))
-  return _sha([record, list(digests)])
+  return _sha([record, index, count, pack_below, _as_hex(total)])
 
 
-def layout_digest(pack_below: int, leaf_digests: Sequence[str]) -> str:
-  """The layout digest: `pack_below` and every leaf digest, in storage order."""
-  return _sha([pack_below, list(leaf_digests)])
+def sharded_sums(arrays: Sequence[Any], positions: Sequence[int]) -> list[int]:
+  """The data sums of `arrays` (numpy or `jax.Array`s on any sharding), never gathered.
 
-
-def sharded_sums(arrays: Sequence[Any]) -> list[int]:
-  """The digest sums of `arrays` (numpy or `jax.Array`s on any sharding), never gathered.
+  `positions[i]` is `arrays[i]`'s position among its leaf's arrays (see `partial_sum`).
 
   Every process must call this with the same arrays and shardings: arrays spread over
   several processes are combined with one all-gather of the partial sums.
@@ -141,12 +156,12 @@ def sharded_sums(arrays: Sequence[Any]) -> list[int]:
   for i, a in enumerate(arrays):
     if not isinstance(a, jax.Array):
       a = np.asarray(a)
-      sums.append(partial_sum(a, tuple(slice(None) for _ in a.shape), a.shape))
+      sums.append(partial_sum(a, tuple(slice(None) for _ in a.shape), a.shape, positions[i]))
       continue
     total = 0
     for shard in a.addressable_shards:
       if shard.replica_id == 0:  # each element is in exactly one replica-0 shard
-        total += partial_sum(np.asarray(shard.data), shard.index, a.shape)
+        total += partial_sum(np.asarray(shard.data), shard.index, a.shape, positions[i])
     sums.append(total % (1 << 64))
     if not a.is_fully_addressable:
       spread.append(i)

@@ -10,14 +10,14 @@ packing threshold of `storage.py`, and per leaf, in storage order:
   fields that differ from the encoding's defaults (code bits, group size, N:M, ...),
   the `children` of nested encodings and `stored_as` for arrays kept in a denser
   form than in memory (`nm_ranks`);
-- `sparsity` (only when not 0), `digests`: one 64-bit digest per stored array, and `sha256`:
-  the leaf digest over everything that shapes its decoding plus those digests (`digest.py`);
+- `sparsity` (only when not 0) and `sha256`: 64 bits of a SHA-256 over everything that
+  shapes the leaf's decoding, its place in the layout and its data (`digest.py`);
 - `arrays`: `{field: [dtype, shape]}` in storage order (a plain array's one array
   is its shape and dtype).
 
-and, top-level, `sha256`: the layout digest over `pack_below` and every leaf digest in order.
-`read_manifest` refuses a manifest larger than `MAX_MANIFEST_BYTES`, checks the type and
-bounds of every field (`validate.py`) and both digests, before any array file is opened.
+`read_manifest` refuses a manifest larger than `MAX_MANIFEST_BYTES` and checks the type and
+bounds of every field (`validate.py`) before any array file is opened; `load` checks the
+digests before decoding.
 
 Everything derivable is left out of the file and added by `read_manifest`: per
 leaf `bytes`, `bits_per_weight`, `description` and `meta` (what `decode_leaf`
@@ -36,12 +36,12 @@ import numpy as np
 
 from jaxshrink.errors import CheckpointError
 from jaxshrink.export import storage
-from jaxshrink.export.digest import layout_digest, leaf_digest
+from jaxshrink.export.digest import DECODE_KEYS, leaf_digest
 from jaxshrink.export.layout import DENSE, decode_leaf
 from jaxshrink.export.validate import check_manifest
 
 FORMAT = "jaxshrink-checkpoint"
-FORMAT_VERSION = 3  # 3: digests cover decode metadata, per-array digests verifiable by shard
+FORMAT_VERSION = 3  # 3: the leaf digest covers decode metadata and layout; summable by shard
 # 2: packed small arrays, raw zarr entries, one checksum per leaf over the array bytes only
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest of 100k leaves is about 30 MiB
 MANIFEST = "manifest.json"
@@ -61,10 +61,9 @@ def leaf_entry(
   meta: dict[str, Any],
   arrays: dict[str, np.ndarray],
   *,
-  digests: list[str],
   sparsity: float,
 ) -> dict[str, Any]:
-  """One leaf's manifest record (see the module docstring); `digests` per stored array."""
+  """One leaf's manifest record (see the module docstring), `sha256` set by `build_manifest`."""
   entry: dict[str, Any] = {"path": path}
   if list(keys) != path.split("/"):
     entry["keys"] = list(keys)
@@ -75,13 +74,14 @@ def leaf_entry(
     del entry["encoding"]
   else:
     entry["arrays"] = {name: [a.dtype.name, list(a.shape)] for name, a in arrays.items()}
-  entry["digests"] = list(digests)
-  entry["sha256"] = leaf_digest(entry, digests)
   return entry
 
 
-def build_manifest(leaves, *, model, data, recipe, metrics) -> str:
-  """The manifest JSON text for `leaves` made by `leaf_entry`."""
+def build_manifest(leaves, sums, *, model, data, recipe, metrics) -> str:
+  """The manifest JSON text for `leaves` made by `leaf_entry`, with their data `sums`."""
+  for index, (leaf, total) in enumerate(zip(leaves, sums, strict=True)):
+    leaf["sha256"] = leaf_digest(leaf, total, index=index, count=len(leaves),
+                                 pack_below=storage.PACK_BELOW)  # fmt: skip
   manifest = {
     "format": FORMAT,
     "format_version": FORMAT_VERSION,
@@ -93,7 +93,6 @@ def build_manifest(leaves, *, model, data, recipe, metrics) -> str:
     "metrics": metrics or {},
     "pack_below": storage.PACK_BELOW,
     "leaves": leaves,
-    "sha256": layout_digest(storage.PACK_BELOW, [leaf["sha256"] for leaf in leaves]),
   }
   # Compact separators: on a small model the manifest is a visible share of the checkpoint.
   return json.dumps(manifest, separators=(",", ":"))
@@ -207,8 +206,7 @@ def read_manifest(directory) -> dict[str, Any]:
 
   Raises:
     CheckpointError: not a checkpoint, a damaged or oversized manifest, a field of the wrong
-      type or out of bounds, a digest that does not match the manifest, or another format
-      version.
+      type or out of bounds, or another format version.
   """
   path = Path(directory)
   if not path.is_dir():
@@ -236,21 +234,10 @@ def read_manifest(directory) -> dict[str, Any]:
       "jaxshrink."
     )
   check_manifest(manifest, f"`{manifest_path}`")
-  for leaf in manifest["leaves"]:
-    if leaf_digest(leaf, leaf["digests"]) != leaf["sha256"]:
-      raise CheckpointError(
-        f"Checksum mismatch in the manifest entry of leaf `{leaf['path']}` of `{path}`: its "
-        "description (encoding, shapes, bits, ...) was changed or damaged. Re-export the "
-        "checkpoint."
-      )
-  if (
-    layout_digest(manifest["pack_below"], [x["sha256"] for x in manifest["leaves"]])
-    != (manifest["sha256"])
-  ):
-    raise CheckpointError(
-      f"Checksum mismatch in the layout of `{manifest_path}`: leaves were added, removed or "
-      "reordered, or `pack_below` changed. Re-export the checkpoint."
-    )
+  # What the leaf digests cover, as written (`_derive` adds to the entries).
+  manifest["decode_records"] = [
+    {k: leaf[k] for k in DECODE_KEYS if k in leaf} for leaf in manifest["leaves"]
+  ]
   try:
     _derive(manifest)
   except (KeyError, TypeError, ValueError) as e:

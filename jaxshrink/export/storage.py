@@ -153,6 +153,8 @@ def read(
     where = placements[i]
     if where.entry != PACKED:
       out[i] = restored[where.entry]
+      if not hasattr(out[i], "shape"):  # orbax hands back the placeholder of a missing entry
+        raise ValueError(f"orbax entry `{where.entry}` is missing")
       continue
     packed = np.asarray(restored[PACKED]) if where.nbytes else np.empty(0, np.uint8)
     raw = packed[where.offset : where.offset + where.nbytes]

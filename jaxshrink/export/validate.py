@@ -34,9 +34,9 @@ STORED_DTYPES = (*LOGICAL_DTYPES, *FP8.values())
 _HEX = re.compile(r"[0-9a-f]{16}")
 _TOP = {"format": str, "format_version": int, "jaxshrink_version": str, "created": str,
         "model": (str, type(None)), "data": (str, type(None)), "recipe": (dict, type(None)),
-        "metrics": dict, "pack_below": int, "leaves": list, "sha256": str}  # fmt: skip
+        "metrics": dict, "pack_below": int, "leaves": list}  # fmt: skip
 _LEAF_KEYS = {"path", "keys", "encoding", "shape", "dtype", "static", "children", "stored_as",
-              "sparsity", "sha256", "digests", "arrays"}  # fmt: skip
+              "sparsity", "sha256", "arrays"}  # fmt: skip
 _META_KEYS = {"encoding", "shape", "dtype", "static", "children", "stored_as"}
 
 
@@ -351,13 +351,6 @@ def check_leaf(leaf: Any, index: int) -> None:
     extra = sorted(set(stored) - set(expected))
     if extra:
       raise _fail(where, "arrays", f"only {sorted(expected)}", extra)
-  digests = leaf.get("digests")
-  if (
-    not isinstance(digests, list)
-    or len(digests) != len(stored)
-    or not all(isinstance(d, str) and _HEX.fullmatch(d) for d in digests)
-  ):
-    raise _fail(where, "digests", f"{len(stored)} strings of 16 hex digits", digests)
 
 
 def check_manifest(manifest: dict[str, Any], where: str) -> None:
@@ -377,8 +370,6 @@ def check_manifest(manifest: dict[str, Any], where: str) -> None:
     if manifest[key] is not None:
       _text(manifest[key], where, key)
   _int(manifest["pack_below"], where, "pack_below")
-  if not _HEX.fullmatch(manifest["sha256"]):
-    raise _fail(where, "sha256", "16 hex digits", manifest["sha256"])
   seen = set()
   for index, leaf in enumerate(manifest["leaves"]):
     check_leaf(leaf, index)
