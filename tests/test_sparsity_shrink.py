@@ -144,7 +144,8 @@ def test_heads_recipe_end_to_end_and_eval(lm, tmp_path, capsys):
   assert result.metrics["reference_value"] < result.metrics["value"] < 2 * expected
   out = tmp_path / "ckpt"
   save(out, pipeline.tree, model=pipeline.model_source, data=str(subset), recipe=recipe.raw)
-  assert main(["eval", str(out), "--json"]) == 0
+  # A checkpoint names zoo data only; the user's own file is passed by the user.
+  assert main(["eval", str(out), "--data", str(subset), "--json"]) == 0
   payload = json.loads(capsys.readouterr().out)
   assert payload["model"] == pipeline.model_source
   assert payload["value"] == pytest.approx(result.metrics["value"], rel=1e-4)
