@@ -73,7 +73,7 @@ METHODS: tuple[DemoMethod, ...] = (
     (
       {
         "distill": {
-          "student": "jaxshrink.distill.models:digits_student",
+          "student": "digits-student",
           "steps": 800,
           "temperature": 4.0,
           "alpha": 0.9,

@@ -1,6 +1,8 @@
 """The `distill` and `factorize` recipe stages, and the distill -> prune -> quantize -> export
 chain through recipes and the Python API."""
 
+import json
+
 import jax
 import numpy as np
 import optax
@@ -11,6 +13,7 @@ import jaxshrink.lowrank.stage  # noqa: F401  (registers `factorize`)
 import jaxshrink.quant.stage  # noqa: F401  (registers `quantize`)
 import jaxshrink.sparsity.stage  # noqa: F401  (registers `prune`)
 from jaxshrink import data, export, models
+from jaxshrink.cli import main
 from jaxshrink.distill import DistillLoss, distill
 from jaxshrink.distill.models import digits_student, digits_student_nnx
 from jaxshrink.encoding import materialize
@@ -19,7 +22,7 @@ from jaxshrink.lowrank import LowRank
 from jaxshrink.recipes import evaluate_tree, parse_recipe, run_recipe
 from jaxshrink.sparsity import wrapper
 
-STUDENT = "jaxshrink.distill.models:digits_student"
+STUDENT = "digits-student"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def teacher():
   return model, models.pretrained(model, progress=False)
 
 
-def test_recipe_distill_factorize_export(tmp_path, teacher):
+def test_recipe_distill_factorize_export(tmp_path, teacher, capsys):
   recipe = parse_recipe({
     "model": "digits-cnn",
     "stages": [
@@ -50,9 +53,16 @@ def test_recipe_distill_factorize_export(tmp_path, teacher):
   assert isinstance(kernel, LowRank) and kernel.rank == 16 and kernel.a.name == "qarray"
   assert result.metrics["value"] > 0.9 and result.metrics["reference_value"] > 0.97
   assert result.report.total_bytes < 0.1 * models_size(teacher[1])
-  export.save(tmp_path / "student", pipe.tree, model=STUDENT, data="digits")
+  assert pipe.model_source == STUDENT
+  export.save(tmp_path / "student", pipe.tree, model=pipe.model_source, data="digits",
+              recipe=recipe.raw)  # fmt: skip
   loaded = export.load(tmp_path / "student")
   assert evaluate_tree(pipe.model, loaded, pipe.dataset) == result.metrics["value"]
+  # The student is a zoo model, so the CLI rebuilds it from the checkpoint with no --model.
+  assert main(["eval", str(tmp_path / "student"), "--json"]) == 0
+  payload = json.loads(capsys.readouterr().out)
+  assert payload["model"] == STUDENT
+  assert payload["value"] == pytest.approx(result.metrics["value"], abs=1e-6)
 
 
 def models_size(params):

@@ -63,7 +63,7 @@ def test_public_names():
 
 def test_list_models():
   # minilm-l6 (pretrained, not trained here) is tested in test_minilm.py.
-  assert list_models() == sorted([*ALL_MODELS, "minilm-l6"])
+  assert list_models() == sorted([*ALL_MODELS, "digits-student", "digits-student-nnx", "minilm-l6"])
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

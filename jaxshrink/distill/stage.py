@@ -1,7 +1,7 @@
 """The `distill` recipe stage: train a student from the recipe's model (or another teacher).
 
 ```yaml
-- distill: {student: "jaxshrink.distill.models:digits_student", temperature: 4.0, alpha: 0.9}
+- distill: {student: digits-student, temperature: 4.0, alpha: 0.9}
 - distill:                       # a 3-layer MiniLM student: embedding cosine + hidden states
     student: "jaxshrink.models.minilm:minilm_l3_student"
     losses: {logit_cosine: 1.0}
