@@ -115,17 +115,31 @@ def _perplexity(model, params, x, y):
   return float(jnp.exp(nll.mean()))
 
 
-def test_tiny_lm_reduced_wanda_and_sparsegpt_beat_magnitude(tiny_lm):
+def test_tiny_lm_reduced_method_ranking_over_seeds(tiny_lm):
+  """Only the rankings that held for three training runs x three window seeds are asserted.
+
+  Measured on tiny-lm trained with keys 0, 1, 2 (64 calibration and test windows per seed):
+  SparseGPT's perplexity was 0.92-0.95x magnitude's at 50% and 0.78-0.81x at 2:4; Wanda's
+  was 0.97-0.99x at 2:4, but 0.985-1.005x at 50% unstructured, so there the two are tied
+  and the test asserts only that Wanda is not clearly worse.
+  """
   model, params, data = tiny_lm
-  # Reduced setting: attention and first MLP layers (K = 192), 64 calibration and test windows.
-  batches = [data.x_train[:64]]
-  x, y = data.x_test[:64], data.y_test[:64]
-  for structure in ("unstructured", "2:4"):
-    rule = Rule(r"block_\d+/(attention/(query|key|value|out)|mlp/fc1)/kernel")
-    pruner = Pruner(rule, 0.5, structure=structure)
-    ppl = {
-      "mag": _perplexity(model, oneshot_prune(params, pruner)[0], x, y),
-      "wanda": _perplexity(model, wanda(model.apply, params, batches, pruner)[0], x, y),
-      "sparsegpt": _perplexity(model, sparsegpt(model.apply, params, batches, pruner)[0], x, y),
-    }
-    assert ppl["wanda"] < ppl["mag"] and ppl["sparsegpt"] < ppl["mag"], (structure, ppl)
+  # Reduced setting: attention and first MLP layers (K = 192).
+  rule = Rule(r"block_\d+/(attention/(query|key|value|out)|mlp/fc1)/kernel")
+  ppl = {s: {m: [] for m in ("mag", "wanda", "sparsegpt")} for s in ("unstructured", "2:4")}
+  for seed in range(3):
+    rng = np.random.default_rng(seed)
+    batches = [data.x_train[rng.choice(len(data.x_train), 64, replace=False)]]
+    test = rng.choice(len(data.x_test), 64, replace=False)
+    x, y = data.x_test[test], data.y_test[test]
+    for structure, out in ppl.items():
+      pruner = Pruner(rule, 0.5, structure=structure)
+      out["mag"].append(_perplexity(model, oneshot_prune(params, pruner)[0], x, y))
+      out["wanda"].append(_perplexity(model, wanda(model.apply, params, batches, pruner)[0], x, y))
+      pruned = sparsegpt(model.apply, params, batches, pruner)[0]
+      out["sparsegpt"].append(_perplexity(model, pruned, x, y))
+  for structure, out in ppl.items():
+    mag, wanda_ppl, sparsegpt_ppl = (np.array(out[m]) for m in ("mag", "wanda", "sparsegpt"))
+    assert np.all(sparsegpt_ppl < 0.98 * mag), (structure, out)
+    assert np.all(wanda_ppl < 1.02 * mag), (structure, out)
+  assert np.mean(ppl["2:4"]["wanda"]) < np.mean(ppl["2:4"]["mag"]), ppl
