@@ -3,75 +3,39 @@
 The information limit of a leaf is what its encoding cannot do without: `bits x count` of the
 codes or values, plus every scale and zero point at its stored width, plus the index metadata
 (one bit per weight for a bitmask, `ceil(log2 C(m, n))` bits per group for N:M). It is computed
-here from the encoding's logical parameters, not from the arrays the checkpoint holds.
+from the encoding's logical parameters, not from the arrays the checkpoint holds, by the
+`information_limit` benchmark suite, which this test shares.
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from jaxshrink import export
-from jaxshrink.encoding import Encoding
-from jaxshrink.lowrank import LowRank, quantize_factors
-from jaxshrink.quant import QArray, QuantSpec, quantize
-from jaxshrink.sparsity.encodings import BitmaskSparse, NMSparse, _values_encoder
+from jaxshrink.sparsity.encodings import NMSparse
 
-K, N = 256, 1024  # one synthetic kernel: 262144 weights, so 5% is thousands of bytes
+
+def _limit_suite():
+  """The `information_limit` benchmark: its encodings and `limit_bits` are the ones bounded here."""
+  path = Path(__file__).resolve().parents[1] / "benchmarks" / "information_limit.py"
+  spec = importlib.util.spec_from_file_location("information_limit_suite", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+SUITE = _limit_suite()
+ENCODINGS, K, N, limit_bits = SUITE.ENCODINGS, SUITE.K, SUITE.N, SUITE.limit_bits
 SLACK = 1.05  # stored arrays may exceed the information limit by 5%
 OVERHEAD = 2048  # bytes: the manifest and orbax metadata of a one-leaf checkpoint
 
 
-def limit_bits(enc) -> int:
-  """The information limit of one (possibly nested) leaf, in bits."""
-  if not isinstance(enc, Encoding):
-    return 8 * np.dtype(enc.dtype).itemsize * int(np.prod(enc.shape))
-  if isinstance(enc, QArray):
-    groups = math.ceil(enc.k / enc.group_size) if enc.group_size else 1
-    scales = groups * enc.n * 8 * np.dtype(enc.scale.dtype).itemsize
-    zero_points = 0 if enc.zero_point is None else groups * enc.n * enc.bits
-    return enc.bits * enc.k * enc.n + scales + zero_points
-  if isinstance(enc, BitmaskSparse):
-    return enc.size + limit_bits(enc.values)
-  if isinstance(enc, NMSparse):
-    groups = enc.size // enc.m
-    return groups * math.ceil(math.log2(math.comb(enc.m, enc.n))) + limit_bits(enc.values)
-  if isinstance(enc, LowRank):
-    return limit_bits(enc.a) + limit_bits(enc.b)
-  raise TypeError(f"no limit defined for {type(enc).__name__}")
-
-
 def _kernel():
   return np.asarray(jax.random.normal(jax.random.key(0), (K, N)), np.float32)
-
-
-def _lowrank(w, rank=64):
-  u, s, vt = np.linalg.svd(w, full_matrices=False)
-  root = np.sqrt(s[:rank])
-  return LowRank.from_factors(u[:, :rank] * root, root[:, None] * vt[:rank], shape=w.shape)
-
-
-def _sparse90(w):
-  return w * (np.abs(w) > np.quantile(np.abs(w), 0.9))
-
-
-ENCODINGS = {
-  "int8 per-channel": lambda w: quantize(w, QuantSpec(bits=8)),
-  "int4 g32": lambda w: quantize(w, QuantSpec(bits=4, group_size=32)),
-  "int4 g128": lambda w: quantize(w, QuantSpec(bits=4, group_size=128)),
-  "int3 g128": lambda w: quantize(w, QuantSpec(bits=3, group_size=128)),
-  "int2 g128": lambda w: quantize(w, QuantSpec(bits=2, group_size=128)),
-  "int4 g128 asymmetric": lambda w: quantize(w, QuantSpec(bits=4, group_size=128, symmetric=False)),
-  "bitmask 90% sparse": lambda w: BitmaskSparse.encode(_sparse90(w)),
-  "bitmask 90% + int8": lambda w: BitmaskSparse.encode(
-    _sparse90(w), values_encoder=_values_encoder(8, "w")
-  ),
-  "2:4": lambda w: NMSparse.encode(w, 2, 4, axis=0),
-  "2:4 + int4": lambda w: NMSparse.encode(w, 2, 4, axis=0, values_encoder=_values_encoder(4, "w")),
-  "low-rank r64": _lowrank,
-  "low-rank r64 + int8": lambda w: quantize_factors({"w": _lowrank(w)})["w"],
-}
 
 
 @pytest.fixture(scope="module")
