@@ -5,8 +5,9 @@ codes or values, plus every scale and zero point at its stored width, plus the i
 (one bit per weight for a bitmask, `ceil(log2 C(m, n))` bits per group for N:M). It is
 computed from the encoding's logical parameters, not from the arrays the checkpoint holds;
 `tests/test_export_limit.py` imports this definition and these encodings to bound the stored
-bytes (within 5%, at most 2 KiB of metadata). Each encoding is saved as a one-leaf checkpoint; the suite records the limit, the stored array
-bytes from the manifest and every byte on disk.
+bytes (within 5%, at most 2 KiB of metadata). Each encoding is saved as a one-leaf
+checkpoint; the suite records the limit, the stored array bytes from the manifest and every
+byte on disk.
 """
 
 from __future__ import annotations
