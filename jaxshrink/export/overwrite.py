@@ -65,7 +65,7 @@ def _holds(path: Path, limit: int = 5) -> str:
   shown = ", ".join(names[:limit]) + (
     f" and {len(names) - limit} more" if len(names) > limit else ""
   )
-  return f"{len(names)} entries ({shown})"
+  return f"{len(names)} {'entry' if len(names) == 1 else 'entries'} ({shown})"
 
 
 def check_overwrite(target: Path) -> None:
