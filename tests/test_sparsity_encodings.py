@@ -102,3 +102,39 @@ def test_export_round_trip_and_disk_bytes(tmp_path):
   report = {leaf.path: leaf for leaf in tree_report(ctree).layers}
   assert report["a/kernel"].sparsity == pytest.approx(0.9, abs=1e-3)
   assert report["a/kernel"].encoding == "bitmask"
+
+
+@pytest.mark.parametrize("quantize_nonzeros", [None, 4])
+def test_structure_string_is_parsed_like_the_pruner(quantize_nonzeros):
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(16, 6)).astype(np.float32)
+  pruned = {"d": {"kernel": np.where(np.asarray(nm_mask(jnp.abs(w), 2, 4)), w, 0)}}
+  by_string = encode_sparse(
+    pruned, ".*kernel", structure="2:4", quantize_nonzeros=quantize_nonzeros
+  )
+  by_object = encode_sparse(
+    pruned, ".*kernel", structure=NM(2, 4), quantize_nonzeros=quantize_nonzeros
+  )
+  s, o = by_string["d"]["kernel"], by_object["d"]["kernel"]
+  assert isinstance(s, NMSparse) and (s.n, s.m, s.axis) == (o.n, o.m, o.axis) == (2, 4, 0)
+  for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(o), strict=True):
+    assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(materialize(s)), np.asarray(materialize(o)))
+  # "unstructured" (and structures other than N:M) keep the bitmask.
+  bitmask = encode_sparse(pruned, ".*kernel", structure="unstructured")["d"]["kernel"]
+  assert isinstance(bitmask, BitmaskSparse) and bitmask.nnz == 48
+
+
+@pytest.mark.parametrize(
+  ("structure", "error", "match"),
+  [
+    ("2-4", ValueError, r"Unknown structure '2-4'; expected one of unstructured, 'N:M'"),
+    ("5:4", ValueError, r"N:M needs 0 < N <= M .* got N=5, M=4"),
+    (24, TypeError, r"`structure` must be a string such as '2:4'; got int"),
+  ],
+)
+def test_bad_structure_string_raises(structure, error, match):
+  pruned = {"d": {"kernel": np.zeros((8, 4), np.float32)}}
+  with pytest.raises(error, match=match):
+    encode_sparse(pruned, ".*kernel", structure=structure)

@@ -233,15 +233,25 @@ def encode_sparse(
   Args:
     tree: param tree with pruned (zeroed) weights.
     rule: which leaves to encode (a `Rule` or include regex).
-    structure: an `NM` structure to store N:M (values + indices); otherwise a bitmask.
+    structure: how the pruned leaves are laid out, as `jaxshrink.sparsity.Pruner` takes it: a
+      `Structure` or its string (`"2:4"`, `"unstructured"`, `"channel"`, ...). N:M stores the
+      kept values plus their in-group indices; every other structure (and None) a bitmask.
     masks: bool mask tree (default: the leaves' nonzeros).
     quantize_nonzeros: None, or 8 / 4 / 2 to store the kept values as a `QArray`.
 
   >>> ctree = encode_sparse(pruned, ".*kernel", quantize_nonzeros=8)
+  >>> ctree = encode_sparse(pruned_24, ".*kernel", structure="2:4")  # NMSparse leaves
+
+  Raises:
+    ValueError: `structure` is a string no structure is parsed from.
+    TypeError: `structure` is neither None, a string nor a `Structure`.
   """
-  from jaxshrink.sparsity.structures import NM
+  from jaxshrink.sparsity.structures import NM, parse_structure
   from jaxshrink.tree import flatten, map_selected
 
+  # One parser for every place that takes a structure, so "2:4" here means what it means to
+  # `Pruner` instead of silently falling through to a bitmask.
+  structure = None if structure is None else parse_structure(structure)
   flat_masks = flatten(masks) if masks is not None else {}
 
   def encode(path: str, leaf: Any) -> Any:

@@ -420,5 +420,5 @@ def parse_structure(
     return NM(int(match.group(1)), int(match.group(2)))
   raise ValueError(
     f"Unknown structure {spec!r}; expected one of unstructured, 'N:M' (e.g. '2:4'), block, "
-    "channel, input_channel, heads."
+    "channel, input_channel, heads, or a `Structure` instance, for the `structure` argument."
   )
