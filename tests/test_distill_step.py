@@ -19,6 +19,7 @@ from jaxshrink.distill import (
 )
 from jaxshrink.encoding import materialize
 from jaxshrink.sparsity import wrapper
+from jaxshrink.tree import flatten
 
 
 class MLP(nn.Module):
@@ -200,3 +201,24 @@ def test_distills_into_a_pruned_and_quantized_student_in_one_loop(models_and_par
   assert isinstance(ctree["fc1"]["kernel"], QArray)
   # Pruned weights stay exactly zero through int8 conversion.
   np.testing.assert_array_equal(np.asarray(ctree["fc1"]["kernel"].materialize()) == 0, kernel == 0)
+
+
+def test_default_step_never_deletes_the_callers_arrays(models_and_params):
+  teacher, tp, student, sp = models_and_params
+  before = jax.tree.map(np.array, sp)
+  # An optimizer whose state holds the params themselves: one buffer must not be donated twice.
+  anchor = optax.GradientTransformation(lambda p: {"anchor": p}, lambda u, s, p=None: (u, s))
+  for tx in (optax.adam(1e-2), optax.chain(optax.sgd(0.1), anchor)):
+    step = distill_step(functional(student)[0], functional(teacher)[0], tx)  # default donate
+    state = step.init(sp, tp, X, key=jax.random.key(0))
+    for _ in range(4):
+      state, _ = step.step(state, tp, X, Y)
+    for path, leaf in flatten(sp).items():
+      assert not leaf.is_deleted(), path
+      np.testing.assert_array_equal(np.asarray(leaf), flatten(before)[path])
+    # The steps trained the state's own copy (donated in place), not the caller's arrays.
+    moved = np.abs(np.asarray(state.params["fc1"]["kernel"]) - before["fc1"]["kernel"]).max()
+    assert moved > 1e-3
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+  teacher_leaves = jax.tree.leaves(tp)
+  assert not any(leaf.is_deleted() for leaf in teacher_leaves)

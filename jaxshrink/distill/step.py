@@ -73,6 +73,30 @@ def functional(model: Any) -> tuple[Callable[[Any, Any], Any], Any]:
   )
 
 
+def _copy(tree: Any) -> Any:
+  """A fresh device buffer for every array leaf of `tree`."""
+  return jax.tree.map(lambda a: jnp.array(a, copy=True) if hasattr(a, "shape") else a, tree)
+
+
+def _owned(state: DistillState) -> DistillState:
+  """Copies every leaf that shares its buffer with an earlier leaf.
+
+  Optimizer states may hold the params themselves (lookahead's slow weights, EMA), and one
+  buffer cannot be donated twice.
+  """
+  seen: set[int] = set()
+
+  def own(leaf):
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    if id(leaf) in seen:
+      return jnp.array(leaf, copy=True)
+    seen.add(id(leaf))
+    return leaf
+
+  return jax.tree.map(own, state)
+
+
 def distill_step(
   student_apply: Callable[[Any, Any], Any],
   teacher_apply: Callable[[Any, Any], Any],
@@ -94,7 +118,10 @@ def distill_step(
     loss_optimizer: trains the learned projections; default `optax.adam(1e-3)`.
     augment: optional `(key, x) -> x` applied inside the step; the teacher sees the same
       augmented batch (Hinton's transfer set).
-    donate: donate the state's buffers to the step.
+    donate: donate the state's buffers to the step, so it updates them in place. `init`
+      copies the student params, so the state owns every buffer it donates: the arrays the
+      caller passed stay readable and unchanged. A state built by hand (not by `init`) is
+      donated as is: pass `donate=False` to keep its arrays.
 
   Returns:
     `DistillStep(init, step)`. `step(state, teacher_params, x, y=None, mask=None, key=None)`
@@ -113,12 +140,17 @@ def distill_step(
     s_out = jax.eval_shape(student_apply, student_params, x)
     t_out = jax.eval_shape(lambda p, x: teacher_apply(materialize(p), x), teacher_params, x)
     loss_params = loss.init(key, s_out, t_out)
-    return DistillState(
-      params=student_params,
-      opt_state=optimizer.init(student_params),
-      loss_params=loss_params,
-      loss_opt_state=loss_optimizer.init(loss_params),
-      step=jnp.zeros((), jnp.int32),
+    # The state owns its buffers: the step donates them, and donating the caller's arrays
+    # would delete the params they passed in.
+    params = _copy(student_params)
+    return _owned(
+      DistillState(
+        params=params,
+        opt_state=optimizer.init(params),
+        loss_params=loss_params,
+        loss_opt_state=loss_optimizer.init(loss_params),
+        step=jnp.zeros((), jnp.int32),
+      )
     )
 
   def step(state, teacher_params, x, y=None, mask=None, key=None):
