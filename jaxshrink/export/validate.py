@@ -216,6 +216,8 @@ def _qarray(e: _Expect) -> None:
     raise e.fail("static.k/n", f"({k}, {n}), the matrix view of {list(e.meta.shape)}",
                  (s.get("k"), s.get("n")))  # fmt: skip
   group = s.get("group_size")
+  if s.get("table", False) is not False:
+    _table(e, s, k)
   if s["per_tensor"] or group is None:
     if group is not None:
       raise e.fail("static.group_size", "null for per-tensor codes", group)
@@ -233,6 +235,19 @@ def _qarray(e: _Expect) -> None:
     e.part("zero_point", ["int8"], scale)
   e.part("input_scale", ["float32"], (k,), optional=True)
   e.part("act_scale", ["float32"], (1,), optional=True)
+
+
+def _table(e: _Expect, s: dict[str, Any], k: int) -> None:
+  """An embedding table: `(vocab, dim)` rows, one scale per row or per group dividing `dim`."""
+  if s["table"] is not True:
+    raise e.fail("static.table", "true or false", s["table"])
+  if len(e.meta.shape) != 2 or s.get("contract_dims") != [1]:
+    raise e.fail("static.contract_dims", "[1] on a rank-2 (vocab, dim) table",
+                 [list(e.meta.shape), s.get("contract_dims")])  # fmt: skip
+  group = s.get("group_size")
+  if s["per_tensor"] or group is not None and (not isinstance(group, int) or k % max(group, 1)):
+    raise e.fail("static.group_size", f"null (one scale per row) or a divisor of dim={k}",
+                 "per-tensor" if s["per_tensor"] else group)  # fmt: skip
 
 
 def _nm(e: _Expect) -> None:

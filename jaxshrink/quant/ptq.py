@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxshrink.capture import kernel_matrix
-from jaxshrink.encoding import Encoding
+from jaxshrink.encoding import Encoding, materialize
 from jaxshrink.errors import NoMatchError
 from jaxshrink.quant import numerics
 from jaxshrink.quant.calibrate import calibrate, check_batches, check_method
@@ -225,3 +225,82 @@ def _escape(path: str) -> str:
   import re
 
   return re.escape(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableUse:
+  """How the model reads a leaf that feeds a `gather` as its operand.
+
+  Attributes:
+    path: the leaf's path.
+    rows: every gather of it is a row lookup (`jnp.take(table, ids, axis=0)`, `nn.Embed`).
+    matmul: it also feeds a matmul (a tied output head, e.g. `nn.Embed.attend`).
+  """
+
+  path: str
+  rows: bool
+  matmul: bool
+
+
+def gather_tables(apply_fn: Callable[..., Any], params: Any, *args: Any) -> dict[str, TableUse]:
+  """Every float leaf the traced `apply_fn(params, *args)` uses as a `gather` operand.
+
+  Word, position and token-type embeddings are found by use, not by name: the apply is
+  replayed abstractly (`jax.eval_shape`, no compute) with `capture.replay_with` following each
+  leaf through dtype casts and reshapes.
+  """
+  from jaxshrink.capture import LAYOUT_OPS, Derived, replay_with
+  from jaxshrink.quant.serve import _leaf_paths, row_lookup
+
+  names = _leaf_paths(params)
+  uses: dict[str, dict[str, bool]] = {}
+
+  def record(eqn, invals, in_src):
+    name = eqn.primitive.name
+    for i, src in enumerate(in_src):
+      path = src.path if isinstance(src, Derived) else src
+      if path is None:
+        continue
+      use = uses.setdefault(path, {"gather": False, "rows": True, "matmul": False})
+      if name == "gather" and i == 0:
+        use["gather"] = True
+        whole = isinstance(src, str)  # a sliced or transposed table is not a row lookup
+        use["rows"] &= whole and row_lookup(eqn.params, invals[0].shape, invals[1].shape)
+      elif name in ("dot_general", "conv_general_dilated"):
+        use["matmul"] = True
+    return None
+
+  def run(p, a):  # encodings of earlier stages (e.g. pruned kernels) count as one leaf each
+    dense = materialize(p)
+    return replay_with(apply_fn, dense, a, dict(enumerate(names)), record, layout_ops=LAYOUT_OPS)
+
+  jax.eval_shape(run, params, args)
+  return {p: TableUse(p, u["rows"], u["matmul"]) for p, u in uses.items() if u["gather"]}
+
+
+def quantize_tables(params: Any, tables: Iterable[str], spec: QuantSpec | None) -> Any:
+  """Quantizes each `(vocab, dim)` table in `tables` per row: one scale per token row (per
+  `group_size` elements of it when grouped), as a `QArray` with `table=True`.
+
+  Raises:
+    ValueError: a table is not 2-D, or `group_size` does not divide its `dim`.
+  """
+  tables = set(tables) if spec is not None else set()
+
+  def visit(path, leaf):
+    if path not in tables:
+      return leaf
+    if len(leaf.shape) != 2:
+      raise ValueError(
+        f"Embedding table `{path}` has shape {tuple(leaf.shape)}; per-row quantization needs "
+        "a (vocab, dim) table. Leave `embeddings` unset, or reshape the table to 2-D."
+      )
+    if spec.group_size is not None and leaf.shape[1] % spec.group_size:
+      raise ValueError(
+        f"`group_size`={spec.group_size} does not divide the rows of `{path}` (dim="
+        f"{leaf.shape[1]}); pick a divisor of {leaf.shape[1]}, or null for one scale per row."
+      )
+    q = quantize_leaf(path, leaf, LayerQuant(spec), contract_dims=(1,))
+    return dataclasses.replace(q, table=True)
+
+  return map_with_path(visit, params)

@@ -82,6 +82,11 @@ class QArray(Encoding):
       the integer path (W8A8: 8).
     act_scale: float32 `(1,)` static activation scale from calibration (of `x / input_scale`
       when `input_scale` is set), or None for dynamic per-token scales.
+    table: True for an embedding table `(vocab, dim)` that the model reads by gather, stored
+      with `contract_dims == (1,)`: its matrix view is `(dim, vocab)`, so each token row has
+      its own scale (or `dim / group_size` scales, grouped along the row) and a lookup decodes
+      only the gathered columns (`jaxshrink.quant.serve.gather_rows`). The same codes serve a
+      tied output head, whose matmul contracts `dim`.
   """
 
   name: ClassVar[str] = "qarray"
@@ -109,6 +114,7 @@ class QArray(Encoding):
   note: str = ""
   act_bits: int | None = None
   act_scale: jax.Array | None = None
+  table: bool = False
 
   @property
   def spec(self) -> QuantSpec:
@@ -183,6 +189,9 @@ class QArray(Encoding):
 
   def describe(self) -> str:
     text = self.spec.describe()
+    if self.table:  # one scale per token row (or per group of it), not per output channel
+      gran = "per-channel" if self.group_size is None else f"g{self.group_size}"
+      text = text.replace(gran, "per-row" if self.group_size is None else f"{gran} per-row")
     if self.act_bits is not None:
       kind = "static" if self.act_scale is not None else "dynamic"
       text += f" act int{self.act_bits} {kind}"

@@ -95,6 +95,67 @@ def qarray_matmul(x2d: jax.Array, q: QArray) -> jax.Array:
   return integer_matmul(xq.astype(jnp.int8), q) * sx
 
 
+def gather_rows(q: QArray, ids: jax.Array) -> jax.Array:
+  """Rows `ids` of a `(vocab, dim)` table quantized over `dim` (`contract_dims == (1,)`).
+
+  Only the gathered rows are decoded: the table's matrix view is `(dim, vocab)`, so the codes,
+  scales and zero points of a token are column `id` of each; those columns form a smaller
+  QArray of the same spec, which decodes through the same numerics as the whole table. Ids
+  out of range are clipped (as `gather`'s `CLIP` mode does).
+
+  Returns:
+    `(*ids.shape, dim)` in the table's logical dtype.
+
+  >>> gather_rows(quantize(table, QuantSpec(bits=8), contract_dims=(1,)), ids).shape
+  (2, 16, 384)
+  """
+  flat = ids.reshape(-1).astype(jnp.int32)
+
+  def columns(a):
+    keep = a is None or a.shape[1] == 1  # per-tensor values serve every row
+    return a if keep else jnp.take(a, flat, axis=1, mode="clip")
+
+  rows = dataclasses.replace(
+    q, codes=columns(q.codes), scale=columns(q.scale), zero_point=columns(q.zero_point),
+    shape=(flat.shape[0], q.shape[1]), n=int(flat.shape[0]),
+  )  # fmt: skip
+  out = rows.dequantized_matrix().T.reshape(*ids.shape, q.shape[1])
+  return out.astype(q.dtype)
+
+
+def row_lookup(params, operand_shape, indices_shape) -> bool:
+  """True for a `gather` that reads whole rows of a 2-D table (`jnp.take(table, ids, 0)`)."""
+  dn = params["dimension_numbers"]
+  return (
+    len(operand_shape) == 2
+    and tuple(dn.collapsed_slice_dims) == (0,)
+    and tuple(dn.start_index_map) == (0,)
+    and not tuple(dn.operand_batching_dims)
+    and tuple(dn.offset_dims) == (len(indices_shape) - 1,)
+    and tuple(params["slice_sizes"]) == (1, operand_shape[1])
+    and indices_shape[-1:] == (1,)
+  )
+
+
+def _gather(params, invals, q: QArray):
+  """A row lookup of a table quantized per row: the rows, decoded alone; else None."""
+  table, indices = invals[0], invals[1]
+  if (
+    q.contract_dims != (1,)
+    or tuple(table.shape) != q.shape
+    or not row_lookup(params, table.shape, indices.shape)
+  ):
+    return None
+  ids = indices[..., 0]
+  rows = gather_rows(q, ids).astype(table.dtype)
+  if params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:  # `jnp.take`'s default: fill
+    fill = params.get("fill_value")
+    fill = (jnp.nan if jnp.issubdtype(table.dtype, jnp.inexact) else 0) if fill is None else fill
+    valid = (ids >= 0) & (ids < q.shape[0])
+    rows = jnp.where(valid[..., None], rows, jnp.asarray(fill, table.dtype))
+  return [rows]
+
+
 def _dot(params, invals, w_index, q):
   """`(out, None)` on the integer path, else `(None, why)`; fp8 gives `(out, why)`."""
   (lc, rc), (lb, rb) = params["dimension_numbers"]
@@ -259,6 +320,8 @@ def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Ca
 
     def substitute(eqn, invals, in_src):
       name = eqn.primitive.name
+      if name == "gather" and isinstance(in_src[0], str) and in_src[0] in qs:
+        return _gather(eqn.params, invals, qs[in_src[0]])
       if name not in _OP:
         for i, src in enumerate(in_src):
           if _source(src) in w8a8 and not (i == 0 and name in _NOT_MATMUL_INPUT):

@@ -6,6 +6,11 @@ method and the fix (`grid` with gptq, `alpha` with rtn, `calibration` on a weigh
 `overrides` and W8A8 activations (`activation_bits`, `calibration`, `static_activations`) work
 with every method: GPTQ and AWQ quantize the weights, then each kernel whose layer has
 activation bits gets the static (or dynamic) activation scale that `ptq` would give it.
+
+`embeddings: {bits: 8}` (or `{bits: 4, group_size: 32}`; off by default) also quantizes every
+table the model reads by gather, found by tracing its apply (word, position and token-type
+embeddings), one scale per row, or per `group_size` elements of a row (`ptq.quantize_tables`).
+Serving decodes only the gathered rows; a tied output head uses the same stored codes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ import numpy as np
 
 from jaxshrink.errors import UsageError
 from jaxshrink.quant.calibrate import calibrate, check_method
-from jaxshrink.quant.ptq import LayerQuant, ptq, quantize_params, resolve_layers
+from jaxshrink.quant.ptq import (
+  LayerQuant,
+  gather_tables,
+  ptq,
+  quantize_params,
+  quantize_tables,
+  resolve_layers,
+)
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.tree import Rule, flatten, map_with_path
@@ -44,7 +56,9 @@ OPTIONS = {
   "damp": 0.01,  # GPTQ: Hessian damping, as a fraction of its mean diagonal
   "grid": 20,  # AWQ: points of the scale-exponent search
   "overrides": [],
+  "embeddings": None,  # e.g. {bits: 8}: gathered tables (word/position/token-type), per row
 }
+EMBEDDING_KEYS = {"bits": 8, "group_size": None, "symmetric": True}
 # Keys only some methods read, and what they mean (for the refusal's message).
 METHOD_KEYS = {
   "steps": (("qat",), "QAT fine-tuning steps"),
@@ -204,7 +218,8 @@ def with_activations(
   "quantize",
   options=OPTIONS,
   doc="Quantize kernels: int8/4/3/2 or fp8 weights, optional int8 activations (W8A8); "
-  "methods rtn, gptq, awq, smoothquant, qat.",
+  "methods rtn, gptq, awq, smoothquant, qat; `embeddings: {bits, group_size}` quantizes the "
+  "tables the model gathers from, per row.",
 )
 def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   method = options["method"]
@@ -218,9 +233,10 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   check_method(options["calibration"], "calibration")  # before GPTQ/AWQ/QAT spend any time
   _check_keys(options, layers)
   activations = any(q.activation_bits for q in layers.values())
+  tables = _embedding_tables(pipeline, options, layers)
   if method == "rtn" and not activations:
     tree = quantize_params(tree, rule, layer, overrides=overrides)
-    return dataclasses.replace(pipeline, tree=tree)
+    return dataclasses.replace(pipeline, tree=_tables(tree, tables, options))
   batches = calibration_batches(pipeline, options["calibration_batches"])
   act_options = {
     "calibration": options["calibration"],
@@ -261,4 +277,56 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
         overrides=weight_overrides,
       )  # fmt: skip
     tree = with_activations(model.apply, tree, quantized, batches, layers, **act_options)
-  return dataclasses.replace(pipeline, tree=tree)
+  return dataclasses.replace(pipeline, tree=_tables(tree, tables, options))
+
+
+def _tables(tree: Any, tables: list[str], options: dict[str, Any]) -> Any:
+  try:
+    return quantize_tables(tree, tables, tables_spec(options))
+  except ValueError as err:  # e.g. a group size that does not divide a table's rows
+    raise UsageError(f"`embeddings` of `quantize`: {err}") from None
+
+
+def tables_spec(options: dict[str, Any]) -> QuantSpec | None:
+  """The `QuantSpec` of `embeddings` (None when unset); UsageError for a bad entry."""
+  emb = options["embeddings"]
+  if emb is None:
+    return None
+  if not isinstance(emb, dict) or set(emb) - set(EMBEDDING_KEYS):
+    raise UsageError(
+      f"`embeddings` of `quantize` must be null or a mapping with keys from "
+      f"{sorted(EMBEDDING_KEYS)}; got {emb!r}. E.g. `embeddings: {{bits: 8}}` (int8 per row) "
+      "or `{bits: 4, group_size: 32}`."
+    )
+  settings = {**EMBEDDING_KEYS, **emb}
+  spec = QuantSpec(
+    bits=settings["bits"], symmetric=settings["symmetric"], group_size=settings["group_size"]
+  )
+  try:
+    spec.validate("embeddings")
+  except (TypeError, ValueError) as err:
+    raise UsageError(f"`embeddings` of `quantize`: {err}") from None
+  return spec
+
+
+def _embedding_tables(pipeline: Pipeline, options: dict[str, Any], layers) -> list[str]:
+  """Paths of the tables `embeddings` quantizes: every leaf read by row lookups (gather)."""
+  spec = tables_spec(options)
+  if spec is None:
+    return []
+  sample = calibration_batches(pipeline, 1)[0]
+  uses = gather_tables(pipeline.model.apply, pipeline.tree, sample)
+  if not uses:
+    raise UsageError(
+      "`embeddings` of `quantize` is set, but the model reads no parameter by gather (no "
+      "embedding table). Remove `embeddings`."
+    )
+  twice = sorted(set(uses) & set(layers))
+  if twice:
+    raise UsageError(
+      f"`{twice[0]}` is an embedding table (read by gather) and is also selected by `target`; "
+      "`embeddings` quantizes it per row. Exclude it from `target` (e.g. `exclude: "
+      f"'{twice[0]}'`), or remove `embeddings`."
+    )
+  # A table gathered some other way (sliced, transposed, batched) is left float.
+  return [path for path, use in uses.items() if use.rows]
