@@ -8,10 +8,13 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxshrink.errors import JaxshrinkError
 from jaxshrink.sparsity import (
   PruneMask,
   Pruner,
   PruneState,
+  apply_masks,
+  check_pruned,
   drop_and_grow,
   masks_of,
   polynomial_schedule,
@@ -149,6 +152,7 @@ def test_nnx_optimizer_with_prune_mask_variables():
   assert abs((~mask).mean() - 0.75) < 1e-6
   assert (kernel[~mask] == 0).all() and (kernel[mask] != 0).all()
   assert nnx.state(model, PruneMask) == nnx.State({})  # Param-only model: masks never trained
+  check_pruned(nnx.state(model, nnx.Param), optimizer.opt_state)  # nnx.State params check too
 
 
 def test_drop_and_grow_keeps_count_and_resets_regrown_state():
@@ -214,3 +218,76 @@ def test_sparsity_preserving_qat_keeps_mask_exactly():
     w = np.asarray(flatten(params)[path])
     np.testing.assert_array_equal(w != 0, np.asarray(flatten(masks)[path]))
   assert isinstance(state, PruneState)
+
+
+OUTERMOST = r"Make `pruning\(\.\.\.\)` the outermost transform: wrap the chain, not a link of it"
+
+
+def _leaked(state):
+  return {p: int(n) for p, n in flatten(state.leaked).items()}
+
+
+def test_weight_decay_and_clipping_inside_the_wrapped_chain_keep_exact_zeros():
+  inner = optax.chain(
+    optax.clip_by_global_norm(0.5), optax.add_decayed_weights(1e-2), optax.adam(1e-2)
+  )
+  schedule = polynomial_schedule(begin=0, end=100, frequency=10)
+  tx = pruning(inner, Pruner(".*kernel", 0.75), schedule)
+  record = tuple(range(5, 160, 7))
+  params, state, seen = _train(tx, 160, record=record)
+  for step, (p, masks, st) in seen.items():
+    for path, mask in flatten(masks).items():
+      if mask.ndim:
+        w = np.asarray(flatten(p)[path])
+        assert (w[~np.asarray(mask)] == 0.0).all(), (step, path)
+    assert set(_leaked(st).values()) == {0}, step
+  kernel = masks_of(state)["fc1"]["kernel"]
+  assert int((~kernel).sum()) == round(0.75 * kernel.size)
+  check_pruned(params, state)  # no error
+
+
+@pytest.mark.parametrize(
+  "after", [optax.add_decayed_weights(1e-2), optax.clip_by_global_norm(1e-3)], ids=["wd", "clip"]
+)
+def test_a_transform_after_the_wrapper_is_detected(after):
+  pruner = Pruner(".*kernel", 0.5)
+  tx = optax.chain(pruning(optax.sgd(0.1), pruner), after)  # the misuse
+  params, state, _ = _train(tx, 20)
+  w = np.asarray(params["fc1"]["kernel"])
+  mask = np.asarray(masks_of(state)["fc1"]["kernel"])
+  assert (w[~mask] != 0).any()  # what the check is for: pruned weights drifted
+  leaked = _leaked(state[0])
+  assert leaked["fc1/kernel"] > 0 and leaked["fc2/kernel"] > 0
+  assert leaked["fc1/bias"] == leaked["fc2/bias"] == 0  # never pruned
+  with pytest.raises(JaxshrinkError, match=r"pruned weight\(s\) of `fc1/kernel` are non-zero"):
+    check_pruned(params, state)
+  with pytest.raises(JaxshrinkError, match=OUTERMOST):
+    check_pruned(params, state)
+  # Zeroing the params afterwards hides nothing: the state remembers the leak.
+  with pytest.raises(JaxshrinkError, match="in the params given to an earlier update"):
+    check_pruned(apply_masks(params, masks_of(state)), state)
+
+
+def test_misuse_raises_at_the_next_eager_update():
+  params = _init()
+  tx = optax.chain(pruning(optax.sgd(0.1), Pruner(".*kernel", 0.5)), optax.add_decayed_weights(0.1))
+  state = tx.init(params)
+  grads = jax.grad(_loss)(params, X, Y)
+  updates, state = tx.update(grads, state, params)  # step 0 prunes: updates are -w (+ decay)
+  params = optax.apply_updates(params, updates)
+  with pytest.raises(JaxshrinkError, match=r"`fc1/kernel` are non-zero in the params given to "
+                     r"update at step 1"):  # fmt: skip
+    tx.update(jax.grad(_loss)(params, X, Y), state, params)
+
+
+def test_given_masks_may_be_unapplied_at_step_zero():
+  params = _init()
+  pruner = Pruner(".*kernel", 0.5)
+  masks = pruner.masks(params)
+  tx = pruning(optax.sgd(0.1), pruner, masks=masks)
+  state = tx.init(params)  # dense params, masks not applied yet: not a leak
+  updates, state = tx.update(jax.grad(_loss)(params, X, Y), state, params)
+  params = optax.apply_updates(params, updates)
+  updates, state = tx.update(jax.grad(_loss)(params, X, Y), state, params)
+  assert set(_leaked(state).values()) == {0}
+  check_pruned(optax.apply_updates(params, updates), state)

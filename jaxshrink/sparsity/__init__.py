@@ -42,6 +42,7 @@ from jaxshrink.sparsity.structures import nm_mask as nm_mask
 from jaxshrink.sparsity.structures import parse_structure as parse_structure
 from jaxshrink.sparsity.wrapper import PruneMask as PruneMask
 from jaxshrink.sparsity.wrapper import PruneState as PruneState
+from jaxshrink.sparsity.wrapper import check_pruned as check_pruned
 from jaxshrink.sparsity.wrapper import masks_of as masks_of
 from jaxshrink.sparsity.wrapper import pruning as pruning
 from jaxshrink.sparsity.wrapper import tag_masks as tag_masks

@@ -17,6 +17,18 @@ Each `update`:
 3. masks the gradients, runs the inner optimizer, and replaces the update of a
    pruned weight by `-w`, so `optax.apply_updates` leaves exactly `0.0`.
 
+The wrapper must be the outermost transform: whatever follows it in an `optax.chain`
+(weight decay, clipping, a scale) changes those `-w` updates and pruned weights drift
+away from zero. Wrap the whole chain instead:
+
+>>> tx = pruning(optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(1e-4),
+...                          optax.adam(1e-3)), pruner, schedule)
+
+Each `update` also counts the pruned weights that are non-zero in the params it is
+given (on device, no host sync; `PruneState.leaked`). Outside `jit` it raises at once;
+inside, `check_pruned(params, opt_state)` raises naming the leaf: call it after training
+or at checkpoints.
+
 Masks live in the optimizer state (`PruneState.masks`, bool). With
 `nnx.Optimizer` the same transformation works unchanged; `tag_masks` gives
 the masks their own `PruneMask` variable type there.
@@ -32,8 +44,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxshrink.errors import JaxshrinkError
 from jaxshrink.sparsity.allocation import Pruner, check_masks
 from jaxshrink.sparsity.schedules import Schedule, one_shot_schedule
+from jaxshrink.tree import flatten
 
 # (params, grads, masks, step, key) -> new masks; traced inside jit.
 MaskUpdate = Callable[[Any, Any, Any, jax.Array, jax.Array], Any]
@@ -44,10 +58,48 @@ class PruneState(NamedTuple):
   masks: Any  # bool, same structure as params (() True for leaves never pruned)
   key: jax.Array  # (2,) uint32 raw PRNG key for random criteria and SET
   inner_state: Any  # the wrapped optimizer's state
+  # () int32 per leaf, same structure as `masks`: pruned weights found non-zero in the params
+  # given to `update` (the largest count seen; 0 while the wrapper is the outermost transform).
+  leaked: Any
+
+
+# Raised from more than one place (eagerly in `update`, and by `check_pruned`).
+LEAK_MESSAGE = (
+  "{count} pruned weight(s) of `{path}` are non-zero {where}, although the pruning wrapper set "
+  "them to exactly 0.0: a transform after it changed its updates (e.g. "
+  "`optax.chain(pruning(...), optax.add_decayed_weights(...))`, or clipping after it). Make "
+  "`pruning(...)` the outermost transform: wrap the chain, not a link of it, e.g. "
+  "`pruning(optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3)), pruner)`."
+)
 
 
 class PruneMask(nnx.Variable):
   """NNX variable type of pruning masks, so `wrt=nnx.Param` filters never train them."""
+
+
+def _unwrap(tree: Any) -> Any:
+  """Plain arrays from a tree that `nnx.Optimizer` may have wrapped in variables."""
+  return jax.tree.map(
+    lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
+    tree,
+    is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )
+
+
+def _pruned_nonzeros(params: Any, masks: Any) -> Any:
+  """() int32 per leaf: how many weights outside the mask are not exactly zero."""
+  return jax.tree.map(
+    lambda w, m: jnp.sum(jnp.logical_and(jnp.logical_not(m), w != 0), dtype=jnp.int32),
+    params,
+    masks,
+  )
+
+
+def _raise_leaks(counts: dict[str, Any], where: str) -> None:
+  """Raises `LEAK_MESSAGE` for the first `{path: count}` entry above zero."""
+  for path, count in counts.items():
+    if int(count):
+      raise JaxshrinkError(LEAK_MESSAGE.format(count=int(count), path=path, where=where))
 
 
 def _reset_inner(inner: optax.GradientTransformation, state: Any, keep: Any) -> Any:
@@ -116,6 +168,7 @@ def pruning(
       masks=start,
       key=jax.random.key_data(jax.random.key(seed)),
       inner_state=inner.init(params),
+      leaked=jax.tree.map(lambda _: jnp.zeros((), jnp.int32), start),
     )
 
   def update(updates, state, params=None, **extra):
@@ -124,6 +177,12 @@ def pruning(
         "The pruning wrapper needs the params: call tx.update(grads, opt_state, params)."
       )
     step = state.count
+    # After a step of this wrapper the pruned weights are exactly 0.0 unless something after
+    # it changed the updates. Step 0 is exempt: given `masks` may not be applied yet.
+    found = jax.tree.map(lambda n: jnp.where(step > 0, n, 0), _pruned_nonzeros(params, state.masks))
+    if not any(isinstance(n, jax.core.Tracer) for n in jax.tree.leaves(found)):
+      _raise_leaks(flatten(found), f"in the params given to update at step {int(step)}")
+    leaked = jax.tree.map(jnp.maximum, state.leaked, found)
     key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.key), step))
     if schedule is None:  # fixed masks: nothing to recompute or reset
       new_masks, inner_state = state.masks, state.inner_state
@@ -143,7 +202,7 @@ def pruning(
     grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), updates, new_masks)
     out, inner_state = inner.update(grads, inner_state, params, **extra)
     out = jax.tree.map(lambda u, w, m: jnp.where(m, u, -w).astype(u.dtype), out, params, new_masks)
-    return out, PruneState(step + 1, new_masks, state.key, inner_state)
+    return out, PruneState(step + 1, new_masks, state.key, inner_state, leaked)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -168,12 +227,34 @@ def _find_state(opt_state: Any) -> PruneState:
 
 def masks_of(opt_state: Any) -> Any:
   """The current masks inside an optimizer state (plain optax or `nnx.Optimizer.opt_state`)."""
-  masks = _find_state(opt_state).masks
-  return jax.tree.map(
-    lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
-    masks,
-    is_leaf=lambda v: isinstance(v, nnx.Variable),
-  )
+  return _unwrap(_find_state(opt_state).masks)
+
+
+def check_pruned(params: Any, opt_state: Any) -> None:
+  """Raises if a pruned weight is non-zero now, or was at any `update` so far.
+
+  `update` counts, inside `jit` and without a host sync, the pruned weights that are non-zero
+  in the params it gets; this reads those counts and checks `params` against the current
+  masks. A non-zero count means a transform after the wrapper changed its updates.
+
+  Args:
+    params: the params after the last `optax.apply_updates` (a dict or `nnx.State`).
+    opt_state: the state of the `pruning(...)` optimizer (plain optax or
+      `nnx.Optimizer.opt_state`).
+
+  Raises:
+    JaxshrinkError: naming the first leaf with non-zero pruned weights, and the fix.
+
+  >>> params, opt_state = train(params, opt_state)   # your loop
+  >>> check_pruned(params, opt_state)                # pruned weights are exactly 0.0
+  """
+  state = _find_state(opt_state)
+  masks = _unwrap(state.masks)
+  check_masks(params, masks)
+  # By path, so an `nnx.State` of params checks against the plain mask tree.
+  flat_p, flat_m = flatten(params), flatten(masks)
+  _raise_leaks({p: _pruned_nonzeros(flat_p[p], m) for p, m in flat_m.items()}, "in these params")
+  _raise_leaks(flatten(_unwrap(state.leaked)), "in the params given to an earlier update")
 
 
 def tag_masks(optimizer: nnx.Optimizer) -> nnx.Optimizer:
