@@ -225,8 +225,15 @@ def test_stage_option_on_tiny_lm(tiny_lm):
   served = recipes.evaluate_tree(tiny_lm.model, out.tree, tiny_lm.dataset)
   float_ppl = recipes.evaluate_tree(tiny_lm.model, tiny_lm.tree, tiny_lm.dataset)
   assert served <= float_ppl * 1.02  # perplexity
-  grouped = quantize_stage(tiny_lm, _options(embeddings={"bits": 4, "group_size": 32}))
-  assert flatten(grouped.tree)["embed/embedding"].describe() == "int4 g32 per-row sym"
+  grouped = quantize_stage(
+    tiny_lm,
+    _options(
+      embeddings={"bits": 4, "group_size": 32, "overrides": [{"target": "pos.*", "bits": 8}]}
+    ),
+  )
+  flat = flatten(grouped.tree)
+  assert flat["embed/embedding"].describe() == "int4 g32 per-row sym"
+  assert flat["pos_embed/embedding"].describe() == "int8 g32 per-row sym"
 
 
 @pytest.mark.parametrize(
@@ -235,6 +242,14 @@ def test_stage_option_on_tiny_lm(tiny_lm):
     ({"embeddings": {"bits": 8, "axis": 0}}, r"`embeddings` of `quantize` must be null or"),
     ({"embeddings": {"bits": 5}}, r"`embeddings` of `quantize`: Unsupported `bits`=5"),
     ({"embeddings": {"bits": 4, "group_size": 48}}, r"`group_size`=48 does not divide .*dim=160"),
+    (
+      {"embeddings": {"overrides": [{"target": "head/kernel", "bits": 4}]}},
+      r"`embeddings.overrides\[0\].target` 'head/kernel' .* matches no embedding table",
+    ),
+    (
+      {"embeddings": {"overrides": [{"bits": 4}]}},
+      r"`embeddings.overrides\[0\]` of `quantize` must be a mapping with a `target`",
+    ),
     (
       {"target": ".*(kernel|embedding)", "embeddings": {"bits": 8}},
       r"`embed/embedding` is an embedding table .* also selected by `target`",

@@ -9,7 +9,8 @@ activation bits gets the static (or dynamic) activation scale that `ptq` would g
 
 `embeddings: {bits: 8}` (or `{bits: 4, group_size: 32}`; off by default) also quantizes every
 table the model reads by gather, found by tracing its apply (word, position and token-type
-embeddings), one scale per row, or per `group_size` elements of a row (`ptq.quantize_tables`).
+embeddings), one scale per row, or per `group_size` elements of a row (`ptq.quantize_tables`);
+`embeddings.overrides: [{target: ".*position.*", bits: 8}]` sets other bits for some tables.
 Serving decodes only the gathered rows; a tied output head uses the same stored codes.
 """
 
@@ -58,7 +59,7 @@ OPTIONS = {
   "overrides": [],
   "embeddings": None,  # e.g. {bits: 8}: gathered tables (word/position/token-type), per row
 }
-EMBEDDING_KEYS = {"bits": 8, "group_size": None, "symmetric": True}
+EMBEDDING_KEYS = {"bits": 8, "group_size": None, "symmetric": True, "overrides": []}
 # Keys only some methods read, and what they mean (for the refusal's message).
 METHOD_KEYS = {
   "steps": (("qat",), "QAT fine-tuning steps"),
@@ -236,7 +237,7 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   tables = _embedding_tables(pipeline, options, layers)
   if method == "rtn" and not activations:
     tree = quantize_params(tree, rule, layer, overrides=overrides)
-    return dataclasses.replace(pipeline, tree=_tables(tree, tables, options))
+    return dataclasses.replace(pipeline, tree=_tables(tree, tables))
   batches = calibration_batches(pipeline, options["calibration_batches"])
   act_options = {
     "calibration": options["calibration"],
@@ -277,43 +278,68 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
         overrides=weight_overrides,
       )  # fmt: skip
     tree = with_activations(model.apply, tree, quantized, batches, layers, **act_options)
-  return dataclasses.replace(pipeline, tree=_tables(tree, tables, options))
+  return dataclasses.replace(pipeline, tree=_tables(tree, tables))
 
 
-def _tables(tree: Any, tables: list[str], options: dict[str, Any]) -> Any:
+def _tables(tree: Any, specs: dict[str, QuantSpec]) -> Any:
   try:
-    return quantize_tables(tree, tables, tables_spec(options))
+    for spec in dict.fromkeys(specs.values()):  # one pass per distinct spec, in order
+      tree = quantize_tables(tree, [p for p, s in specs.items() if s == spec], spec)
   except ValueError as err:  # e.g. a group size that does not divide a table's rows
     raise UsageError(f"`embeddings` of `quantize`: {err}") from None
+  return tree
 
 
-def tables_spec(options: dict[str, Any]) -> QuantSpec | None:
-  """The `QuantSpec` of `embeddings` (None when unset); UsageError for a bad entry."""
-  emb = options["embeddings"]
-  if emb is None:
-    return None
-  if not isinstance(emb, dict) or set(emb) - set(EMBEDDING_KEYS):
-    raise UsageError(
-      f"`embeddings` of `quantize` must be null or a mapping with keys from "
-      f"{sorted(EMBEDDING_KEYS)}; got {emb!r}. E.g. `embeddings: {{bits: 8}}` (int8 per row) "
-      "or `{bits: 4, group_size: 32}`."
-    )
-  settings = {**EMBEDDING_KEYS, **emb}
-  spec = QuantSpec(
-    bits=settings["bits"], symmetric=settings["symmetric"], group_size=settings["group_size"]
-  )
+def _table_spec(entry: dict[str, Any], where: str) -> QuantSpec:
+  spec = QuantSpec(bits=entry["bits"], symmetric=entry["symmetric"], group_size=entry["group_size"])
   try:
-    spec.validate("embeddings")
+    spec.validate(where)
   except (TypeError, ValueError) as err:
-    raise UsageError(f"`embeddings` of `quantize`: {err}") from None
+    raise UsageError(f"`{where}` of `quantize`: {err}") from None
   return spec
 
 
-def _embedding_tables(pipeline: Pipeline, options: dict[str, Any], layers) -> list[str]:
-  """Paths of the tables `embeddings` quantizes: every leaf read by row lookups (gather)."""
-  spec = tables_spec(options)
-  if spec is None:
-    return []
+def table_specs(options: dict[str, Any], paths: list[str]) -> dict[str, QuantSpec]:
+  """`{path: QuantSpec}` of the gathered tables `paths` under `embeddings` and its overrides.
+
+  Raises:
+    UsageError: `embeddings` or an override is not a mapping of known keys, a spec is
+      invalid, or an override's `target` matches no table.
+  """
+  emb = options["embeddings"]
+  keys = sorted(EMBEDDING_KEYS)
+  if not isinstance(emb, dict) or set(emb) - set(EMBEDDING_KEYS):
+    raise UsageError(
+      f"`embeddings` of `quantize` must be null or a mapping with keys from {keys}; got "
+      f"{emb!r}. E.g. `embeddings: {{bits: 8}}` (int8 per row) or `{{bits: 4, group_size: 32}}`."
+    )
+  base = {**EMBEDDING_KEYS, **emb}
+  specs = dict.fromkeys(paths, _table_spec(base, "embeddings"))
+  if not isinstance(base["overrides"], list):
+    raise UsageError(f"`embeddings.overrides` of `quantize` must be a list; got {emb!r}.")
+  for i, entry in enumerate(base["overrides"]):
+    where = f"embeddings.overrides[{i}]"
+    valid = {"target", "bits", "group_size", "symmetric"}
+    if not isinstance(entry, dict) or "target" not in entry or set(entry) - valid:
+      raise UsageError(
+        f"`{where}` of `quantize` must be a mapping with a `target` regex and keys from "
+        f"{sorted(valid)}; got {entry!r}."
+      )
+    hits = [p for p in paths if Rule(include=entry["target"]).matches(p, None)]
+    if not hits:
+      raise UsageError(
+        f"`{where}.target` {entry['target']!r} of `quantize` matches no embedding table; the "
+        f"tables are {', '.join(paths)}."
+      )
+    spec = _table_spec({**base, **entry}, where)
+    specs.update(dict.fromkeys(hits, spec))
+  return specs
+
+
+def _embedding_tables(pipeline: Pipeline, options: dict[str, Any], layers) -> dict:
+  """`{path: QuantSpec}` of the tables `embeddings` quantizes: leaves read by row lookups."""
+  if options["embeddings"] is None:
+    return {}
   sample = calibration_batches(pipeline, 1)[0]
   uses = gather_tables(pipeline.model.apply, pipeline.tree, sample)
   if not uses:
@@ -329,4 +355,4 @@ def _embedding_tables(pipeline: Pipeline, options: dict[str, Any], layers) -> li
       f"'{twice[0]}'`), or remove `embeddings`."
     )
   # A table gathered some other way (sliced, transposed, batched) is left float.
-  return [path for path, use in uses.items() if use.rows]
+  return table_specs(options, [path for path, use in uses.items() if use.rows])
