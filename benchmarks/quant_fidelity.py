@@ -27,7 +27,7 @@ from jaxshrink.quant.awq import abs_mean_reducer, awq, awq_matrix
 from jaxshrink.quant.gptq import gptq, gptq_kernel
 from jaxshrink.quant.ptq import ptq, quantize_params
 from jaxshrink.quant.qarray import QArray, normalize_contract_dims
-from jaxshrink.quant.qat import convert, qat_finetune
+from jaxshrink.quant.qat import qat_finetune
 from jaxshrink.recipes import evaluate_tree
 from jaxshrink.report import tree_report
 from jaxshrink.tree import Rule, flatten, map_selected
@@ -169,7 +169,7 @@ def _qat_rows(model, params, dataset, evaluate, reference):
     start = time.perf_counter()
     trained = qat_finetune(model.apply, params, dataset.x_train, dataset.y_train, RULE, spec,
                            steps=QAT_STEPS, learning_rate=3e-4, batch_size=64).params  # fmt: skip
-    tree = convert(trained, RULE, spec)
+    tree = quantize_params(trained, RULE, spec)
     seconds = time.perf_counter() - start
     extra = {"bits": bits, "steps": QAT_STEPS, "rtn_value": evaluate(rtn)}
     records.append(_record(model, f"qat int{bits}", evaluate(tree), reference, tree, seconds,

@@ -149,7 +149,7 @@ def _qat_recovery_rows() -> list[Record]:
 
   from jaxshrink.encoding import materialize
   from jaxshrink.quant.ptq import quantize_params
-  from jaxshrink.quant.qat import convert, qat_finetune
+  from jaxshrink.quant.qat import qat_finetune
   from jaxshrink.report import tree_report
 
   model = models.get_model("digits-cnn")
@@ -171,7 +171,7 @@ def _qat_recovery_rows() -> list[Record]:
       start = time.perf_counter()
       trained = qat_finetune(model.apply, params, dataset.x_train, dataset.y_train, ".*kernel",
                              spec, steps=300, learning_rate=3e-4, batch_size=64).params  # fmt: skip
-      qat = convert(trained, ".*kernel", spec)
+      qat = quantize_params(trained, ".*kernel", spec)
       seconds = time.perf_counter() - start
     for method, tree, secs in ((f"RTN int{bits}", rtn, None), (f"QAT int{bits}", qat, seconds)):
       report = tree_report(tree)

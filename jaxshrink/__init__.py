@@ -1,11 +1,15 @@
-"""jaxshrink: make trained JAX/Flax networks smaller and cheaper to run."""
+"""jaxshrink: make trained JAX/Flax networks smaller and cheaper to run.
+
+The names here are the curated top level; every subpackage (`jaxshrink.distill`,
+`jaxshrink.quant`, `jaxshrink.sparsity`, ...) stays reachable under its own name, never
+shadowed by a function: the distillation loop is `jaxshrink.distill.distill`.
+"""
 
 __version__ = "0.1.0"
 
 from jaxshrink.cast import Cast as Cast
 from jaxshrink.cast import cast_params as cast_params
 from jaxshrink.distill import DistillLoss as DistillLoss
-from jaxshrink.distill import distill as distill
 from jaxshrink.distill import distill_step as distill_step
 from jaxshrink.encoding import Encoding as Encoding
 from jaxshrink.encoding import materialize as materialize
@@ -22,10 +26,12 @@ from jaxshrink.export import save as save
 from jaxshrink.lowrank import LowRank as LowRank
 from jaxshrink.lowrank import factorize as factorize
 from jaxshrink.lowrank import lowrank_apply as lowrank_apply
+from jaxshrink.quant import LayerQuant as LayerQuant
 from jaxshrink.quant import QArray as QArray
 from jaxshrink.quant import QuantDotGeneral as QuantDotGeneral
 from jaxshrink.quant import QuantSpec as QuantSpec
-from jaxshrink.quant import convert as convert
+from jaxshrink.quant import awq as awq
+from jaxshrink.quant import gptq as gptq
 from jaxshrink.quant import ptq as ptq
 from jaxshrink.quant import qat_apply as qat_apply
 from jaxshrink.quant import quantize as quantize
@@ -34,6 +40,7 @@ from jaxshrink.quant import quantized_apply as quantized_apply
 from jaxshrink.report import tree_report as tree_report
 from jaxshrink.sparsity import BitmaskSparse as BitmaskSparse
 from jaxshrink.sparsity import NMSparse as NMSparse
+from jaxshrink.sparsity import Pruner as Pruner
 from jaxshrink.sparsity import oneshot_prune as oneshot_prune
 from jaxshrink.sparsity import pruning as pruning
 from jaxshrink.sparsity import shrink_params as shrink_params
@@ -51,21 +58,23 @@ __all__ = [
   "DistillLoss",
   "Encoding",
   "JaxshrinkError",
+  "LayerQuant",
   "LowRank",
   "NMSparse",
   "NoMatchError",
+  "Pruner",
   "QArray",
   "QuantDotGeneral",
   "QuantSpec",
   "Rule",
   "UsageError",
+  "awq",
   "cast_params",
-  "convert",
-  "distill",
   "distill_step",
   "export_safetensors",
   "factorize",
   "flatten",
+  "gptq",
   "import_safetensors",
   "load",
   "lowrank_apply",

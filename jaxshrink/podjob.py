@@ -84,8 +84,8 @@ def job_plan(recipe: Any, steps: int | None = None) -> JobPlan:
 
 
 def _tools(plan: JobPlan, model: Any):
-  """(optimizer, loss apply, convert function) for the plan."""
-  from jaxshrink.quant import LayerQuant, QuantSpec, convert, qat_apply
+  """(optimizer, loss apply, float-to-compressed function) for the plan."""
+  from jaxshrink.quant import LayerQuant, QuantSpec, qat_apply, quantize_params
   from jaxshrink.recipes import rule_from_options
   from jaxshrink.sparsity import Pruner, pruning
   from jaxshrink.sparsity.finetune import finetune_optimizer
@@ -105,7 +105,7 @@ def _tools(plan: JobPlan, model: Any):
                      format=o["format"])  # fmt: skip
     layer, rule = LayerQuant(spec, o["activation_bits"]), rule_from_options(o)
     apply = qat_apply(model.apply, rule, layer)
-    to_compact = lambda params: convert(params, rule, layer)  # noqa: E731
+    to_compact = lambda params: quantize_params(params, rule, layer)  # noqa: E731
   return tx, apply, to_compact
 
 

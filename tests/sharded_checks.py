@@ -2,7 +2,8 @@
 
 Run as a script (tests/test_sharded.py does, in a subprocess): it forces 8 simulated CPU
 devices, runs each check on a data-parallel mesh `(8,)` and a model-parallel mesh `(2, 4)`
-(`convert` and the QAT dot also on `(4, 2)`), and prints one JSON object
+(`quantize_params` of QAT-trained params, recorded as `convert`, and the QAT dot also on
+`(4, 2)`), and prints one JSON object
 `{check: {"equal", "err", "layout", "gathers"}}`:
 
 - `equal`: the sharded result equals the single-device one (exact for masks and codes,
@@ -41,7 +42,7 @@ from jaxshrink import distributed, hessian  # noqa: E402
 from jaxshrink.distill import DistillLoss, distill_step  # noqa: E402
 from jaxshrink.lowrank.svd import factorize_array  # noqa: E402
 from jaxshrink.models import cross_entropy_loss, get_model  # noqa: E402
-from jaxshrink.quant import QuantDotGeneral, QuantSpec, convert, quantize  # noqa: E402
+from jaxshrink.quant import QuantDotGeneral, QuantSpec, quantize, quantize_params  # noqa: E402
 from jaxshrink.quant.gptq import gptq_kernel  # noqa: E402
 from jaxshrink.sparsity import Pruner, one_shot_schedule, pruning, sparsegpt  # noqa: E402
 from jaxshrink.tree import flatten  # noqa: E402
@@ -153,7 +154,7 @@ def run() -> dict:
     "masks_uniform": jax.jit(pruner_uniform.masks)(single),
     "masks_global": jax.jit(pruner_global.masks)(single),
     "prune_step": prune_steps(single, tx.init(single), x1, y1),
-    "convert": convert(single, ".*kernel", spec8),
+    "convert": quantize_params(single, ".*kernel", spec8),
     "quantize_int4": quantize(single["dense1"]["kernel"], spec4),
     "qat_dot": jax.jit(qat_grad)(single["dense1"]["kernel"], jax.device_put(x_dense1, one)),
     "hessians": hessian.collect_hessians(model.apply, single, [x1], ".*kernel"),
@@ -189,8 +190,10 @@ def run() -> dict:
       record(k + name, exact(masks, ref[name]), 0.0, layout_errors(masks, shardings, "mask"),
              found)  # fmt: skip
 
-    ctree, found = compiled_run(lambda p: convert(p, ".*kernel", spec8), params, sizes=sizes)
-    eager = convert(params, ".*kernel", spec8) if eager_too else ctree
+    ctree, found = compiled_run(
+      lambda p: quantize_params(p, ".*kernel", spec8), params, sizes=sizes
+    )
+    eager = quantize_params(params, ".*kernel", spec8) if eager_too else ctree
     errors = []
     for layer in ("conv1", "conv2", "dense1", "dense2"):
       for tree in (ctree, eager):

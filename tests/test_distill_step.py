@@ -180,11 +180,11 @@ def test_bad_step_arguments(models_and_params):
 
 
 def test_distills_into_a_pruned_and_quantized_student_in_one_loop(models_and_params):
-  from jaxshrink.quant import LayerQuant, QArray, QuantSpec, convert, qat_apply
+  from jaxshrink.quant import LayerQuant, QArray, QuantSpec, qat_apply, quantize_params
   from jaxshrink.sparsity import Pruner, pruning
 
   teacher, tp, student, _ = models_and_params
-  sp = student.init(jax.random.key(1), X)["params"]  # fresh: steps donate their state
+  sp = student.init(jax.random.key(1), X)["params"]
   spec = QuantSpec(bits=8)
   qat_student = qat_apply(functional(student)[0], ".*kernel", LayerQuant(spec, activation_bits=8))
   tx = pruning(optax.adam(1e-2), Pruner(".*fc1/kernel", sparsity=0.5))
@@ -197,7 +197,7 @@ def test_distills_into_a_pruned_and_quantized_student_in_one_loop(models_and_par
   assert losses[-1] < losses[0]
   kernel = np.asarray(state.params["fc1"]["kernel"])
   assert np.sum(kernel == 0) == kernel.size // 2  # the mask survived QAT updates
-  ctree = convert(state.params, ".*kernel", spec)
+  ctree = quantize_params(state.params, ".*kernel", spec)
   assert isinstance(ctree["fc1"]["kernel"], QArray)
   # Pruned weights stay exactly zero through int8 conversion.
   np.testing.assert_array_equal(np.asarray(ctree["fc1"]["kernel"].materialize()) == 0, kernel == 0)

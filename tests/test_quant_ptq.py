@@ -16,7 +16,7 @@ from jaxshrink.errors import JaxshrinkError, NoMatchError, UsageError
 from jaxshrink.quant import QArray, QuantSpec
 from jaxshrink.quant.calibrate import calibrate
 from jaxshrink.quant.ptq import LayerQuant, ptq, quantize_params
-from jaxshrink.quant.qat import convert, qat_apply
+from jaxshrink.quant.qat import qat_apply
 from jaxshrink.quant.serve import quantized_apply
 
 
@@ -104,7 +104,7 @@ def test_qat_apply_grad_and_convert(zoo):
   value, grads = jax.jit(jax.value_and_grad(loss))(params)
   assert np.isfinite(float(value))
   assert float(jnp.abs(grads["conv1"]["kernel"]).sum()) > 0
-  ctree = convert(params, ".*kernel", QuantSpec(bits=2))
+  ctree = quantize_params(params, ".*kernel", QuantSpec(bits=2))
   assert ctree["dense1"]["kernel"].codes.shape == (256, 128)  # 4 codes per byte
 
 
