@@ -1,6 +1,7 @@
 """Quantized embedding tables: per-row int8 and row-grouped int4 codes, row-only decode in
 `jit`, export round trip, manifest validation, the `embeddings` stage option, a tied head."""
 
+import dataclasses
 import functools
 import json
 
@@ -21,6 +22,7 @@ from jaxshrink.models import bert
 from jaxshrink.models.base import nnx_functions
 from jaxshrink.quant import QArray, QuantSpec
 from jaxshrink.quant.ptq import gather_tables, quantize_params, quantize_tables
+from jaxshrink.quant.qarray import quantize
 from jaxshrink.quant.serve import gather_rows, quantized_apply
 from jaxshrink.quant.stage import quantize_stage
 from jaxshrink.tree import flatten
@@ -93,6 +95,19 @@ def test_gathered_rows_equal_the_dequantized_table(spec):
   assert rows.shape == (2, 3, DIM) and rows.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(rows), dense[np.asarray(ids)])
   assert np.abs(dense - table).max() <= np.abs(table).max() / (127 if spec.bits == 8 else 7)
+
+
+@pytest.mark.parametrize(
+  "spec",
+  [QuantSpec(bits=8, per_tensor=True), QuantSpec(bits=4, symmetric=False)],
+  ids=["per-tensor", "int4-asym"],
+)
+@pytest.mark.parametrize("vocab", [1, 40])
+def test_gathered_rows_of_other_specs(spec, vocab):
+  q = dataclasses.replace(quantize(_table(6, (vocab, 16)), spec, contract_dims=(1,)), table=True)
+  ids = jnp.asarray([[0, vocab - 1, 0]], jnp.int32)
+  expected = np.asarray(materialize(q))[np.asarray(ids)]
+  np.testing.assert_array_equal(np.asarray(jax.jit(gather_rows)(q, ids)), expected)
 
 
 def test_bert_tables_are_found_by_gather_not_by_name(tiny_bert):
@@ -234,6 +249,14 @@ def test_stage_option_on_tiny_lm(tiny_lm):
   flat = flatten(grouped.tree)
   assert flat["embed/embedding"].describe() == "int4 g32 per-row sym"
   assert flat["pos_embed/embedding"].describe() == "int8 g32 per-row sym"
+
+
+def test_stage_option_with_calibrated_w8a8_on_tiny_lm(tiny_lm):
+  options = _options(activation_bits=8, calibration_batches=1, embeddings={"bits": 8})
+  flat = flatten(quantize_stage(tiny_lm, options).tree)
+  assert flat["embed/embedding"].table and flat["embed/embedding"].act_bits is None
+  assert flat["pos_embed/embedding"].describe() == "int8 per-row sym"
+  assert flat["head/kernel"].act_bits == 8 and flat["head/kernel"].act_scale.shape == (1,)
 
 
 @pytest.mark.parametrize(

@@ -111,12 +111,13 @@ def gather_rows(q: QArray, ids: jax.Array) -> jax.Array:
   """
   flat = ids.reshape(-1).astype(jnp.int32)
 
-  def columns(a):
-    keep = a is None or a.shape[1] == 1  # per-tensor values serve every row
-    return a if keep else jnp.take(a, flat, axis=1, mode="clip")
+  def columns(a, shared=False):
+    # Per-tensor scales and zero points serve every row.
+    return a if a is None or shared else jnp.take(a, flat, axis=1, mode="clip")
 
   rows = dataclasses.replace(
-    q, codes=columns(q.codes), scale=columns(q.scale), zero_point=columns(q.zero_point),
+    q, codes=columns(q.codes), scale=columns(q.scale, q.per_tensor),
+    zero_point=columns(q.zero_point, q.per_tensor),
     shape=(flat.shape[0], q.shape[1]), n=int(flat.shape[0]),
   )  # fmt: skip
   out = rows.dequantized_matrix().T.reshape(*ids.shape, q.shape[1])
