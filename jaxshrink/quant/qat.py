@@ -1,4 +1,4 @@
-"""Quantization-aware training inside the user's own loop, then `convert` to `QArray`s.
+"""Quantization-aware training inside the user's own loop, then `quantize_params` to `QArray`s.
 
 `qat_apply(apply_fn, rule, spec)` returns an apply function with the same signature whose
 selected kernels (rules choose them, by path, in any linen/nnx model, convs included) are
@@ -9,7 +9,7 @@ and the loop stay the user's:
 
 >>> qapply = qat_apply(model.apply, ".*kernel", QuantSpec(bits=4))
 >>> loss = lambda p, x, y: cross_entropy_loss(qapply(p, x), y)   # your loop, your optax
->>> ctree = convert(trained, ".*kernel", QuantSpec(bits=4))      # QArray params
+>>> ctree = quantize_params(trained, ".*kernel", QuantSpec(bits=4))  # QArray params
 
 Layers with an injectable hook can instead take `QuantDotGeneral` / `QuantConv` directly, or
 AQT's `AqtDotGeneral` (`jaxshrink.quant.aqt_interop.aqt_dot_general`).
@@ -30,7 +30,7 @@ from jax import lax
 from jaxshrink.capture import kernel_matrix, replay_with
 from jaxshrink.quant import numerics
 from jaxshrink.quant.dot_general import fake_quant_sym, int_dot_ste, ste
-from jaxshrink.quant.ptq import LayerQuant, Overrides, quantize_params, resolve_layers
+from jaxshrink.quant.ptq import LayerQuant, Overrides, resolve_layers
 from jaxshrink.quant.qarray import from_matrix
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.tree import Rule, params_of, path_string
@@ -123,13 +123,6 @@ def qat_apply(
     return replay_with(apply_fn, params, args, paths, substitute)
 
   return apply
-
-
-def convert(
-  params: Any, rule: Rule | str, spec: QuantSpec | LayerQuant, *, overrides: Overrides = ()
-) -> Any:
-  """QAT-trained float params -> compressed tree of `QArray`s (the same quantizer)."""
-  return quantize_params(params, rule, spec, overrides=overrides)
 
 
 @dataclasses.dataclass(frozen=True)

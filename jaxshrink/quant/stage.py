@@ -249,7 +249,7 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       smooth_alpha=options["alpha"] if method == "smoothquant" else None, **act_options,
     )  # fmt: skip
   elif method == "qat":
-    from jaxshrink.quant.qat import convert, qat_finetune
+    from jaxshrink.quant.qat import qat_finetune
 
     ds = pipeline.dataset
     trained = qat_finetune(
@@ -259,7 +259,7 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     if activations:
       tree = ptq(model.apply, trained, batches, rule, layer, overrides=overrides, **act_options)
     else:
-      tree = convert(trained, rule, layer, overrides=overrides)
+      tree = quantize_params(trained, rule, layer, overrides=overrides)
   else:
     # GPTQ/AWQ quantize weights; the layers' activation bits are added on top.
     weight_overrides = [(r, None if o is None else o.spec) for r, o in overrides]
