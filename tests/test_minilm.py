@@ -265,9 +265,15 @@ def test_w8a8_checkpoint_keeps_paths_and_runs_int8_dots(model, params, w8a8_chec
   tree = export.load(w8a8_checkpoint)
   flat = flatten(tree)
   assert set(flat) == set(flatten(params))
-  kernels = [path for path, leaf in flat.items() if isinstance(leaf, QArray)]
+  quantized = {path for path, leaf in flat.items() if isinstance(leaf, QArray)}
+  tables = {path for path in quantized if flat[path].table}
+  kernels = quantized - tables
   assert len(kernels) == 36  # 6 layers x (query, key, value, output, intermediate, output)
   assert all(flat[path].act_bits == 8 for path in kernels)
+  # The word, position and token-type tables are stored int8 per row and decoded by lookup.
+  assert tables == {f"embeddings/{name}_embeddings/embedding"
+                    for name in ("word", "position", "token_type")}  # fmt: skip
+  assert all(flat[path].bits == 8 and flat[path].act_bits is None for path in tables)
   ids = jnp.asarray(minilm.encode(["One sentence.", "And another one."]))
   jaxpr = str(jax.make_jaxpr(quantized_apply(model.apply))(tree, ids))
   assert jaxpr.count("preferred_element_type=int32") == 36
