@@ -244,17 +244,15 @@ def summarize(records) -> str:
   if student is not None:
     lines.append(_target(
       "3-layer distilled student >= 0.95", student >= 0.95, f"{student:.4f}",
-      f"Shortfall {0.95 - student:.4f}. The student starts at 0.61 (teacher layers 1, 3, 5 "
-      "untrained; 0.41 from layers 0, 2, 4, which reached 0.63 after the same run): the recipe "
-      "is held to a few CPU minutes (150 steps of 32 sentences, ~0.8 s each on 2 cores) on a "
-      "512-sentence corpus of at most 32 tokens, far from the data and steps a 3-layer "
-      "sentence encoder is usually distilled with; longer runs were not measured here.",
+      f"Shortfall {0.95 - student:.4f}. The student (teacher layers 1, 3, 5) is distilled for "
+      "the recipe's 150 steps of 32 sentences on a 512-sentence corpus of at most 32 tokens, "
+      "far from the data and steps a 3-layer sentence encoder is usually distilled with; "
+      "longer runs were not measured here.",
     ))  # fmt: skip
   if any(method.startswith("qwix") for method in rows):
     lines += ["", "Qwix rows are saved with orbax's `StandardCheckpointer`, which compresses "
-              "chunks (the float32 embedding table, 47 MB of every checkpoint here, included); "
-              "jaxshrink checkpoints store raw arrays, so at equal bits Qwix is a few MB smaller "
-              "on disk."]  # fmt: skip
+              "chunks (the float32 embedding table included); jaxshrink checkpoints store raw "
+              "arrays, and quantize the embedding tables where the recipe says so."]  # fmt: skip
   int8 = rows.get("W8A8 per-channel, dynamic per-token")
   if int8 is not None:
     lines += ["", f"BERT inference on the int8 path (W8A8, batch 64 x 32 tokens): "
