@@ -73,6 +73,11 @@ def resolve_layers(params: Any, rule: Rule | str, base: LayerQuant, overrides: O
   return {p: v for p, v in layers.items() if v.spec is not None}
 
 
+def static_activation_scale(clip: float, bits: int) -> np.ndarray:
+  """The `(1,)` float32 scale that maps a calibrated activation clip to the largest code."""
+  return np.asarray([max(clip, 1e-30) / (2 ** (bits - 1) - 1)], np.float32)
+
+
 def quantize_leaf(
   path: str,
   w: Any,
@@ -101,9 +106,7 @@ def quantize_leaf(
   codes = numerics.quantize_codes(w2d, scale, zp, spec, key=key)
   act_scale = None
   if layer.activation_bits is not None and act_clip is not None:
-    act_scale = np.asarray(
-      [max(act_clip, 1e-30) / (2 ** (layer.activation_bits - 1) - 1)], np.float32
-    )
+    act_scale = static_activation_scale(act_clip, layer.activation_bits)
   q = QArray.from_codes(
     codes, scale, zp, spec, shape=w.shape, dtype=w.dtype, contract_dims=dims,
     input_scale=input_scale,

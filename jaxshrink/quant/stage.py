@@ -30,6 +30,7 @@ from jaxshrink.quant.ptq import (
   quantize_params,
   quantize_tables,
   resolve_layers,
+  static_activation_scale,
 )
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
@@ -208,8 +209,7 @@ def with_activations(
       return leaf
     act_scale = None
     if path in stats:
-      qmax = 2 ** (bits[path] - 1) - 1
-      act_scale = np.asarray([max(stats[path].clip, 1e-30) / qmax], np.float32)
+      act_scale = static_activation_scale(stats[path].clip, bits[path])
     return dataclasses.replace(leaf, act_bits=int(bits[path]), act_scale=act_scale)
 
   return map_with_path(visit, ctree)
