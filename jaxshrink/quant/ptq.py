@@ -253,9 +253,9 @@ def gather_tables(apply_fn: Callable[..., Any], params: Any, *args: Any) -> dict
   leaf through dtype casts and reshapes.
   """
   from jaxshrink.capture import LAYOUT_OPS, Derived, replay_with
-  from jaxshrink.quant.serve import _leaf_paths, row_lookup
+  from jaxshrink.quant.serve import leaf_paths, row_lookup
 
-  names = _leaf_paths(params)
+  names = leaf_paths(params)
   uses: dict[str, dict[str, bool]] = {}
 
   def record(eqn, invals, in_src):

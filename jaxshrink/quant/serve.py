@@ -138,7 +138,7 @@ def row_lookup(params, operand_shape, indices_shape) -> bool:
   )
 
 
-def _gather(params, invals, q: QArray):
+def lookup_rows(params, invals, q: QArray):
   """A row lookup of a table quantized per row: the rows, decoded alone; else None."""
   table, indices = invals[0], invals[1]
   if (
@@ -276,7 +276,7 @@ _FIX = (
 )
 
 
-def _leaf_paths(tree: Any) -> list[str]:
+def leaf_paths(tree: Any) -> list[str]:
   """Path of every leaf (encodings are leaves), without linen's `params/` prefix."""
   prefix = "params/" if params_of(tree) is not tree else ""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_encoding)[0]
@@ -304,7 +304,7 @@ def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Ca
 
   def apply(ctree, *args):
     leaves, treedef = jax.tree.flatten(ctree, is_leaf=is_encoding)
-    names = _leaf_paths(ctree)
+    names = leaf_paths(ctree)
     qs = {names[i]: leaf for i, leaf in enumerate(leaves) if isinstance(leaf, QArray)}
     w8a8 = {p for p, q in qs.items() if q.act_bits is not None}
     dense = [leaf.materialize() if is_encoding(leaf) else leaf for leaf in leaves]
@@ -322,7 +322,7 @@ def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Ca
     def substitute(eqn, invals, in_src):
       name = eqn.primitive.name
       if name == "gather" and isinstance(in_src[0], str) and in_src[0] in qs:
-        return _gather(eqn.params, invals, qs[in_src[0]])
+        return lookup_rows(eqn.params, invals, qs[in_src[0]])
       if name not in _OP:
         for i, src in enumerate(in_src):
           if _source(src) in w8a8 and not (i == 0 and name in _NOT_MATMUL_INPUT):
