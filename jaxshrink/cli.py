@@ -99,7 +99,9 @@ def _reference(manifest: dict[str, Any], model: Any, args) -> tuple[Any, Any]:
 
 
 def cmd_eval(args) -> int:
-  from jaxshrink import data, export, recipes
+  import dataclasses
+
+  from jaxshrink import data, export, recipes, serving
   from jaxshrink.data.sources import checkpoint_data_source
   from jaxshrink.models.registry import checkpoint_model, load_model
 
@@ -142,9 +144,19 @@ def cmd_eval(args) -> int:
   else:
     dataset = data.load_data_source(source)  # typed by the user, or the model's own default
   tree = export.load(args.dir)
-  measured = recipes.evaluate_metrics(model, tree, dataset)
+  mode = _serving_mode(args, manifest)
+  served = serving.serve(model.apply, tree, mode)
+  measured = recipes.evaluate_metrics(
+    dataclasses.replace(model, apply=served.apply), served.params, dataset, served=True
+  )
   value = measured.pop("value")
   reference = recipes.evaluate_tree(reference_model, reference_params, dataset)
+  if args.batch_size < 1:
+    raise UsageError(f"`--batch-size` must be >= 1; got {args.batch_size}.")
+  timing = serving.measure(
+    model.apply, tree, reference_params, (recipes.timing_batch(dataset, args.batch_size),),
+    modes=(mode,), float_apply=reference_model.apply,
+  )  # fmt: skip
   payload = {
     "checkpoint": str(args.dir),
     "model": name,
@@ -153,13 +165,39 @@ def cmd_eval(args) -> int:
     "value": value,
     "reference_value": reference,
     **measured,
+    "serving_mode": mode,
+    "seconds_per_batch": timing.seconds_per_batch[mode],
+    "float_seconds_per_batch": timing.seconds_per_batch["float"],
+    "time_vs_float": timing.time_vs_float[mode],
+    "batch_shape": list(timing.batch_shape),
   }
   if args.json:
     _print_json(payload)
   else:
     extra = "".join(f"; {k} {v:.4f}" for k, v in measured.items())
     print(f"{model.metric} on {source}: {value:.4f} (float reference {reference:.4f}){extra}")
+    print(
+      f"serving mode {mode}: {payload['seconds_per_batch'] * 1e3:.1f} ms per batch of "
+      f"{tuple(timing.batch_shape)}, {payload['time_vs_float']:.2f}x the float model's time "
+      "(timed side by side)"
+    )
   return 0
+
+
+def _serving_mode(args, manifest: dict[str, Any]) -> str:
+  """`--serving`, else the mode the checkpoint recorded (checked: it is untrusted input)."""
+  from jaxshrink import serving
+
+  if args.serving is not None:
+    return serving.check_mode(args.serving, where="`--serving`")
+  recorded = (manifest.get("metrics") or {}).get("serving")
+  if not isinstance(recorded, dict) or "serving_mode" not in recorded:
+    return serving.DEFAULT_MODE
+  return serving.check_mode(
+    recorded["serving_mode"],
+    where=f"`metrics.serving.serving_mode` recorded in `{args.dir}`",
+    fix="Pass --serving MODE to choose one.",
+  )
 
 
 def cmd_inspect(args) -> int:
@@ -265,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     "--data",
     help="zoo data name, module:factory, or a .npz/.txt file (for an embedding model such as "
     "minilm-l6, a .txt file holds one sentence per line)",
+  )
+  p.add_argument(
+    "--serving",
+    metavar="MODE",
+    help="serving mode to run and time: integer, bfloat16, decode-once or factored (default: "
+    "the mode the checkpoint recorded as fastest when it was compressed, else integer)",
+  )
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=64,
+    help="test rows in the timed batch (the float model is timed on the same batch)",
   )
   p.add_argument("--json", action="store_true", help="print the result as JSON")
   p.set_defaults(func=cmd_eval)

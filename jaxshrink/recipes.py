@@ -6,8 +6,12 @@ params: null             # float checkpoint dir; null = the zoo model's trained 
 data: digits             # zoo data name, "package.module:factory", or a .npz/.txt file
 stages:                  # run in order on the parameter tree
   - cast: {target: ".*kernel", dtype: bfloat16}
-export: {}               # compact checkpoint options
+export: {}               # {evaluate: true, serving: auto}: measure, pick the serving mode
 ```
+
+`export.serving` is `auto` (time every serving mode against float on a test batch and record
+the fastest, `jaxshrink.serving.recommend`), one mode (time that one), or null (time nothing).
+The result goes into the checkpoint's metrics as `serving`; `jaxshrink eval` runs that mode.
 
 A recipe is validated completely before anything runs: an unknown top-level
 key, stage kind or stage option is a `UsageError` naming it and listing the
@@ -51,7 +55,9 @@ TOP_LEVEL: dict[str, Any] = {
   "stages": [],
   "export": {},
 }
-EXPORT_OPTIONS: dict[str, Any] = {"evaluate": True}
+EXPORT_OPTIONS: dict[str, Any] = {"evaluate": True, "serving": "auto"}
+# Rows of the test split timed to choose the serving mode (fewer when the split is smaller).
+SERVING_BATCH = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +183,13 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     )
     stages.append((kind, options))
   export = _check_options(f"`export` of {source}", top["export"], EXPORT_OPTIONS, what="option")
+  if export["serving"] not in (None, "auto"):
+    from jaxshrink.serving import check_mode
+
+    check_mode(
+      export["serving"], where=f"`export.serving` of {source}",
+      fix="Or use `auto` (time every mode, keep the fastest) or null (time nothing).",
+    )  # fmt: skip
   for key in ("model", "params", "data"):
     if top[key] is not None and not isinstance(top[key], str):
       raise UsageError(f"`{key}` in {source} must be a string; got {top[key]!r}.")
@@ -292,26 +305,31 @@ def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
   return pipeline
 
 
-def evaluate_tree(model: Any, tree: Any, dataset: Any) -> float:
-  """The model's metric on `dataset`'s test split, running `tree` as it would be served."""
+def evaluate_tree(model: Any, tree: Any, dataset: Any, *, served: bool = False) -> float:
+  """The model's metric on `dataset`'s test split, running `tree` on the integer path.
+
+  `served=True`: `model.apply` and `tree` are already a serving mode's (`serving.serve`).
+  """
   from jaxshrink import models
 
-  return float(models.evaluate(_serving_model(model), tree, dataset))
+  return float(models.evaluate(model if served else _serving_model(model), tree, dataset))
 
 
-def evaluate_metrics(model: Any, tree: Any, dataset: Any) -> dict[str, float]:
+def evaluate_metrics(model: Any, tree: Any, dataset: Any, *, served: bool = False) -> dict:
   """`{"value": <the model's metric>}`, plus secondary metrics for embedding models.
 
   For a "cosine" model the test split is embedded once and scored with
   `models.embedding_metrics` against the dataset's target embeddings: `value` is the mean
-  cosine, and `min_cosine` and `neighbour_agreement` are added.
+  cosine, and `min_cosine` and `neighbour_agreement` are added. `served` as in
+  `evaluate_tree`.
   """
   if model.metric != "cosine":
-    return {"value": evaluate_tree(model, tree, dataset)}
+    return {"value": evaluate_tree(model, tree, dataset, served=served)}
   from jaxshrink import models
   from jaxshrink.models.minilm import embed_ids
 
-  embeddings = embed_ids(_serving_model(model).apply, tree, dataset.x_test)
+  apply = model.apply if served else _serving_model(model).apply
+  embeddings = embed_ids(apply, tree, dataset.x_test)
   scores = models.embedding_metrics(embeddings, dataset.y_test)
   return {
     "value": scores["mean_cosine"],
@@ -352,5 +370,31 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> CompressResult:
       pipeline.float_model, pipeline.float_params, pipeline.dataset
     )
     metrics.update(measured)  # min_cosine, neighbour_agreement for embedding models
+  if recipe.export["serving"] is not None:
+    metrics["serving"] = time_serving(pipeline, recipe.export["serving"])
   metrics["seconds"] = round(time.perf_counter() - start, 3)
   return CompressResult(recipe=recipe, pipeline=pipeline, report=report, metrics=metrics)
+
+
+def timing_batch(dataset: Any, rows: int = SERVING_BATCH) -> Any:
+  """The first `rows` test inputs (repeated when the split is smaller): a fixed timed batch."""
+  import numpy as np
+
+  x = np.asarray(dataset.x_test)
+  return np.resize(x, (rows, *x.shape[1:])) if len(x) < rows else x[:rows]
+
+
+def time_serving(pipeline: Pipeline, mode: str) -> dict[str, Any]:
+  """Times the tree in `mode` (or every mode, `auto`) against the float model, side by side.
+
+  The float baseline is the model the recipe started from (a distilled student is timed
+  against its teacher). Returns `Timing.to_json` of the chosen (fastest) mode.
+  """
+  from jaxshrink import serving
+
+  batch = (timing_batch(pipeline.dataset),)
+  timing = serving.measure(
+    pipeline.model.apply, pipeline.tree, pipeline.float_params, batch,
+    modes=None if mode == "auto" else (mode,), float_apply=pipeline.float_model.apply,
+  )  # fmt: skip
+  return timing.to_json(timing.fastest())

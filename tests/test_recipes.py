@@ -10,7 +10,7 @@ def test_minimal_recipe_gets_defaults():
   recipe = parse_recipe({"model": "digits-cnn"})
   assert recipe.model == "digits-cnn"
   assert recipe.params is None and recipe.data is None and recipe.seed == 0
-  assert recipe.stages == () and recipe.export == {"evaluate": True}
+  assert recipe.stages == () and recipe.export == {"evaluate": True, "serving": "auto"}
 
 
 def test_stage_options_are_filled():
