@@ -222,7 +222,34 @@ def cmd_inspect(args) -> int:
     f"float32 ({report.ratio:.2f}x); {format_bytes(payload['disk_bytes'])} on disk with the "
     "manifest and orbax metadata (read from the manifest only)."
   )
+  recorded = payload["metrics"].get("serving")
+  if _valid_serving(recorded):
+    others = ", ".join(
+      f"{mode} {ratio:.2f}x" for mode, ratio in recorded["time_vs_float_by_mode"].items()
+    )
+    console.print(
+      f"serving mode: {recorded['serving_mode']} ({recorded['time_vs_float']:.2f}x the float "
+      f"model's time on {recorded.get('backend')}, batch {tuple(recorded.get('batch_shape', ()))}"
+      + (f"; every mode: {others}" if others else "")
+      + "), as measured when compressed"
+    )
   return 0
+
+
+def _valid_serving(recorded: Any) -> bool:
+  """A well-formed `metrics.serving` record (the manifest is untrusted: else nothing shown)."""
+  from jaxshrink.serving import MODES
+
+  if not isinstance(recorded, dict) or recorded.get("serving_mode") not in MODES:
+    return False
+  ratios = recorded.get("time_vs_float_by_mode")
+  numbers = [
+    recorded.get("time_vs_float"),
+    *(ratios.values() if isinstance(ratios, dict) else [None]),
+  ]
+  return all(isinstance(r, (int, float)) for r in numbers) and isinstance(
+    recorded.get("batch_shape"), list
+  )
 
 
 def cmd_export(args) -> int:

@@ -165,3 +165,9 @@ def test_eval_refuses_an_unknown_recorded_mode(checkpoint, capsys, tmp_path):
   code, _, err = _eval(capsys, str(copy))
   assert code in (1, 2) and len(err.strip().splitlines()) == 1
   assert "os.system" in err or "manifest" in err
+
+
+def test_inspect_shows_the_recorded_mode(checkpoint, capsys):
+  assert main(["inspect", str(checkpoint)]) == 0
+  out = " ".join(capsys.readouterr().out.split())
+  assert "serving mode: integer (" in out and "the float model's time on cpu" in out
