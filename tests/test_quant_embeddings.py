@@ -252,7 +252,9 @@ def test_stage_option_on_tiny_lm(tiny_lm):
 
 
 def test_stage_option_with_calibrated_w8a8_on_tiny_lm(tiny_lm):
-  options = _options(activation_bits=8, calibration_batches=1, embeddings={"bits": 8})
+  options = _options(
+    activation_bits=8, static_activations=True, calibration_batches=1, embeddings={"bits": 8}
+  )
   flat = flatten(quantize_stage(tiny_lm, options).tree)
   assert flat["embed/embedding"].table and flat["embed/embedding"].act_bits is None
   assert flat["pos_embed/embedding"].describe() == "int8 per-row sym"

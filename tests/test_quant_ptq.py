@@ -36,7 +36,8 @@ def _accuracy(apply, tree, dataset):
 
 def test_w8a8_ptq_accuracy_integer_path_and_size(zoo, tmp_path):
   model, dataset, params, batches = zoo
-  ctree = ptq(model.apply, params, batches, ".*kernel", QuantSpec(bits=8), activation_bits=8)
+  ctree = ptq(model.apply, params, batches, ".*kernel", QuantSpec(bits=8), activation_bits=8,
+              static_activations=True)  # fmt: skip
   conv2 = ctree["conv2"]["kernel"]
   assert isinstance(conv2, QArray) and conv2.act_bits == 8 and conv2.act_scale.shape == (1,)
   jaxpr = str(jax.make_jaxpr(quantized_apply(model.apply))(ctree, dataset.x_test[:2]))
@@ -48,6 +49,16 @@ def test_w8a8_ptq_accuracy_integer_path_and_size(zoo, tmp_path):
   export.save(tmp_path / "f32", params)
   # Measured 3.63x; ~12 KB of manifest + orbax metadata keeps this tiny model under 3.9x.
   assert export.disk_bytes(tmp_path / "f32") / export.disk_bytes(tmp_path / "w8a8") >= 3.5
+
+
+def test_w8a8_ptq_activation_scales_are_dynamic_by_default(zoo):
+  model, dataset, params, batches = zoo
+  ctree = ptq(model.apply, params, batches[:1], ".*kernel", QuantSpec(bits=8), activation_bits=8)
+  for name in ("conv1", "conv2", "dense1", "dense2"):
+    q = ctree[name]["kernel"]
+    assert q.act_bits == 8 and q.act_scale is None and "act int8 dynamic" in q.describe()
+  acc_float = _accuracy(model.apply, params, dataset)
+  assert _accuracy(quantized_apply(model.apply), ctree, dataset) >= acc_float - 0.005
 
 
 def test_int4_g128_size_and_fallback(zoo, tmp_path, capsys):
@@ -138,6 +149,10 @@ def test_bad_input(zoo):
     quantize_params(params, ".*kernel", QuantSpec(), overrides=[("nope", None)])
   with pytest.raises(ValueError, match="Unsupported `bits`=6 for `conv1/kernel`"):
     quantize_params(params, ".*kernel", QuantSpec(bits=6))
+  with pytest.raises(
+    ValueError, match=r"`calibration='mse'` .* needs `static_activations=True`; got `static_"
+  ):
+    ptq(model.apply, params, batches, ".*kernel", QuantSpec(), activation_bits=8, calibration="mse")
   with pytest.raises(JaxshrinkError, match="calibration set is empty"):
     ptq(model.apply, params, [], ".*kernel", QuantSpec(), activation_bits=8)
   with pytest.raises(JaxshrinkError, match="NaN or Inf"):

@@ -2,7 +2,8 @@
 
 GPTQ and AWQ honour `overrides` (per-layer specs and `skip`) and W8A8 activations
 (`activation_bits`, `calibration`, `static_activations`) exactly as rtn does; a key a method
-does not read, set away from its default, is a `UsageError` naming it.
+does not read, set away from its default, is a `UsageError` naming it. Activation scales are
+dynamic per token unless `static_activations: true`.
 """
 
 import warnings
@@ -50,11 +51,12 @@ def _batches(pipeline):
 
 
 def _rtn_w8a8(pipeline, **kw) -> dict:
-  """What rtn's `ptq` makes of the same calibration batch: the activation-scale reference."""
+  """What rtn's `ptq` makes of the same calibration batch: the static activation-scale reference."""
   spec = QuantSpec(bits=8)
   tree = ptq(
-    pipeline.model.apply, pipeline.tree, _batches(pipeline), RULE, spec, **kw, activation_bits=8
-  )
+    pipeline.model.apply, pipeline.tree, _batches(pipeline), RULE, spec, **kw, activation_bits=8,
+    static_activations=True,
+  )  # fmt: skip
   return flatten(tree)
 
 
@@ -65,6 +67,7 @@ def gptq_w8a8(pipeline):
     method="gptq",
     weight_bits=4,
     activation_bits=8,
+    static_activations=True,
     overrides=[
       {"target": "conv1/kernel", "skip": True},
       {"target": "dense2/kernel", "weight_bits": 8, "symmetric": False},
@@ -126,17 +129,16 @@ def test_gptq_w8a8_exports_reloads_and_evaluates(pipeline, gptq_w8a8, tmp_path):
   assert accuracy >= evaluate_tree(model, pipeline.float_params, dataset) - 0.01
 
 
-def test_gptq_dynamic_activations_and_calibration_method(pipeline, gptq_w8a8):
-  dynamic = flatten(
-    _run(pipeline, method="gptq", weight_bits=4, activation_bits=8, static_activations=False)
-  )
+def test_gptq_dynamic_activations_by_default_and_calibration_method(pipeline, gptq_w8a8):
+  dynamic = flatten(_run(pipeline, method="gptq", weight_bits=4, activation_bits=8))
   for path in KERNELS:
     assert dynamic[path].act_bits == 8 and dynamic[path].act_scale is None
     assert "act int8 dynamic" in dynamic[path].describe()
   skip = [{"target": "conv1/kernel", "skip": True}]
   mse = _run(
-    pipeline, method="gptq", weight_bits=4, activation_bits=8, calibration="mse", overrides=skip
-  )
+    pipeline, method="gptq", weight_bits=4, activation_bits=8, static_activations=True,
+    calibration="mse", overrides=skip,
+  )  # fmt: skip
   mse = flatten(mse)
   ref = _rtn_w8a8(pipeline, calibration="mse")
   for path in KERNELS[1:]:
@@ -152,6 +154,7 @@ def test_gptq_activation_bits_per_override(pipeline):
       pipeline,
       method="gptq",
       weight_bits=4,
+      static_activations=True,
       overrides=[{"target": "dense1/kernel", "activation_bits": 8}],
     )
   )
@@ -166,6 +169,7 @@ def test_awq_overrides_and_w8a8(pipeline):
     method="awq",
     weight_bits=4,
     activation_bits=8,
+    static_activations=True,
     overrides=[
       {"target": "conv2/kernel", "skip": True},
       {"target": "dense2/kernel", "weight_bits": 3, "group_size": 32},
@@ -201,20 +205,17 @@ def test_awq_overrides_and_w8a8(pipeline):
 
 
 def test_qat_honours_activation_settings(pipeline):
-  tree = flatten(
-    _run(
-      pipeline, method="qat", steps=2, weight_bits=8, activation_bits=8, static_activations=False
-    )
-  )
+  tree = flatten(_run(pipeline, method="qat", steps=2, weight_bits=8, activation_bits=8))
   for path in KERNELS:
     assert tree[path].act_bits == 8 and tree[path].act_scale is None
-  # An override's activation bits alone make it a W8A8 layer with a calibrated scale.
+  # An override's activation bits alone make it a W8A8 layer, here with a calibrated scale.
   tree = flatten(
     _run(
       pipeline,
       method="qat",
       steps=2,
       weight_bits=8,
+      static_activations=True,
       overrides=[{"target": "dense2/kernel", "activation_bits": 8}],
     )
   )
@@ -249,12 +250,22 @@ def test_method_keys_are_refused_by_other_methods(pipeline, method, key):
   [
     ({"method": "rtn", "calibration": "mse"}, r"`calibration: 'mse'`.*no layer has `activation"),
     ({"method": "gptq", "calibration": "percentile"}, r"`calibration: 'percentile'`.*`gptq`"),
-    ({"method": "awq", "static_activations": False}, r"`static_activations: False`.*`awq`"),
+    ({"method": "awq", "static_activations": True}, r"`static_activations: True`.*`awq`"),
+    (
+      {"method": "rtn", "static_activations": True},
+      r"`static_activations: True`.*no layer has `activation_bits`.*Set `activation_bits: 8`",
+    ),
     ({"method": "rtn", "calibration_batches": 2}, r"`calibration_batches: 2`.*weight-only rtn"),
     ({"method": "qat", "calibration_batches": 2}, r"`calibration_batches: 2`.*weight-only qat"),
     (
-      {"activation_bits": 8, "static_activations": False, "calibration": "mse"},
-      r"`calibration: 'mse'`.*`static_activations: false`",
+      {"activation_bits": 8, "calibration": "mse"},
+      r"`calibration: 'mse'` of `quantize` .* needs `static_activations: true`; got "
+      r"`static_activations: false` \(the default.*Set `static_activations: true`, or remove "
+      r"`calibration`",
+    ),
+    (
+      {"method": "gptq", "activation_bits": 8, "static_activations": False, "calibration": "mse"},
+      r"`calibration: 'mse'`.*needs `static_activations: true`",
     ),
     ({"method": "smoothquant"}, r"`smoothquant`.*no layer has `activation_bits`"),
     ({"method": "gptq", "format": "fp8_e4m3"}, r"`format: 'fp8_e4m3'`.*`gptq`.*integer codes"),
@@ -279,6 +290,16 @@ def test_unused_settings_are_refused(pipeline, given, match):
 
 
 def test_dynamic_w8a8_rtn_still_takes_calibration_batches(pipeline):
-  # Dynamic scales still run one calibration pass (it finds each kernel's input axes).
-  tree = flatten(_run(pipeline, activation_bits=8, static_activations=False))
+  # Dynamic scales (the default) still run one calibration pass: it finds each kernel's input
+  # axes.
+  tree = flatten(_run(pipeline, activation_bits=8))
   assert all(tree[p].act_bits == 8 and tree[p].act_scale is None for p in KERNELS)
+  assert OPTIONS["static_activations"] is False
+
+
+def test_static_w8a8_rtn_matches_ptq(pipeline):
+  tree = flatten(_run(pipeline, activation_bits=8, static_activations=True, calibration="mse"))
+  ref = _rtn_w8a8(pipeline, calibration="mse")
+  for path in KERNELS:
+    np.testing.assert_array_equal(tree[path].act_scale, ref[path].act_scale)
+    assert "act int8 static" in tree[path].describe()

@@ -1,10 +1,11 @@
 """Post-training quantization: round-to-nearest weights, calibrated W8A8, per-rule settings.
 
 `quantize_params` needs only the params (weight-only RTN). `ptq` adds calibration batches:
-static activation scales (absmax / percentile / MSE clipping), SmoothQuant, and the exact
-contracting axes of every kernel as the model consumes it. Both return a compressed tree
-whose kernels are `QArray`s; it runs (1) on any unmodified model via `materialize` inside
-`jit`, (2) on the integer path via `jaxshrink.quant.quantized_apply`.
+the exact contracting axes of every kernel as the model consumes it, SmoothQuant, and, with
+`static_activations=True`, calibrated per-tensor activation scales (absmax / percentile / MSE
+clipping); by default W8A8 activations get dynamic per-token scales at run time. Both return
+a compressed tree whose kernels are `QArray`s; it runs (1) on any unmodified model via
+`materialize` inside `jit`, (2) on the integer path via `jaxshrink.quant.quantized_apply`.
 
 >>> ctree = ptq(model.apply, params, batches, ".*kernel", QuantSpec(bits=8), activation_bits=8,
 ...             overrides=[("conv1/kernel", LayerQuant(QuantSpec(bits=8)))])
@@ -163,7 +164,7 @@ def ptq(
   spec: QuantSpec | LayerQuant,
   *,
   activation_bits: int | None = None,
-  static_activations: bool = True,
+  static_activations: bool = False,
   calibration: str = "absmax",
   percentile: float = 99.99,
   smooth_alpha: float | None = None,
@@ -178,8 +179,9 @@ def ptq(
     rule: which kernels.
     spec: default weight spec (or a `LayerQuant`).
     activation_bits: None for weight-only, 8 for W8A8 (default for layers without override).
-    static_activations: store calibrated activation scales (else dynamic per token).
-    calibration: `absmax`, `percentile` or `mse` clipping of activations.
+    static_activations: store one calibrated activation scale per kernel; False (default)
+      leaves `act_scale` None, so activations get a dynamic scale per token at run time.
+    calibration: `absmax`, `percentile` or `mse` clipping of static activation scales.
     percentile: for `percentile`.
     smooth_alpha: SmoothQuant migration strength (0..1) for Dense-like kernels; None = off.
     overrides: per-rule settings, as in `quantize_params`.
@@ -187,11 +189,19 @@ def ptq(
   Raises:
     JaxshrinkError: empty calibration set or NaN/Inf in it. NoMatchError: a rule matches
       nothing. UsageError: `calibration="minmax"` (removed; use `absmax`). ValueError: an
-      unknown `calibration`.
+      unknown `calibration`, or a clipping `calibration` with dynamic activation scales.
   """
   check_method(calibration, "calibration")  # before any calibration batch runs
   base = spec if isinstance(spec, LayerQuant) else LayerQuant(spec, activation_bits)
   layers = resolve_layers(params, rule, base, overrides)
+  activations = any(q.activation_bits for q in layers.values())
+  if activations and not static_activations and calibration != "absmax":
+    raise ValueError(
+      f"`calibration={calibration!r}` clips static activation scales, so it needs "
+      "`static_activations=True`; got `static_activations=False` (the default: dynamic scales, "
+      "one per token, computed at run time). Pass `static_activations=True`, or drop "
+      "`calibration`."
+    )
   batches = check_batches(batches)
   kernel_rule = Rule(include="|".join(_escape(p) for p in layers))
   flat = flatten(params)
@@ -204,7 +214,8 @@ def ptq(
       if st.site.op == "dot_general" and layers[path].activation_bits is not None:
         w2d = np.asarray(kernel_matrix(flat[path], st.site.contract_dims))
         input_scales[path] = smooth_scales(st.absmax, w2d, smooth_alpha)
-  if calibration != "absmax" or input_scales:
+  # Clips are read only by static activation scales; dynamic ones need only the input axes.
+  if activations and static_activations and (calibration != "absmax" or input_scales):
     stats = calibrate(
       apply_fn, params, batches, kernel_rule, method=calibration, percentile=percentile,
       input_scales=input_scales,

@@ -5,7 +5,11 @@ method does not read, set to anything but its default, is a `UsageError` naming 
 method and the fix (`grid` with gptq, `alpha` with rtn, `calibration` on a weight-only run, ...).
 `overrides` and W8A8 activations (`activation_bits`, `calibration`, `static_activations`) work
 with every method: GPTQ and AWQ quantize the weights, then each kernel whose layer has
-activation bits gets the static (or dynamic) activation scale that `ptq` would give it.
+activation bits gets the activation scales that `ptq` would give it. Activation scales are
+dynamic, one per token computed at run time, unless `static_activations: true` stores one
+calibrated per-tensor scale per kernel (clipped by `calibration`). On all-MiniLM-L6-v2 the
+shortest W8A8 recipe keeps mean cosine 0.997 on held-out sentences with dynamic scales, 0.983
+with static absmax ones.
 
 `embeddings: {bits: 8}` (or `{bits: 4, group_size: 32}`; off by default) also quantizes every
 table the model reads by gather, found by tracing its apply (word, position and token-type
@@ -50,7 +54,7 @@ OPTIONS = {
   "method": "rtn",
   "calibration_batches": 8,
   "calibration": "absmax",
-  "static_activations": True,
+  "static_activations": False,  # dynamic per-token scales; true = calibrated per tensor
   "steps": 200,
   "learning_rate": 1e-4,
   "alpha": 0.5,
@@ -70,6 +74,12 @@ METHOD_KEYS = {
   "damp": (("gptq",), "GPTQ's Hessian damping"),
   "grid": (("awq",), "AWQ's scale-exponent search"),
 }
+CALIBRATION_NEEDS_STATIC = (
+  "`calibration: {!r}` of `quantize` chooses the clip of static activation scales, so it needs "
+  "`static_activations: true`; got `static_activations: false` (the default: dynamic scales, "
+  "one per token, computed at run time). Set `static_activations: true`, or remove "
+  "`calibration`."
+)
 # Methods that calibrate even weight-only (Hessians, activation magnitudes, channel maxima).
 CALIBRATED = ("gptq", "awq", "smoothquant")
 
@@ -137,12 +147,7 @@ def _check_keys(options: dict[str, Any], layers: dict[str, LayerQuant]) -> None:
       refuse("format", f"{method} produces integer codes", "Use format `int`, or method `rtn`.")
   if any(layer.activation_bits for layer in layers.values()):
     if not options["static_activations"] and options["calibration"] != OPTIONS["calibration"]:
-      refuse(
-        "calibration",
-        "it chooses the static activation clip, and `static_activations: false` computes "
-        "scales per token at run time",
-        "Remove `calibration`, or set `static_activations: true`.",
-      )
+      raise UsageError(CALIBRATION_NEEDS_STATIC.format(options["calibration"]))
     return
   if method == "smoothquant":
     raise UsageError(
@@ -180,14 +185,15 @@ def with_activations(
   layers: dict[str, LayerQuant],
   *,
   calibration: str = "absmax",
-  static_activations: bool = True,
+  static_activations: bool = False,
 ) -> Any:
   """Adds activation quantization to the `QArray`s of `ctree` whose layer has activation bits.
 
-  The activation scales are the ones `ptq` gives round-to-nearest kernels: `calibrate` on the
-  float `params` with the same clipping method, `scale = clip / (2^(bits-1) - 1)`, or dynamic
-  per-token scales when `static_activations` is False. A kernel with an `input_scale` (AWQ)
-  meets `x / input_scale`, so that is what its clip is calibrated on.
+  The activation scales are the ones `ptq` gives round-to-nearest kernels: dynamic per-token
+  scales by default, or with `static_activations` one scale per kernel, `calibrate` on the
+  float `params` with the same clipping method, `scale = clip / (2^(bits-1) - 1)`. A kernel
+  with an `input_scale` (AWQ) meets `x / input_scale`, so that is what its clip is calibrated
+  on.
   """
   bits = {path: layer.activation_bits for path, layer in layers.items() if layer.activation_bits}
   if not bits:
