@@ -199,7 +199,15 @@ def bert_rows(config: Config) -> tuple[list[dict], str]:
   trees = {
     "float32": params,
     "bf16": bf16,
-    "w8a8": ptq(apply, params, [calibration], ".*kernel", QuantSpec(bits=8), activation_bits=8),
+    "w8a8": ptq(
+      apply,
+      params,
+      [calibration],
+      ".*kernel",
+      QuantSpec(bits=8),
+      activation_bits=8,
+      static_activations=False,
+    ),
     "w4a16": quantize_params(bf16, ".*kernel", INT4_SPEC),
   }
   runs = {
