@@ -42,6 +42,7 @@ ORDER = (
   "sparsity.md",
   "distillation-lowrank.md",
   "checkpoints.md",
+  "serving.md",
   "real-model.md",
   "scale-out.md",
   "notebooks.md",
