@@ -153,7 +153,7 @@ def _w8a8_rows(model, params, batches, evaluate, reference):
   for label, alpha in (("w8a8", None), ("w8a8 smoothquant", 0.5)):
     start = time.perf_counter()
     tree = ptq(model.apply, params, batches, RULE, QuantSpec(bits=8), activation_bits=8,
-               smooth_alpha=alpha)  # fmt: skip
+               smooth_alpha=alpha, static_activations=True)  # fmt: skip
     seconds = time.perf_counter() - start
     extra = {"activations": "int8 static absmax", "smooth_alpha": alpha}
     value = evaluate(tree, integer_path=True)
@@ -255,7 +255,13 @@ def _compression_time_rows(model, params, batches):
   calls = {
     "rtn": lambda: quantize_params(params, RULE, spec),
     "ptq w8a8": lambda: ptq(
-      model.apply, params, batches, RULE, QuantSpec(bits=8), activation_bits=8
+      model.apply,
+      params,
+      batches,
+      RULE,
+      QuantSpec(bits=8),
+      activation_bits=8,
+      static_activations=True,
     ),  # fmt: skip
     "gptq": lambda: gptq(model.apply, params, batches, RULE, spec, act_order=True),
     "awq": lambda: awq(model.apply, params, batches, RULE, spec),
