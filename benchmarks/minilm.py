@@ -35,6 +35,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 # (recipe stem after `minilm-`, row label); the order of the table.
 METHODS = (
   ("w8a8", "W8A8 per-channel, dynamic per-token"),
+  ("w8a8-shortest", "W8A8 shortest recipe (defaults, float tables)"),
   ("w8a8-smoothquant", "W8A8 SmoothQuant"),
   ("int4-rtn-g128", "int4 RTN g128"),
   ("int4-gptq-g128", "int4 GPTQ g128"),

@@ -16,6 +16,7 @@ MINILM = sorted(RECIPES.glob("minilm-*.yaml"))
 # Every technique the real-model issue asks for, by recipe file.
 EXPECTED = {
   "minilm-w8a8": ("quantize", {"weight_bits": 8, "activation_bits": 8, "method": "rtn"}),
+  "minilm-w8a8-shortest": ("quantize", {"weight_bits": 8, "activation_bits": 8}),
   "minilm-w8a8-smoothquant": ("quantize", {"activation_bits": 8, "method": "smoothquant"}),
   "minilm-int4-rtn-g128": ("quantize", {"weight_bits": 4, "group_size": 128, "method": "rtn"}),
   "minilm-int4-rtn-g32": ("quantize", {"weight_bits": 4, "group_size": 32, "method": "rtn"}),
