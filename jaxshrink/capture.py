@@ -31,8 +31,16 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import JaxshrinkError
-from jaxshrink.tree import Rule, as_rule, flatten, no_match_message
+from jaxshrink.tree import (
+  Rule,
+  as_rule,
+  flatten,
+  flatten_to_store,
+  has_other_collections,
+  no_match_message,
+)
 
 # Ops a kernel may pass through on its way to the matmul without losing its identity.
 _TRANSPARENT = {"convert_element_type", "copy", "copy_p", "reshape", "squeeze", "expand_dims"}
@@ -351,9 +359,25 @@ def collect(
   if not selected:
     raise JaxshrinkError(no_match_message(rule, list(flat)))
   leaves, treedef = jax.tree.flatten(params)
-  if len(flat) != len(leaves):
-    raise TypeError("collect() needs a float param tree without compressed leaves.")
-  origin = [p if p in selected else None for p in flat]
+  compressed = [p for p, leaf in flat.items() if is_encoding(leaf)]
+  if compressed:
+    raise JaxshrinkError(
+      f"Calibration runs on float params, and {', '.join(compressed[:4])}"
+      f"{' ...' if len(compressed) > 4 else ''} is already compressed. Run the calibrated "
+      "method (gptq, awq, smoothquant, W8A8 ptq, wanda, sparsegpt) before the stage that "
+      "compressed it, or on `jaxshrink.materialize(tree)`."
+    )
+  # One entry per leaf of `params`: its param path, or None for another linen collection
+  # (`batch_stats`, ...), which the model reads but calibration never selects.
+  paths = [path for path, _, _ in flatten_to_store(params)]
+  if has_other_collections(params):
+    paths = [p.removeprefix("params/") if p.startswith("params/") else None for p in paths]
+  if len(paths) != len(leaves):
+    raise TypeError(
+      f"collect() could not give each of the {len(leaves)} leaves of the param tree a path "
+      f"(found {len(paths)}); pass a dict, a linen variable dict or an nnx.State."
+    )
+  origin = [p if p in selected else None for p in paths]
   sites: dict[str, Site] = {}
 
   def step(leaves, x, states):

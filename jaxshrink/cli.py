@@ -121,11 +121,10 @@ def cmd_eval(args) -> int:
     )
   import jax
 
-  from jaxshrink.tree import flatten
+  from jaxshrink.tree import flatten_to_store
 
-  shapes = {
-    p: tuple(a.shape) for p, a in flatten(jax.eval_shape(model.init, jax.random.key(0))).items()
-  }
+  abstract = jax.eval_shape(model.init, jax.random.key(0))
+  shapes = {p: tuple(a.shape) for p, _, a in flatten_to_store(abstract)}
   export.check_matches(manifest, shapes, what=name)
   source = args.data or manifest["data"] or model.data
   dataset = None

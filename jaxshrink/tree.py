@@ -68,6 +68,24 @@ def flatten_with_keys(tree: PyTree) -> list[tuple[str, tuple[str | int, ...], An
   return [(path_string(kp), key_components(kp), leaf) for kp, leaf in leaves]
 
 
+def has_other_collections(tree: PyTree) -> bool:
+  """True for a linen variable dict holding collections besides `params` (`batch_stats`...)."""
+  return params_of(tree) is not tree and len(tree) > 1
+
+
+def flatten_to_store(tree: PyTree) -> list[tuple[str, tuple[str | int, ...], Any]]:
+  """`(path, key components, leaf)` of every leaf a checkpoint must keep.
+
+  A linen variable dict with collections besides `params` keeps all of them, each under its
+  collection name (`params/Dense_0/kernel`, `batch_stats/BatchNorm_0/mean`), so saving never
+  drops state; any other tree is `flatten_with_keys` (paths without the `params/` prefix).
+  """
+  if not has_other_collections(tree):
+    return flatten_with_keys(tree)
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_encoding)[0]
+  return [(path_string(kp), key_components(kp), leaf) for kp, leaf in leaves]
+
+
 def unflatten(entries: list[tuple[tuple[str | int, ...], Any]]) -> dict:
   """Rebuilds a nested dict from `(key components, leaf)` pairs."""
   root: dict = {}

@@ -54,7 +54,7 @@ from jaxshrink.export.overwrite import (
 )
 from jaxshrink.export.validate import check_manifest
 from jaxshrink.report import leaf_report
-from jaxshrink.tree import flatten_with_keys, unflatten
+from jaxshrink.tree import flatten_to_store, unflatten
 
 # (path, stored field name, stored shape) -> Sharding for that array, or None for host numpy.
 ShardingFn = Callable[[str, str, tuple[int, ...]], Any]
@@ -129,7 +129,7 @@ def save(
 
   stored: list[np.ndarray] = []
   leaves, sums = [], []
-  for path, keys, leaf in flatten_with_keys(tree):
+  for path, keys, leaf in flatten_to_store(tree):
     if not isinstance(leaf, encoding.Encoding) and not hasattr(leaf, "dtype"):
       raise TypeError(
         f"Leaf `{path}` is a {type(leaf).__name__}; a checkpoint holds arrays and encodings "

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxshrink.errors import CheckpointError
 from jaxshrink.export.layout import decode_leaf, encode_leaf
-from jaxshrink.tree import flatten_with_keys, unflatten
+from jaxshrink.tree import flatten_to_store, unflatten
 
 LAYOUT_KEY = "jaxshrink.layout"
 LAYOUT_VERSION = 2  # 2: `layout.encode_leaf` records shape and dtype beside the encoding
@@ -50,7 +50,7 @@ def export_safetensors(tree: Any, out: str | os.PathLike, *, metadata: dict | No
 
   tensors: dict[str, np.ndarray] = {}
   leaves = []
-  for path, keys, leaf in flatten_with_keys(tree):
+  for path, keys, leaf in flatten_to_store(tree):
     arrays, meta = encode_leaf(leaf)
     names = {}
     for field, array in arrays.items():
