@@ -216,10 +216,13 @@ def cmd_inspect(args) -> int:
     return 0
   console = _console()
   console.print(report.table(title=f"{args.dir} ({manifest.get('model')})"))
+  native = "" if report.all_float32 else (
+    f"; {report.native_ratio:.2f}x against {format_bytes(report.native_bytes)} in the model's "
+    "own dtypes")  # fmt: skip
   console.print(
     f"{format_bytes(report.total_bytes)} stored for {format_bytes(report.float32_bytes)} of "
-    f"float32 ({report.ratio:.2f}x); {format_bytes(payload['disk_bytes'])} on disk with the "
-    "manifest and orbax metadata (read from the manifest only)."
+    f"float32 ({report.ratio:.2f}x{native}); {format_bytes(payload['disk_bytes'])} on disk with "
+    "the manifest and orbax metadata (read from the manifest only)."
   )
   recorded = payload["metrics"].get("serving")
   if _valid_serving(recorded):

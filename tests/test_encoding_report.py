@@ -1,5 +1,6 @@
 """The compressed-leaf protocol, `materialize`, and report arithmetic."""
 
+import json
 from typing import ClassVar
 
 import jax
@@ -87,7 +88,15 @@ def test_report_arithmetic(params):
   assert report.total_bytes == 4 * n - 2 * 64 * 32
   assert report.ratio == pytest.approx(4 * n / (4 * n - 2 * 64 * 32))
   payload = report.to_json()
-  assert set(payload) == {"layers", "total_bytes", "float32_bytes", "ratio"}
+  assert set(payload) == {
+    "layers",
+    "total_bytes",
+    "float32_bytes",
+    "ratio",
+    "native_bytes",
+    "native_ratio",
+  }
+  assert payload["native_ratio"] == payload["ratio"]  # a float32 model: the same yardstick
   assert set(payload["layers"][0]) >= {
     "path",
     "shape",
@@ -131,3 +140,26 @@ def test_register_rejects_bad_array_fields():
 def test_repr_is_short(params):
   text = repr(Cast.encode(params["Dense_0"]["kernel"], "bfloat16"))
   assert text == "Cast(64x32 float32, bfloat16 storage, 4096 bytes)"
+
+
+def test_bf16_model_reports_the_saving_against_its_own_dtype(tmp_path, capsys):
+  from jaxshrink import save
+  from jaxshrink.cli import main
+  from jaxshrink.quant import QuantSpec, quantize_params
+
+  params = {
+    "dense": {"kernel": jnp.ones((64, 64), jnp.bfloat16), "bias": jnp.ones(64, jnp.bfloat16)}
+  }
+  tree = quantize_params(params, ".*kernel", QuantSpec(bits=8))
+  report = tree_report(tree)
+  assert report.native_bytes == 2 * (64 * 64 + 64)
+  assert report.native_ratio == pytest.approx(report.ratio / 2)  # int8 of bf16 saves ~2x, not 4x
+  assert report.native_ratio < 2.0 < report.ratio
+  assert {leaf["dtype"] for leaf in report.to_json()["layers"]} == {"bfloat16"}
+  save(tmp_path / "ckpt", tree)
+  assert main(["inspect", str(tmp_path / "ckpt")]) == 0
+  out = " ".join(capsys.readouterr().out.split())
+  assert "vs own dtype" in out and f"{report.native_ratio:.2f}x against" in out
+  assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+  payload = json.loads(capsys.readouterr().out)
+  assert payload["native_ratio"] == pytest.approx(report.native_ratio, rel=1e-3)
