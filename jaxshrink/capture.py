@@ -59,6 +59,10 @@ _CALLS = {
   "remat",
   "checkpoint",
 }
+# Ops whose kernel input the replay records (no note that it was not followed).
+_RECORDED = frozenset({"dot_general", "conv_general_dilated"})
+# Control flow the replay runs as a whole: a kernel used inside is never seen by a matmul.
+CONTROL_FLOW = frozenset({"scan", "while", "cond"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +208,9 @@ class _Replay:
     # `substitute(eqn, invals, in_src)` may return an equation's outputs computed another
     # way (e.g. a low-rank kernel as two matmuls); None binds the primitive as traced.
     self.substitute = substitute
+    # Selected path -> the first primitive it entered that the replay does not follow
+    # (`scan`, `while`, `cond`, `mul`, ...): why a kernel never reached a recorded matmul.
+    self.unfollowed: dict[str, str] = {}
 
   def record(self, path, op, x2d, contract_dims):
     x2d = x2d.astype(jnp.float32)
@@ -237,6 +244,10 @@ class _Replay:
             outvals = eqn.primitive.bind(*invals, **params)
           outvals = outvals if eqn.primitive.multiple_results else [outvals]
         out_src = [self._provenance(name, in_src)] * len(outvals)
+        if out_src[0] is None and name not in _RECORDED:
+          for path in in_src:
+            if isinstance(path, str) and path in self.selected:
+              self.unfollowed.setdefault(path, name)
         if name == "dot_general":
           self._on_dot(eqn, invals, in_src)
         elif name == "conv_general_dilated" and in_src[1] in self.selected:
@@ -379,6 +390,7 @@ def collect(
     )
   origin = [p if p in selected else None for p in paths]
   sites: dict[str, Site] = {}
+  unfollowed: dict[str, str] = {}
 
   def step(leaves, x, states):
     closed = jax.make_jaxpr(lambda lv, x: apply_fn(jax.tree.unflatten(treedef, lv), x))(leaves, x)
@@ -388,6 +400,7 @@ def collect(
       closed.jaxpr, closed.consts, [*leaves, *x_leaves], [*origin, *([None] * len(x_leaves))]
     )
     sites.update(replay.sites)
+    unfollowed.update(replay.unfollowed)
     return replay.states
 
   jitted = jax.jit(step)
@@ -403,9 +416,19 @@ def collect(
   if count == 0:
     raise JaxshrinkError("The calibration set is empty; pass at least one batch.")
   missing = sorted(selected - set(states))
-  if missing:
+  blocked = {p: unfollowed[p] for p in missing if unfollowed.get(p) in CONTROL_FLOW}
+  if blocked:
     raise JaxshrinkError(
-      f"Selected leaves never reach a matmul or conv: {', '.join(missing)}. Exclude them from "
-      "the rule (embeddings and norms have no input activations to calibrate)."
+      "Calibration does not follow control flow, and these kernels reach their matmul "
+      "inside it: "
+      + ", ".join(f"`{p}` (through `{op}`)" for p, op in blocked.items())
+      + ". Layers stacked by `nn.scan`/`nnx.scan` (or run in a while/cond) must be unrolled "
+      "for calibration (e.g. a Python loop over layers), or excluded from the rule."
+    )
+  if missing:
+    why = "".join(f"; `{p}` passes through `{unfollowed[p]}`" for p in missing if p in unfollowed)
+    raise JaxshrinkError(
+      f"Selected leaves never reach a matmul or conv: {', '.join(missing)}{why}. Exclude them "
+      "from the rule (embeddings and norms have no input activations to calibrate)."
     )
   return Collected(stats={p: states[p] for p in sorted(states)}, sites=dict(sorted(sites.items())))

@@ -27,7 +27,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxshrink.capture import kernel_matrix, replay_with
+from jaxshrink.capture import CONTROL_FLOW, kernel_matrix, replay_with
+from jaxshrink.errors import JaxshrinkError
 from jaxshrink.quant import numerics
 from jaxshrink.quant.dot_general import fake_quant_sym, int_dot_ste, ste
 from jaxshrink.quant.ptq import LayerQuant, Overrides, resolve_layers
@@ -90,6 +91,15 @@ def qat_apply(
 
     def substitute(eqn, invals, in_src):
       name = eqn.primitive.name
+      if name in CONTROL_FLOW:
+        inside = sorted({src for src in in_src if isinstance(src, str) and src in layers})
+        if inside:  # the matmul is inside the loop body, where the replay does not look
+          raise JaxshrinkError(
+            f"QAT cannot quantize {', '.join(f'`{p}`' for p in inside)}: it is used inside "
+            f"`{name}` (layers stacked by `nn.scan`/`nnx.scan`, or a while/cond), which "
+            "qat_apply does not follow, so it would train in float. Unroll those layers (a "
+            "Python loop), or exclude them from the rule."
+          )
       if name not in ("dot_general", "conv_general_dilated"):
         return None
       w_index = 1 if in_src[1] in layers else 0 if in_src[0] in layers else None
