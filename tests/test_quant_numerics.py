@@ -205,3 +205,14 @@ def test_bad_inputs():
     quantize(jnp.array([[1.0, jnp.nan]]), QuantSpec(), path="k")
   with pytest.raises(ValueError, match="`k` holds NaN or Inf"):
     quantize(jnp.array([[1.0, jnp.inf]]), QuantSpec(), path="k")
+
+
+def test_quantize_and_quantize_params_group_a_conv_kernel_alike():
+  from jaxshrink.quant import quantize_params
+
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 4, 8))
+  alone = quantize(kernel, QuantSpec(bits=8))
+  in_tree = quantize_params({"conv": {"kernel": kernel}}, ".*kernel", QuantSpec(bits=8))
+  in_tree = in_tree["conv"]["kernel"]
+  assert alone.contract_dims == in_tree.contract_dims == (0, 1, 2)  # one scale per out channel
+  np.testing.assert_array_equal(alone.materialize(), in_tree.materialize())

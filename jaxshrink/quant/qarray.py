@@ -218,7 +218,7 @@ def quantize(
   x: jax.Array,
   spec: QuantSpec,
   *,
-  contract_dims=(0,),
+  contract_dims=None,
   path: str = "<array>",
   key: jax.Array | None = None,
 ) -> QArray:
@@ -227,7 +227,9 @@ def quantize(
   Args:
     x: float array, e.g. a Dense kernel `(in, out)` or conv kernel `(kh, kw, cin, cout)`.
     spec: bits, symmetry, granularity, format and rounding.
-    contract_dims: the axes that form `K` (the input side), as in `capture.Site`.
+    contract_dims: the axes that form `K` (the input side), as in `capture.Site`; default
+      all axes but the last, as `quantize_params` and every technique use (Dense `(in, out)`
+      -> (0,), conv `(kh, kw, cin, cout)` -> (0, 1, 2)).
     path: leaf path, named in warnings and errors.
     key: PRNG key, needed for stochastic rounding.
 
@@ -237,13 +239,15 @@ def quantize(
   Raises:
     TypeError: `x` is not a float array. ValueError: bad spec, axis out of range, NaN/Inf.
 
-  >>> quantize(jnp.ones((3, 3, 1, 8)), QuantSpec(bits=8), contract_dims=(0, 1, 2)).codes.shape
+  >>> quantize(jnp.ones((3, 3, 1, 8)), QuantSpec(bits=8)).codes.shape  # conv: K = 3*3*1
   (9, 8)
   """
   spec.validate(path)
   x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
   if x.ndim == 0:
     raise ValueError(f"Cannot quantize the scalar `{path}`; exclude it from the rule.")
+  if contract_dims is None:
+    contract_dims = default_contract_dims(x.shape)
   dims = normalize_contract_dims(contract_dims, x.ndim, path)
   numerics.check_float_matrix(x.reshape(x.shape[0], -1), path)
   k = int(np.prod([x.shape[d] for d in dims]))
