@@ -97,7 +97,9 @@ def test_gradual_90_checkpoint_bytes(cnn, gradual, tmp_path):
 def test_two_four_exact_and_accurate(cnn):
   pipeline, base = cnn
   out = _run(pipeline, TWO_FOUR)
-  for name in ("conv2", "dense1", "dense2"):
+  # dense2 (1,280 weights) is under the default `keep_dense_below` and stays dense.
+  assert not isinstance(out.tree["dense2"]["kernel"], NMSparse)
+  for name in ("conv2", "dense1"):
     enc = out.tree[name]["kernel"]
     assert isinstance(enc, NMSparse)
     w = np.asarray(materialize(enc))
@@ -109,7 +111,13 @@ def test_two_four_exact_and_accurate(cnn):
 
 def test_channel_prune_and_shrink_recipe(cnn):
   pipeline, _ = cnn
-  options = {"target": "(conv1|conv2|dense1)/kernel", "structure": "channel", "sparsity": 0.5}
+  # keep_dense_below 0: conv1 (288 weights) is pruned too, as by the Pruner compared below.
+  options = {
+    "target": "(conv1|conv2|dense1)/kernel",
+    "structure": "channel",
+    "sparsity": 0.5,
+    "keep_dense_below": 0,
+  }
   shrunk = _run(pipeline, {**options, "method": "oneshot", "shrink": True})
   masked, _ = oneshot_prune(pipeline.tree, Pruner(options["target"], 0.5, structure="channel"))
   assert shrunk.tree["conv2"]["kernel"].shape == (3, 3, 16, 32)
@@ -152,7 +160,10 @@ def test_recipe_parses_and_rejects_bad_options():
   with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
     _run(pipeline, {"method": "oneshot", "sparsity": 1.0})
   with pytest.raises(ValueError, match="divisible by M=4"):
-    _run(pipeline, {"method": "oneshot", "structure": "2:4"})  # conv1 has one input channel
+    # conv1 has one input channel; the default `keep_dense_below` would keep it dense
+    _run(pipeline, {"method": "oneshot", "structure": "2:4", "keep_dense_below": 0})
+  with pytest.raises(ValueError, match="fewer than keep_dense_below=200000 weights"):
+    _run(pipeline, {"method": "oneshot", "keep_dense_below": 200_000})
   encoded = dataclasses.replace(pipeline, tree=encode_sparse(pipeline.tree, "dense2/kernel"))
   with pytest.raises(Exception, match="put `prune` before"):
     _run(encoded, {"method": "oneshot"})

@@ -8,9 +8,16 @@
   denser, with the overall sparsity equal to the target.
 - `overrides`: `{regex: sparsity}` fixes the sparsity of matching layers (0.0
   keeps a layer dense); `rule.exclude` leaves layers out entirely.
+- `keep_dense_below`: selected leaves with fewer weights stay dense (a first conv's 3x3x1x32
+  kernel, a 10-class head) and the other leaves prune more, so the total over the selected
+  leaves is still `sparsity` (N:M fixes each pruned leaf's sparsity, so there the total is
+  over the pruned leaves). `Pruner.report` says what was kept dense and why.
 
 >>> pruner = Pruner(".*kernel", sparsity=0.9, allocation="erk")
 >>> masks = pruner.masks(params)                 # bool, same structure as params
+>>> pruner = Pruner(".*kernel", 0.9, keep_dense_below=4096)       # digits-cnn's params
+>>> pruner.report(params, pruner.masks(params))["kept_dense"]
+{'conv1/kernel': 'kept dense (288 weights < keep_dense_below 4096)', ...}
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +44,17 @@ from jaxshrink.sparsity.structures import (
 from jaxshrink.tree import Rule, as_rule, flatten, map_with_path, select
 
 ALLOCATIONS = ("uniform", "global", "erk")
+
+# The `prune` stage's `keep_dense_below`: every kernel of a transformer is larger, while a
+# first conv (digits-cnn's 288 weights) or a small classifier head (1,280) loses accuracy
+# out of proportion to the bytes its pruning saves.
+DEFAULT_KEEP_DENSE_BELOW = 4096
+
+
+class _Shaped(NamedTuple):
+  """A leaf stand-in for `Rule.matches`, which reads only the shape."""
+
+  shape: tuple[int, ...]
 
 
 def check_sparsity(value: Any, what: str = "sparsity") -> float:
@@ -79,6 +97,8 @@ class Pruner:
     criterion: `magnitude`, `random`, `saliency` or `wanda`.
     allocation: `uniform`, `global` or `erk`.
     overrides: `{regex: sparsity}` per-layer sparsities (matched on the unit name).
+    keep_dense_below: selected leaves with fewer weights stay dense; the others prune more so
+      the total over the selected leaves is `sparsity` (not for N:M, whose pattern is fixed).
   """
 
   rule: Rule | str
@@ -87,6 +107,7 @@ class Pruner:
   criterion: str = "magnitude"
   allocation: str = "uniform"
   overrides: Mapping[str, float] | tuple = ()
+  keep_dense_below: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "rule", as_rule(self.rule))
@@ -102,12 +123,67 @@ class Pruner:
     object.__setattr__(
       self, "overrides", tuple((str(k), check_sparsity(v, f"overrides[{k!r}]")) for k, v in items)
     )
+    below = self.keep_dense_below
+    if isinstance(below, bool) or not isinstance(below, int):
+      raise TypeError(f"`keep_dense_below` must be an int (a weight count); got {below!r}.")
+    if below < 0:
+      raise ValueError(
+        f"`keep_dense_below` must be a non-negative weight count; got {below}. Use 0 to "
+        "prune layers of every size."
+      )
+
+  @property
+  def pruned_rule(self) -> Rule:
+    """`rule` without the leaves `keep_dense_below` keeps dense: the leaves to encode sparse."""
+    return dataclasses.replace(self.rule, min_size=max(self.rule.min_size, self.keep_dense_below))
+
+  def small_leaves(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """`{path: size}` of the selected leaves below `keep_dense_below` weights (kept dense).
+
+    Args:
+      shapes: every leaf's shape, `{path: shape}`.
+    """
+    out = {}
+    for path, shape in shapes.items():
+      size = int(np.prod(shape, dtype=np.int64))
+      if size < self.keep_dense_below and self.rule.matches(path, _Shaped(shape)):
+        out[path] = size
+    return out
+
+  def target_sparsity(self, shapes: Mapping[str, tuple[int, ...]]) -> float:
+    """The sparsity the pruned leaves need so that the selected leaves reach `sparsity`.
+
+    Equal to `sparsity` unless `keep_dense_below` keeps some selected leaves dense; then
+    `sparsity * selected / (selected - kept)` weights.
+    """
+    small = self.small_leaves(shapes)
+    if not small or isinstance(self.structure, NM):
+      return self.sparsity
+    total = sum(
+      int(np.prod(s, dtype=np.int64)) for p, s in shapes.items() if self.rule.matches(p, _Shaped(s))
+    )
+    value = self.sparsity * total / (total - sum(small.values()))
+    if value >= 1.0:
+      raise ValueError(
+        f"`sparsity` {self.sparsity} over the selected leaves needs {value:.1%} of the leaves "
+        f"with >= keep_dense_below={self.keep_dense_below} weights, but at most 100% can be "
+        f"pruned ({len(small)} smaller leaves kept dense). Lower `keep_dense_below` (0 prunes "
+        "every selected leaf) or `sparsity`."
+      )
+    return value
 
   def units(self, params: Any) -> tuple[list[Unit], dict[str, tuple[int, ...]]]:
     """The structure's units over the selected leaves, and every leaf's shape."""
     flat = flatten(params)
     all_shapes = {p: tuple(leaf.shape) for p, leaf in flat.items()}
-    selected = {p: all_shapes[p] for p in select(params, self.rule)}
+    small = self.small_leaves(all_shapes)
+    selected = {p: all_shapes[p] for p in select(params, self.rule) if p not in small}
+    if not selected:
+      raise ValueError(
+        f"Every leaf selected by {self.rule.describe()} has fewer than "
+        f"keep_dense_below={self.keep_dense_below} weights ({sorted(small)[:5]}), so nothing "
+        "would be pruned. Set `keep_dense_below` lower (0 prunes every selected leaf)."
+      )
     return self.structure.units(selected, all_shapes), all_shapes
 
   def unit_sparsities(self, units: list[Unit], shapes: dict) -> dict[str, float | None]:
@@ -119,13 +195,74 @@ class Pruner:
           fixed[unit.name] = value
           break
     pool = [u for u in units if u.name not in fixed]
+    target = self.target_sparsity(shapes)
     if self.allocation == "uniform":
-      fixed.update({u.name: self.sparsity for u in pool})
+      fixed.update({u.name: target for u in pool})
     elif self.allocation == "erk":
-      fixed.update(erk_sparsities({u.name: shapes[u.members[0][0]] for u in pool}, self.sparsity))
+      fixed.update(erk_sparsities({u.name: shapes[u.members[0][0]] for u in pool}, target))
     else:
       fixed.update({u.name: None for u in pool})
     return fixed
+
+  def report(self, params: Any, masks: Any) -> dict[str, Any]:
+    """What was pruned and what was left alone, JSON-ready (the `prune` stage logs it).
+
+    Args:
+      params: the param tree the masks were built for (only shapes are read).
+      masks: this pruner's masks (`Pruner.masks`, `masks_of(state)`, a method's masks).
+
+    Returns:
+      `{"requested": sparsity, "sparsity": zeros over the selected leaves,
+      "pruned_leaves_sparsity": zeros over the leaves that were pruned, "layers":
+      {path: sparsity}, "kept_dense": {path: reason}}`. `kept_dense` names the selected
+      leaves kept dense (by `keep_dense_below`, an override of 0.0 or the allocation) and
+      the leaves the target regex matches but `exclude` or `min_size` leaves alone.
+    """
+    flat = flatten(params)
+    shapes = {p: tuple(leaf.shape) for p, leaf in flat.items()}
+    sizes = {p: int(np.prod(s, dtype=np.int64)) for p, s in shapes.items()}
+    flat_masks = flatten(masks)
+    selected = [p for p, s in shapes.items() if self.rule.matches(p, _Shaped(s))]
+    layers = {p: _mask_sparsity(flat_masks.get(p)) for p in selected}
+    kept: dict[str, str] = {}
+    rule = self.rule
+    for path, shape in shapes.items():
+      if path in layers or re.fullmatch(rule.include, path) is None or len(shape) < rule.min_ndim:
+        continue
+      if rule.exclude is not None and re.fullmatch(rule.exclude, path):
+        kept[path] = f"left alone (matches exclude {rule.exclude!r})"
+      else:
+        kept[path] = f"left alone ({sizes[path]} weights < min_size {rule.min_size})"
+    small = self.small_leaves(shapes)
+    below = f"keep_dense_below {self.keep_dense_below}"
+    names = {p: unit.name for unit in self.units(params)[0] for p, _ in unit.members}
+    for path in selected:
+      if path in small:
+        kept[path] = f"kept dense ({small[path]} weights < {below})"
+        continue
+      if layers[path] > 0.0:
+        continue
+      name = names.get(path, path)
+      zero = [pat for pat, v in self.overrides if v == 0.0 and re.fullmatch(pat, name)]
+      if zero:
+        kept[path] = f"kept dense (overrides {zero[0]!r}: 0.0)"
+      elif self.allocation == "erk" and not isinstance(self.structure, NM):
+        kept[path] = "kept dense (erk: a layer this small would need a density above 1)"
+      else:
+        kept[path] = f"kept dense ({self.allocation} allocation pruned none of its weights)"
+    total = sum(sizes[p] for p in selected)
+    zeros = sum(layers[p] * sizes[p] for p in selected)
+    pruned = [p for p in selected if layers[p] > 0.0]
+    pruned_total = sum(sizes[p] for p in pruned)
+    return {
+      "requested": self.sparsity,
+      "sparsity": round(zeros / max(total, 1), 6),
+      "pruned_leaves_sparsity": round(
+        sum(layers[p] * sizes[p] for p in pruned) / max(pruned_total, 1), 6
+      ),
+      "layers": {p: round(v, 6) for p, v in layers.items()},
+      "kept_dense": kept,
+    }
 
   def dense_masks(self, params: Any) -> Any:
     """All-True masks: full-shape for every leaf this pruner may prune, `()` elsewhere."""
@@ -193,10 +330,17 @@ class Pruner:
         groups = [self.structure.group_scores(u, scores) for u in pool]
         normed = [g / (jnp.sqrt(jnp.mean(g * g)) + 1e-12) for g in groups]
         total = sum(u.num_groups for u in pool)
-        pruned = jnp.round(self.sparsity * fraction * total).astype(jnp.int32)
+        target = self.target_sparsity(shapes)
+        pruned = jnp.round(target * fraction * total).astype(jnp.int32)
         for unit, keep in zip(pool, keep_top_many(normed, total - pruned), strict=True):
           out.update(self.structure.expand(unit, keep, shapes))
     return map_with_path(lambda path, leaf: out.get(path, jnp.ones((), bool)), params)
+
+
+def _mask_sparsity(mask: Any) -> float:
+  if mask is None or not np.ndim(mask):
+    return 0.0 if mask is None or bool(mask) else 1.0
+  return float(1.0 - np.mean(np.asarray(jax.device_get(mask), dtype=np.float32)))
 
 
 def check_masks(params: Any, masks: Any) -> None:

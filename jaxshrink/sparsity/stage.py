@@ -10,6 +10,13 @@ stages:
             shrink: true}          # tiny-lm: 2 of 4 heads per block removed
 ```
 
+Selected kernels under `keep_dense_below` weights (default 4096: digits-cnn's 288-weight first
+conv and 1,280-weight classifier; no transformer kernel) stay dense, and the others prune more
+so the selected kernels' total sparsity is the requested one. The stage's log entry (the
+checkpoint manifest's `metrics.stages`) records under `pruned` the achieved sparsity, each
+kernel's, and every kernel kept dense or left alone with the reason:
+`"conv1/kernel": "kept dense (288 weights < keep_dense_below 4096)"`.
+
 With `shrink: true` the pipeline's model becomes the smaller one and its `model_source`
 records the new sizes (`"tiny-lm(head_dim=40, layer_heads=(2, 2, 2, 2))"`), so the saved
 checkpoint names a model `jaxshrink eval` rebuilds.
@@ -18,6 +25,7 @@ checkpoint names a model `jaxshrink eval` rebuilds.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -27,7 +35,7 @@ import numpy as np
 from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import JaxshrinkError
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
-from jaxshrink.sparsity.allocation import Pruner
+from jaxshrink.sparsity.allocation import DEFAULT_KEEP_DENSE_BELOW, Pruner
 from jaxshrink.sparsity.dynamic import dynamic_sparse
 from jaxshrink.sparsity.encodings import encode_sparse
 from jaxshrink.sparsity.finetune import finetune, finetune_optimizer
@@ -49,6 +57,7 @@ PRUNE_OPTIONS: dict[str, Any] = {
   "criterion": "magnitude",
   "allocation": "uniform",
   "overrides": {},
+  "keep_dense_below": DEFAULT_KEEP_DENSE_BELOW,
   "method": "gradual",
   "steps": 600,
   "learning_rate": 1e-3,
@@ -104,6 +113,7 @@ def _shrunk(pipeline: Pipeline, model: Any, params: Any, masks: Any, structure: 
 
 def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   """Runs one pruning method on the pipeline's tree (and model, when shrinking)."""
+  start = time.perf_counter()
   method = options["method"]
   if method not in METHODS:
     raise ValueError(f"Unknown prune `method` {method!r}; expected one of {list(METHODS)}.")
@@ -122,6 +132,7 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     criterion=options["criterion"],
     allocation=options["allocation"],
     overrides=options["overrides"] or {},
+    keep_dense_below=options["keep_dense_below"],
   )
   model, params, dataset = pipeline.model, pipeline.tree, pipeline.dataset
   key, stage_key = jax.random.split(pipeline.key)
@@ -149,13 +160,14 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     batches = _calibration(dataset, options["calibration_batches"])
     fn = wanda if method == "wanda" else sparsegpt
     params, masks = fn(model.apply, params, batches, pruner)
+  report = pruner.report(params, masks)
   source = pipeline.model_source
   if options["shrink"]:
     model, params, source = _shrunk(pipeline, model, params, masks, structure)
   elif options["encode"]:
     params = encode_sparse(
       params,
-      pruner.rule,
+      pruner.pruned_rule,  # kernels kept dense stay plain arrays
       structure=structure if isinstance(structure, NM) else None,
       masks=masks,
       quantize_nonzeros=options["quantize_nonzeros"],
@@ -163,7 +175,12 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   params = jax.tree.map(
     lambda a: a if is_encoding(a) else jnp.asarray(a), params, is_leaf=is_encoding
   )
-  return dataclasses.replace(pipeline, model=model, tree=params, key=key, model_source=source)
+  # The stage's findings, as a log entry of its own until `run_stages` merges a stage's
+  # entries into one.
+  found = {"stage": "prune", "seconds": round(time.perf_counter() - start, 3), "pruned": report}
+  return dataclasses.replace(
+    pipeline, model=model, tree=params, key=key, model_source=source, log=(*pipeline.log, found)
+  )
 
 
 register_stage(
