@@ -3,9 +3,10 @@
 Each component of the forward is jitted alone and timed on the exact shapes it has inside the
 model (one encoder layer's weights stand for all six: the shapes are the same), then
 multiplied by how many times one forward runs it. The whole jitted forward is timed in the
-same interleaved rounds; each component's share is `ms x count / whole`, and the coverage
-`sum / whole` says how far the isolated parts add up to the fused whole (XLA fuses
-elementwise ops into their neighbours inside the model, so the parts can sum to more than it).
+same interleaved rounds; each component's share is `ms x count / whole` within a round (the
+median over rounds is reported), and the coverage `sum / whole` says how far the isolated
+parts add up to the fused whole (XLA fuses elementwise ops into their neighbours inside the
+model, so the parts can sum to more than it).
 
 Components: the embedding lookup (word + position + token-type rows, summed), the weight
 matmuls (`nnx.Linear`: q/k/v and the attention output 384x384, the intermediate 384x1536, the
@@ -36,8 +37,9 @@ DESCRIPTION = (
   "all-MiniLM-L6-v2's forward split into components (embedding lookup, weight matmuls, "
   "activation quantization, attention matmuls, softmax, GELU, LayerNorm, rest), float32 and "
   "W8A8 on the integer path, at 64x32 and 32x128 tokens: each component jitted alone on its "
-  "in-model shapes x its count per forward; value = share of the whole jitted forward timed "
-  "in the same interleaved rounds (whole-forward rows: coverage = sum of parts / whole)."
+  "in-model shapes x its count per forward; value = its share of the whole jitted forward "
+  "timed in the same round, median of 11 interleaved rounds (whole-forward rows: coverage = "
+  "sum of parts / whole; ms = best round)."
 )
 SHAPES = ((64, 32), (32, 128))
 VARIANTS = ("float32", "W8A8")
@@ -51,7 +53,7 @@ CATEGORIES = (
   "LayerNorm",
   "rest",
 )
-ROUNDS = 7
+ROUNDS = 11
 # Each timed measurement repeats a part until it spans about this long, near a whole forward's
 # time, so that load from other jobs hits parts and whole alike.
 MEASURE_SECONDS = 0.2
@@ -251,24 +253,28 @@ def _dispatch_ms() -> float:
   return 1e3 * best
 
 
-def time_parts(fns: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> dict[str, float]:
-  """Best per-call ms of each `fn`, interleaved round-robin; each measurement repeats a fast
-  call until it spans about `MEASURE_SECONDS`."""
+def time_parts(fns: dict[Any, Callable[[], Any]], rounds: int = ROUNDS) -> dict[Any, np.ndarray]:
+  """Per-call ms of each `fn` in each of `rounds` round-robin rounds, `(rounds,)` per name.
+
+  Each measurement repeats a fast call until it spans about `MEASURE_SECONDS`. Shares are
+  taken within a round (part against the whole timed seconds apart), then the median over
+  rounds: load from other jobs drifts over a run, and hits both sides of a same-round ratio.
+  """
   inner = {}
   for name, fn in fns.items():
     jax.block_until_ready(fn())
     start = time.perf_counter()
     jax.block_until_ready(fn())
     inner[name] = max(1, round(MEASURE_SECONDS / max(time.perf_counter() - start, 1e-6)))
-  best = dict.fromkeys(fns, float("inf"))
-  for _ in range(rounds):
+  ms = {name: np.zeros(rounds) for name in fns}
+  for i in range(rounds):
     for name, fn in fns.items():
       start = time.perf_counter()
       for _ in range(inner[name]):
         out = fn()
       jax.block_until_ready(out)
-      best[name] = min(best[name], (time.perf_counter() - start) / inner[name])
-  return {name: 1e3 * seconds for name, seconds in best.items()}
+      ms[name][i] = 1e3 * (time.perf_counter() - start) / inner[name]
+  return ms
 
 
 def run() -> list[Record]:
@@ -304,22 +310,23 @@ def run() -> list[Record]:
     ms = time_parts(fns)
     shape = f"minilm-l6 {batch}x{length}"
     for variant in VARIANTS:
-      total = ms[(variant, WHOLE)]
+      whole_ms = ms[(variant, WHOLE)]
       summed = sum(ms[key] * c.count for c, key in parts[variant])
       records.append(Record(
-        SUITE, shape, f"{variant}: {WHOLE}", "coverage", round(summed / total, 4), None, None,
-        None, round(total / 1e3, 4),
-        {"ms": round(total, 3), "sum_of_parts_ms": round(summed, 3),
-         "ratio_vs_float32": round(total / ms[("float32", WHOLE)], 3),
-         "dispatch_ms": round(dispatch, 4)},
+        SUITE, shape, f"{variant}: {WHOLE}", "coverage",
+        round(float(np.median(summed / whole_ms)), 4), None, None, None,
+        round(float(whole_ms.min()) / 1e3, 4),
+        {"ms": round(float(whole_ms.min()), 3), "sum_of_parts_ms": round(float(summed.min()), 3),
+         "ratio_vs_float32": round(float(np.median(whole_ms / ms[("float32", WHOLE)])), 3),
+         "rounds": ROUNDS, "dispatch_ms": round(dispatch, 4)},
       ))  # fmt: skip
       for c, key in parts[variant]:
         each = ms[key]
         records.append(Record(
           SUITE, shape, f"{variant}: {c.name}", "fraction_of_forward",
-          round(each * c.count / total, 4), None, None, None, None,
-          {"category": c.category, "ms": round(each, 4), "count": c.count,
-           "ms_per_forward": round(each * c.count, 3), "operands": c.operands},
+          round(float(np.median(each * c.count / whole_ms)), 4), None, None, None, None,
+          {"category": c.category, "ms": round(float(each.min()), 4), "count": c.count,
+           "ms_per_forward": round(float(each.min()) * c.count, 3), "operands": c.operands},
         ))  # fmt: skip
   return records
 
@@ -367,10 +374,11 @@ def summarize(records) -> str:
       continue
     f_mm = f32["categories"]["weight matmuls"]
     w_mm = w8["categories"]["weight matmuls"] + w8["categories"].get("activation quantization", 0)
-    # Amdahl on shares of the sum of parts (they add to 1); ms back out through each whole.
-    x = f_mm / f32["whole"].value
-    r = (w_mm * w8["whole"].extra["ms"]) / (f_mm * f32["whole"].extra["ms"])
+    # Amdahl on shares of the sum of parts (they add to 1); W8A8 shares are of its own whole,
+    # which is `ratio_vs_float32` times the float32 whole.
     measured = w8["whole"].extra["ratio_vs_float32"]
+    x = f_mm / f32["whole"].value
+    r = w_mm * measured / f_mm
     lines.append(
       f"- {shape.removeprefix('minilm-l6 ')}: weight matmuls are {100 * x:.0f}% of the float32 "
       f"forward's parts, so an int8 matmul at ratio r to float32 puts the W8A8 forward at "
