@@ -25,6 +25,8 @@ import importlib.util
 import json
 import os
 import platform
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -94,12 +96,23 @@ def discover(directory: Path) -> dict[str, Path]:
     raise JaxshrinkError(
       f"No benchmarks directory at `{directory}`; run from a jaxshrink checkout or pass --dir."
     )
-  return {p.stem: p for p in sorted(directory.glob("*.py")) if not p.stem.startswith("_")}
+  # A suite declares `SUITE = ...` at top level; other scripts there (e.g. gpu.py, run by hand
+  # on an accelerator) are not suites.
+  return {
+    p.stem: p
+    for p in sorted(directory.glob("*.py"))
+    if not p.stem.startswith("_") and _SUITE_LINE.search(p.read_text())
+  }
+
+
+_SUITE_LINE = re.compile(r"^SUITE\s*=", re.M)
 
 
 def _load_suite(path: Path):
-  spec = importlib.util.spec_from_file_location(f"jaxshrink_bench_{path.stem}", path)
+  name = f"jaxshrink_bench_{path.stem}"
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # `@dataclass` looks up a class's module there
   spec.loader.exec_module(module)
   if not callable(getattr(module, "run", None)):
     raise JaxshrinkError(f"Benchmark suite `{path}` defines no run() function.")
