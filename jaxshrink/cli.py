@@ -73,6 +73,7 @@ def cmd_compress(args) -> int:
     return 0
   console = _console()
   console.print(result.report.table(title=f"{recipe.name or args.recipe} -> {out}"))
+  _print_kept_dense(console, result.metrics.get("stages"))
   if "value" in result.metrics:
     console.print(
       f"{model.metric}: {result.metrics['value']:.4f} "
@@ -224,6 +225,7 @@ def cmd_inspect(args) -> int:
     f"float32 ({report.ratio:.2f}x{native}); {format_bytes(payload['disk_bytes'])} on disk with "
     "the manifest and orbax metadata (read from the manifest only)."
   )
+  _print_kept_dense(console, payload["metrics"].get("stages"))
   recorded = payload["metrics"].get("serving")
   if _valid_serving(recorded):
     others = ", ".join(
@@ -236,6 +238,15 @@ def cmd_inspect(args) -> int:
       + "), as measured when compressed"
     )
   return 0
+
+
+def _print_kept_dense(console, stages: Any) -> None:
+  """Each kernel a prune stage left dense, with why (read from untrusted input: no markup)."""
+  for stage in stages if isinstance(stages, list) else []:
+    pruned = stage.get("pruned") if isinstance(stage, dict) else None
+    kept = pruned.get("kept_dense") if isinstance(pruned, dict) else None
+    for path, reason in kept.items() if isinstance(kept, dict) else ():
+      console.print(f"{path}: {reason}", markup=False, highlight=False)
 
 
 def _valid_serving(recorded: Any) -> bool:

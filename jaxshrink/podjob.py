@@ -97,7 +97,8 @@ def _tools(plan: JobPlan, model: Any):
     o = plan.prune
     pruner = Pruner(rule_from_options(o), sparsity=o["sparsity"], structure=o["structure"],
                     criterion=o["criterion"], allocation=o["allocation"],
-                    overrides=o["overrides"] or {})  # fmt: skip
+                    overrides=o["overrides"] or {},
+                    keep_dense_below=o["keep_dense_below"])  # fmt: skip
     tx = pruning(tx, pruner, schedule_from_options(o["schedule"], steps=plan.steps))
   if plan.qat is not None:
     o = plan.qat

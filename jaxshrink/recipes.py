@@ -298,10 +298,14 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Pipeline:
 def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
   kinds = stage_kinds()
   for kind, options in recipe.stages:
-    start = time.perf_counter()
+    start, before = time.perf_counter(), len(pipeline.log)
     pipeline = kinds[kind].run(pipeline, options)
-    entry = {"stage": kind, "options": options, "seconds": round(time.perf_counter() - start, 3)}
-    pipeline = dataclasses.replace(pipeline, log=pipeline.log + (entry,))
+    # One log entry per stage: what the stage logged itself (e.g. prune's `pruned` report)
+    # merged with its kind, options and time.
+    found = {k: v for e in pipeline.log[before:] for k, v in e.items()}
+    seconds = round(time.perf_counter() - start, 3)
+    entry = {**found, "stage": kind, "options": options, "seconds": seconds}
+    pipeline = dataclasses.replace(pipeline, log=pipeline.log[:before] + (entry,))
   return pipeline
 
 

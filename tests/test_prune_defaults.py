@@ -75,6 +75,18 @@ def test_report_is_in_the_checkpoint_manifest(gradual90, tmp_path):
   out = export.save(tmp_path / "ckpt", gradual90.pipeline.tree, metrics=gradual90.metrics)
   manifest = export.read_manifest(out)
   assert _pruned_entry(manifest["metrics"])["kept_dense"] == KEPT
+  (entry,) = manifest["metrics"]["stages"]  # one log entry per stage, the report merged in
+  assert entry["stage"] == "prune" and "options" in entry and "seconds" in entry
+
+
+def test_inspect_prints_what_stayed_dense_and_why(gradual90, tmp_path, capsys):
+  from jaxshrink.cli import main
+
+  out = export.save(tmp_path / "ckpt", gradual90.pipeline.tree, metrics=gradual90.metrics)
+  assert main(["inspect", str(out)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  for path, reason in KEPT.items():
+    assert f"{path}: {reason}" in lines
 
 
 def test_shortest_two_four_runs_and_says_the_total_is_over_the_pruned_kernels():

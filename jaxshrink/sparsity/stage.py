@@ -25,7 +25,6 @@ checkpoint names a model `jaxshrink eval` rebuilds.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import jax
@@ -113,7 +112,6 @@ def _shrunk(pipeline: Pipeline, model: Any, params: Any, masks: Any, structure: 
 
 def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   """Runs one pruning method on the pipeline's tree (and model, when shrinking)."""
-  start = time.perf_counter()
   method = options["method"]
   if method not in METHODS:
     raise ValueError(f"Unknown prune `method` {method!r}; expected one of {list(METHODS)}.")
@@ -175,9 +173,8 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   params = jax.tree.map(
     lambda a: a if is_encoding(a) else jnp.asarray(a), params, is_leaf=is_encoding
   )
-  # The stage's findings, as a log entry of its own until `run_stages` merges a stage's
-  # entries into one.
-  found = {"stage": "prune", "seconds": round(time.perf_counter() - start, 3), "pruned": report}
+  # The stage's findings; `run_stages` merges them into the stage's one log entry.
+  found = {"pruned": report}
   return dataclasses.replace(
     pipeline, model=model, tree=params, key=key, model_source=source, log=(*pipeline.log, found)
   )
