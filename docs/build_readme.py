@@ -1,7 +1,12 @@
-"""Renders README.md from docs/readme/*.md, filling every measured number from benchmark results.
+"""Renders the technique pages docs/<topic>.md from docs/readme/<topic>.md, and README.md's
+list of them, filling every measured number from benchmark results.
 
-Each technique's section is written next to its code (docs/readme/<topic>.md) and spliced
-into the README between the `techniques` markers, in the order below. A measured number is
+Each technique's page is written in docs/readme/<topic>.md and rendered to docs/<topic>.md
+(the README stays short: pitch, the two commands, quickstart, CLI, recipes and links); the
+README lists the pages between the `techniques` markers, in the order below. Links are
+written as if the page sat at the repository root (`BENCHMARKS.md`, `#compress-a-real-model`):
+a relative path gains `../`, and an anchor defined on another page (or in the README) points
+there. A measured number is
 never typed into a section: the section names the benchmark record it comes from, and this
 script fills it in from `benchmarks/results/<suite>.json`:
 
@@ -18,7 +23,8 @@ on two settings), `METHOD [KEY=VALUE]` picks the one whose `extra[KEY]` is VALUE
 
 A paragraph or list item that held a placeholder is rewrapped to 100 columns once filled.
 Run after editing a section or rerunning a benchmark: `python docs/build_readme.py`.
-`tests/test_readme.py` fails when the README is out of date, when a placeholder names no
+`tests/test_readme.py` fails when the README or a page is out of date, when a link does not
+resolve, when a placeholder names no
 record, or when a number with three or more significant digits (or a decimal with two) is
 typed outside a placeholder, in a section or in the README's own text around the sections,
 and is not one of the static facts in STATIC_NUMBERS.
@@ -229,17 +235,92 @@ def placeholders(text: str) -> list[str]:
   return [" ".join(m.group(1).split()) for m in PLACEHOLDER.finditer(text)]
 
 
+def _sections() -> dict[str, str]:
+  """`{topic: section source}` in README order."""
+  folder = ROOT / "docs" / "readme"
+  return {name: (folder / name).read_text().strip() for name in ORDER if (folder / name).is_file()}
+
+
 def template() -> str:
-  """The README with every placeholder left in place (what the number check scans)."""
+  """README's own text and every section, placeholders left in place (what the checks scan)."""
+  return "\n\n".join([(ROOT / "README.md").read_text(), *_sections().values()])
+
+
+def anchor(heading: str) -> str:
+  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+  text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+  return text.replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+  """Every heading anchor of a markdown text (code blocks skipped)."""
+  text = re.sub(r"```.*?```", "", text, flags=re.S)
+  return {anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, re.M)}
+
+
+LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+
+
+def _relink(text: str, own: set[str], elsewhere: dict[str, str], up: str) -> str:
+  """Rewrites link targets for a page `up` levels below the root (see the module docstring)."""
+
+  def fix(match: re.Match) -> str:
+    target = match.group(2)
+    if target.startswith("#"):
+      name = target[1:]
+      if name not in own and name in elsewhere:
+        target = elsewhere[name] + target
+    elif not re.match(r"[a-z]+:|\.\./|/", target):
+      target = up + target
+    return match.group(1) + target + match.group(3)
+
+  parts = re.split(r"(```.*?```)", text, flags=re.S)
+  return "".join(p if i % 2 else LINK.sub(fix, p) for i, p in enumerate(parts))
+
+
+def _fill(text: str, results: dict[str, list[dict]]) -> str:
+  """Every placeholder of `text` filled; filled prose and list items rewrapped."""
+
+  def sub(text: str) -> str:
+    return PLACEHOLDER.sub(lambda m: fill(" ".join(m.group(1).split()), results), text)
+
+  out = []
+  for i, chunk in enumerate(re.split(r"(```.*?```)", text, flags=re.S)):
+    if i % 2:  # a code block: verbatim
+      out.append(chunk)
+      continue
+    parts = re.split(r"(\n[ \t]*\n)", chunk)
+    for j, part in enumerate(parts):
+      body = part.strip("\n")
+      if j % 2 or not body:
+        out.append(part)
+        continue
+      lead, trail = part[: part.index(body)], part[part.index(body) + len(body) :]
+      out.append(lead + _fill_block(body, sub) + trail)
+  return "".join(out)
+
+
+def render_pages(results: dict[str, list[dict]] | None = None) -> dict[Path, str]:
+  """`{path: text}` of README.md and every docs/<topic>.md page, numbers filled."""
+  results = load_results() if results is None else results
+  sections = _sections()
   readme = (ROOT / "README.md").read_text()
   head, rest = readme.split(START, 1)
   _, tail = rest.split(END, 1)
-  parts = [
-    (ROOT / "docs" / "readme" / name).read_text().strip()
-    for name in ORDER
-    if (ROOT / "docs" / "readme" / name).is_file()
-  ]
-  return head + START + "\n" + "\n\n".join(parts) + "\n" + END + tail
+  titles = {n: re.match(r"#+ (.+)", text).group(1) for n, text in sections.items()}
+  listing = "Every page: " + " · ".join(f"[{titles[n]}](docs/{n})" for n in sections) + "."
+  readme = head + START + "\n" + listing + "\n" + END + tail
+  where = {a: f"docs/{n}" for n, text in sections.items() for a in anchors(text)}
+  own = anchors(readme)
+  readme_links = {a: "../README.md" for a in own}
+  pages = {ROOT / "README.md": _relink(readme, own, where, "")}
+  for name, text in sections.items():
+    mine = anchors(text)
+    others = {**readme_links, **{a: p.removeprefix("docs/") for a, p in where.items()}}
+    body = _relink(text, mine, others, "../")
+    header = f"<!-- Generated by docs/build_readme.py from docs/readme/{name}: edit that. -->"
+    pages[ROOT / "docs" / name] = header + "\n\n" + _fill(body, results) + "\n"
+  return pages
 
 
 WIDTH = 100
@@ -284,29 +365,6 @@ def _fill_block(block: str, sub: Callable[[str], str]) -> str:
   return "\n".join(out)
 
 
-def render(results: dict[str, list[dict]] | None = None) -> str:
-  """README.md: the sections spliced in, every placeholder filled from the results."""
-  results = load_results() if results is None else results
-
-  def sub(text: str) -> str:
-    return PLACEHOLDER.sub(lambda m: fill(" ".join(m.group(1).split()), results), text)
-
-  out = []
-  for i, chunk in enumerate(re.split(r"(```.*?```)", template(), flags=re.S)):
-    if i % 2:  # a code block: verbatim
-      out.append(chunk)
-      continue
-    parts = re.split(r"(\n[ \t]*\n)", chunk)
-    for j, part in enumerate(parts):
-      body = part.strip("\n")
-      if j % 2 or not body:
-        out.append(part)
-        continue
-      lead, trail = part[: part.index(body)], part[part.index(body) + len(body) :]
-      out.append(lead + _fill_block(body, sub) + trail)
-  return "".join(out)
-
-
 def _blank(match: re.Match) -> str:
   return "\n" * match.group().count("\n") + " "  # keeps line numbers
 
@@ -345,4 +403,5 @@ def unexplained_numbers(text: str) -> list[tuple[int, str]]:
 
 
 if __name__ == "__main__":
-  (ROOT / "README.md").write_text(render())
+  for path, text in render_pages().items():
+    path.write_text(text)
