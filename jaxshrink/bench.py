@@ -148,13 +148,15 @@ def run_benchmarks(
   records: list[Record] = []
   for name in names:
     module = _load_suite(available[name])
+    machine = machine_description()  # before the run: how busy the machine was when it began
     suite_records = list(module.run())
+    machine["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     payload = {
       "suite": name,
       "description": getattr(module, "DESCRIPTION", ""),
       "summary": module.summarize(suite_records) if hasattr(module, "summarize") else "",
       "date": datetime.date.today().isoformat(),
-      "machine": machine_description(),
+      "machine": machine,
       "records": [r.to_json() for r in suite_records],
     }
     (directory / RESULTS).mkdir(exist_ok=True)
@@ -255,7 +257,9 @@ def render_markdown(directory: Path) -> str:
       f"{machine['platform']}, Python {machine['python']}, jax {machine['jax']} "
       f"({machine['backend']}, {machine['devices']} device(s))"
       + (
-        f", load average {machine['load_average_1min']} at start."
+        f", load average {machine['load_average_1min']} at start"
+        + (f", {machine['load_average_1min_after']} at the end."
+           if "load_average_1min_after" in machine else ".")  # fmt: skip
         if "load_average_1min" in machine
         else "; load not recorded (these runs shared the machine with other jobs)."
       ),
