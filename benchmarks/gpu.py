@@ -45,7 +45,6 @@ import datetime
 import functools
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshrink.bench import Record, machine_description
+from jaxshrink.bench import Record, interleaved_best, machine_description
 from jaxshrink.encoding import materialize
 from jaxshrink.models.bert import BertConfig, BertEncoder
 from jaxshrink.quant import QuantSpec, quantize, quantize_params, quantized_apply
@@ -105,14 +104,7 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], rounds: int, inner: int) -
   for fn in fns.values():  # compile, then one warm call
     jax.block_until_ready(fn())
     jax.block_until_ready(fn())
-  best = dict.fromkeys(fns, float("inf"))
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      for _ in range(inner):
-        out = fn()
-      jax.block_until_ready(out)
-      best[name] = min(best[name], (time.perf_counter() - start) / inner)
+  best = interleaved_best(fns, rounds, inner)
   return {name: 1e3 * seconds for name, seconds in best.items()}
 
 

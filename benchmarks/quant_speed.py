@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from jaxshrink import data, models
-from jaxshrink.bench import Record
+from jaxshrink.bench import Record, interleaved_best
 from jaxshrink.quant import QuantSpec, quantize
 from jaxshrink.quant.aqt_interop import aqt_dot_general
 from jaxshrink.quant.dot_general import QuantDotGeneral
@@ -34,15 +34,7 @@ DESCRIPTION = (
 def _interleaved(fns: dict, rounds: int = 5, inner: int = 10) -> dict[str, float]:
   for fn in fns.values():
     jax.block_until_ready(fn())
-  best = {k: float("inf") for k in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      for _ in range(inner):
-        out = fn()
-      jax.block_until_ready(out)
-      best[name] = min(best[name], (time.perf_counter() - start) / inner)
-  return best
+  return interleaved_best(fns, rounds, inner)
 
 
 def _qat_rows() -> list[Record]:

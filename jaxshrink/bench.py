@@ -83,6 +83,25 @@ def best_time(fn, repeats: int = 5) -> float:
   return best
 
 
+def interleaved_best(fns: dict[str, Any], rounds: int = 5, calls: int = 1) -> dict[str, float]:
+  """Best seconds per call of each `fn()`, timed round-robin so load drifts hit all alike.
+
+  Each round runs every function `calls` times in a row (waiting once at the end); a function
+  must already be compiled.
+  """
+  import jax
+
+  best = dict.fromkeys(fns, float("inf"))
+  for _ in range(max(rounds, 1)):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(calls):
+        out = fn()
+      jax.block_until_ready(out)
+      best[name] = min(best[name], (time.perf_counter() - start) / calls)
+  return best
+
+
 def default_directory() -> Path:
   """`$JAXSHRINK_BENCHMARKS`, the repository's `benchmarks/`, or `./benchmarks`."""
   if "JAXSHRINK_BENCHMARKS" in os.environ:
@@ -258,8 +277,11 @@ def render_markdown(directory: Path) -> str:
       f"({machine['backend']}, {machine['devices']} device(s))"
       + (
         f", load average {machine['load_average_1min']} at start"
-        + (f", {machine['load_average_1min_after']} at the end."
-           if "load_average_1min_after" in machine else ".")  # fmt: skip
+        + (
+          f", {machine['load_average_1min_after']} at the end."
+          if "load_average_1min_after" in machine
+          else "."
+        )  # fmt: skip
         if "load_average_1min" in machine
         else "; load not recorded (these runs shared the machine with other jobs)."
       ),

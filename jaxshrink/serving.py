@@ -27,6 +27,7 @@ runs it (`--serving MODE` overrides).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxshrink.bench import interleaved_best
 from jaxshrink.capture import replay_with
 from jaxshrink.encoding import Encoding, is_encoding, materialize
 from jaxshrink.errors import UsageError
@@ -227,14 +229,8 @@ def measure(
   start = time.perf_counter()
   jax.block_until_ready(runs["float"](*args))
   calls = max(1, min(50, round(ROUND_SECONDS / max(time.perf_counter() - start, 1e-6))))
-  best = dict.fromkeys(runs, float("inf"))
-  for _ in range(max(repeats, 1)):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      for _ in range(calls):
-        out = run(*args)
-      jax.block_until_ready(out)
-      best[name] = min(best[name], (time.perf_counter() - start) / calls)
+  best = interleaved_best({n: functools.partial(run, *args) for n, run in runs.items()},
+                          repeats, calls)  # fmt: skip
   ratios = {m: round(best[m] / best["float"], 4) for m in modes}
   shape = tuple(jnp.shape(jax.tree.leaves(args)[0])) if jax.tree.leaves(args) else ()
   return Timing({k: round(v, 6) for k, v in best.items()}, ratios, shape)
