@@ -82,13 +82,25 @@ def integer_matmul(xq: jax.Array, q: QArray) -> jax.Array:
   return jnp.sum(acc.astype(jnp.float32) * scale[:, None, :], axis=0)
 
 
+def _compute_dtype(x: jax.Array) -> Any:
+  """The matmul's input dtype: the activations' float dtype (bf16 models multiply in bf16)."""
+  return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+
+
 def qarray_matmul(x2d: jax.Array, q: QArray) -> jax.Array:
-  """`x2d (rows, K) @ logical(q) (K, N)`, on the integer path when `q.act_bits` is set."""
+  """`x2d (rows, K) @ logical(q) (K, N)`, on the integer path when `q.act_bits` is set.
+
+  Weight-only kernels multiply in the activations' dtype (a bf16 model's matmul stays bf16)
+  and accumulate in float32; the integer path accumulates int8 products in int32. The result
+  is float32; the caller casts it to the op's output dtype.
+  """
   x = x2d.astype(jnp.float32)
   if q.input_scale is not None:
     x = x / q.input_scale[None, :]
   if q.act_bits is None:
-    return x @ q.dequantized_matrix(with_input_scale=False)
+    dtype = _compute_dtype(x2d)
+    w = q.dequantized_matrix(with_input_scale=False).astype(dtype)
+    return lax.dot(x.astype(dtype), w, preferred_element_type=jnp.float32)
   xq, sx = _act_codes(x, q, (1,))
   if not _integer_ok(q):  # fp8 weights: the same numerics in float
     return (xq * sx) @ q.dequantized_matrix(with_input_scale=False)
