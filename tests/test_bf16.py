@@ -14,6 +14,17 @@ from jaxshrink.models import get_model
 from jaxshrink.quant import quantized_apply
 
 TARGET = ".*kernel"
+TECHNIQUES = [
+  "int8",
+  "int4-g16",
+  "w8a8",
+  "gptq-int4",
+  "awq-int4",
+  "wanda",
+  "sparsegpt",
+  "2:4",
+  "lowrank",
+]
 # A dot_general whose two operands are float32 (StableHLO text: `(tensor<..xf32>, tensor<..xf32>)`).
 F32_DOT = re.compile(r"dot_general.*\(tensor<[^>]*xf32>, tensor<[^>]*xf32>\)")
 
@@ -44,6 +55,9 @@ def _compressed(setup):
     "int4-g16": js.quantize_params(params, TARGET, int4),
     "w8a8": js.ptq(apply, params, calib, TARGET, js.LayerQuant(int8, activation_bits=8)),
     "gptq-int4": js.gptq(apply, params, calib, TARGET, int4),
+    "awq-int4": js.awq(apply, params, calib, TARGET, int4),
+    "wanda": js.wanda(apply, params, calib, js.Pruner(TARGET, 0.5))[0],
+    "sparsegpt": js.sparsegpt(apply, params, calib, js.Pruner(TARGET, 0.5))[0],
     "2:4": js.sparsity.encode_sparse(sparse, TARGET, structure="2:4"),
     "lowrank": js.factorize(params, "dense1/kernel", rank=16),
   }
@@ -60,7 +74,7 @@ def test_the_bf16_model_computes_in_bf16(setup):
   assert out.dtype == jnp.bfloat16 and _accuracy(out, labels) > 0.9
 
 
-@pytest.mark.parametrize("name", ["int8", "int4-g16", "w8a8", "gptq-int4", "2:4", "lowrank"])
+@pytest.mark.parametrize("name", TECHNIQUES)
 def test_every_technique_keeps_bf16_and_accuracy(setup, trees, name):
   apply, params, x_test, labels, _ = setup
   base = _accuracy(jax.jit(apply)(params, x_test), labels)
@@ -68,7 +82,7 @@ def test_every_technique_keeps_bf16_and_accuracy(setup, trees, name):
     served = serving.serve(apply, trees[name], mode)
     out = served(x_test)
     assert out.dtype == jnp.bfloat16, (name, mode)
-    drop = 0.05 if name in ("2:4", "lowrank") else 0.02
+    drop = 0.05 if name in ("2:4", "lowrank", "wanda", "sparsegpt") else 0.02
     assert _accuracy(out, labels) >= base - drop, (name, mode)
 
 
