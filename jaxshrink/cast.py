@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink.encoding import Encoding, register_encoding
+from jaxshrink.model import accepts_models
 from jaxshrink.tree import Rule, map_selected
 
 
@@ -60,11 +61,13 @@ class Cast(Encoding):
     return f"{np.dtype(self.values.dtype).name} storage"
 
 
+@accepts_models
 def cast_params(tree: Any, rule: Rule | str = ".*", *, dtype: str = "bfloat16") -> Any:
   """Stores every float leaf selected by `rule` as a `Cast` encoding.
 
   Leaves another technique already encoded are left as they are, so `cast`
-  can run last to halve whatever stayed in float32.
+  can run last to halve whatever stayed in float32. `tree` may be a model
+  (`jaxshrink.model`); the result then comes back in its form.
 
   >>> ctree = cast_params(params, Rule(include=".*kernel"), dtype="bfloat16")
   """

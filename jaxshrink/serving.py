@@ -22,6 +22,7 @@ runs it (`--serving MODE` overrides).
 
 >>> served = serve(model.apply, ctree, "integer")
 >>> y = served.apply(served.params, x)
+>>> y = serve(cmodel, "bfloat16")(x)   # a model in any form (`jaxshrink.model`)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from jaxshrink.bench import interleaved_best
 from jaxshrink.capture import replay_with
 from jaxshrink.encoding import Encoding, is_encoding, materialize
 from jaxshrink.errors import UsageError
+from jaxshrink.model import accepts_models
 from jaxshrink.quant.qarray import QArray
 from jaxshrink.quant.serve import leaf_paths, lookup_rows, quantized_apply
 
@@ -132,11 +134,14 @@ def _decoded(leaf: Any) -> Any:
   return value.astype(jnp.bfloat16) if len(leaf.shape) >= 2 else value
 
 
+@accepts_models(result="as_is")
 def serve(apply_fn: Callable[..., Any], ctree: Any, mode: str = DEFAULT_MODE) -> Served:
   """`ctree` ready to run in serving mode `mode` (see the module docstring).
 
   Args:
-    apply_fn: the model's `(params, *args) -> outputs` (linen, nnx or pure).
+    apply_fn: the model's `(params, *args) -> outputs`, or a model that holds its tree (an
+      nnx module, a `Compressed` one, `Linen(module, variables)`): then leave `ctree` out,
+      `serve(cmodel, "bfloat16")` (`jaxshrink.model`).
     ctree: a compressed (or float) param tree.
     mode: one of `MODES`.
 

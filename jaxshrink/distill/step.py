@@ -17,14 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from jaxshrink.distill.objective import DistillLoss, model_outputs
 from jaxshrink.encoding import materialize
+from jaxshrink.model import functional as functional
 
 
 class DistillState(NamedTuple):
@@ -41,36 +40,6 @@ class DistillStep(NamedTuple):
 
   init: Callable[..., DistillState]
   step: Callable[..., tuple[DistillState, dict[str, jax.Array]]]
-
-
-def functional(model: Any) -> tuple[Callable[[Any, Any], Any], Any]:
-  """A pure `apply(params, x)` for a model, and its params when the model holds them.
-
-  Accepts a `jaxshrink.models.ZooModel` (its `apply`, params None), an unbound linen
-  `nn.Module` (`module.apply({"params": p}, x)`, params None), an `nnx.Module` (split
-  into graph and `nnx.Param` state: returns that state as params; put trained params back
-  with `nnx.update(module, params)`), or a plain callable (returned as is).
-
-  >>> apply, params = functional(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
-  >>> apply(params, jnp.ones((3, 4))).shape
-  (3, 2)
-  """
-  from jaxshrink.models import ZooModel
-
-  if isinstance(model, ZooModel):
-    return model.apply, None
-  if isinstance(model, nn.Module):
-    module = model
-    return (lambda p, x: module.apply({"params": p}, x)), None
-  if isinstance(model, nnx.Module):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return (lambda p, x: nnx.merge(graphdef, p, rest)(x)), params
-  if callable(model):
-    return model, None
-  raise TypeError(
-    f"expected a ZooModel, a linen/nnx module or an `apply(params, x)` callable; got "
-    f"{type(model).__name__}."
-  )
 
 
 def _copy(tree: Any) -> Any:

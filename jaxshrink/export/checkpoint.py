@@ -53,6 +53,7 @@ from jaxshrink.export.overwrite import (
   staging_name,
 )
 from jaxshrink.export.validate import check_manifest
+from jaxshrink.model import as_tree, rebuild
 from jaxshrink.report import leaf_report
 from jaxshrink.tree import flatten_to_store, unflatten
 
@@ -96,7 +97,9 @@ def save(
 
   Args:
     directory: the checkpoint directory to create.
-    tree: param tree whose leaves are arrays or `Encoding`s.
+    tree: param tree whose leaves are arrays or `Encoding`s, or a model holding one (an nnx
+      module, a `Compressed` one, `Linen(module, variables)`: `jaxshrink.model`); every
+      collection (`batch_stats`, ...) is kept.
     model, data: the sources the tree was made with, recorded for information. `eval`
       rebuilds zoo names (with literal overrides) from them; a `module:factory` is never
       imported from a checkpoint, the user passes it (`jaxshrink eval DIR --model ...`).
@@ -121,6 +124,7 @@ def save(
       f"`{target}` already exists; pass overwrite=True (CLI: --overwrite) to replace it."
     )
   check_overwrite(target)
+  tree = as_tree(tree)
   # Multi-host: every process calls save with the same tree. Sharded arrays are gathered to
   # host copies (a collective), every process joins orbax's write of one staging directory,
   # and process 0 alone writes the manifest and renames; the others wait on a barrier.
@@ -226,7 +230,8 @@ def load(
   shardings: ShardingFn | None = None,
   verify: bool = True,
   leaves: Sequence[str] | None = None,
-) -> dict:
+  like: Any = None,
+) -> Any:
   """Loads a checkpoint as a compressed tree, or as dense float params.
 
   Args:
@@ -241,9 +246,14 @@ def load(
       call `load` alike. The manifest's types and bounds are checked whatever `verify` says.
     leaves: leaf paths to load (e.g. `["dense1/kernel"]`); only their array files are
       read. None loads every leaf.
+    like: the model the checkpoint was saved from (or one built alike: the checkpoint
+      never names code): the tree comes back in its form (`jaxshrink.model.rebuild`): a
+      `Compressed` nnx module (your module class when nothing is encoded, e.g. `dense=True`)
+      or `Linen(module, variables)`. None returns the tree.
 
   Returns:
-    A nested dict with the saved (or selected) paths; leaves are arrays or encodings.
+    A nested dict with the saved (or selected) paths; leaves are arrays or encodings. With
+    `like`, the model holding it.
 
   Raises:
     CheckpointError: missing or truncated files, failed checksums, a manifest field of the
@@ -322,7 +332,7 @@ def load(
         f"{str(e)[:200]}). Re-export the checkpoint."
       ) from None
     entries.append((tuple(leaf["keys"]), value))
-  return unflatten(entries)
+  return unflatten(entries) if like is None else rebuild(like, unflatten(entries))
 
 
 def disk_bytes(directory: str | os.PathLike) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 from jaxshrink.distributed import place_encoding
 from jaxshrink.encoding import Encoding
 from jaxshrink.lowrank.encoding import LowRank, default_contract_dims, matrix_shape
+from jaxshrink.model import accepts_models
 from jaxshrink.tree import Rule, as_rule, flatten, map_selected, select
 
 # Default selection: every kernel with at least 2 dims (biases and norm scales stay dense).
@@ -220,6 +221,7 @@ def factorize_array(
   return place_encoding(encoded, getattr(w, "sharding", None))
 
 
+@accepts_models
 def factorize(
   tree: Any,
   rule: Rule | str = KERNELS,
@@ -232,7 +234,8 @@ def factorize(
   """Replaces every selected kernel with its truncated-SVD `LowRank` factors.
 
   Args:
-    tree: float param tree (linen dict, nnx state or plain dict).
+    tree: float param tree (linen dict, nnx state or plain dict), or a model
+      (`jaxshrink.model`): the result then comes back in its form.
     rule: which kernels; a `Rule` or an include regex.
     rank: the same rank for every kernel (<= min(K, N)).
     energy: per-kernel rank keeping this fraction of Σσ², in (0, 1].
