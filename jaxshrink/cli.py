@@ -143,6 +143,7 @@ def cmd_eval(args) -> int:
     )
   else:
     dataset = data.load_data_source(source)  # typed by the user, or the model's own default
+  model, reference_model = _with_metric(args, manifest, model, reference_model, dataset)
   tree = export.load(args.dir)
   mode = _serving_mode(args, manifest)
   served = serving.serve(model.apply, tree, mode)
@@ -162,6 +163,7 @@ def cmd_eval(args) -> int:
     "model": name,
     "data": source,
     "metric": model.metric,
+    "higher_is_better": model.higher_is_better,
     "value": value,
     "reference_value": reference,
     **measured,
@@ -182,6 +184,34 @@ def cmd_eval(args) -> int:
       "(timed side by side)"
     )
   return 0
+
+
+def _with_metric(args, manifest: dict[str, Any], model: Any, reference: Any, dataset: Any):
+  """The model and its reference scored with `--metric`; a user model without it takes the
+  built-in metric the checkpoint recorded, else its data's default. The checkpoint is
+  untrusted: a metric it names as code is never imported, the user passes it."""
+  from jaxshrink.models.base import METRICS
+  from jaxshrink.models.registry import default_metric, load_metric, with_metric
+
+  if args.metric is not None:
+    higher = None if args.metric_direction is None else args.metric_direction == "higher"
+    fields = load_metric(args.metric, higher_is_better=higher)
+  elif args.metric_direction is not None:
+    raise UsageError("`--metric-direction` goes with `--metric pkg.mod:fn`.")
+  elif model.framework == "user":
+    recorded = (manifest.get("metrics") or {}).get("metric")
+    if isinstance(recorded, str) and recorded in METRICS:
+      fields = {"metric": recorded}
+    elif recorded is not None:
+      raise UsageError(
+        f"`{args.dir}` was scored with the metric {str(recorded)[:200]!r}, code that a "
+        "checkpoint never makes jaxshrink import; pass it yourself: --metric pkg.mod:fn."
+      )
+    else:
+      fields = {"metric": default_metric(dataset.kind)}
+  else:
+    return model, reference
+  return with_metric(model, fields), with_metric(reference, fields)
 
 
 def _serving_mode(args, manifest: dict[str, Any]) -> str:
@@ -331,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("dir", help="checkpoint directory")
   p.add_argument(
     "--model",
-    help="zoo model or module:factory to evaluate with (default: the zoo model the checkpoint "
-    "names; a checkpoint never makes jaxshrink import code)",
+    help="zoo model or module:factory to evaluate with; the factory may return your own model "
+    "(an nnx module, a (linen module, variables) pair, an (apply, params) pair) (default: the "
+    "zoo model the checkpoint names; a checkpoint never makes jaxshrink import code)",
   )
   p.add_argument(
     "--reference-model",
@@ -341,8 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--data",
-    help="zoo data name, module:factory, or a .npz/.txt file (for an embedding model such as "
-    "minilm-l6, a .txt file holds one sentence per line)",
+    help="zoo data name, module:factory, a .npz/.txt file or a directory of .npy files (for an "
+    "embedding model such as minilm-l6, a .txt file holds one sentence per line)",
+  )
+  p.add_argument(
+    "--metric",
+    help="accuracy, perplexity, cosine, or your own as module:fn, `fn(outputs, labels) -> "
+    "float` on the whole test split (default: the model's; for your own model, the built-in "
+    "metric the checkpoint recorded, else the data's default)",
+  )
+  p.add_argument(
+    "--metric-direction",
+    choices=["higher", "lower"],
+    help="whether a larger value of --metric is better (default: its `higher_is_better`)",
   )
   p.add_argument(
     "--serving",

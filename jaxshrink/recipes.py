@@ -1,9 +1,13 @@
 """Recipes: a YAML file that names a model, its data and a list of stages.
 
 ```yaml
-model: digits-cnn        # zoo name, or "package.module:factory" returning a ZooModel
+model: digits-cnn        # zoo name, or "package.module:factory" (your model, see below)
 params: null             # float checkpoint dir; null = the zoo model's trained params
-data: digits             # zoo data name, "package.module:factory", or a .npz/.txt file
+data: digits             # zoo data name, "package.module:factory", a .npz/.txt file or a
+                         # directory of .npy files
+metric: null             # null = the model's; accuracy/perplexity/cosine, "pkg.mod:fn" or
+                         # {fn: "pkg.mod:fn", higher_is_better: true}
+training: null           # your model's {train_steps, learning_rate, batch_size}
 stages:                  # run in order on the parameter tree
   - cast: {target: ".*kernel", dtype: bfloat16}
 export: {}               # {evaluate: true, serving: auto}: measure, pick the serving mode
@@ -12,6 +16,13 @@ export: {}               # {evaluate: true, serving: auto}: measure, pick the se
 `export.serving` is `auto` (time every serving mode against float on a test batch and record
 the fastest, `jaxshrink.serving.recommend`), one mode (time that one), or null (time nothing).
 The result goes into the checkpoint's metrics as `serving`; `jaxshrink eval` runs that mode.
+
+Your own model: `model: "pkg.mod:factory"` may return an `nnx.Module` instance, a `(linen
+module, variables)` pair or an `(apply, params)` pair with its trained weights (or a
+`ZooModel`); `data` is then required, and `metric` defaults to the data's kind (accuracy for
+classification). Only stages that train (QAT, gradual/RigL/SET pruning, factorize with
+`finetune_steps`) need `training` fields, and say which one is missing. Calibration and
+training read the data's train split; evaluation reads its test split only.
 
 A recipe is validated completely before anything runs: an unknown top-level
 key, stage kind or stage option is a `UsageError` naming it and listing the
@@ -51,6 +62,8 @@ TOP_LEVEL: dict[str, Any] = {
   "model": REQUIRED,
   "params": None,
   "data": None,
+  "metric": None,
+  "training": None,
   "seed": 0,
   "stages": [],
   "export": {},
@@ -110,6 +123,8 @@ class Recipe:
   export: dict[str, Any]
   name: str | None
   raw: dict[str, Any]
+  metric: Any = None
+  training: dict[str, Any] | None = None
 
 
 def _suggest(word: str, valid: list[str]) -> str:
@@ -193,6 +208,26 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
   for key in ("model", "params", "data"):
     if top[key] is not None and not isinstance(top[key], str):
       raise UsageError(f"`{key}` in {source} must be a string; got {top[key]!r}.")
+  if top["metric"] is not None and not isinstance(top["metric"], (str, Mapping)):
+    raise UsageError(
+      f"`metric` in {source} must be a string or {{fn: ..., higher_is_better: ...}}; got "
+      f"{top['metric']!r}."
+    )
+  training = None
+  if top["training"] is not None:
+    from jaxshrink.models.base import TRAINING_DEFAULTS
+
+    training = _check_options(
+      f"`training` of {source}", top["training"], {k: None for k in TRAINING_DEFAULTS},
+      what="field",
+    )  # fmt: skip
+    training = {k: v for k, v in training.items() if v is not None}
+    for key, value in training.items():
+      kind = float if key == "learning_rate" else int
+      if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise UsageError(f"`training.{key}` in {source} must be {kind.__name__}; got {value!r}.")
+      if value <= 0:
+        raise UsageError(f"`training.{key}` in {source} must be > 0; got {value!r}.")
   return Recipe(
     model=top["model"],
     params=top["params"],
@@ -202,6 +237,8 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     export=export,
     name=top["name"],
     raw=dict(raw),
+    metric=dict(top["metric"]) if isinstance(top["metric"], Mapping) else top["metric"],
+    training=training,
   )
 
 
@@ -279,10 +316,27 @@ def load_float_params(model: Any, source: str | None, *, progress: bool = True) 
 
 def prepare(recipe: Recipe, *, progress: bool = True) -> Pipeline:
   """Loads the model, data and float params a recipe names."""
-  from jaxshrink import data, models
+  from jaxshrink import data
+  from jaxshrink.models.registry import default_metric, load_metric, load_model, with_metric
 
-  model = models.load_model(recipe.model)
+  model = load_model(recipe.model, training=recipe.training)
+  if recipe.training is not None and model.framework != "user":
+    raise UsageError(
+      f"`training` sets the training fields of your own model; {recipe.model!r} is a zoo "
+      "model with its own (`train_steps`, `learning_rate`, `batch_size`). Remove `training`, "
+      "or set a stage's own `steps` / `learning_rate` / `batch_size`."
+    )
+  if not (recipe.data or model.data):
+    raise UsageError(
+      f"`data` is required for {recipe.model!r}: a .npz file, a directory of .npy files or "
+      "'pkg.mod:factory', with `x_train`/`y_train` (calibration, training) and "
+      "`x_test`/`y_test` (held out, evaluated)."
+    )
   dataset = data.load_data_source(recipe.data or model.data)
+  if recipe.metric is not None:
+    model = with_metric(model, load_metric(recipe.metric))
+  elif model.framework == "user":
+    model = with_metric(model, {"metric": default_metric(dataset.kind)})
   params = load_float_params(model, recipe.params, progress=progress)
   return Pipeline(
     model=model,
@@ -295,9 +349,57 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Pipeline:
   )
 
 
+def training_fields(kind: str, options: Mapping[str, Any]) -> tuple[str, ...]:
+  """The model's training fields a stage with these options reads (empty: it does not train).
+
+  A distill stage trains its student, a model with its own fields, so it reads none here.
+  """
+  if kind == "quantize" and options.get("method") == "qat":
+    return ("batch_size",)
+  if kind == "prune" and options.get("method") in ("gradual", "rigl", "set"):
+    return ("batch_size",)
+  if kind == "factorize" and options.get("finetune_steps") and not options.get("batch_size"):
+    return ("batch_size",)
+  return ()
+
+
+def calibrates(kind: str, options: Mapping[str, Any]) -> bool:
+  """True for a stage that reads the train split (to calibrate or to train)."""
+  if training_fields(kind, options) or kind == "distill":
+    return True
+  if kind == "quantize":
+    return options.get("method") != "rtn" or options.get("activation_bits") is not None
+  if kind == "prune":
+    return options.get("method") in ("wanda", "sparsegpt") or options.get("criterion") in (
+      "saliency",
+      "wanda",
+    )
+  return kind == "factorize" and bool(options.get("finetune_steps"))
+
+
+def check_stage_inputs(index: int, kind: str, options: Mapping[str, Any], pipeline: Pipeline):
+  """Refuses a stage the model or data cannot feed, before it runs: a training field the
+  user did not give, or calibration without a train split (the test split never stands in).
+  """
+  missing = [f for f in training_fields(kind, options) if f in pipeline.model.unset]
+  if missing:
+    raise UsageError(
+      f"stage {index} (`{kind}`, method {options.get('method', 'finetune')!r}) trains, and "
+      f"reads the model's `{missing[0]}`, which {pipeline.model.name!r} does not give. Add "
+      f"`training: {{{missing[0]}: ...}}` to the recipe."
+    )
+  if calibrates(kind, options) and len(getattr(pipeline.dataset, "x_train", ())) == 0:
+    raise UsageError(
+      f"stage {index} (`{kind}`) calibrates or trains on the data's train split, and "
+      f"{pipeline.dataset.name!r} has none. Give `x_train` (and `y_train`): the held-out "
+      "test split is only evaluated on."
+    )
+
+
 def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
   kinds = stage_kinds()
-  for kind, options in recipe.stages:
+  for index, (kind, options) in enumerate(recipe.stages, start=1):
+    check_stage_inputs(index, kind, options, pipeline)
     start, before = time.perf_counter(), len(pipeline.log)
     pipeline = kinds[kind].run(pipeline, options)
     # One log entry per stage: what the stage logged itself (e.g. prune's `pruned` report)
@@ -316,7 +418,40 @@ def evaluate_tree(model: Any, tree: Any, dataset: Any, *, served: bool = False) 
   """
   from jaxshrink import models
 
-  return float(models.evaluate(model if served else _serving_model(model), tree, dataset))
+  model = model if served else _serving_model(model)
+  if model.metric_fn is not None:
+    return evaluate_user_metric(model, tree, dataset)
+  return float(models.evaluate(model, tree, dataset))
+
+
+def evaluate_user_metric(model: Any, tree: Any, dataset: Any, *, batch_size: int = 256) -> float:
+  """`model.metric_fn(outputs, labels)` on the whole test split, run in jitted batches.
+
+  The last batch is padded to the same shape (one compile), and its padding dropped.
+  """
+  import numpy as np
+
+  apply = jax.jit(model.apply)
+  x, y = np.asarray(dataset.x_test), np.asarray(dataset.y_test)
+  if len(x) == 0:
+    raise JaxshrinkError(f"{dataset.name!r} has an empty test split; nothing to evaluate.")
+  size = min(batch_size, len(x))
+  outputs = []
+  for start in range(0, len(x), size):
+    batch = x[start : start + size]
+    valid = len(batch)
+    if valid < size:
+      batch = np.concatenate([batch, np.zeros((size - valid, *x.shape[1:]), x.dtype)])
+    out = apply(tree, batch)
+    outputs.append(jax.tree.map(lambda a, n=valid: np.asarray(a)[:n], out))
+  joined = jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+  value = model.metric_fn(joined, y)
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise TypeError(
+      f"metric {model.metric!r} must return a number; got {type(value).__name__}."
+    ) from None
 
 
 def evaluate_metrics(model: Any, tree: Any, dataset: Any, *, served: bool = False) -> dict:
@@ -327,7 +462,7 @@ def evaluate_metrics(model: Any, tree: Any, dataset: Any, *, served: bool = Fals
   cosine, and `min_cosine` and `neighbour_agreement` are added. `served` as in
   `evaluate_tree`.
   """
-  if model.metric != "cosine":
+  if model.metric != "cosine" or model.metric_fn is not None:
     return {"value": evaluate_tree(model, tree, dataset, served=served)}
   from jaxshrink import models
   from jaxshrink.models.minilm import embed_ids
@@ -362,6 +497,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> CompressResult:
   report = tree_report(pipeline.tree)
   metrics: dict[str, Any] = {
     "metric": pipeline.model.metric,
+    "higher_is_better": pipeline.model.higher_is_better,
     "size_bytes": report.total_bytes,
     "float32_bytes": report.float32_bytes,
     "ratio": round(report.ratio, 4),

@@ -24,7 +24,7 @@ from jaxshrink.errors import CheckpointError, JaxshrinkError
 def _expected_sources() -> str:
   return (
     f"expected a dataset name {list_datasets()}, 'package.module:factory', "
-    f"a .npz file or a .txt file"
+    f"a .npz file, a directory of .npy files or a .txt file"
   )
 
 
@@ -36,6 +36,20 @@ def import_factory(source: str) -> Any:
 
   Returns:
     Whatever the factory returns; callers check its type.
+
+  Raises:
+    JaxshrinkError: when the module cannot be imported or has no such attribute.
+  """
+  target = import_object(source)
+  if not callable(target):
+    raise JaxshrinkError(f"{source!r} names a {type(target).__name__}, not a callable factory.")
+  return target()
+
+
+def import_object(source: str) -> Any:
+  """Imports `"package.module:attr"` (attr may be dotted) and returns the attribute.
+
+  Only for sources the user types (recipes, flags), never for names read from a checkpoint.
 
   Raises:
     JaxshrinkError: when the module cannot be imported or has no such attribute.
@@ -58,9 +72,10 @@ def import_factory(source: str) -> Any:
       )
     target = getattr(target, attr)
     owner_name = f"{owner_name}.{attr}"
-  if not callable(target):
-    raise JaxshrinkError(f"{source!r} names a {type(target).__name__}, not a callable factory.")
-  return target()
+  return target
+
+
+ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test", "kind", "num_classes")
 
 
 def _load_npz(path: pathlib.Path) -> Dataset:
@@ -70,17 +85,45 @@ def _load_npz(path: pathlib.Path) -> Dataset:
       arrays = {key: archive[key] for key in archive.files}
   except (OSError, ValueError) as exc:
     raise JaxshrinkError(f"cannot read {str(path)!r} as a NumPy .npz archive: {exc}") from exc
+  return dataset_from_arrays(arrays, str(path), "a .npz data source")
+
+
+def _load_npy_dir(path: pathlib.Path) -> Dataset:
+  """A directory holding `x_test.npy`, `y_test.npy` (and optionally the other arrays)."""
+  arrays = {}
+  for name in ARRAY_NAMES:
+    file = path / f"{name}.npy"
+    if file.is_file():
+      try:
+        arrays[name] = np.load(file, allow_pickle=False)
+      except (OSError, ValueError) as exc:
+        raise JaxshrinkError(f"cannot read {str(file)!r} as a NumPy .npy array: {exc}") from exc
+  return dataset_from_arrays(arrays, str(path), "a directory data source (`NAME.npy` files)")
+
+
+def dataset_from_arrays(arrays: Any, name: str, what: str = "a data source") -> Dataset:
+  """A `Dataset` from arrays named like a .npz source's (`x_test`, `y_test` required).
+
+  The split convention: `x_train`/`y_train` feed calibration and training stages;
+  `x_test`/`y_test` are held out, only evaluated on. Without a train split, a stage that
+  calibrates or trains refuses to run (it never falls back on the test split).
+  """
+  if not isinstance(arrays, dict):
+    arrays = dict(arrays)
+  unknown = sorted(set(arrays) - set(ARRAY_NAMES))
   missing = [key for key in ("x_test", "y_test") if key not in arrays]
-  if missing:
+  if missing or unknown:
     raise JaxshrinkError(
-      f"{str(path)!r} lacks {missing}; a .npz data source needs `x_test` and `y_test` (optional: "
-      f"`x_train`, `y_train`, `kind`, `num_classes`). Found {sorted(arrays)}."
+      f"{name!r} lacks {missing} or has unknown arrays {unknown}; {what} needs `x_test` and "
+      f"`y_test` (optional: `x_train`, `y_train`, `kind`, `num_classes`). Found {sorted(arrays)}."
     )
+  arrays = {key: np.asarray(value) for key, value in arrays.items()}
+  path = name
   x_test = arrays["x_test"]
   if "kind" in arrays:
     kind = str(arrays["kind"])
     if kind not in KINDS:
-      raise JaxshrinkError(f"{str(path)!r}: `kind` must be one of {list(KINDS)}; got {kind!r}.")
+      raise JaxshrinkError(f"{path!r}: `kind` must be one of {list(KINDS)}; got {kind!r}.")
   else:
     is_tokens = np.issubdtype(x_test.dtype, np.integer) and x_test.ndim == 2
     # Token ids with float (N, D) targets: reference embeddings of a sentence encoder.
@@ -113,7 +156,7 @@ def _load_npz(path: pathlib.Path) -> Dataset:
     num_classes = int(labels.max()) + 1 if labels.size else 1
   split_arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
   freeze_arrays(*split_arrays)
-  return Dataset(str(path), kind, *split_arrays, num_classes=num_classes)
+  return Dataset(path, kind, *split_arrays, num_classes=num_classes)
 
 
 def load_data_source(source: str) -> Dataset:
@@ -126,8 +169,12 @@ def load_data_source(source: str) -> Dataset:
       * a path to a `.npz` file with `x_test`, `y_test` and optionally `x_train`, `y_train`,
         `kind` and `num_classes` (an integer 2-D `x_test` means a language model, or an
         embedding dataset when `y_test` is a float (N, D) array of target embeddings);
+      * a path to a directory of `.npy` files named like the `.npz` arrays (`x_test.npy`,
+        `y_test.npy`, ...);
       * a path to a `.txt` file: a byte-level language-model dataset whose test windows cover
         the whole file (no training split).
+      A factory may also return a mapping of those arrays. `x_train`/`y_train` feed
+      calibration and training; `x_test`/`y_test` are held out for evaluation.
 
   Returns:
     The `Dataset`.
@@ -151,12 +198,16 @@ def load_data_source(source: str) -> Dataset:
     if suffix == ".npz":
       return _load_npz(path)
     return text_test_dataset(path.read_bytes(), name=str(path))
+  if path.is_dir():
+    return _load_npy_dir(path)
   if ":" in source:
     dataset = import_factory(source)
+    if isinstance(dataset, dict):
+      return dataset_from_arrays(dataset, source, f"data factory {source!r}")
     if not isinstance(dataset, Dataset):
       raise TypeError(
-        f"data factory {source!r} must return a jaxshrink.data.Dataset; got "
-        f"{type(dataset).__name__}."
+        f"data factory {source!r} must return a jaxshrink.data.Dataset or a dict of arrays "
+        f"(`x_test`, `y_test`, ...); got {type(dataset).__name__}."
       )
     return dataset
   raise JaxshrinkError(f"unknown data source {source!r}; {_expected_sources()}.")

@@ -18,8 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-FRAMEWORKS = ("linen", "nnx")
+FRAMEWORKS = ("linen", "nnx", "user")
 METRICS = ("accuracy", "perplexity", "cosine")
+# The fields a stage that trains reads; a user model (`user_model`) may leave them out.
+TRAINING_FIELDS = ("train_steps", "learning_rate", "batch_size")
+# What a user model that does not give them gets: `batch_size` also sets the rows of each
+# calibration batch (which does not train).
+TRAINING_DEFAULTS: dict[str, Any] = {"train_steps": 1000, "learning_rate": 1e-3, "batch_size": 64}
 # Metrics where a larger value is better; the rest (perplexity) are lower-is-better.
 HIGHER_IS_BETTER = ("accuracy", "cosine")
 
@@ -31,7 +36,8 @@ class ZooModel:
 
   Attributes:
     name: registry name, also the key of its pretrained cache entry, e.g. "digits-cnn".
-    framework: "linen" or "nnx" (how `module` is written; `init`/`apply` hide the difference).
+    framework: "linen" or "nnx" (how `module` is written; `init`/`apply` hide the difference),
+      or "user": your own model (`user_model`), any form; `module` is the object you gave.
     data: default dataset, a name from `jaxshrink.data.list_datasets()` or any
       `load_data_source` string.
     metric: "accuracy" (classification), "perplexity" (language model) or "cosine" (sentence
@@ -53,6 +59,12 @@ class ZooModel:
     weights: for a pretrained model shipped as weights (e.g. `minilm-l6`): a no-argument
       function returning its float param tree; `models.pretrained` then loads it instead of
       training. None (the default) means the model is trained by `pretrained` on first use.
+    metric_fn: a user metric `fn(outputs, labels) -> float`, called once on the whole test
+      split's outputs; `metric` is then its name (e.g. `"pkg.mod:fn"`). None: `metric` is
+      one of the built-in metrics.
+    metric_higher_is_better: the direction of `metric_fn` (ignored without it).
+    unset: the training fields (`TRAINING_FIELDS`) the user did not give: a stage that
+      trains refuses to run on them (their values are `TRAINING_DEFAULTS`).
 
   >>> from jaxshrink.models import get_model
   >>> model = get_model("digits-mlp")
@@ -78,6 +90,9 @@ class ZooModel:
   module: Any = None
   description: str = ""
   weights: Callable[[], dict] | None = None
+  metric_fn: Callable[[Any, Any], float] | None = None
+  metric_higher_is_better: bool = True
+  unset: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.framework not in FRAMEWORKS:
@@ -85,7 +100,9 @@ class ZooModel:
         f"`framework` must be one of {list(FRAMEWORKS)}; got {self.framework!r} for model "
         f"{self.name!r}."
       )
-    if self.metric not in METRICS:
+    if self.metric_fn is not None and not callable(self.metric_fn):
+      raise TypeError(f"`metric_fn` of model {self.name!r} must be None or a callable.")
+    if self.metric not in METRICS and self.metric_fn is None:
       raise ValueError(
         f"`metric` must be one of {list(METRICS)}; got {self.metric!r} for model {self.name!r}."
       )
@@ -99,7 +116,9 @@ class ZooModel:
 
   @property
   def higher_is_better(self) -> bool:
-    """True for accuracy and cosine, False for perplexity."""
+    """True for accuracy and cosine, False for perplexity; a user metric's own direction."""
+    if self.metric_fn is not None:
+      return self.metric_higher_is_better
     return self.metric in HIGHER_IS_BETTER
 
   def input_spec(self, batch_size: int = 1) -> jax.ShapeDtypeStruct:
@@ -194,4 +213,60 @@ def zoo_model(
     module=module,
     description=description,
     **recipe,
+  )
+
+
+def user_model(
+  model: Any, *, name: str, training: dict[str, Any] | None = None, data: str = ""
+) -> ZooModel:
+  """A `ZooModel` for your own model with its weights, so recipes and `eval` run it.
+
+  Args:
+    model: an `nnx.Module` instance, `jaxshrink.model.Linen(module, variables)` or a
+      `(linen module, variables)` tuple, or an `(apply, params)` pair (a ZooModel is
+      returned as is). Its weights are the float params (`pretrained` returns them).
+    name: how the model was named (`"pkg.mod:factory"`), for messages and the checkpoint.
+    training: any of `train_steps`, `learning_rate`, `batch_size`; only stages that train
+      need them (`unset` lists the missing ones).
+    data: its default data source, if any.
+
+  Raises:
+    TypeError: `model` is none of those forms.
+    ValueError: an unknown training field.
+
+  >>> user_model(CNN(rngs=nnx.Rngs(0)), name="my.models:cnn").metric
+  'accuracy'
+  """
+  from jaxshrink.model import as_functional, is_model
+
+  if isinstance(model, ZooModel):
+    return model
+  if is_model(model):
+    apply, tree = as_functional(model)
+  elif (
+    isinstance(model, tuple) and len(model) == 2 and callable(model[0]) and model[1] is not None
+  ):
+    apply, tree = model
+  else:
+    raise TypeError(
+      f"model {name!r} must be a ZooModel, an nnx.Module instance, a (linen module, variables) "
+      f"pair or an (apply, params) pair; got {type(model).__name__}."
+    )
+  training = dict(training or {})
+  unknown = sorted(set(training) - set(TRAINING_FIELDS))
+  if unknown:
+    raise ValueError(
+      f"unknown training field(s) {unknown} for model {name!r}; valid: {list(TRAINING_FIELDS)}."
+    )
+  return ZooModel(
+    name=name,
+    framework="user",
+    data=data,
+    metric="accuracy",  # until the data or the recipe's `metric` says otherwise
+    init=lambda key: tree,
+    apply=apply,
+    weights=lambda: tree,
+    module=model,
+    unset=tuple(f for f in TRAINING_FIELDS if f not in training),
+    **{**TRAINING_DEFAULTS, **training},
   )

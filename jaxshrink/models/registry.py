@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
-from jaxshrink.data.sources import import_factory
-from jaxshrink.errors import CheckpointError, JaxshrinkError
-from jaxshrink.models.base import ZooModel
+from jaxshrink.data.sources import import_factory, import_object
+from jaxshrink.errors import CheckpointError, JaxshrinkError, UsageError
+from jaxshrink.models.base import METRICS, ZooModel, user_model
 from jaxshrink.models.cnn import digits_cnn, digits_cnn_nnx
 from jaxshrink.models.minilm import minilm_l6
 from jaxshrink.models.mlp import digits_mlp, digits_mlp_nnx
@@ -55,22 +57,26 @@ def get_model(name: str) -> ZooModel:
   if name not in _MODEL_FACTORIES:
     raise JaxshrinkError(
       f"unknown model {name!r}; valid names are {list_models()}. Pass one of those, or your own "
-      f"model as 'package.module:factory' returning a ZooModel."
+      f"model as 'package.module:factory' returning an nnx module, a (linen module, "
+      f"variables) pair, an (apply, params) pair or a ZooModel."
     )
   return _MODEL_FACTORIES[name]()
 
 
-def load_model(source: str) -> ZooModel:
+def load_model(source: str, *, training: dict[str, Any] | None = None) -> ZooModel:
   """Loads a model from a zoo name or a `"package.module:factory"` reference.
 
   Args:
     source: a name from `list_models()`, or `"package.module:factory"` where `factory()` returns
-      a `ZooModel`; either may end in `(field=value, ...)` overrides of the module's sizes
-      (`jaxshrink.models.configured`).
+      a `ZooModel` or your own model with its weights: an `nnx.Module` instance, a `(linen
+      module, variables)` pair (or `jaxshrink.model.Linen`), an `(apply, params)` pair
+      (`base.user_model`). A zoo name or a ZooModel factory may end in `(field=value, ...)`
+      overrides of the module's sizes (`jaxshrink.models.configured`).
+    training: training fields of your own model (`user_model`); a zoo model has its own.
 
   Raises:
     JaxshrinkError: for an unknown name or an unimportable factory.
-    TypeError: when the factory returns something other than a `ZooModel`.
+    TypeError: when the factory returns none of those forms.
   """
   if not isinstance(source, str):
     raise TypeError(f"`source` must be a str; got {type(source).__name__}.")
@@ -81,13 +87,7 @@ def load_model(source: str) -> ZooModel:
   if source in _MODEL_FACTORIES:
     return get_model(source)
   if ":" in source:
-    model = import_factory(source)
-    if not isinstance(model, ZooModel):
-      raise TypeError(
-        f"model factory {source!r} must return a jaxshrink.models.ZooModel; got "
-        f"{type(model).__name__}."
-      )
-    return model
+    return user_model(import_factory(source), name=source, training=training)
   return get_model(source)  # raises the unknown-name error with the valid names
 
 
@@ -129,3 +129,73 @@ def checkpoint_model(source: object, *, field: str, where: str, flag: str = "--m
     return configure_model(get_model(base), overrides, name=source if overrides else "")
   except JaxshrinkError as e:
     raise CheckpointError(f"`{where}`: manifest field `{field}`: {e}") from None
+
+
+def load_metric(source: Any, *, higher_is_better: bool | None = None) -> dict[str, Any]:
+  """A metric the user names (recipe `metric:`, `eval --metric`); it may import their code.
+
+  Args:
+    source: a built-in metric (`accuracy`, `perplexity`, `cosine`), or `"pkg.mod:fn"` naming
+      `fn(outputs, labels) -> float` (called once on the whole test split's outputs and
+      labels), or a mapping `{fn: "pkg.mod:fn", higher_is_better: bool}`.
+    higher_is_better: the direction, when `source` does not give it; a function may carry it
+      as its attribute `fn.higher_is_better`.
+
+  Returns:
+    The `ZooModel` fields it sets: `metric` (its name), and for a user metric `metric_fn` and
+    `metric_higher_is_better`.
+
+  Raises:
+    UsageError: a malformed source, or a user metric whose direction nothing gives.
+    JaxshrinkError: an unimportable function.
+
+  >>> load_metric("my.metrics:agreement")["metric_higher_is_better"]
+  True
+  """
+  if isinstance(source, dict):
+    unknown = sorted(set(source) - {"fn", "higher_is_better"})
+    if unknown or "fn" not in source:
+      raise UsageError(
+        f"`metric` as a mapping takes `fn` (required) and `higher_is_better`; got {source!r}."
+      )
+    if source.get("higher_is_better") is not None:
+      if not isinstance(source["higher_is_better"], bool):
+        raise UsageError(
+          f"`metric.higher_is_better` must be true or false; got {source['higher_is_better']!r}."
+        )
+      higher_is_better = source["higher_is_better"]
+    source = source["fn"]
+  if not isinstance(source, str):
+    raise UsageError(f"`metric` must be a string or a mapping; got {source!r}.")
+  if source in METRICS:
+    return {"metric": source}
+  if ":" not in source:
+    raise UsageError(
+      f"unknown metric {source!r}; give one of {', '.join(METRICS)} or your own as "
+      "'package.module:fn', `fn(outputs, labels) -> float`."
+    )
+  fn = import_object(source)
+  if not callable(fn):
+    raise TypeError(f"metric {source!r} names a {type(fn).__name__}, not a function.")
+  if higher_is_better is None:
+    higher_is_better = getattr(fn, "higher_is_better", None)
+  if not isinstance(higher_is_better, bool):
+    raise UsageError(
+      f"metric {source!r} does not say its direction: set `{source.partition(':')[2]}."
+      "higher_is_better = True` (or False) in your code, write `metric: {fn: ..., "
+      "higher_is_better: true}` in the recipe, or pass `--metric-direction higher|lower`."
+    )
+  return {"metric": source, "metric_fn": fn, "metric_higher_is_better": higher_is_better}
+
+
+def with_metric(model: ZooModel, fields: dict[str, Any]) -> ZooModel:
+  """`model` scored with another metric (`load_metric`'s fields)."""
+  return dataclasses.replace(model, **{"metric_fn": None, **fields})
+
+
+def default_metric(kind: str) -> str:
+  """The built-in metric for a dataset kind (a user model's default)."""
+  from jaxshrink.data.dataset import EMBEDDING, LANGUAGE_MODEL
+
+  return {LANGUAGE_MODEL: "perplexity", EMBEDDING: "cosine"}.get(kind, "accuracy")
+
