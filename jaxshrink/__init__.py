@@ -26,6 +26,9 @@ from jaxshrink.export import save as save
 from jaxshrink.lowrank import LowRank as LowRank
 from jaxshrink.lowrank import factorize as factorize
 from jaxshrink.lowrank import lowrank_apply as lowrank_apply
+from jaxshrink.model import Compressed as Compressed
+from jaxshrink.model import Linen as Linen
+from jaxshrink.model import as_functional as as_functional
 from jaxshrink.quant import LayerQuant as LayerQuant
 from jaxshrink.quant import QArray as QArray
 from jaxshrink.quant import QuantDotGeneral as QuantDotGeneral
@@ -38,6 +41,7 @@ from jaxshrink.quant import quantize as quantize
 from jaxshrink.quant import quantize_params as quantize_params
 from jaxshrink.quant import quantized_apply as quantized_apply
 from jaxshrink.report import tree_report as tree_report
+from jaxshrink.serving import serve as serve
 from jaxshrink.sparsity import BitmaskSparse as BitmaskSparse
 from jaxshrink.sparsity import NMSparse as NMSparse
 from jaxshrink.sparsity import Pruner as Pruner
@@ -55,10 +59,12 @@ __all__ = [
   "BitmaskSparse",
   "Cast",
   "CheckpointError",
+  "Compressed",
   "DistillLoss",
   "Encoding",
   "JaxshrinkError",
   "LayerQuant",
+  "Linen",
   "LowRank",
   "NMSparse",
   "NoMatchError",
@@ -68,6 +74,7 @@ __all__ = [
   "QuantSpec",
   "Rule",
   "UsageError",
+  "as_functional",
   "awq",
   "cast_params",
   "distill_step",
@@ -91,6 +98,7 @@ __all__ = [
   "register_encoding",
   "save",
   "select",
+  "serve",
   "shrink_params",
   "sparsegpt",
   "tree_report",

@@ -59,3 +59,12 @@ def test_one_name_per_concept():
   assert "distill" not in jaxshrink.__all__  # `jaxshrink.distill` is the subpackage
   values = [getattr(jaxshrink, name) for name in jaxshrink.__all__]
   assert len({id(v) for v in values}) == len(values), "two public names for one object"
+
+
+def test_your_own_model_names():
+  from jaxshrink import model, serving
+
+  assert jaxshrink.Compressed is model.Compressed and jaxshrink.Linen is model.Linen
+  assert jaxshrink.as_functional is model.as_functional
+  assert jaxshrink.serve is serving.serve
+  assert jaxshrink.distill.functional is model.functional  # one function, two addresses
