@@ -29,7 +29,7 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,8 +40,13 @@ from jaxshrink.encoding import is_encoding
 PARAMS = "params"
 
 
-class Linen(NamedTuple):
+@dataclasses.dataclass(frozen=True, eq=False)
+class Linen:
   """A linen module with its variables (every collection: `params`, `batch_stats`, ...).
+
+  Attributes:
+    module: the linen module.
+    variables: its variables, possibly compressed.
 
   >>> model = Linen(CNN(), CNN().init(key, x))
   >>> served = serve(quantize_params(model, ".*kernel", QuantSpec(bits=8)), "integer")
@@ -206,6 +211,8 @@ def as_functional(model: Any, params: Any = None) -> tuple[Callable[..., Any], A
   if isinstance(model, nnx.Module):
     graph, tree = NnxGraph.split(model)
     return graph.apply, tree if params is None else graph.normalize(params)
+  if isinstance(model, Linen):
+    return model.module.apply, model.variables if params is None else params
   if is_model(model):
     module, variables = model
     return module.apply, variables if params is None else params
@@ -238,6 +245,8 @@ def rebuild(like: Any, tree: Any, *, mode: str | None = None) -> Any:
         mode = like.mode
       return Compressed(graph, tree, mode)
     return graph.module(tree)
+  if isinstance(like, Linen):
+    return Linen(like.module, tree)
   if is_model(like):
     return Linen(like[0], tree)
   return tree
