@@ -15,8 +15,15 @@ row-major order. So `x2d @ kernel_matrix(w, site.contract_dims)` is the layer's
 output: a Dense kernel `(in, out)` gives `K = in`; a conv kernel
 `(kh, kw, cin, cout)` gives `K = kh * kw * cin` from image patches.
 
->>> stats = collect(model.apply, params, batches, ".*kernel", {"absmax": absmax_reducer()})
->>> stats["Dense_0/kernel"]["absmax"].shape      # (in_features,)
+Control flow is followed: a `scan` is unrolled, so layers stacked by `nn.scan` / `nnx.scan`
+(params with a leading layer axis) are seen one layer at a time and get statistics per layer
+(a leading layer axis, `Site.layers`); serving and QAT substitutions also reach into `cond`
+branches and `while` bodies. What cannot be followed raises `ControlFlowError` naming the
+primitive and the leaf, so no kernel silently stays float.
+
+>>> found = collect(model.apply, params, batches, ".*kernel", {"absmax": absmax_reducer()})
+>>> found.stats["Dense_0/kernel"]["absmax"].shape      # (in_features,)
+>>> found.stats["ScanBlock_0/Dense_0/kernel"]["absmax"].shape      # (layers, in_features)
 """
 
 from __future__ import annotations
@@ -61,8 +68,49 @@ _CALLS = {
 }
 # Ops whose kernel input the replay records (no note that it was not followed).
 _RECORDED = frozenset({"dot_general", "conv_general_dilated"})
-# Control flow the replay runs as a whole: a kernel used inside is never seen by a matmul.
+# Control flow the replay follows into its bodies (see `_Replay`): `scan` is unrolled, so a
+# stacked leaf's layer `i` is `LayerSlice(path, i, layers)`; `cond` and `while` are replayed
+# inside `lax.switch` / `lax.while_loop` with the substitution applied in every body.
 CONTROL_FLOW = frozenset({"scan", "while", "cond"})
+
+
+class ControlFlowError(JaxshrinkError):
+  """A followed leaf meets control flow, or an op inside it, that the replay cannot follow."""
+
+
+class LayerSlice(str):
+  """Provenance of layer `index` of a leaf stacked on a leading layer axis of `layers`.
+
+  `nn.scan` / `nnx.scan` feed each stacked param to the loop body one layer at a time; the
+  replay unrolls the loop and tags layer `i` of leaf `path` with this. It equals (and hashes
+  like) the plain path, so a substitute that looks kernels up by path finds it and works on
+  the slice it is given; code that needs the layer (per-layer statistics, a stacked `QArray`)
+  reads `index` and `layers`.
+
+  >>> s = LayerSlice("blocks/kernel", 2, 4)
+  >>> s == "blocks/kernel", s.index, s.layers
+  (True, 2, 4)
+  """
+
+  index: int
+  layers: int
+
+  def __new__(cls, path: str, index: int, layers: int) -> LayerSlice:
+    obj = super().__new__(cls, path)
+    obj.index, obj.layers = int(index), int(layers)
+    return obj
+
+  def __repr__(self) -> str:
+    return f"LayerSlice({str(self)!r}, {self.index}, {self.layers})"
+
+
+def split_source(src: Any) -> tuple[str | None, int | None]:
+  """`(path, layer)` of a provenance: layer is None unless `src` is a `LayerSlice`."""
+  if isinstance(src, Derived):
+    src = src.path
+  if not isinstance(src, str):
+    return None, None
+  return str(src), (src.index if isinstance(src, LayerSlice) else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +177,37 @@ class Site:
   Attributes:
     path: the kernel's leaf path.
     op: `dot_general` or `conv`.
-    contract_dims: the kernel's contracting dimensions (leading, in order).
+    contract_dims: the kernel's contracting dimensions (leading, in order); for a stacked
+      leaf, those of one layer's kernel `leaf[i]`.
     k: number of contracting elements (the width of `x2d`).
+    layers: None for a kernel used whole; for a leaf stacked on a leading layer axis and
+      consumed one layer at a time inside a `scan` (`nn.scan`, `nnx.scan`), the number of
+      layers. Its statistics then carry a leading axis of that length, one entry per layer.
   """
 
   path: str
   op: str
   contract_dims: tuple[int, ...]
   k: int
+  layers: int | None = None
+
+  def per_layer(self, leaf: Any) -> list[Any]:
+    """`[leaf]` for a kernel used whole, or its `layers` slices `leaf[i]` for a stacked one."""
+    return [leaf] if self.layers is None else [leaf[i] for i in range(self.layers)]
+
+
+def layer_stats(stats: Any, site: Site) -> list[Any]:
+  """One statistic of `collect` split per layer: `[stats]`, or `stats[i]` for a stacked site."""
+  if site.layers is None:
+    return [stats]
+  return [jax.tree.map(lambda a, i=i: a[i], stats) for i in range(site.layers)]
+
+
+def _init_state(reducer: Reducer, k: int, layers: int | None) -> Any:
+  state = reducer.init(k)
+  if layers is None:
+    return state
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (layers, *jnp.shape(a))), state)
 
 
 def kernel_matrix(kernel: jax.Array, contract_dims: tuple[int, ...]) -> jax.Array:
@@ -190,7 +261,15 @@ Substitute = Callable[[Any, list, list], Any]
 
 
 class _Replay:
-  """Evaluates a jaxpr, following param provenance and feeding reducers."""
+  """Evaluates a jaxpr, following param provenance and feeding reducers.
+
+  Control flow is followed wherever an operand carries provenance: a `scan` is unrolled (its
+  body replayed once per iteration, `xs` sliced at `i`, so a stacked leaf's layer `i` is a
+  `LayerSlice`; consts keep their plain provenance: weights shared by every iteration). With
+  a `substitute` (serving, QAT), `cond` replays every branch inside `lax.switch` and `while`
+  its body inside `lax.while_loop`, substituting in each; calibration (reducers) cannot
+  accumulate statistics inside them and raises `ControlFlowError` naming the leaf.
+  """
 
   def __init__(
     self,
@@ -209,16 +288,36 @@ class _Replay:
     # way (e.g. a low-rank kernel as two matmuls); None binds the primitive as traced.
     self.substitute = substitute
     # Selected path -> the first primitive it entered that the replay does not follow
-    # (`scan`, `while`, `cond`, `mul`, ...): why a kernel never reached a recorded matmul.
+    # (`mul`, a nested `scan` of a layer slice, ...): why a kernel never reached a matmul.
     self.unfollowed: dict[str, str] = {}
 
-  def record(self, path, op, x2d, contract_dims):
+  def record(self, src, op, x2d, contract_dims):
+    path, layer = split_source(src)
+    layers = src.layers if layer is not None else None
     x2d = x2d.astype(jnp.float32)
-    self.sites.setdefault(path, Site(path, op, tuple(contract_dims), x2d.shape[1]))
+    site = self.sites.setdefault(path, Site(path, op, tuple(contract_dims), x2d.shape[1], layers))
+    if site.layers != layers:
+      raise ControlFlowError(
+        f"`{path}` is used both whole and one layer at a time inside `scan`; calibration "
+        "keeps one set of statistics per kernel. Use it one way, or exclude it from the rule."
+      )
     if path not in self.states:
-      self.states[path] = {n: r.init(x2d.shape[1]) for n, r in self.reducers.items()}
+      k = x2d.shape[1]
+      self.states[path] = {n: _init_state(r, k, layers) for n, r in self.reducers.items()}
     for name, reducer in self.reducers.items():
-      self.states[path][name] = reducer.update(self.states[path][name], x2d)
+      state = self.states[path][name]
+      if layer is None:
+        self.states[path][name] = reducer.update(state, x2d)
+        continue
+      new = reducer.update(jax.tree.map(lambda a: a[layer], state), x2d)
+      self.states[path][name] = jax.tree.map(lambda a, b: a.at[layer].set(b), state, new)
+
+  def note(self, name, sources):
+    """Remembers that each selected leaf among `sources` entered `name`, not followed."""
+    for src in sources:
+      path, _ = split_source(src)
+      if isinstance(src, str) and path in self.selected:
+        self.unfollowed.setdefault(path, name)
 
   def run(self, jaxpr, consts, args, origin):
     env, src = {}, {}
@@ -236,6 +335,9 @@ class _Replay:
       if name in _CALLS and sub is not None:
         closed = sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(sub, ())
         outvals, out_src = self.run(closed.jaxpr, closed.consts, invals, in_src)
+      elif name in CONTROL_FLOW and any(s is not None for s in in_src):
+        outvals = getattr(self, f"_{name}")(eqn, invals, in_src)
+        out_src = [None] * len(outvals)
       else:
         outvals = self.substitute(eqn, invals, in_src) if self.substitute else None
         if outvals is None:
@@ -245,9 +347,7 @@ class _Replay:
           outvals = outvals if eqn.primitive.multiple_results else [outvals]
         out_src = [self._provenance(name, in_src)] * len(outvals)
         if out_src[0] is None and name not in _RECORDED:
-          for path in in_src:
-            if isinstance(path, str) and path in self.selected:
-              self.unfollowed.setdefault(path, name)
+          self.note(name, in_src)
         if name == "dot_general":
           self._on_dot(eqn, invals, in_src)
         elif name == "conv_general_dilated" and in_src[1] in self.selected:
@@ -259,6 +359,84 @@ class _Replay:
           src[var] = path
     outs = [_read(env, v) for v in jaxpr.outvars]
     return outs, [src.get(v) if not isinstance(v, jcore.Literal) else None for v in jaxpr.outvars]
+
+  def _scan(self, eqn, invals, in_src):
+    """Unrolls a scan: layer `i` of a stacked `xs` leaf becomes `LayerSlice(path, i, length)`."""
+    p = eqn.params
+    body, length = p["jaxpr"], int(p["length"])
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts, carry, xs = invals[:nc], list(invals[nc : nc + ncarry]), invals[nc + ncarry :]
+    # A leaf threaded through the carry is a new value after the first step: not followed.
+    self.note("scan", in_src[nc : nc + ncarry])
+    xs_src = in_src[nc + ncarry :]
+    nested = [s for s in xs_src if isinstance(s, LayerSlice) or isinstance(s, Derived)]
+    self.note("scan", nested)  # a layer of a layer, or a transposed stack: not followed
+    n_ys = len(eqn.outvars) - ncarry
+    ys: list[list[Any]] = [[None] * length for _ in range(n_ys)]
+    for step in range(length):
+      i = length - 1 - step if p["reverse"] else step
+      x_src = [
+        LayerSlice(s, i, length) if isinstance(s, str) and not isinstance(s, LayerSlice) else None
+        for s in xs_src
+      ]
+      outs, _ = self.run(
+        body.jaxpr, body.consts, [*consts, *carry, *[x[i] for x in xs]],
+        [*in_src[:nc], *([None] * ncarry), *x_src],
+      )  # fmt: skip
+      carry = list(outs[:ncarry])
+      for j, y in enumerate(outs[ncarry:]):
+        ys[j][i] = y
+    stacked = []
+    for j, var in enumerate(eqn.outvars[ncarry:]):
+      aval = var.aval
+      stacked.append(jnp.stack(ys[j]) if length else jnp.zeros(aval.shape, aval.dtype))
+    return [*carry, *stacked]
+
+  def _refuse(self, name, in_src):
+    leaves = sorted({split_source(s)[0] for s in in_src if split_source(s)[0] in self.selected})
+    if not leaves:
+      return
+    raise ControlFlowError(
+      f"Calibration cannot accumulate statistics inside `{name}`, and "
+      f"{', '.join(f'`{p}`' for p in leaves)} reaches its matmul through it: the kernel would "
+      f"stay uncalibrated. Move the layer out of the `{name}` (`scan` is followed), or exclude "
+      "it from the rule."
+    )
+
+  def _cond(self, eqn, invals, in_src):
+    """Every branch replayed (and substituted) inside `lax.switch` on the traced index."""
+    if self.substitute is None:
+      self._refuse("cond", in_src)
+    branches = eqn.params["branches"]
+
+    def branch(closed):
+      def body(*ops):
+        return self.run(closed.jaxpr, closed.consts, list(ops), in_src[1:])[0]
+
+      return body
+
+    return list(lax.switch(invals[0], [branch(b) for b in branches], *invals[1:]))
+
+  def _while(self, eqn, invals, in_src):
+    """The loop replayed (and substituted) inside `lax.while_loop`; weights are its consts."""
+    if self.substitute is None:
+      self._refuse("while", in_src)
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cond_c, body_c, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
+    cond_s, body_s = in_src[:cn], in_src[cn : cn + bn]
+    self.note("while", in_src[cn + bn :])  # a leaf in the carry changes every iteration
+    none = [None] * len(init)
+    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+    def cond_fn(carry):
+      return self.run(cj.jaxpr, cj.consts, [*cond_c, *carry], [*cond_s, *none])[0][0]
+
+    def body_fn(carry):
+      outs = self.run(bj.jaxpr, bj.consts, [*body_c, *carry], [*body_s, *none])[0]
+      return [o.astype(c.dtype) for o, c in zip(outs, carry, strict=True)]
+
+    return list(lax.while_loop(cond_fn, body_fn, list(init)))
 
   def _provenance(self, name, in_src):
     src = in_src[0] if in_src else None
@@ -292,6 +470,7 @@ def replay_with(
   substitute: Substitute,
   *,
   layout_ops: frozenset[str] = frozenset(),
+  unfollowed: dict[str, str] | None = None,
 ) -> Any:
   """Runs `apply_fn(params, *args)` with `substitute` hooked on ops fed by chosen leaves.
 
@@ -304,6 +483,12 @@ def replay_with(
       a value one of `layout_ops` made from a followed leaf, or None.
     layout_ops: primitive names (e.g. `LAYOUT_OPS`) whose outputs are tagged `Derived`;
       by default provenance stops at them.
+    unfollowed: if given, filled with `{path: primitive}`: the first op each followed leaf
+      entered that the replay does not follow (its value there is no longer tracked).
+
+  Control flow is followed (see `_Replay`): inside an unrolled `scan`, layer `i` of a stacked
+  leaf reaches `substitute` as `LayerSlice(path, i, layers)` (equal to `path`) with the
+  slice as its value; `cond` branches and `while` bodies are substituted too.
 
   Works under `jit`, `grad` and `vmap`: the replay only re-binds the traced primitives.
   """
@@ -318,6 +503,8 @@ def replay_with(
   origin = [paths.get(i) for i in range(n)] + [None] * len(arg_leaves)
   replay = _Replay(set(paths.values()), {}, {}, substitute, frozenset(layout_ops))
   outs, _ = replay.run(closed.jaxpr, closed.consts, [*leaves, *arg_leaves], origin)
+  if unfollowed is not None:
+    unfollowed.update(replay.unfollowed)
   return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
@@ -326,7 +513,8 @@ class Collected:
   """What `collect` found.
 
   Attributes:
-    stats: `{path: {reducer name: final state}}` for every selected kernel.
+    stats: `{path: {reducer name: final state}}` for every selected kernel; each state array
+      of a stacked kernel (`sites[path].layers` set) has a leading layer axis.
     sites: `{path: Site}`: how each kernel is consumed.
   """
 
@@ -339,6 +527,56 @@ def _check_finite(x: Any, index: int) -> None:
     a = jnp.asarray(a)
     if jnp.issubdtype(a.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(a))):
       raise JaxshrinkError(f"Calibration batch {index} holds NaN or Inf; clean the data.")
+
+
+def _leaf_param_paths(params: Any, n_leaves: int) -> list[str | None]:
+  """One entry per leaf of `params`: its param path, or None for another linen collection
+  (`batch_stats`, ...), which the model reads but calibration never selects."""
+  paths = [path for path, _, _ in flatten_to_store(params)]
+  if has_other_collections(params):
+    paths = [p.removeprefix("params/") if p.startswith("params/") else None for p in paths]
+  if len(paths) != n_leaves:
+    raise TypeError(
+      f"collect() could not give each of the {n_leaves} leaves of the param tree a path "
+      f"(found {len(paths)}); pass a dict, a linen variable dict or an nnx.State."
+    )
+  return paths
+
+
+def find_sites(
+  apply_fn: Callable[..., Any], params: Any, *args: Any, rule: Rule | str = ".*"
+) -> dict[str, Site]:
+  """How `apply_fn(params, *args)` consumes each kernel `rule` selects, without running it.
+
+  The replay runs abstractly (`jax.eval_shape`); kernels that never reach a matmul or conv
+  are left out. The sites tell `quantize_params(..., contract_dims=sites)` each kernel's
+  input axes and, for layers stacked by `nn.scan` / `nnx.scan`, the layer axis, so every
+  layer gets its own scales.
+
+  >>> sites = find_sites(model.apply, variables, x, rule=".*kernel")
+  >>> sites["ScanBlock_0/Dense_0/kernel"].layers, sites["ScanBlock_0/Dense_0/kernel"].contract_dims
+  (3, (0,))
+  """
+  rule = as_rule(rule)
+  flat = flatten(params)
+  selected = {p for p, leaf in flat.items() if rule.matches(p, leaf)}
+  leaves, treedef = jax.tree.flatten(params)
+  paths = _leaf_param_paths(params, len(leaves))
+  origin = [p if p in selected else None for p in paths]
+  sites: dict[str, Site] = {}
+
+  def run(leaves, args):
+    fn = lambda lv, a: apply_fn(jax.tree.unflatten(treedef, lv), *a)  # noqa: E731
+    closed = jax.make_jaxpr(fn)(leaves, args)
+    arg_leaves = jax.tree.leaves(args)
+    replay = _Replay(selected, {}, {})
+    replay.run(
+      closed.jaxpr, closed.consts, [*leaves, *arg_leaves], [*origin, *[None] * len(arg_leaves)]
+    )
+    sites.update(replay.sites)
+
+  jax.eval_shape(run, leaves, args)
+  return dict(sorted(sites.items()))
 
 
 def collect(
@@ -360,9 +598,16 @@ def collect(
   Returns:
     The reduced statistics and the consumption site of every selected kernel.
 
+  Stacked layers are followed: a leaf with a leading layer axis that a `scan` consumes one
+  layer at a time (`nn.scan`, `nnx.scan`) gets a `Site` with `layers=L` (contract dims of one
+  layer's kernel) and statistics with a leading axis of length `L`, one entry per layer
+  (`layer_stats` splits them).
+
   Raises:
     JaxshrinkError: no batch was given, a batch holds NaN/Inf, or a selected leaf
       never reaches a matmul or conv (e.g. an embedding table).
+    ControlFlowError: a selected leaf reaches its matmul inside `cond` / `while`, or inside
+      a `scan` in a way that cannot be followed; the message names the leaf and primitive.
   """
   rule = as_rule(rule)
   flat = flatten(params)
@@ -378,16 +623,7 @@ def collect(
       "method (gptq, awq, smoothquant, W8A8 ptq, wanda, sparsegpt) before the stage that "
       "compressed it, or on `jaxshrink.materialize(tree)`."
     )
-  # One entry per leaf of `params`: its param path, or None for another linen collection
-  # (`batch_stats`, ...), which the model reads but calibration never selects.
-  paths = [path for path, _, _ in flatten_to_store(params)]
-  if has_other_collections(params):
-    paths = [p.removeprefix("params/") if p.startswith("params/") else None for p in paths]
-  if len(paths) != len(leaves):
-    raise TypeError(
-      f"collect() could not give each of the {len(leaves)} leaves of the param tree a path "
-      f"(found {len(paths)}); pass a dict, a linen variable dict or an nnx.State."
-    )
+  paths = _leaf_param_paths(params, len(leaves))
   origin = [p if p in selected else None for p in paths]
   sites: dict[str, Site] = {}
   unfollowed: dict[str, str] = {}
@@ -410,7 +646,10 @@ def collect(
     _check_finite(x, count)
     if count == 0:
       jax.eval_shape(lambda lv, x: step(lv, x, {}), leaves, x)  # discovers the sites
-      states = {p: {n: r.init(sites[p].k) for n, r in reducers.items()} for p in sites}
+      states = {
+        p: {n: _init_state(r, site.k, site.layers) for n, r in reducers.items()}
+        for p, site in sites.items()
+      }
     states = jitted(leaves, x, states)
     count += 1
   if count == 0:
@@ -418,12 +657,13 @@ def collect(
   missing = sorted(selected - set(states))
   blocked = {p: unfollowed[p] for p in missing if unfollowed.get(p) in CONTROL_FLOW}
   if blocked:
-    raise JaxshrinkError(
-      "Calibration does not follow control flow, and these kernels reach their matmul "
-      "inside it: "
+    raise ControlFlowError(
+      "Calibration cannot follow these kernels to their matmul: "
       + ", ".join(f"`{p}` (through `{op}`)" for p, op in blocked.items())
-      + ". Layers stacked by `nn.scan`/`nnx.scan` (or run in a while/cond) must be unrolled "
-      "for calibration (e.g. a Python loop over layers), or excluded from the rule."
+      + ". A stacked leaf is followed one layer at a time through one `scan` (`nn.scan`, "
+      "`nnx.scan`); a layer of an already sliced stack, or a kernel threaded through a loop's "
+      "carry, is not. Feed the stack to the scan as its `xs` (or a shared kernel as a const), "
+      "or exclude these leaves from the rule."
     )
   if missing:
     why = "".join(f"; `{p}` passes through `{unfollowed[p]}`" for p in missing if p in unfollowed)

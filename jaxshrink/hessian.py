@@ -153,7 +153,8 @@ def collect_hessians(
 
   Returns:
     `{path: (H, site)}`: `H` is `(K, K)` float32 in the order of
-    `capture.kernel_matrix(kernel, site.contract_dims)`'s rows.
+    `capture.kernel_matrix(kernel, site.contract_dims)`'s rows; for a stacked kernel
+    (`site.layers = L`, layers of a `scan`) it is `(L, K, K)`, one Hessian per layer.
 
   Raises:
     JaxshrinkError: empty calibration set, NaN/Inf in a batch, a rule that
@@ -163,7 +164,9 @@ def collect_hessians(
   """
   select(params, rule)  # a rule that matches nothing raises NoMatchError listing the paths
   collected = capture.collect(apply_fn, params, batches, rule, {"gram": capture.gram_reducer()})
-  return {
-    path: (hessian_from_gram(*stats["gram"]), collected.sites[path])
-    for path, stats in collected.stats.items()
-  }
+  out = {}
+  for path, stats in collected.stats.items():
+    site = collected.sites[path]
+    per_layer = [hessian_from_gram(*gram) for gram in capture.layer_stats(stats["gram"], site)]
+    out[path] = (per_layer[0] if site.layers is None else jnp.stack(per_layer), site)
+  return out

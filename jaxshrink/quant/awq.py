@@ -36,7 +36,7 @@ from jaxshrink.capture import kernel_matrix
 from jaxshrink.quant import numerics
 from jaxshrink.quant.gptq import check_spec, layer_specs, paths_rule
 from jaxshrink.quant.ptq import Overrides
-from jaxshrink.quant.qarray import QArray, normalize_contract_dims
+from jaxshrink.quant.qarray import QArray, normalize_contract_dims, stack
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.tree import Rule, map_with_path
 
@@ -199,7 +199,9 @@ def awq(
       ones win.
 
   Returns:
-    The tree with `QArray` leaves (`input_scale` set) for the selected kernels.
+    The tree with `QArray` leaves (`input_scale` set) for the selected kernels; a kernel
+    stacked by `nn.scan` / `nnx.scan` gets one stacked `QArray`, each layer with its own
+    search, scales and `input_scale`.
 
   Raises:
     JaxshrinkError: empty calibration set, NaN/Inf in a batch, a rule matching nothing.
@@ -216,11 +218,8 @@ def awq(
   reducers = {"gram": capture.gram_reducer(), "abs": abs_mean_reducer()}
   collected = capture.collect(apply_fn, params, batches, paths_rule(specs), reducers)
 
-  def quantize_leaf(path: str, kernel: Any) -> Any:
-    if path not in specs:
-      return kernel
+  def quantize_layer(path: str, kernel: Any, stats: Any, site: capture.Site) -> QArray:
     leaf_spec = specs[path]
-    stats, site = collected.stats[path], collected.sites[path]
     dims = normalize_contract_dims(site.contract_dims, kernel.ndim, path)
     gram, count = stats["gram"]
     total, _ = stats["abs"]
@@ -247,5 +246,18 @@ def awq(
       input_scale=s,
       note=note,
     )
+
+  def quantize_leaf(path: str, kernel: Any) -> Any:
+    if path not in specs:
+      return kernel
+    site = collected.sites[path]
+    # A stacked kernel (layers of a scan): each layer searches its own scales.
+    per_layer = [
+      quantize_layer(path, w, stats, site)
+      for w, stats in zip(
+        site.per_layer(kernel), capture.layer_stats(collected.stats[path], site), strict=True
+      )
+    ]
+    return per_layer[0] if site.layers is None else stack(per_layer)
 
   return map_with_path(quantize_leaf, params)

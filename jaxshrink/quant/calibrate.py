@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxshrink.capture import Reducer, Site, absmax_reducer, collect
+from jaxshrink.capture import Reducer, Site, absmax_reducer, collect, layer_stats
 from jaxshrink.errors import UsageError
 from jaxshrink.tree import Rule
 
@@ -58,13 +58,15 @@ class ActivationStats:
   """Calibrated statistics of one kernel's input.
 
   Attributes:
-    absmax: `(K,)` float32 max |x| per input element (SmoothQuant / AWQ use it).
-    clip: the per-tensor clipping value chosen by the method (scale = clip / qmax).
+    absmax: `(K,)` float32 max |x| per input element (SmoothQuant / AWQ use it); `(L, K)`
+      for a stacked kernel (`site.layers` set), one row per layer.
+    clip: the per-tensor clipping value chosen by the method (scale = clip / qmax); a `(L,)`
+      float32 array for a stacked kernel.
     site: how the kernel is consumed.
   """
 
   absmax: np.ndarray
-  clip: float
+  clip: float | np.ndarray
   site: Site
 
 
@@ -121,8 +123,8 @@ def calibrate(
     method: `absmax`, `percentile` or `mse`.
     bits: activation bits (MSE search only).
     percentile: for `percentile`.
-    input_scales: optional `{path: (K,)}`; the clip is computed for `x / input_scale`
-      (SmoothQuant's migrated activations).
+    input_scales: optional `{path: (K,)}` (`(L, K)` for a stacked kernel); the clip is
+      computed for `x / input_scale` (SmoothQuant's migrated activations).
 
   Raises:
     ValueError: unknown method. UsageError: `minmax` (removed; use `absmax`).
@@ -135,18 +137,28 @@ def calibrate(
   found = collect(apply_fn, params, batches, rule, reducers)
   out = {}
   for path, stats in found.stats.items():
-    absmax = np.asarray(stats["absmax"], np.float32)
-    s = None if input_scales is None else input_scales.get(path)
-    if s is not None:
-      absmax = absmax / np.asarray(s, np.float32)
-    sample = np.zeros((0,), np.float32)
-    if "sample" in stats:
-      buf, count = stats["sample"]
-      sample = np.asarray(buf)[: int(min(int(count), buf.shape[0]))]
+    site = found.sites[path]
+    scales = None if input_scales is None else input_scales.get(path)
+    absmaxes, clips = [], []
+    for i, layer in enumerate(layer_stats(stats, site)):
+      absmax = np.asarray(layer["absmax"], np.float32)
+      s = None if scales is None else np.asarray(scales if site.layers is None else scales[i])
       if s is not None:
-        sample = sample / np.asarray(s, np.float32)[None, :]
-    clip = choose_clip(sample, float(absmax.max()), method, bits=bits, percentile=percentile)
-    out[path] = ActivationStats(absmax=absmax, clip=clip, site=found.sites[path])
+        absmax = absmax / s.astype(np.float32)
+      sample = np.zeros((0,), np.float32)
+      if "sample" in layer:
+        buf, count = layer["sample"]
+        sample = np.asarray(buf)[: int(min(int(count), buf.shape[0]))]
+        if s is not None:
+          sample = sample / s.astype(np.float32)[None, :]
+      absmaxes.append(absmax)
+      clips.append(
+        choose_clip(sample, float(absmax.max()), method, bits=bits, percentile=percentile)
+      )
+    if site.layers is None:
+      out[path] = ActivationStats(absmax=absmaxes[0], clip=clips[0], site=site)
+    else:
+      out[path] = ActivationStats(np.stack(absmaxes), np.asarray(clips, np.float32), site)
   return out
 
 

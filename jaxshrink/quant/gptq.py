@@ -25,6 +25,8 @@ Implementation notes (what this module does, and why):
   memory `K × K` per layer), not sequentially through already-quantized layers.
 - `overrides` give layers their own spec, or keep them float (None), as in
   `jaxshrink.quant.ptq.quantize_params`; only the layers that end up quantized are calibrated.
+- A kernel stacked on a leading layer axis (`nn.scan` / `nnx.scan`) is quantized layer by
+  layer, each with its own Hessian and scales, into one stacked `QArray` (`layers=L`).
 
 >>> tree = gptq(model.apply, params, batches, Rule(".*kernel", min_ndim=2), QuantSpec(bits=4))
 >>> tree["block_0"]["mlp"]["fc1"]["kernel"].codes.dtype      # packed int4
@@ -49,7 +51,7 @@ from jaxshrink.capture import kernel_matrix
 from jaxshrink.hessian import collect_hessians, damped_inverse_cholesky
 from jaxshrink.quant import numerics
 from jaxshrink.quant.ptq import LayerQuant, Overrides, resolve_layers
-from jaxshrink.quant.qarray import QArray, normalize_contract_dims
+from jaxshrink.quant.qarray import QArray, normalize_contract_dims, stack
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.tree import Rule, map_with_path
 
@@ -341,15 +343,14 @@ def gptq(
     if path not in specs:
       return kernel
     h, site = hessians[path]
-    return gptq_kernel(
-      kernel,
-      h,
-      specs[path],
-      contract_dims=site.contract_dims,
-      damp=damp,
-      act_order=act_order,
-      block_size=block_size,
-      path=path,
-    )
+    # A stacked kernel (layers of a scan): each layer is its own kernel, with its own Hessian.
+    per_layer = [
+      gptq_kernel(
+        w, h_i, specs[path], contract_dims=site.contract_dims, damp=damp, act_order=act_order,
+        block_size=block_size, path=path if site.layers is None else f"{path}[{i}]",
+      )
+      for i, (w, h_i) in enumerate(zip(site.per_layer(kernel), site.per_layer(h), strict=True))
+    ]  # fmt: skip
+    return per_layer[0] if site.layers is None else stack(per_layer)
 
   return map_with_path(quantize_leaf, params)

@@ -12,15 +12,25 @@ Scales are `(G, N)` float32, or bfloat16 for grouped codes of 4 bits or fewer (s
 0.5 + 2/128 = 0.516 bytes per weight in memory and on disk, and `materialize` unpacks it inside
 `jit`, so only the packed form stays resident.
 
+A kernel stacked on a leading layer axis (`nn.scan` / `nnx.scan` layers) is one `QArray`
+with `layers=L`: every array field gains a leading axis of length `L`, so each layer has its
+own codes, scales, zero points and activation scales, and `q[i]` is layer `i`'s `QArray`
+(`stack` builds one from per-layer QArrays). `shape` is the stacked shape `(L, ...)`;
+`contract_dims`, `k` and `n` describe one layer's kernel `shape[1:]`.
+
 >>> q = quantize(jnp.ones((256, 64)), QuantSpec(bits=4, group_size=128))
 >>> q.codes.shape, q.codes.dtype, round(q.bits_per_weight / 8, 4)
 ((128, 64), dtype('uint8'), 0.5156)
+>>> s = stack([q, q]); s.shape, s.scale.shape, s[1].shape
+((2, 256, 64), (2, 2, 64), (256, 64))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +97,8 @@ class QArray(Encoding):
       its own scale (or `dim / group_size` scales, grouped along the row) and a lookup decodes
       only the gathered columns (`jaxshrink.quant.serve.gather_rows`). The same codes serve a
       tied output head, whose matmul contracts `dim`.
+    layers: None, or the length of the leading layer axis of a stacked kernel (see the
+      module docstring); `q[i]` is one layer.
   """
 
   name: ClassVar[str] = "qarray"
@@ -115,6 +127,24 @@ class QArray(Encoding):
   act_bits: int | None = None
   act_scale: jax.Array | None = None
   table: bool = False
+  layers: int | None = None
+
+  def __getitem__(self, index: Any) -> QArray:
+    """Layer `index` of a stacked QArray (an int, or a traced int32 scalar)."""
+    if self.layers is None:
+      raise TypeError(
+        f"Only a stacked QArray (`layers` set) can be indexed, by layer; this one has shape "
+        f"{self.shape} and no layer axis. Use `materialize()` for its values."
+      )
+    if isinstance(index, (int, np.integer)) and not -self.layers <= int(index) < self.layers:
+      raise IndexError(f"Layer {index} is out of range for a QArray of {self.layers} layers.")
+    pick = {f: None if getattr(self, f) is None else getattr(self, f)[index]
+            for f in self.array_fields}  # fmt: skip
+    return dataclasses.replace(self, **pick, shape=self.shape[1:], layers=None)
+
+  def _layer_template(self) -> QArray:
+    """The stacked arrays with one layer's static fields, for `jax.vmap` over layers."""
+    return dataclasses.replace(self, shape=self.shape[1:], layers=None)
 
   @property
   def spec(self) -> QuantSpec:
@@ -170,7 +200,9 @@ class QArray(Encoding):
     )
 
   def unpacked_codes(self) -> jax.Array:
-    """int32 `(K, N)` codes (float32 values for fp8 formats)."""
+    """int32 `(K, N)` codes (float32 values for fp8 formats); `(L, K, N)` when stacked."""
+    if self.layers is not None:
+      return jax.vmap(QArray.unpacked_codes)(self._layer_template())
     if self.format != "int":
       return self.codes.astype(jnp.float32)
     if self.bits == 8:
@@ -178,7 +210,11 @@ class QArray(Encoding):
     return packing.unpack_codes(self.codes, bits=self.bits, qmin=self.spec.qmin, k=self.k)
 
   def dequantized_matrix(self, *, with_input_scale: bool = True) -> jax.Array:
-    """float32 `(K, N)` view of the logical array."""
+    """float32 `(K, N)` view of the logical array; `(L, K, N)` when stacked."""
+    if self.layers is not None:
+      return jax.vmap(lambda q: q.dequantized_matrix(with_input_scale=with_input_scale))(
+        self._layer_template()
+      )
     w = numerics.dequantize_codes(self.unpacked_codes(), self.scale, self.zero_point, self.spec)
     if with_input_scale and self.input_scale is not None:
       w = w / self.input_scale[:, None]
@@ -197,12 +233,16 @@ class QArray(Encoding):
       text += f" act int{self.act_bits} {kind}"
     if self.input_scale is not None:
       text += " +input_scale"
+    if self.layers is not None:
+      text += f" x{self.layers} layers"
     return f"{text} ({self.note})" if self.note else text
 
 
 @jax.jit
 def _materialize(q: QArray) -> jax.Array:
   # One compiled decode (inlined when called inside the user's jit).
+  if q.layers is not None:
+    return jax.vmap(_materialize)(q._layer_template())
   w = from_matrix(q.dequantized_matrix(), q.shape, q.contract_dims)
   return w.astype(q.dtype)
 
@@ -212,6 +252,41 @@ def _quantize_matrix(x, spec: QuantSpec, dims: tuple[int, ...], group, key):
   w2d = kernel_matrix(x, dims)
   scale, zp = numerics._qparams(w2d, spec, group)
   return w2d, scale, zp, numerics.quantize_codes(w2d, scale, zp, spec, key=key)
+
+
+def stack(layers: Sequence[QArray]) -> QArray:
+  """One stacked `QArray` (`layers=L`) from `L` per-layer QArrays of one kernel shape and spec.
+
+  Raises:
+    ValueError: no layers, or layers that differ in shape, spec or layout.
+  """
+  layers = list(layers)
+  if not layers:
+    raise ValueError("`stack` needs at least one per-layer QArray.")
+  first = layers[0]
+  if first.layers is not None:
+    raise ValueError("`stack` takes per-layer QArrays; these are already stacked.")
+  same = ("bits", "symmetric", "group_size", "per_tensor", "format", "shape", "dtype",
+          "contract_dims", "k", "n", "act_bits", "table")  # fmt: skip
+  for i, q in enumerate(layers):
+    differ = [f for f in same if getattr(q, f) != getattr(first, f)]
+    present = [
+      f for f in first.array_fields if (getattr(q, f) is None) != (getattr(first, f) is None)
+    ]
+    if differ or present:
+      raise ValueError(
+        f"Layer {i} of the stack differs from layer 0 in {', '.join(differ + present)}; a "
+        "stacked QArray holds layers of one shape and spec."
+      )
+  notes = [q.note for q in layers]
+  note = (
+    notes[0] if len(set(notes)) == 1 else "; ".join(f"layer {i}: {n}" for i, n in enumerate(notes))
+  )
+  arrays = {f: None if getattr(first, f) is None else jnp.stack([getattr(q, f) for q in layers])
+            for f in first.array_fields}  # fmt: skip
+  return dataclasses.replace(
+    first, **arrays, shape=(len(layers), *first.shape), layers=len(layers), note=note
+  )
 
 
 def quantize(

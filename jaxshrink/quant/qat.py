@@ -13,6 +13,11 @@ and the loop stay the user's:
 
 Layers with an injectable hook can instead take `QuantDotGeneral` / `QuantConv` directly, or
 AQT's `AqtDotGeneral` (`jaxshrink.quant.aqt_interop.aqt_dot_general`).
+
+Layers stacked by `nn.scan` / `nnx.scan` are followed into the loop: each layer's slice of a
+stacked kernel is fake-quantized with its own scales (per layer, as `ptq` stores them); kernels
+in `cond` branches and `while` bodies are quantized too. A selected kernel the replay cannot
+follow to its matmul raises `ControlFlowError` naming it and the primitive.
 """
 
 from __future__ import annotations
@@ -27,8 +32,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxshrink.capture import CONTROL_FLOW, kernel_matrix, replay_with
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.capture import ControlFlowError, kernel_matrix, replay_with
 from jaxshrink.quant import numerics
 from jaxshrink.quant.dot_general import fake_quant_sym, int_dot_ste, ste
 from jaxshrink.quant.ptq import LayerQuant, Overrides, resolve_layers
@@ -89,23 +93,17 @@ def qat_apply(
     layers = cache[key]
     paths = {i: p for i, p in enumerate(_leaf_paths(params)) if p in layers}
 
+    substituted: set[str] = set()
+
     def substitute(eqn, invals, in_src):
       name = eqn.primitive.name
-      if name in CONTROL_FLOW:
-        inside = sorted({src for src in in_src if isinstance(src, str) and src in layers})
-        if inside:  # the matmul is inside the loop body, where the replay does not look
-          raise JaxshrinkError(
-            f"QAT cannot quantize {', '.join(f'`{p}`' for p in inside)}: it is used inside "
-            f"`{name}` (layers stacked by `nn.scan`/`nnx.scan`, or a while/cond), which "
-            "qat_apply does not follow, so it would train in float. Unroll those layers (a "
-            "Python loop), or exclude them from the rule."
-          )
       if name not in ("dot_general", "conv_general_dilated"):
         return None
       w_index = 1 if in_src[1] in layers else 0 if in_src[0] in layers else None
       if w_index is None or in_src[1 - w_index] in layers:
         return None
       layer = layers[in_src[w_index]]
+      substituted.add(str(in_src[w_index]))
       invals = list(invals)
       x, w = invals[1 - w_index], invals[w_index]
       if name == "dot_general":
@@ -130,7 +128,18 @@ def qat_apply(
       out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
       return out if eqn.primitive.multiple_results else [out]
 
-    return replay_with(apply_fn, params, args, paths, substitute)
+    unfollowed: dict[str, str] = {}
+    out = replay_with(apply_fn, params, args, paths, substitute, unfollowed=unfollowed)
+    lost = {p: op for p, op in unfollowed.items() if p not in substituted}
+    if lost:
+      raise ControlFlowError(
+        "QAT cannot follow "
+        + ", ".join(f"`{p}` (through `{op}`)" for p, op in sorted(lost.items()))
+        + " to a matmul or conv, so it would train in float. Feed the kernel to its matmul "
+        "directly (casts, reshapes, `scan` over stacked layers, `cond` and `while` are "
+        "followed), or exclude it from the rule."
+      )
+    return out
 
   return apply
 

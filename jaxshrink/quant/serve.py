@@ -26,7 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxshrink.capture import FOLLOWED_OPS, LAYOUT_OPS, Derived, _dot_input_matrix, replay_with
+from jaxshrink.capture import (
+  CONTROL_FLOW,
+  FOLLOWED_OPS,
+  LAYOUT_OPS,
+  Derived,
+  LayerSlice,
+  _dot_input_matrix,
+  replay_with,
+)
 from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import JaxshrinkError
 from jaxshrink.quant.qarray import QArray, from_matrix
@@ -303,8 +311,12 @@ def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Ca
   transpose or other layout op, grouped/depthwise convs, fp8 codes) still gets its
   activations quantized as the integer path would (`fake_quant_activation`) and multiplied in
   float by the dequantized kernel, with an `IntegerPathWarning` naming the leaf and why; a
-  kernel whose value passes through an op the replay does not follow (e.g. `mul`, `scan`) is
-  named too, as that use runs in float with float activations.
+  kernel whose value passes through an op the replay does not follow (e.g. `mul`) is named
+  too, as that use runs in float with float activations.
+
+  Control flow is followed: layers stacked by `nn.scan` / `nnx.scan` run each layer's slice
+  of a stacked `QArray` (`layers` set, per-layer scales) on the integer path, and kernels
+  inside `cond` branches or `while` bodies are substituted there too.
 
   Args:
     apply_fn: `(params, *args) -> outputs`, linen, nnx or pure.
@@ -344,10 +356,12 @@ def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Ca
       if w_index is None:
         return None
       src = in_src[w_index]
-      q = qs[_source(src)]
+      q, unstacked = _layer_of(qs[_source(src)], src)
       if name == "conv_general_dilated" and w_index == 0:
         return None  # a kernel as the conv's input: nothing to substitute
-      if isinstance(src, Derived):
+      if unstacked is not None:
+        out, why = None, unstacked
+      elif isinstance(src, Derived):
         out, why = None, f"it reaches its {_OP[name]} through `{src.op}`"
       elif name == "dot_general":
         out, why = _dot(eqn.params, invals, w_index, q)
@@ -374,7 +388,13 @@ def quantized_apply(apply_fn: Callable[..., Any], *, strict: bool = False) -> Ca
       return [out]
 
     index = {i: path for i, path in enumerate(names) if path in qs}
-    out = replay_with(apply_fn, params, args, index, substitute, layout_ops=LAYOUT_OPS)
+    unfollowed: dict[str, str] = {}
+    out = replay_with(
+      apply_fn, params, args, index, substitute, layout_ops=LAYOUT_OPS, unfollowed=unfollowed
+    )
+    for path, op in unfollowed.items():
+      if op in CONTROL_FLOW and path in w8a8:  # e.g. a layer of a layer, or a loop's carry
+        note(path, f"it enters `{op}` in a way the replay does not follow", False)
     _report(off_path, qs, strict)
     return out
 
@@ -389,6 +409,24 @@ _NOT_MATMUL_INPUT = FOLLOWED_OPS | {"gather"}
 
 def _source(src) -> str | None:
   return src.path if isinstance(src, Derived) else src
+
+
+def _layer_of(q: QArray, src) -> tuple[QArray, str | None]:
+  """The QArray for the kernel `src` names: layer `i` of a stacked one inside a `scan`.
+
+  Returns `(q, None)`, or `(q, why)` when a layer slice meets a QArray with no layer axis
+  (quantized across the layers, so no layer of its codes is a kernel of its own).
+  """
+  inner = src.path if isinstance(src, Derived) else src
+  if not isinstance(inner, LayerSlice):
+    return q, None
+  if q.layers == inner.layers:
+    return q[inner.index], None
+  return q, (
+    f"it is used one layer at a time inside `scan`, but was quantized as one {q.shape} kernel "
+    "without a layer axis (quantize it with its capture site, `contract_dims=find_sites(...)`, "
+    "or through `ptq`/`gptq`/`awq`, for per-layer scales)"
+  )
 
 
 def _report(off_path: dict[str, list[str]], qs: dict[str, QArray], strict: bool) -> None:

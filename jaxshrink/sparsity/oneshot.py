@@ -9,7 +9,9 @@
   Models Can Be Accurately Pruned in One-Shot", 2023). It uses the damped
   inverse-Hessian Cholesky factor shared with GPTQ (`jaxshrink.hessian`).
 
-All three take unstructured sparsity or an N:M structure.
+All three take unstructured sparsity or an N:M structure. Wanda and SparseGPT treat each layer
+of a kernel stacked by `nn.scan` / `nnx.scan` (leading layer axis) as its own kernel: its own
+input norms or Hessian, its own mask, stacked back on the layer axis.
 
 >>> pruned, masks = sparsegpt(model.apply, params, batches, Pruner(".*mlp/.*kernel", 0.5))
 """
@@ -72,6 +74,24 @@ def _nm_on_matrix(pruner: Pruner, shape: tuple[int, ...], contract_dims: tuple[i
   return axis == max(contract_dims)
 
 
+def _wanda_mask(pruner, w, contract_dims, sum_squares, sparsity, comparison):
+  """Wanda's keep mask of one kernel (one layer of a stacked one)."""
+  norm = jnp.sqrt(sum_squares)
+  score = capture.kernel_matrix(jnp.abs(w).astype(jnp.float32), contract_dims)
+  score = score * norm[:, None]
+  if isinstance(pruner.structure, NM):
+    full = _from_matrix(score, w.shape, contract_dims)
+    s = pruner.structure
+    return nm_mask(full, s.n, s.m, s.axis)
+  if comparison == "layer":
+    keep = keep_top(score, score.size - round(sparsity * score.size))
+    return _from_matrix(keep, w.shape, contract_dims)
+  rows = score.shape[0]
+  keep = rows - round(sparsity * rows)
+  per_output = jax.vmap(keep_top, in_axes=(1, None), out_axes=1)(score, keep)
+  return _from_matrix(per_output, w.shape, contract_dims)
+
+
 def wanda(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,
@@ -97,23 +117,15 @@ def wanda(
   flat = flatten(params)
   masks = {}
   for path in paths:
-    w, site = flat[path], stats.sites[path]
-    norm = jnp.sqrt(stats.stats[path]["sq"][0])
-    score = capture.kernel_matrix(jnp.abs(w).astype(jnp.float32), site.contract_dims)
-    score = score * norm[:, None]
-    if isinstance(pruner.structure, NM):
-      full = _from_matrix(score, w.shape, site.contract_dims)
-      s = pruner.structure
-      masks[path] = nm_mask(full, s.n, s.m, s.axis)
-      continue
-    if comparison == "layer":
-      keep = keep_top(score, score.size - round(sparsities[path] * score.size))
-      masks[path] = _from_matrix(keep, w.shape, site.contract_dims)
-      continue
-    rows = score.shape[0]
-    keep = rows - round(sparsities[path] * rows)
-    per_output = jax.vmap(keep_top, in_axes=(1, None), out_axes=1)(score, keep)
-    masks[path] = _from_matrix(per_output, w.shape, site.contract_dims)
+    site = stats.sites[path]
+    # A stacked kernel (layers of a scan): each layer is ranked on its own input norms.
+    per_layer = [
+      _wanda_mask(pruner, w, site.contract_dims, layer["sq"][0], sparsities[path], comparison)
+      for w, layer in zip(
+        site.per_layer(flat[path]), capture.layer_stats(stats.stats[path], site), strict=True
+      )
+    ]
+    masks[path] = per_layer[0] if site.layers is None else jnp.stack(per_layer)
   tree = map_with_path(lambda p, leaf: masks.get(p, jnp.ones((), bool)), params)
   return apply_masks(params, tree), tree
 
@@ -166,6 +178,31 @@ def _sparsegpt_matrix(w, u, *, pruned: float, n: int, m: int, block: int):
   return w, keep_all
 
 
+def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, path):
+  """SparseGPT on one kernel (one layer of a stacked one): `(pruned kernel, keep mask)`."""
+  nm = pruner.structure if isinstance(pruner.structure, NM) else None
+  if nm is not None and not _nm_on_matrix(pruner, tuple(w.shape), contract_dims):
+    raise ValueError(
+      f"sparsegpt applies N:M along the contracting axis; `{path}` contracts dims "
+      f"{contract_dims} but the structure's axis is {nm.axis}. Use axis "
+      f"{max(contract_dims) - w.ndim} or exclude the leaf."
+    )
+  u = hessian.damped_inverse_cholesky(h, damp=damp, path=path)
+  matrix = capture.kernel_matrix(w.astype(jnp.float32), contract_dims).T
+  dead = jnp.diag(h) == 0
+  matrix = jnp.where(dead[None, :], 0.0, matrix)
+  q, keep = _sparsegpt_matrix(
+    matrix,
+    u,
+    pruned=sparsity,
+    n=nm.n if nm else 0,
+    m=nm.m if nm else 0,
+    block=block_size,
+  )
+  pruned = _from_matrix(q.T, w.shape, contract_dims).astype(w.dtype)
+  return pruned, _from_matrix(keep.T, w.shape, contract_dims)
+
+
 def sparsegpt(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,
@@ -198,28 +235,20 @@ def sparsegpt(
   flat = flatten(params)
   new, masks = {}, {}
   for path in paths:
-    w = flat[path]
     h, site = hessians[path]
-    if nm is not None and not _nm_on_matrix(pruner, tuple(w.shape), site.contract_dims):
-      raise ValueError(
-        f"sparsegpt applies N:M along the contracting axis; `{path}` contracts dims "
-        f"{site.contract_dims} but the structure's axis is {nm.axis}. Use axis "
-        f"{max(site.contract_dims) - w.ndim} or exclude the leaf."
+    # A stacked kernel (layers of a scan): each layer is its own kernel, with its own Hessian.
+    per_layer = [
+      _sparsegpt_kernel(
+        w, h_i, site.contract_dims, pruner, float(sparsities[path]), block_size, damp,
+        path if site.layers is None else f"{path}[{i}]",
       )
-    u = hessian.damped_inverse_cholesky(h, damp=damp, path=path)
-    matrix = capture.kernel_matrix(w.astype(jnp.float32), site.contract_dims).T
-    dead = jnp.diag(h) == 0
-    matrix = jnp.where(dead[None, :], 0.0, matrix)
-    q, keep = _sparsegpt_matrix(
-      matrix,
-      u,
-      pruned=float(sparsities[path]),
-      n=nm.n if nm else 0,
-      m=nm.m if nm else 0,
-      block=block_size,
-    )
-    new[path] = _from_matrix(q.T, w.shape, site.contract_dims).astype(w.dtype)
-    masks[path] = _from_matrix(keep.T, w.shape, site.contract_dims)
+      for i, (w, h_i) in enumerate(zip(site.per_layer(flat[path]), site.per_layer(h), strict=True))
+    ]  # fmt: skip
+    if site.layers is None:
+      new[path], masks[path] = per_layer[0]
+    else:
+      new[path] = jnp.stack([q for q, _ in per_layer])
+      masks[path] = jnp.stack([keep for _, keep in per_layer])
   pruned = map_with_path(lambda p, leaf: new.get(p, leaf), params)
   tree = map_with_path(lambda p, leaf: masks.get(p, jnp.ones((), bool)), params)
   return apply_masks(pruned, tree), tree
