@@ -32,8 +32,10 @@ from jaxshrink.model import as_functional as as_functional
 from jaxshrink.quant import LayerQuant as LayerQuant
 from jaxshrink.quant import QArray as QArray
 from jaxshrink.quant import QuantDotGeneral as QuantDotGeneral
+from jaxshrink.quant import QuantRule as QuantRule
 from jaxshrink.quant import QuantSpec as QuantSpec
 from jaxshrink.quant import awq as awq
+from jaxshrink.quant import from_qwix as from_qwix
 from jaxshrink.quant import gptq as gptq
 from jaxshrink.quant import ptq as ptq
 from jaxshrink.quant import qat_apply as qat_apply
@@ -71,6 +73,7 @@ __all__ = [
   "Pruner",
   "QArray",
   "QuantDotGeneral",
+  "QuantRule",
   "QuantSpec",
   "Rule",
   "UsageError",
@@ -81,6 +84,7 @@ __all__ = [
   "export_safetensors",
   "factorize",
   "flatten",
+  "from_qwix",
   "gptq",
   "import_safetensors",
   "load",

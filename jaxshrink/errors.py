@@ -1,4 +1,11 @@
-"""Error types shared by every module; the CLI maps them to exit codes."""
+"""Error types shared by every module; the CLI maps them to exit codes.
+
+Every bad value a user passes raises a `JaxshrinkError` subclass. The ones for a wrong value
+or type also subclass `ValueError` / `TypeError`, so `except ValueError` keeps working:
+
+>>> issubclass(InvalidValueError, ValueError) and issubclass(NoMatchError, JaxshrinkError)
+True
+"""
 
 
 class JaxshrinkError(Exception):
@@ -8,11 +15,19 @@ class JaxshrinkError(Exception):
   """
 
 
-class UsageError(JaxshrinkError):
-  """The command or recipe is malformed (unknown stage, key or option).
+class UsageError(JaxshrinkError, ValueError):
+  """The command or recipe is malformed (unknown stage, key or option, unsupported field).
 
   The CLI prints the message on one line and exits 2.
   """
+
+
+class InvalidValueError(JaxshrinkError, ValueError):
+  """An argument has a value jaxshrink cannot use (out of range, wrong shape, bad regex)."""
+
+
+class InvalidTypeError(JaxshrinkError, TypeError):
+  """An argument is the wrong kind of object (a float where a `QuantSpec` belongs, ...)."""
 
 
 class NoMatchError(JaxshrinkError, ValueError):

@@ -7,22 +7,27 @@ and for an `nnx.State` (the `.value` of each `nnx.Variable` is looked through),
 so one rule works for both frameworks.
 
 >>> params = {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}}
->>> select(params, Rule(include=r".*kernel"))
+>>> select(params, Rule(include=r".*"))   # min_ndim=2 by default: biases and norms stay out
 ['Dense_0/kernel']
+
+Settings that differ per layer come as an ordered rule list, `[(rule, setting), ...]`: the
+*first* rule that matches a leaf decides its setting (as in Qwix), and a rule that selects
+nothing, because it matches no leaf or only leaves an earlier rule took, is a `NoMatchError`
+(`first_match`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxshrink.encoding import is_encoding
-from jaxshrink.errors import NoMatchError
+from jaxshrink.errors import InvalidTypeError, InvalidValueError, NoMatchError
 
 PyTree = Any
 
@@ -120,7 +125,7 @@ def flatten(tree: PyTree) -> dict[str, Any]:
   flat = {}
   for path, _, leaf in flatten_with_keys(tree):
     if path in flat:
-      raise ValueError(f"Two leaves share the path `{path}`; rename one of the modules.")
+      raise InvalidValueError(f"Two leaves share the path `{path}`; rename one of the modules.")
     flat[path] = leaf
   return flat
 
@@ -148,13 +153,14 @@ class Rule:
   Attributes:
     include: regex matched against the whole path (`re.fullmatch`).
     exclude: regex of paths to leave alone, or None.
-    min_ndim: smallest rank selected; 2 skips biases and norm scales.
+    min_ndim: smallest rank selected; the default 2 skips biases and norm scales (as Qwix,
+      which quantizes kernels, not biases); 0 or 1 selects vectors too.
     min_size: smallest element count selected.
   """
 
   include: str = ".*"
   exclude: str | None = None
-  min_ndim: int = 0
+  min_ndim: int = 2
   min_size: int = 0
 
   def __post_init__(self):
@@ -163,18 +169,20 @@ class Rule:
       if pattern is None and field == "exclude":
         continue
       if not isinstance(pattern, str):
-        raise TypeError(f"Rule `{field}` must be a regex string; got {type(pattern).__name__}.")
+        raise InvalidTypeError(
+          f"Rule `{field}` must be a regex string; got {type(pattern).__name__}."
+        )
       try:
         re.compile(pattern)
       except re.error as e:
-        raise ValueError(
+        raise InvalidValueError(
           f"Rule `{field}` is not a valid regex: {pattern!r} ({e}). Escape special characters "
           r"such as `[` or `(` with a backslash."
         ) from None
     for field in ("min_ndim", "min_size"):
       value = getattr(self, field)
-      if not isinstance(value, int) or value < 0:
-        raise ValueError(f"Rule `{field}` must be a non-negative int; got {value!r}.")
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidValueError(f"Rule `{field}` must be a non-negative int; got {value!r}.")
 
   def matches(self, path: str, leaf: Any) -> bool:
     if re.fullmatch(self.include, path) is None:
@@ -185,10 +193,11 @@ class Rule:
     return len(shape) >= self.min_ndim and int(np.prod(shape, dtype=np.int64)) >= self.min_size
 
   def describe(self) -> str:
+    """E.g. `Rule(include='.*kernel', min_ndim=0)`; fields at their default are left out."""
     parts = [f"include={self.include!r}"]
     if self.exclude is not None:
       parts.append(f"exclude={self.exclude!r}")
-    if self.min_ndim:
+    if self.min_ndim != 2:
       parts.append(f"min_ndim={self.min_ndim}")
     if self.min_size:
       parts.append(f"min_size={self.min_size}")
@@ -201,15 +210,30 @@ def as_rule(rule: Rule | str) -> Rule:
     return rule
   if isinstance(rule, str):
     return Rule(include=rule)
-  raise TypeError(f"Expected a Rule or a regex string; got {type(rule).__name__}.")
+  raise InvalidTypeError(f"Expected a Rule or a regex string; got {type(rule).__name__}.")
 
 
-def no_match_message(rule: Rule, paths: list[str]) -> str:
+def _too_small(rule: Rule, flat: Mapping[str, Any]) -> str:
+  """Why leaves the regexes accept were still left out (rank or size), for error messages."""
+  regex_only = dataclasses.replace(rule, min_ndim=0, min_size=0)
+  small = [p for p, leaf in flat.items() if regex_only.matches(p, leaf)]
+  if not small:
+    return ""
+  return (
+    f" The regex matches {', '.join(f'`{p}`' for p in small[:3])}"
+    f"{' ...' if len(small) > 3 else ''}, but with fewer than min_ndim={rule.min_ndim} dims or "
+    f"min_size={rule.min_size} elements; pass `min_ndim=1` (or 0) to select vectors."
+  )
+
+
+def no_match_message(rule: Rule, paths: list[str], flat: Mapping[str, Any] | None = None) -> str:
+  """`rule` matched nothing: the paths that exist, and any leaves left out by rank or size."""
   listed = paths[:_MAX_LISTED_PATHS]
   more = f" (and {len(paths) - len(listed)} more)" if len(paths) > len(listed) else ""
   return (
     f"{rule.describe()} matched no parameter. Paths that exist: {', '.join(listed)}{more}. "
     "Fix the `target` regex (it must match the whole path)."
+    + (_too_small(rule, flat) if flat is not None else "")
   )
 
 
@@ -223,8 +247,56 @@ def select(tree: PyTree, rule: Rule | str) -> list[str]:
   flat = flatten(tree)
   chosen = [path for path, leaf in flat.items() if rule.matches(path, leaf)]
   if not chosen:
-    raise NoMatchError(no_match_message(rule, list(flat)))
+    raise NoMatchError(no_match_message(rule, list(flat), flat))
   return chosen
+
+
+def first_match(
+  tree: PyTree, rules: Sequence[tuple[Rule | str, Any]], *, what: str = "rules", label: str = "Rule"
+) -> dict[str, Any]:
+  """`{path: setting}` from an ordered rule list: the first rule matching a leaf decides.
+
+  Every rule must select at least one leaf, so a rule list written for "later rules win" (a
+  catch-all first, the exceptions after it) fails loudly instead of silently ignoring the
+  exceptions.
+
+  Args:
+    tree: the param tree.
+    rules: `[(Rule | include regex, setting), ...]`, most specific first.
+    what: how error messages name the list (`overrides`, ...).
+    label: how error messages name one entry (`Override`, ...).
+
+  Returns:
+    The matched leaves in flattening order, each with its first matching rule's setting.
+
+  Raises:
+    NoMatchError: a rule matches no leaf, or only leaves an earlier rule already took.
+
+  >>> first_match(params, [("dense2/kernel", 8), (".*kernel", 4)])
+  {'dense1/kernel': 4, 'dense2/kernel': 8}
+  """
+  flat = flatten(tree)
+  parsed = [(as_rule(rule), setting) for rule, setting in rules]
+  owner: dict[str, int] = {}
+  hits = [0] * len(parsed)
+  for index, (rule, _) in enumerate(parsed):
+    matched = [p for p, leaf in flat.items() if rule.matches(p, leaf)]
+    if not matched:
+      where = f"{label} `{what}[{index}]`: "
+      raise NoMatchError(where + no_match_message(rule, list(flat), flat))
+    for path in matched:
+      if path not in owner:
+        owner[path] = index
+        hits[index] += 1
+    if not hits[index]:
+      earlier = sorted({owner[p] for p in matched})
+      raise NoMatchError(
+        f"{label} `{what}[{index}]`: {rule.describe()} selects nothing: every leaf it matches "
+        f"({', '.join(matched[:3])}{' ...' if len(matched) > 3 else ''}) is taken by "
+        f"{', '.join(f'`{what}[{i}]`' for i in earlier)}. Rules are first-match: put the more "
+        "specific rule first."
+      )
+  return {p: parsed[owner[p]][1] for p in flat if p in owner}
 
 
 def map_selected(fn: Callable[[str, Any], Any], tree: PyTree, rule: Rule | str) -> PyTree:

@@ -9,6 +9,7 @@ from flax import nnx
 from jaxshrink import export
 from jaxshrink.capture import kernel_matrix
 from jaxshrink.encoding import materialize
+from jaxshrink.errors import NoMatchError
 from jaxshrink.lowrank import (
   LowRank,
   LowRankDense,
@@ -23,6 +24,7 @@ from jaxshrink.lowrank import (
   quantize_factors,
 )
 from jaxshrink.models import get_model
+from jaxshrink.tree import Rule
 
 RNG = np.random.default_rng(0)
 
@@ -158,8 +160,10 @@ def test_bad_inputs(cnn):
     factorize(params, ".*kernel")
   with pytest.raises(ValueError, match="positive int"):
     factorize(params, ".*kernel", rank=0)
-  with pytest.raises(ValueError, match=">= 2 dims"):
+  with pytest.raises(NoMatchError, match="min_ndim=1"):  # rules skip vectors by default
     factorize(params, ".*bias", rank=1)
+  with pytest.raises(ValueError, match=">= 2 dims"):
+    factorize(params, Rule(".*bias", min_ndim=0), rank=1)
   with pytest.raises(TypeError, match="already a lowrank"):
     factorize(factorize(params, ".*dense2/kernel", rank=2), ".*dense2/kernel", rank=2)
   with pytest.raises(ValueError, match="no LowRank leaf"):

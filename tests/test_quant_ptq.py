@@ -145,7 +145,7 @@ def test_bad_input(zoo):
   model, _, params, batches = zoo
   with pytest.raises(NoMatchError, match="matched no parameter"):
     quantize_params(params, "nothing/kernel", QuantSpec())
-  with pytest.raises(NoMatchError, match="Override"):
+  with pytest.raises(NoMatchError, match=r"Override `overrides\[0\]`: Rule\(include='nope'\)"):
     quantize_params(params, ".*kernel", QuantSpec(), overrides=[("nope", None)])
   with pytest.raises(ValueError, match="Unsupported `bits`=6 for `conv1/kernel`"):
     quantize_params(params, ".*kernel", QuantSpec(bits=6))

@@ -52,9 +52,9 @@ class LinenScanned(nn.Module):
       def __call__(self, x, _):
         return LinenBlock(name="block")(x), None
 
-    layers = nn.scan(
-      Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS
-    )(name="layers")
+    layers = nn.scan(Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS)(
+      name="layers"
+    )
     x, _ = layers(x, None)
     return nn.Dense(4, name="head")(x)
 
@@ -134,9 +134,7 @@ def unroll(tree, stacked: str):
   """`tree` with the stacked subtree `stacked` split into a list of per-layer subtrees
   (a stacked QArray into its layers `q[i]`, a stacked array into `a[i]`)."""
   is_q = lambda x: isinstance(x, QArray)  # noqa: E731
-  layers = [
-    jax.tree.map(lambda a, i=i: a[i], tree[stacked], is_leaf=is_q) for i in range(LAYERS)
-  ]
+  layers = [jax.tree.map(lambda a, i=i: a[i], tree[stacked], is_leaf=is_q) for i in range(LAYERS)]
   return {**tree, stacked: layers}
 
 
@@ -184,7 +182,13 @@ def _layer_leaf(kind, tree, i):
 METHODS = {
   "ptq-w8a8": lambda f, p, b: js.ptq(f, p, b, RULE, QuantSpec(bits=8), activation_bits=8),
   "ptq-static-smooth": lambda f, p, b: js.ptq(
-    f, p, b, RULE, QuantSpec(bits=8), activation_bits=8, static_activations=True,
+    f,
+    p,
+    b,
+    RULE,
+    QuantSpec(bits=8),
+    activation_bits=8,
+    static_activations=True,
     smooth_alpha=0.5,
   ),  # fmt: skip
   "gptq-int4-g32": lambda f, p, b: js.gptq(f, p, b, RULE, QuantSpec(bits=4, group_size=32)),
@@ -310,7 +314,8 @@ def test_collect_names_a_kernel_it_cannot_follow():
 
 
 def test_quantized_apply_names_a_kernel_it_cannot_follow():
-  tree = js.quantize_params(NESTED, "w", LayerQuant(QuantSpec(bits=8), 8), contract_dims={"w": (2,)})
+  spec = LayerQuant(QuantSpec(bits=8), 8)
+  tree = js.quantize_params(NESTED, "w", spec, contract_dims={"w": (2,)})
   with pytest.raises(IntegerPathError, match=r"`w`.*`scan`"):
     quantized_apply(_nested, strict=True)(tree, jnp.ones((4, 8)))
 

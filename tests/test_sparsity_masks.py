@@ -288,5 +288,10 @@ def test_schedule_end_before_begin():
 
 
 def test_channel_pruning_of_bias():
+  # A rule selects 2-D and larger leaves by default: the bias is not scored, only follows its
+  # kernel's channels. Selecting it on purpose (min_ndim=0) is refused.
+  masks = flatten(Pruner("dense/.*", 0.5, structure="channel").masks(_params()))
+  kept = np.asarray(masks["dense/kernel"]).any(axis=0)
+  np.testing.assert_array_equal(np.asarray(masks["dense/bias"]), kept)
   with pytest.raises(ValueError, match="`dense/bias` has shape \\(16,\\).*'.\\*kernel'"):
-    Pruner("dense/.*", 0.5, structure="channel").masks(_params())
+    Pruner(Rule("dense/.*", min_ndim=0), 0.5, structure="channel").masks(_params())

@@ -57,7 +57,7 @@ def test_tiny_lm_default_shapes_unchanged(lm):
 def test_head_shrink_equals_masked_model(lm, head_pruned):
   model, params, tokens = lm
   masked, masks = head_pruned
-  small_model, small = shrink_model(model, masked, masks, structure="heads")
+  small, small_model = shrink_model(model, masked, masks, structure="heads")
   assert small_model.name == "tiny-lm(head_dim=40, layer_heads=(2, 2, 2, 2))"
   assert small_model.module.layer_heads == (2, 2, 2, 2)
   flat, before = flatten(small), flatten(params)
@@ -94,7 +94,7 @@ def test_head_shrink_global_allocation_and_head_size(lm):
   assert sum(heads) == 8 + sum(
     h == 1 and not masks_alive for h, masks_alive in zip(heads, _alive(masks), strict=True)
   )
-  small_model, _ = shrink_model(model, masked, masks, structure=Heads(4))
+  _, small_model = shrink_model(model, masked, masks, structure=Heads(4))
   np.testing.assert_allclose(
     np.asarray(small_model.apply(small, tokens)),
     np.asarray(model.apply(masked, tokens)),
@@ -105,7 +105,7 @@ def test_head_shrink_global_allocation_and_head_size(lm):
   assert model_heads(small_model) == {"head_size": 40}
   again = Pruner(ATTENTION, 0.5, structure=Heads(head_size=40))
   masked2, masks2 = oneshot_prune(small, again)
-  smaller_model, smaller = shrink_model(small_model, masked2, masks2, structure="heads")
+  smaller, smaller_model = shrink_model(small_model, masked2, masks2, structure="heads")
   expected = tuple(max(1, h - int(np.round(h / 2))) for h in heads)
   assert smaller_model.module.layer_heads == expected
   np.testing.assert_allclose(
@@ -156,7 +156,7 @@ def test_channel_shrink_records_model_source():
   model = models.get_model("digits-mlp")
   params = models.pretrained(model, progress=False)
   masked, masks = oneshot_prune(params, Pruner("dense1/kernel", 0.75, structure="channel"))
-  small_model, small = shrink_model(model, masked, masks)
+  small, small_model = shrink_model(model, masked, masks)
   assert small_model.name == "digits-mlp(hidden1=64)"
   rebuilt = models.load_model(small_model.name)
   x = np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype(np.float32)
@@ -252,7 +252,7 @@ def test_bert_encoder_head_shrink():
   params = model.init(jax.random.key(0))
   assert model_heads(model) == {"num_heads": 4}
   masked, masks = oneshot_prune(params, Pruner(ATTENTION, 0.5, structure=Heads(4)))
-  small_model, small = shrink_model(model, masked, masks, structure="heads")
+  small, small_model = shrink_model(model, masked, masks, structure="heads")
   assert small_model.name == "bert-tiny(head_dim=4, layer_heads=(2, 2))"
   query = small["encoder"]["layer_1"]["attention"]["query"]["kernel"]
   assert query.shape == (16, 8)

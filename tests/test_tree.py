@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from jaxshrink import NoMatchError, Rule, flatten, map_selected, select
-from jaxshrink.tree import flatten_with_keys, map_with_path, params_of, unflatten
+from jaxshrink.errors import InvalidTypeError, InvalidValueError, JaxshrinkError
+from jaxshrink.tree import first_match, flatten_with_keys, map_with_path, params_of, unflatten
 
 
 class LinenNet(nn.Module):
@@ -69,10 +70,11 @@ def test_nnx_leaves_are_the_arrays(nnx_state):
   ("rule", "expected"),
   [
     (Rule(include=".*kernel"), ["conv1/kernel", "dense1/kernel"]),
-    (Rule(include=".*", exclude="conv1/.*"), ["dense1/bias", "dense1/kernel"]),
-    (Rule(min_ndim=2), ["conv1/kernel", "dense1/kernel"]),
+    (Rule(include=".*", exclude="conv1/.*", min_ndim=0), ["dense1/bias", "dense1/kernel"]),
+    (Rule(), ["conv1/kernel", "dense1/kernel"]),  # min_ndim=2 by default: no biases
+    (Rule(min_ndim=0), ["conv1/bias", "conv1/kernel", "dense1/bias", "dense1/kernel"]),
     (Rule(min_size=100), ["dense1/kernel"]),
-    (Rule(include="dense1/(kernel|bias)"), ["dense1/bias", "dense1/kernel"]),
+    (Rule(include="dense1/(kernel|bias)", min_ndim=1), ["dense1/bias", "dense1/kernel"]),
   ],
 )
 def test_rule_selection(linen_variables, rule, expected):
@@ -102,11 +104,39 @@ def test_no_match_error_lists_existing_paths(linen_variables):
     ({"exclude": "[a"}, ValueError, "not a valid regex"),
     ({"include": 3}, TypeError, "must be a regex string"),
     ({"min_ndim": -1}, ValueError, "non-negative"),
+    ({"min_size": True}, ValueError, "non-negative"),
   ],
 )
 def test_bad_rules(kwargs, error, match):
-  with pytest.raises(error, match=match):
+  with pytest.raises(error, match=match) as info:
     Rule(**kwargs)
+  assert isinstance(info.value, JaxshrinkError)
+  assert isinstance(info.value, (InvalidTypeError, InvalidValueError))
+
+
+def test_default_min_ndim_is_two_and_the_no_match_error_says_why(linen_variables):
+  assert Rule().min_ndim == 2 and Rule(".*bias").describe() == "Rule(include='.*bias')"
+  with pytest.raises(NoMatchError, match=r"`conv1/bias`, `dense1/bias`.*min_ndim=1"):
+    select(linen_variables, ".*bias")
+  assert select(linen_variables, Rule(".*bias", min_ndim=1)) == ["conv1/bias", "dense1/bias"]
+
+
+def test_first_match_takes_the_first_rule_that_matches(linen_variables):
+  rules = [("dense1/kernel", 8), (".*kernel", 4), (Rule(".*bias", min_ndim=1), None)]
+  assert first_match(linen_variables, rules) == {
+    "conv1/bias": None,
+    "conv1/kernel": 4,
+    "dense1/bias": None,
+    "dense1/kernel": 8,
+  }
+
+
+def test_first_match_refuses_a_rule_that_selects_nothing(linen_variables):
+  with pytest.raises(NoMatchError, match=r"`rules\[1\]`: Rule\(include='encoder/.\*'\) matched"):
+    first_match(linen_variables, [(".*kernel", 4), ("encoder/.*", 8)])
+  # Written for "the last rule wins": the exception after the catch-all would never apply.
+  with pytest.raises(NoMatchError, match=r"`overrides\[1\]`.*taken by `overrides\[0\]`.*first"):
+    first_match(linen_variables, [(".*kernel", 4), ("dense1/kernel", 8)], what="overrides")
 
 
 def test_map_selected_keeps_linen_wrapper_and_other_leaves(linen_variables):

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink.encoding import Encoding, materialize, register_encoding
+from jaxshrink.errors import InvalidValueError
 
-
-def default_contract_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Every dim but the last: right for Dense `(in, out)`, conv HWIO, DenseGeneral `(..., out)`."""
-  return tuple(range(len(shape) - 1))
+# One default for every technique: every dim but the last (Dense `(in, out)`, conv HWIO,
+# DenseGeneral `(..., out)`), the same axes quantization scales over.
+from jaxshrink.quant.qarray import default_contract_dims as default_contract_dims
 
 
 def matrix_shape(shape: tuple[int, ...], contract_dims: tuple[int, ...]) -> tuple[int, int]:
@@ -87,18 +87,18 @@ class LowRank(Encoding):
     if sorted(set(contract_dims)) != sorted(contract_dims) or any(
       not 0 <= d < len(shape) for d in contract_dims
     ):
-      raise ValueError(
+      raise InvalidValueError(
         f"`contract_dims` {contract_dims} at `{path}` must be distinct dims of the kernel shape "
         f"{shape}."
       )
     k, n = matrix_shape(shape, contract_dims)
     a_shape, b_shape = tuple(a.shape), tuple(b.shape)
     if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]:
-      raise ValueError(
+      raise InvalidValueError(
         f"low-rank factors at `{path}` must be (K, r) and (r, N); got {a_shape} and {b_shape}."
       )
     if (a_shape[0], b_shape[1]) != (k, n):
-      raise ValueError(
+      raise InvalidValueError(
         f"low-rank factors at `{path}` give a ({a_shape[0]}, {b_shape[1]}) matrix but the kernel "
         f"{shape} with contract_dims {contract_dims} is ({k}, {n})."
       )
@@ -154,12 +154,12 @@ def quantize_factors(tree: Any, bits: int = 8) -> Any:
       return leaf
     found.append(path)
     if isinstance(leaf.a, Encoding) or isinstance(leaf.b, Encoding):
-      raise ValueError(f"the factors of `{path}` are already encoded ({leaf.describe()}).")
+      raise InvalidValueError(f"the factors of `{path}` are already encoded ({leaf.describe()}).")
     a = quantize(leaf.a, spec, contract_dims=(0,), path=f"{path}/a")
     b = quantize(leaf.b, spec, contract_dims=(0,), path=f"{path}/b")
     return LowRank(a=a, b=b, shape=leaf.shape, dtype=leaf.dtype, contract_dims=leaf.contract_dims)
 
   out = map_with_path(encode, tree)
   if not found:
-    raise ValueError("quantize_factors found no LowRank leaf; run `factorize` first.")
+    raise InvalidValueError("quantize_factors found no LowRank leaf; run `factorize` first.")
   return out

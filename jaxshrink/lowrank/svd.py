@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxshrink.distributed import place_encoding
 from jaxshrink.encoding import Encoding
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.lowrank.encoding import LowRank, default_contract_dims, matrix_shape
 from jaxshrink.model import accepts_models
 from jaxshrink.tree import Rule, as_rule, flatten, map_selected, select
@@ -76,7 +77,7 @@ def energy_rank(s: np.ndarray, energy: float) -> int:
 
 def check_energy(energy: float) -> None:
   if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy <= 1:
-    raise ValueError(
+    raise InvalidValueError(
       f"`energy` is the fraction of squared singular values to keep and must be in (0, 1]; got "
       f"{energy!r}. Use e.g. 0.9."
     )
@@ -84,9 +85,9 @@ def check_energy(energy: float) -> None:
 
 def check_rank(rank: int, shape: tuple[int, ...], k: int, n: int, path: str) -> None:
   if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
-    raise ValueError(f"`rank` must be a positive int; got {rank!r} for `{path}`.")
+    raise InvalidValueError(f"`rank` must be a positive int; got {rank!r} for `{path}`.")
   if rank > min(k, n):
-    raise ValueError(
+    raise InvalidValueError(
       f"`rank`={rank} exceeds min(dims)={min(k, n)} of `{path}` (kernel {shape} viewed as "
       f"({k}, {n})). Use a rank <= {min(k, n)}, or exclude the layer from `target`."
     )
@@ -102,14 +103,14 @@ def allocate_budget(
   `KN / (K + N)` at which a layer's factors would cost more than its dense kernel.
 
   Raises:
-    ValueError: when `budget` is below the rank-1 cost of every layer together.
+    InvalidValueError: when `budget` is below the rank-1 cost of every layer together.
 
   >>> allocate_budget({"w": np.array([2.0, 1.0])}, {"w": (4, 4)}, 16)
   {'w': 2}
   """
   floor = sum(k + n for k, n in dims.values())
   if budget < floor:
-    raise ValueError(
+    raise InvalidValueError(
       f"parameter `budget`={budget} is smaller than the minimum rank-1 cost {floor} of the "
       f"{len(dims)} selected kernels (Σ (K + N)). Raise the budget or select fewer layers."
     )
@@ -158,19 +159,21 @@ def plan_ranks(
     name for name, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None
   ]
   if len(given) != 1:
-    raise ValueError(f"give exactly one of `rank`, `energy` or `budget`; got {given or 'none'}.")
+    raise InvalidValueError(
+      f"give exactly one of `rank`, `energy` or `budget`; got {given or 'none'}."
+    )
   flat = flatten(tree)
   paths = select(tree, as_rule(rule))
   dims, spectra = {}, {}
   for path in paths:
     leaf = flat[path]
     if isinstance(leaf, Encoding):
-      raise TypeError(
+      raise InvalidTypeError(
         f"`{path}` is already a {leaf.name} encoding; factorize float kernels before other "
         "compression, or exclude it from `target`."
       )
     if np.ndim(leaf) < 2:
-      raise ValueError(
+      raise InvalidValueError(
         f"`{path}` has shape {tuple(leaf.shape)}; only kernels with >= 2 dims can be factored. "
         "Narrow `target` (e.g. '.*kernel') or set min_ndim=2."
       )
@@ -188,13 +191,15 @@ def plan_ranks(
   dense = sum(k * n for k, n in dims.values())
   if isinstance(budget, float):
     if not 0 < budget <= 1:
-      raise ValueError(
+      raise InvalidValueError(
         f"a float `budget` is a fraction of the selected kernels' {dense} params and must be in "
         f"(0, 1]; got {budget!r}. Give an int for an absolute parameter count."
       )
     budget = int(budget * dense)
   elif not isinstance(budget, (int, np.integer)) or isinstance(budget, bool) or budget < 1:
-    raise ValueError(f"`budget` must be a positive int (params) or a fraction; got {budget!r}.")
+    raise InvalidValueError(
+      f"`budget` must be a positive int (params) or a fraction; got {budget!r}."
+    )
   return allocate_budget(spectra, dims, int(budget))
 
 

@@ -20,12 +20,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxshrink.capture import kernel_matrix
+from jaxshrink.capture import Site, kernel_matrix
 from jaxshrink.encoding import Encoding, materialize
 from jaxshrink.errors import NoMatchError
 from jaxshrink.quant import numerics
 from jaxshrink.quant.calibrate import calibrate, check_batches, check_method
 from jaxshrink.quant.qarray import QArray, default_contract_dims, normalize_contract_dims
+from jaxshrink.quant.qarray import stack as stack_layers
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.tree import Rule, as_rule, flatten, map_with_path, no_match_message, select
 
@@ -84,17 +85,36 @@ def quantize_leaf(
   w: Any,
   layer: LayerQuant,
   *,
-  contract_dims: tuple[int, ...] | None = None,
+  contract_dims: tuple[int, ...] | Site | None = None,
   input_scale: np.ndarray | None = None,
-  act_clip: float | None = None,
+  act_clip: float | np.ndarray | None = None,
   key: jax.Array | None = None,
 ) -> QArray:
-  """One kernel -> `QArray` (RTN), with optional SmoothQuant scale and static act clip."""
+  """One kernel -> `QArray` (RTN), with optional SmoothQuant scale and static act clip.
+
+  `contract_dims` may be a `capture.Site` (from `collect` or `capture.find_sites`): a stacked
+  site (`layers=L`, layers of `nn.scan` / `nnx.scan`) quantizes each `w[i]` as its own kernel
+  (its own scales; `input_scale` `(L, K)` and `act_clip` `(L,)` per layer) into one stacked
+  `QArray`.
+  """
   if isinstance(w, Encoding):
     raise TypeError(
       f"`{path}` is already compressed ({w.describe()}); quantize the float params, or "
       "exclude it from the rule."
     )
+  if isinstance(contract_dims, Site):
+    site, contract_dims = contract_dims, contract_dims.contract_dims
+    if site.layers is not None:
+      keys = [None] * site.layers if key is None else list(jax.random.split(key, site.layers))
+      clips = [None] * site.layers if act_clip is None else np.asarray(act_clip).reshape(-1)
+      return stack_layers([
+        quantize_leaf(
+          path, w[i], layer, contract_dims=contract_dims,
+          input_scale=None if input_scale is None else np.asarray(input_scale)[i],
+          act_clip=None if clips[i] is None else float(clips[i]), key=keys[i],
+        )
+        for i in range(site.layers)
+      ])  # fmt: skip
   spec = layer.spec
   dims = normalize_contract_dims(
     contract_dims or default_contract_dims(w.shape), max(w.ndim, 1), path
@@ -212,8 +232,12 @@ def ptq(
 
     for path, st in stats.items():
       if st.site.op == "dot_general" and layers[path].activation_bits is not None:
-        w2d = np.asarray(kernel_matrix(flat[path], st.site.contract_dims))
-        input_scales[path] = smooth_scales(st.absmax, w2d, smooth_alpha)
+        absmax = [st.absmax] if st.site.layers is None else list(st.absmax)
+        per_layer = [
+          smooth_scales(a, np.asarray(kernel_matrix(w, st.site.contract_dims)), smooth_alpha)
+          for a, w in zip(absmax, st.site.per_layer(flat[path]), strict=True)
+        ]
+        input_scales[path] = per_layer[0] if st.site.layers is None else np.stack(per_layer)
   # Clips are read only by static activation scales; dynamic ones need only the input axes.
   if activations and static_activations and (calibration != "absmax" or input_scales):
     stats = calibrate(
@@ -227,7 +251,7 @@ def ptq(
     layer = layers[path]
     st = stats[path]
     return quantize_leaf(
-      path, leaf, layer, contract_dims=st.site.contract_dims,
+      path, leaf, layer, contract_dims=st.site,
       input_scale=input_scales.get(path),
       act_clip=st.clip if static_activations and layer.activation_bits else None,
     )  # fmt: skip

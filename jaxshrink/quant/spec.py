@@ -13,6 +13,10 @@ point. So every 8-bit code, and every zero point, fits an int8.
 
 >>> QuantSpec(bits=4, group_size=128).qmax
 7
+
+`LayerQuant` bundles a layer's weight `QuantSpec` with its activation bits; it is the one form
+every per-layer setting takes. `as_layer_quant` is the one place shorthands become it: a bare
+`QuantSpec`, an int `b` (`QuantSpec(bits=b)`) or None (keep the layer float).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 
 INT_BITS = (8, 4, 3, 2)
 FORMATS = ("int", "fp8_e4m3", "fp8_e5m2")
@@ -51,45 +57,45 @@ class QuantSpec:
   rounding: str = "nearest"
 
   def validate(self, path: str = "<array>") -> None:
-    """Raises ValueError naming `path` and the fix for any unsupported setting."""
+    """Raises `InvalidValueError` / `InvalidTypeError` naming `path` and the fix."""
     if self.format not in FORMATS:
-      raise ValueError(
+      raise InvalidValueError(
         f"Quantization `format` must be one of {list(FORMATS)}; got {self.format!r} for "
         f"`{path}`. Use `int` for integer codes."
       )
     if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
-      raise TypeError(f"Quantization `bits` must be an int; got {self.bits!r} for `{path}`.")
+      raise InvalidTypeError(f"Quantization `bits` must be an int; got {self.bits!r} for `{path}`.")
     if self.format == "int" and self.bits not in INT_BITS:
-      raise ValueError(
+      raise InvalidValueError(
         f"Unsupported `bits`={self.bits} for `{path}`; integer quantization supports "
         f"{list(INT_BITS)}. Pick one of those (e.g. 4 for weight-only, 8 for W8A8)."
       )
     if self.format != "int" and self.bits != 8:
-      raise ValueError(
+      raise InvalidValueError(
         f"Format `{self.format}` stores 8-bit codes; got `bits`={self.bits} for `{path}`. "
         "Set bits=8 or use format `int`."
       )
     if self.format != "int" and not self.symmetric:
-      raise ValueError(
+      raise InvalidValueError(
         f"Format `{self.format}` is symmetric only; got symmetric=False for `{path}`. Use "
         "format `int` for a zero point."
       )
     if self.group_size is not None:
       if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)):
-        raise TypeError(
+        raise InvalidTypeError(
           f"`group_size` must be an int or None; got {self.group_size!r} for `{path}`."
         )
       if self.group_size < 1:
-        raise ValueError(
+        raise InvalidValueError(
           f"`group_size` must be >= 1 (or None for per-channel); got {self.group_size} for "
           f"`{path}`."
         )
     if self.rounding not in ROUNDINGS:
-      raise ValueError(
+      raise InvalidValueError(
         f"`rounding` must be one of {list(ROUNDINGS)}; got {self.rounding!r} for `{path}`."
       )
     if self.rounding == "stochastic" and self.format != "int":
-      raise ValueError(
+      raise InvalidValueError(
         f"Stochastic rounding applies to integer codes; got format `{self.format}` for "
         f"`{path}`. Use rounding `nearest`."
       )
@@ -135,3 +141,60 @@ class QuantSpec:
     if self.rounding == "stochastic":
       parts.append("stochastic")
     return " ".join(parts)
+
+
+ACTIVATION_BITS = (None, 8, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+  """Settings of one group of layers.
+
+  Attributes:
+    spec: weight quantization; None keeps the layer in float.
+    activation_bits: None for weight-only; 8 for W8A8 (integer path), 4 for W4A4 fake quant.
+  """
+
+  spec: QuantSpec | None
+  activation_bits: int | None = None
+
+  def validate(self, path: str = "<layer>") -> None:
+    """Raises `InvalidValueError` naming `path` for an unsupported spec or activation width."""
+    if self.spec is not None:
+      self.spec.validate(path)
+    if self.activation_bits not in ACTIVATION_BITS:
+      raise InvalidValueError(
+        f"`activation_bits` must be null (weight-only), 8 or 4; got {self.activation_bits!r} "
+        f"for `{path}`."
+      )
+
+
+def as_layer_quant(setting: object, base: LayerQuant | None = None) -> LayerQuant:
+  """The `LayerQuant` a per-layer setting stands for; the one place shorthands are converted.
+
+  Args:
+    setting: a `LayerQuant` (as is); a `QuantSpec` (weights; activation bits from `base`); an
+      int `b`, shorthand for `QuantSpec(bits=b)` (activation bits from `base`); None (keep
+      the layer float).
+    base: the settings the shorthands inherit activation bits from (default: weight-only).
+
+  Raises:
+    InvalidTypeError: any other kind of setting.
+
+  >>> layer = as_layer_quant(4, LayerQuant(QuantSpec(), activation_bits=8))
+  >>> layer.spec.bits, layer.activation_bits
+  (4, 8)
+  """
+  act = None if base is None else base.activation_bits
+  if isinstance(setting, LayerQuant):
+    return setting
+  if setting is None:
+    return LayerQuant(None)
+  if isinstance(setting, QuantSpec):
+    return LayerQuant(setting, act)
+  if isinstance(setting, (int, np.integer)) and not isinstance(setting, bool):
+    return LayerQuant(QuantSpec(bits=int(setting)), act)
+  raise InvalidTypeError(
+    f"A layer's quantization setting must be a LayerQuant, a QuantSpec, an int (weight bits) "
+    f"or None (keep float); got {type(setting).__name__} {setting!r}."
+  )

@@ -3,6 +3,10 @@
 Every key is read by some method, and no key is accepted and then ignored: a key the chosen
 method does not read, set to anything but its default, is a `UsageError` naming the key, the
 method and the fix (`grid` with gptq, `alpha` with rtn, `calibration` on a weight-only run, ...).
+`overrides` is an ordered, first-match list: the first entry whose `target` matches a kernel
+decides its settings (put the specific entries before the broad ones); an entry that selects
+nothing, because its `target` matches no kernel or only kernels an earlier entry took, is an
+error. Each entry's rule takes the stage's `min_ndim` and `min_size`.
 `overrides` and W8A8 activations (`activation_bits`, `calibration`, `static_activations`) work
 with every method: GPTQ and AWQ quantize the weights, then each kernel whose layer has
 activation bits gets the activation scales that `ptq` would give it. Activation scales are
@@ -14,7 +18,8 @@ with static absmax ones.
 `embeddings: {bits: 8}` (or `{bits: 4, group_size: 32}`; off by default) also quantizes every
 table the model reads by gather, found by tracing its apply (word, position and token-type
 embeddings), one scale per row, or per `group_size` elements of a row (`ptq.quantize_tables`);
-`embeddings.overrides: [{target: ".*position.*", bits: 8}]` sets other bits for some tables.
+`embeddings.overrides: [{target: ".*position.*", bits: 8}]` sets other bits for some tables
+(first match wins, as in `overrides`).
 Serving decodes only the gathered rows; a tied output head uses the same stored codes.
 """
 
@@ -109,7 +114,12 @@ def _overrides(options: dict[str, Any]) -> list:
     skip = entry.get("skip", False)
     if not isinstance(skip, bool):
       raise UsageError(f"`overrides[{i}].skip` of `quantize` must be true or false; got {skip!r}.")
-    rule = Rule(include=entry["target"], exclude=entry.get("exclude"))
+    rule = Rule(
+      include=entry["target"],
+      exclude=entry.get("exclude"),
+      min_ndim=options["min_ndim"],
+      min_size=options["min_size"],
+    )
     if skip:
       ignored = sorted(set(entry) & set(SPEC_KEYS))
       if ignored:
@@ -323,6 +333,7 @@ def table_specs(options: dict[str, Any], paths: list[str]) -> dict[str, QuantSpe
   specs = dict.fromkeys(paths, _table_spec(base, "embeddings"))
   if not isinstance(base["overrides"], list):
     raise UsageError(f"`embeddings.overrides` of `quantize` must be a list; got {emb!r}.")
+  taken: set[str] = set()  # first match wins: a table keeps the first override's spec
   for i, entry in enumerate(base["overrides"]):
     where = f"embeddings.overrides[{i}]"
     valid = {"target", "bits", "group_size", "symmetric"}
@@ -331,14 +342,22 @@ def table_specs(options: dict[str, Any], paths: list[str]) -> dict[str, QuantSpe
         f"`{where}` of `quantize` must be a mapping with a `target` regex and keys from "
         f"{sorted(valid)}; got {entry!r}."
       )
-    hits = [p for p in paths if Rule(include=entry["target"]).matches(p, None)]
+    hits = [p for p in paths if Rule(include=entry["target"], min_ndim=0).matches(p, None)]
     if not hits:
       raise UsageError(
         f"`{where}.target` {entry['target']!r} of `quantize` matches no embedding table; the "
         f"tables are {', '.join(paths)}."
       )
+    free = [p for p in hits if p not in taken]
+    if not free:
+      raise UsageError(
+        f"`{where}.target` {entry['target']!r} of `quantize` selects nothing: its tables "
+        f"({', '.join(hits)}) are taken by an earlier override. Overrides are first-match: put "
+        "the more specific one first."
+      )
     spec = _table_spec({**base, **entry}, where)
-    specs.update(dict.fromkeys(hits, spec))
+    specs.update(dict.fromkeys(free, spec))
+    taken.update(free)
   return specs
 
 

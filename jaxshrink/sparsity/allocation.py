@@ -6,8 +6,11 @@
 - `erk`: Erdős–Rényi-Kernel (Evci et al., "Rigging the Lottery", 2020): a
   layer's density scales with `sum(shape) / prod(shape)`, so small layers stay
   denser, with the overall sparsity equal to the target.
-- `overrides`: `{regex: sparsity}` fixes the sparsity of matching layers (0.0
-  keeps a layer dense); `rule.exclude` leaves layers out entirely.
+- `overrides`: `{regex: sparsity}` (or `[(regex | Rule, sparsity), ...]`) fixes the sparsity
+  of matching layers (0.0 keeps a layer dense). The list is first-match, as every rule list in
+  jaxshrink: the first override matching a layer decides, and an override that selects no
+  layer (or only layers an earlier one took) is a `NoMatchError`. `rule.exclude` leaves
+  layers out entirely.
 - `keep_dense_below`: selected leaves with fewer weights stay dense (a first conv's 3x3x1x32
   kernel, a 10-class head) and the other leaves prune more, so the total over the selected
   leaves is still `sparsity` (N:M fixes each pruned leaf's sparsity, so there the total is
@@ -24,13 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.errors import InvalidTypeError, InvalidValueError, NoMatchError
+from jaxshrink.quant.qarray import default_contract_dims
 from jaxshrink.sparsity.criteria import check_criterion, score_leaf
 from jaxshrink.sparsity.structures import (
   NM,
@@ -59,9 +64,9 @@ class _Shaped(NamedTuple):
 
 def check_sparsity(value: Any, what: str = "sparsity") -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise TypeError(f"`{what}` must be a number in [0, 1); got {value!r}.")
+    raise InvalidTypeError(f"`{what}` must be a number in [0, 1); got {value!r}.")
   if not 0.0 <= float(value) < 1.0:
-    raise ValueError(
+    raise InvalidValueError(
       f"`{what}` must be in [0, 1) (the fraction of weights set to zero); got {value}. "
       "Use e.g. 0.9 for 90% zeros."
     )
@@ -96,7 +101,9 @@ class Pruner:
     structure: a `Structure` or its recipe string (`unstructured`, `"2:4"`, `channel`, ...).
     criterion: `magnitude`, `random`, `saliency` or `wanda`.
     allocation: `uniform`, `global` or `erk`.
-    overrides: `{regex: sparsity}` per-layer sparsities (matched on the unit name).
+    overrides: per-layer sparsities, `{regex: sparsity}` or `[(regex | Rule, sparsity)]`,
+      matched on the unit name (the kernel path; the attention prefix for heads); the first
+      matching override decides.
     keep_dense_below: selected leaves with fewer weights stay dense; the others prune more so
       the total over the selected leaves is `sparsity` (not for N:M, whose pattern is fixed).
   """
@@ -106,7 +113,7 @@ class Pruner:
   structure: Structure | str = "unstructured"
   criterion: str = "magnitude"
   allocation: str = "uniform"
-  overrides: Mapping[str, float] | tuple = ()
+  overrides: Mapping[str, float] | Sequence[tuple[str | Rule, float]] = ()
   keep_dense_below: int = 0
 
   def __post_init__(self):
@@ -114,20 +121,33 @@ class Pruner:
     object.__setattr__(self, "structure", parse_structure(self.structure))
     check_criterion(self.criterion)
     if self.allocation not in ALLOCATIONS:
-      raise ValueError(
+      raise InvalidValueError(
         f"Unknown allocation {self.allocation!r}; expected one of {list(ALLOCATIONS)}."
       )
     sparsity = self.structure.sparsity if isinstance(self.structure, NM) else self.sparsity
     object.__setattr__(self, "sparsity", check_sparsity(sparsity))
     items = self.overrides.items() if isinstance(self.overrides, Mapping) else self.overrides
-    object.__setattr__(
-      self, "overrides", tuple((str(k), check_sparsity(v, f"overrides[{k!r}]")) for k, v in items)
-    )
+    parsed = []
+    for entry in items:
+      if not isinstance(entry, tuple) or len(entry) != 2:
+        raise InvalidTypeError(
+          f"`overrides` of Pruner must be {{regex: sparsity}} or [(regex | Rule, sparsity)]; got "
+          f"the entry {entry!r}."
+        )
+      key, value = entry
+      if isinstance(key, str):
+        Rule(include=key)  # refuses a bad regex here, naming it
+      elif not isinstance(key, Rule):
+        raise InvalidTypeError(
+          f"An override of Pruner is matched by a regex or a Rule; got {type(key).__name__}."
+        )
+      parsed.append((key, check_sparsity(value, f"overrides[{key!r}]")))
+    object.__setattr__(self, "overrides", tuple(parsed))
     below = self.keep_dense_below
     if isinstance(below, bool) or not isinstance(below, int):
-      raise TypeError(f"`keep_dense_below` must be an int (a weight count); got {below!r}.")
+      raise InvalidTypeError(f"`keep_dense_below` must be an int (a weight count); got {below!r}.")
     if below < 0:
-      raise ValueError(
+      raise InvalidValueError(
         f"`keep_dense_below` must be a non-negative weight count; got {below}. Use 0 to "
         "prune layers of every size."
       )
@@ -164,7 +184,7 @@ class Pruner:
     )
     value = self.sparsity * total / (total - sum(small.values()))
     if value >= 1.0:
-      raise ValueError(
+      raise InvalidValueError(
         f"`sparsity` {self.sparsity} over the selected leaves needs {value:.1%} of the leaves "
         f"with >= keep_dense_below={self.keep_dense_below} weights, but at most 100% can be "
         f"pruned ({len(small)} smaller leaves kept dense). Lower `keep_dense_below` (0 prunes "
@@ -179,21 +199,56 @@ class Pruner:
     small = self.small_leaves(all_shapes)
     selected = {p: all_shapes[p] for p in select(params, self.rule) if p not in small}
     if not selected:
-      raise ValueError(
+      raise InvalidValueError(
         f"Every leaf selected by {self.rule.describe()} has fewer than "
         f"keep_dense_below={self.keep_dense_below} weights ({sorted(small)[:5]}), so nothing "
         "would be pruned. Set `keep_dense_below` lower (0 prunes every selected leaf)."
       )
-    return self.structure.units(selected, all_shapes), all_shapes
+    units = self.structure.units(selected, all_shapes)
+    self._check_overrides(units, all_shapes, small)
+    return units, all_shapes
+
+  def _override_matches(self, key: str | Rule, name: str, shape: tuple[int, ...]) -> bool:
+    if isinstance(key, Rule):
+      return key.matches(name, _Shaped(shape))
+    return re.fullmatch(key, name) is not None
+
+  def override_for(self, unit: Unit, shapes: Mapping[str, tuple[int, ...]]) -> tuple | None:
+    """The first `(pattern, sparsity)` override matching `unit`, or None."""
+    shape = shapes[unit.members[0][0]]
+    for key, value in self.overrides:
+      if self._override_matches(key, unit.name, shape):
+        return key, value
+    return None
+
+  def _check_overrides(self, units: list[Unit], shapes: Mapping, small: Mapping) -> None:
+    """Raises `NoMatchError` for an override that selects no unit (first match wins)."""
+    names = {u.name: shapes[u.members[0][0]] for u in units}
+    names.update({p: shapes[p] for p in small})  # kept dense anyway; an override may name them
+    taken: set[str] = set()
+    for index, (key, _) in enumerate(self.overrides):
+      hits = [n for n, shape in names.items() if self._override_matches(key, n, shape)]
+      shown = _shown(key)
+      if not hits:
+        raise NoMatchError(
+          f"`overrides[{index}]` {shown} of Pruner matches no pruned layer; the layers are "
+          f"{', '.join(list(names)[:20])}. Fix the regex (it must match the whole name)."
+        )
+      if all(n in taken for n in hits):
+        raise NoMatchError(
+          f"`overrides[{index}]` {shown} of Pruner selects nothing: every layer it matches "
+          f"({', '.join(hits[:3])}) is taken by an earlier override. Overrides are "
+          "first-match: put the more specific one first."
+        )
+      taken.update(hits)
 
   def unit_sparsities(self, units: list[Unit], shapes: dict) -> dict[str, float | None]:
     """Final sparsity per unit; None marks units ranked together by `global`."""
     fixed = {}
     for unit in units:
-      for pattern, value in self.overrides:
-        if re.fullmatch(pattern, unit.name):
-          fixed[unit.name] = value
-          break
+      override = self.override_for(unit, shapes)
+      if override is not None:
+        fixed[unit.name] = override[1]
     pool = [u for u in units if u.name not in fixed]
     target = self.target_sparsity(shapes)
     if self.allocation == "uniform":
@@ -235,17 +290,17 @@ class Pruner:
         kept[path] = f"left alone ({sizes[path]} weights < min_size {rule.min_size})"
     small = self.small_leaves(shapes)
     below = f"keep_dense_below {self.keep_dense_below}"
-    names = {p: unit.name for unit in self.units(params)[0] for p, _ in unit.members}
+    units = {p: unit for unit in self.units(params)[0] for p, _ in unit.members}
     for path in selected:
       if path in small:
         kept[path] = f"kept dense ({small[path]} weights < {below})"
         continue
       if layers[path] > 0.0:
         continue
-      name = names.get(path, path)
-      zero = [pat for pat, v in self.overrides if v == 0.0 and re.fullmatch(pat, name)]
-      if zero:
-        kept[path] = f"kept dense (overrides {zero[0]!r}: 0.0)"
+      unit = units.get(path)
+      override = None if unit is None else self.override_for(unit, shapes)
+      if override is not None and override[1] == 0.0:
+        kept[path] = f"kept dense (overrides {_shown(override[0])}: 0.0)"
       elif self.allocation == "erk" and not isinstance(self.structure, NM):
         kept[path] = "kept dense (erk: a layer this small would need a density above 1)"
       else:
@@ -289,7 +344,8 @@ class Pruner:
       fraction: share of the final sparsity to apply now (a schedule's output, may be traced).
       grads: gradient tree, for the `saliency` criterion.
       input_norms: `{path: (K,) norms}` for the `wanda` criterion.
-      contract_dims: `{path: contracting dims}` matching `input_norms` (default `(0,)`).
+      contract_dims: `{path: contracting dims}` matching `input_norms` (default: every axis
+        but the last, `jaxshrink.quant.qarray.default_contract_dims`).
       key: PRNG key for the `random` criterion.
     """
     units, shapes = self.units(params)
@@ -304,7 +360,9 @@ class Pruner:
           flat[path],
           grad=flat_grads.get(path),
           input_norm=None if input_norms is None else input_norms.get(path),
-          contract_dims=tuple((contract_dims or {}).get(path, (0,))),
+          contract_dims=tuple(
+            (contract_dims or {}).get(path) or default_contract_dims(shapes[path])
+          ),
           key=None if key is None else jax.random.fold_in(key, index),
           path=path,
         )
@@ -313,8 +371,8 @@ class Pruner:
       for unit in units:
         path = unit.members[0][0]
         keep = nm_mask(scores[path], self.structure.n, self.structure.m, self.structure.axis)
-        override = dict(self.overrides)
-        if any(re.fullmatch(p, unit.name) and v == 0.0 for p, v in override.items()):
+        override = self.override_for(unit, shapes)
+        if override is not None and override[1] == 0.0:  # N:M's sparsity is fixed: only 0.0
           keep = jnp.ones_like(keep)
         out[path] = jnp.where(fraction > 0, keep, True)
     else:
@@ -337,6 +395,11 @@ class Pruner:
     return map_with_path(lambda path, leaf: out.get(path, jnp.ones((), bool)), params)
 
 
+def _shown(key: str | Rule) -> str:
+  """An override's pattern as messages and reports show it."""
+  return key.describe() if isinstance(key, Rule) else repr(key)
+
+
 def _mask_sparsity(mask: Any) -> float:
   if mask is None or not np.ndim(mask):
     return 0.0 if mask is None or bool(mask) else 1.0
@@ -349,14 +412,14 @@ def check_masks(params: Any, masks: Any) -> None:
   if set(flat_p) != set(flat_m):
     missing = sorted(set(flat_p) - set(flat_m))[:5]
     extra = sorted(set(flat_m) - set(flat_p))[:5]
-    raise ValueError(
+    raise InvalidValueError(
       f"The mask tree does not match the params: missing masks for {missing}, masks for "
       f"unknown leaves {extra}. Build masks with Pruner.masks(params) for these params."
     )
   for path, mask in flat_m.items():
     shape = tuple(flat_p[path].shape)
     if jnp.dtype(mask.dtype) != jnp.bool_ or tuple(mask.shape) not in (shape, ()):
-      raise ValueError(
+      raise InvalidValueError(
         f"Mask for `{path}` must be bool with shape {shape} (or () for unpruned leaves); got "
         f"{jnp.dtype(mask.dtype).name} {tuple(mask.shape)}. Masks are bool, never float."
       )

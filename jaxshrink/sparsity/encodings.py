@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink.encoding import Encoding, register_encoding
+from jaxshrink.errors import InvalidValueError
 
 
 def _dense(values: Any) -> jax.Array:
@@ -144,12 +145,12 @@ class NMSparse(Encoding):
     """Keeps, per group of `m` along `axis`, the `mask`ed entries (default: `n` largest |w|).
 
     Raises:
-      ValueError: the axis length is not divisible by `m`, or a group keeps more than `n`.
+      InvalidValueError: the axis length is not divisible by `m`, or a group keeps more than `n`.
     """
     w = np.asarray(w)
     axis = axis % w.ndim
     if w.shape[axis] % m:
-      raise ValueError(
+      raise InvalidValueError(
         f"N:M encoding needs shape[{axis}] divisible by M={m}; got shape {w.shape}. "
         "Exclude the leaf or choose another axis."
       )
@@ -159,7 +160,7 @@ class NMSparse(Encoding):
     else:
       keep = np.moveaxis(np.asarray(mask, bool), axis, 0).reshape(moved.shape)
       if int(keep.sum(axis=1).max(initial=0)) > n:
-        raise ValueError(
+        raise InvalidValueError(
           f"The mask keeps more than N={n} of some group of M={m}; it is not {n}:{m} sparse. "
           "Prune with structure='N:M' first."
         )
@@ -207,7 +208,7 @@ def _values_encoder(bits: int | None, path: str):
   from jaxshrink.quant import QuantSpec, quantize
 
   if bits not in (8, 4, 2):
-    raise ValueError(
+    raise InvalidValueError(
       f"`quantize_nonzeros` must be null, 8, 4 or 2 bits; got {bits!r} for `{path}`."
     )
 
@@ -243,8 +244,8 @@ def encode_sparse(
   >>> ctree = encode_sparse(pruned_24, ".*kernel", structure="2:4")  # NMSparse leaves
 
   Raises:
-    ValueError: `structure` is a string no structure is parsed from.
-    TypeError: `structure` is neither None, a string nor a `Structure`.
+    InvalidValueError: `structure` is a string no structure is parsed from.
+    InvalidTypeError: `structure` is neither None, a string nor a `Structure`.
   """
   from jaxshrink.sparsity.structures import NM, parse_structure
   from jaxshrink.tree import flatten, map_selected

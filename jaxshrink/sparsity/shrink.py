@@ -15,6 +15,10 @@ projection the matching input rows. A removed head contributed nothing (its valu
 columns or output rows were zero), and the kept heads keep their size, so the
 outputs are unchanged.
 
+Every function here returns the smaller params first, then what describes them:
+`shrink_params` -> `(params, widths)`, `shrink_heads` -> `(params, heads, head_size)`,
+`shrink` -> `(params, config)`, `shrink_model` -> `(params, model)`.
+
 `shrink_model` also returns the matching model configuration: a `ZooModel` rebuilt
 with the new sizes (`jaxshrink.models.configured`). Channel shrinking sets the
 width fields of zoo models (or any model given `fields`); head shrinking sets
@@ -22,9 +26,9 @@ width fields of zoo models (or any model given `fields`); head shrinking sets
 fields `TinyLM` takes. `shrink` returns the config itself, so a recipe records
 `model_source("tiny-lm", config)` in the checkpoint and `jaxshrink eval` rebuilds it.
 
->>> small_model, small_params = shrink_model(model, pruned, masks)
+>>> small_params, small_model = shrink_model(model, pruned, masks)
 >>> small_params["dense1"]["kernel"].shape      # (1024, 64) instead of (1024, 128)
->>> small_lm, small_params = shrink_model(lm, pruned, masks, structure=Heads(4))
+>>> small_params, small_lm = shrink_model(lm, pruned, masks, structure=Heads(4))
 >>> small_lm.name                               # 'tiny-lm(head_dim=40, layer_heads=(2, 2, 2, 2))'
 """
 
@@ -37,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.sparsity.structures import Channel, Heads, Structure, parse_structure
 from jaxshrink.tree import flatten, map_with_path
 
@@ -57,7 +62,7 @@ def kept_channels(mask: Any, *, path: str = "<mask>") -> np.ndarray:
   """Indices of output channels (last axis) that keep any weight."""
   mask = np.asarray(mask, bool)
   if mask.ndim < 2:
-    raise ValueError(
+    raise InvalidValueError(
       f"`{path}` has no channel mask (shape {mask.shape}); prune it with structure 'channel'."
     )
   return np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
@@ -68,7 +73,7 @@ def _slice_inputs(kernel: np.ndarray, keep: np.ndarray, channels: int, path: str
   if rows == channels:
     return np.take(kernel, keep, axis=-2)
   if rows % channels:
-    raise ValueError(
+    raise InvalidValueError(
       f"Cannot slice the inputs of `{path}` (shape {kernel.shape}) to the {channels} channels "
       "of its producer: its input size is not a multiple. Pass `links` that pair each "
       "producer with the layer that consumes its output."
@@ -97,7 +102,7 @@ def shrink_params(
   widths: dict[str, int] = {}
   for producer, consumer in links:
     if producer not in flat_masks or np.ndim(flat_masks[producer]) == 0:
-      raise ValueError(f"`{producer}` was not pruned: no channel mask. Add it to the rule.")
+      raise InvalidValueError(f"`{producer}` was not pruned: no channel mask. Add it to the rule.")
     channels = flat[producer].shape[-1]
     keep = kept_channels(flat_masks[producer], path=producer)
     if keep.size == 0:
@@ -155,8 +160,9 @@ def shrink_heads(params: Any, masks: Any, structure: Heads) -> tuple[Any, dict[s
     `(smaller params, {attention prefix: heads kept} for every attention layer, head size)`.
 
   Raises:
-    ValueError: when no attention kernel was pruned, heads differ in size between layers, or a
-      removed head still contributes (neither its value columns nor its output rows are zero).
+    InvalidValueError: when no attention kernel was pruned, heads differ in size between
+      layers, or a removed head still contributes (neither its value columns nor its output
+      rows are zero).
   """
   flat = {p: np.asarray(v) for p, v in flatten(params).items()}
   flat_masks = flatten(masks)
@@ -170,7 +176,7 @@ def shrink_heads(params: Any, masks: Any, structure: Heads) -> tuple[Any, dict[s
   layers = {k: v for k, v in layers.items() if set(v) & set(structure.qkv)}
   pruned = [p for p, f in layers.items() if any(np.ndim(flat_masks.get(k, ())) for k in f.values())]
   if not pruned:
-    raise ValueError(
+    raise InvalidValueError(
       "shrink found no head-pruned attention kernel (*/{query,key,value,out}/kernel with a "
       "mask); prune with structure 'heads' and target e.g. '.*attention/.*/kernel' first."
     )
@@ -206,7 +212,7 @@ def shrink_heads(params: Any, masks: Any, structure: Heads) -> tuple[Any, dict[s
         flat[bias] = flat[bias][columns]
     kept[prefix] = int(heads_kept.size)
   if len(sizes) != 1:
-    raise ValueError(
+    raise InvalidValueError(
       f"attention heads differ in size between layers ({sorted(sizes)} features); the shrunk "
       "model takes one `head_dim`. Pass `Heads(head_size=...)` matching the model."
     )
@@ -230,7 +236,7 @@ def _check_removed_heads(flat, prefix, found, structure, removed, head_size) -> 
       zero |= heads
   live = np.flatnonzero(removed & ~zero)
   if live.size:
-    raise ValueError(
+    raise InvalidValueError(
       f"heads {live.tolist()} of `{prefix}` have no kept weight in the selected "
       f"projections but their {structure.qkv[-1]} columns and {'/'.join(structure.out)} rows are "
       "not zero, so removing them would change the outputs. Include the value and output "
@@ -249,7 +255,7 @@ def _structure(model: Any, structure: Any) -> Structure:
   if structure == "heads":
     sizes = model_heads(model)
     if not sizes:
-      raise ValueError(
+      raise InvalidValueError(
         f"shrink with structure 'heads' needs the head count of model {model.name!r}, which "
         "has no `num_heads` in its module or config; pass `Heads(num_heads=...)`."
       )
@@ -283,7 +289,7 @@ def shrink(
     `{"head_dim": 40, "layer_heads": (2, 2, 2, 2)}`.
 
   Raises:
-    ValueError: for a structure other than output channels or heads, or a model without the
+    InvalidValueError: for a structure other than output channels or heads, or a model without the
       fields to describe the result.
   """
   from jaxshrink.models.configured import parse_model_source
@@ -293,14 +299,14 @@ def shrink(
     small, kept, head_size = shrink_heads(params, masks, structure)
     return small, heads_config(kept, head_size)
   if not isinstance(structure, Channel) or structure.axis != -1:
-    raise ValueError(
+    raise InvalidValueError(
       f"shrink needs structure 'channel' (whole output channels) or 'heads'; got "
       f"{getattr(structure, 'name', structure)!r}. Prune with one of those, or do not shrink."
     )
   base = parse_model_source(model.name)[0]
   fields = dict(fields or ZOO_FIELDS.get(base, {}))
   if not fields:
-    raise ValueError(
+    raise InvalidValueError(
       f"shrink needs `fields` for model {model.name!r}: which module field holds each pruned "
       "layer's width, e.g. {'dense1/kernel': 'hidden1'}."
     )
@@ -326,10 +332,11 @@ def shrink_model(
   """Smaller params and a `ZooModel` configured for them (see `shrink` for the arguments).
 
   Returns:
-    `(shrunk ZooModel, shrunk params)`; the model's name is its source with the new sizes,
-    e.g. `"digits-cnn(channels2=16, hidden=64)"`, which `jaxshrink.models.load_model` accepts.
+    `(shrunk params, shrunk ZooModel)`, params first like `shrink` and `shrink_params`; the
+    model's name is its source with the new sizes, e.g. `"digits-cnn(channels2=16,
+    hidden=64)"`, which `jaxshrink.models.load_model` accepts.
   """
   from jaxshrink.models.configured import configure_model
 
   small, config = shrink(model, params, masks, structure=structure, fields=fields, links=links)
-  return configure_model(model, config), small
+  return small, configure_model(model, config)

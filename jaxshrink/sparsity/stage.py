@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink.encoding import is_encoding
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import JaxshrinkError, UsageError
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.sparsity.allocation import DEFAULT_KEEP_DENSE_BELOW, Pruner
 from jaxshrink.sparsity.dynamic import dynamic_sparse
@@ -95,7 +95,7 @@ def _check_shrinkable(structure: Any, options: dict[str, Any]) -> None:
   if not isinstance(structure, Heads) and (
     not isinstance(structure, Channel) or structure.axis != -1
   ):
-    raise ValueError(
+    raise UsageError(
       f"`shrink: true` needs structure 'channel' (whole output channels) or 'heads'; got "
       f"{options['structure']!r}. Set one of those, or shrink: false."
     )
@@ -114,7 +114,7 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   """Runs one pruning method on the pipeline's tree (and model, when shrinking)."""
   method = options["method"]
   if method not in METHODS:
-    raise ValueError(f"Unknown prune `method` {method!r}; expected one of {list(METHODS)}.")
+    raise UsageError(f"Unknown prune `method` {method!r}; expected one of {list(METHODS)}.")
   if any(is_encoding(leaf) for leaf in flatten(pipeline.tree).values()):
     raise JaxshrinkError(
       "prune needs float params but the tree already holds encodings; put `prune` before "

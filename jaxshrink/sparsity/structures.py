@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
+
 STRUCTURES = ("unstructured", "N:M", "block", "channel", "heads")
 
 
@@ -187,9 +189,9 @@ class NM(Structure):
   def __post_init__(self):
     for f in ("n", "m", "axis"):
       if isinstance(getattr(self, f), bool) or not isinstance(getattr(self, f), int):
-        raise TypeError(f"N:M `{f}` must be an int; got {getattr(self, f)!r}.")
+        raise InvalidTypeError(f"N:M `{f}` must be an int; got {getattr(self, f)!r}.")
     if not 0 < self.n <= self.m:
-      raise ValueError(
+      raise InvalidValueError(
         f"N:M needs 0 < N <= M (N weights kept of every M); got N={self.n}, M={self.m}. "
         "Write e.g. '2:4'."
       )
@@ -200,12 +202,12 @@ class NM(Structure):
 
   def check_leaf(self, path, shape):
     if not -len(shape) <= self.axis < len(shape):
-      raise ValueError(
+      raise InvalidValueError(
         f"N:M axis {self.axis} is out of range for `{path}` with shape {shape}; pick an axis "
         f"in [-{len(shape)}, {len(shape) - 1}] or exclude the leaf."
       )
     if shape[self.axis] % self.m:
-      raise ValueError(
+      raise InvalidValueError(
         f"N:M sparsity needs `{path}`.shape[{self.axis}] divisible by M={self.m}; got shape "
         f"{shape}. Exclude the leaf from `target`, or choose another `axis`."
       )
@@ -221,7 +223,7 @@ class Block(Structure):
 
   def check_leaf(self, path, shape):
     if len(shape) < 2 or shape[-2] % self.rows or shape[-1] % self.cols:
-      raise ValueError(
+      raise InvalidValueError(
         f"block sparsity needs `{path}` to have >= 2 dims with the last two divisible by "
         f"({self.rows}, {self.cols}); got shape {shape}. Pick a block that divides them or "
         "exclude the leaf."
@@ -260,7 +262,7 @@ class Channel(Structure):
 
   def check_leaf(self, path, shape):
     if len(shape) < 2:
-      raise ValueError(
+      raise InvalidValueError(
         f"channel pruning needs a kernel with >= 2 dims; `{path}` has shape {shape} (a bias or "
         "scale). Biases follow their kernel's channel mask: set `target` to kernels only, e.g. "
         "'.*kernel'."
@@ -303,14 +305,14 @@ class Heads(Structure):
   def __post_init__(self):
     given = [f for f in ("num_heads", "head_size") if getattr(self, f) is not None]
     if len(given) != 1:
-      raise ValueError(
+      raise InvalidValueError(
         "structure 'heads' needs exactly one of `num_heads` (heads per layer) or `head_size` "
         f"(features per head); got num_heads={self.num_heads}, head_size={self.head_size}. Set "
         "the `num_heads` option, or prune a model whose config has `num_heads`."
       )
     value = getattr(self, given[0])
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"Heads `{given[0]}` must be a positive int; got {value!r}.")
+      raise InvalidValueError(f"Heads `{given[0]}` must be a positive int; got {value!r}.")
     for f in ("qkv", "out"):
       if isinstance(getattr(self, f), str):
         object.__setattr__(self, f, (getattr(self, f),))
@@ -319,13 +321,13 @@ class Heads(Structure):
     """Heads in a projection with `width` head features; raises if they do not divide."""
     if self.head_size is not None:
       if width % self.head_size:
-        raise ValueError(
+        raise InvalidValueError(
           f"`{path}` has {width} head features, not a multiple of head_size={self.head_size}; "
           "set `head_size` to the model's features per head."
         )
       return width // self.head_size
     if width % self.num_heads:
-      raise ValueError(
+      raise InvalidValueError(
         f"`{path}` has {width} features, not divisible by num_heads={self.num_heads}; set "
         "`num_heads` to the model's head count."
       )
@@ -335,7 +337,7 @@ class Heads(Structure):
     """`{attention prefix: {projection name: kernel path}}` for the attention kernels in `paths`.
 
     Raises:
-      ValueError: for a path that is not an attention kernel, or a module with no q/k/v.
+      InvalidValueError: for a path that is not an attention kernel, or a module with no q/k/v.
     """
     names = self.qkv + self.out
     pattern = re.compile(rf"(.*)/({'|'.join(map(re.escape, names))})/kernel")
@@ -343,14 +345,14 @@ class Heads(Structure):
     for path in paths:
       match = pattern.fullmatch(path)
       if match is None:
-        raise ValueError(
+        raise InvalidValueError(
           f"head pruning needs attention kernels named */{{{','.join(names)}}}/kernel; `{path}` "
           "is not one. Set `target` to e.g. '.*attention/.*/kernel'."
         )
       modules.setdefault(match.group(1), {})[match.group(2)] = path
     for prefix, found in modules.items():
       if not set(found) & set(self.qkv):
-        raise ValueError(
+        raise InvalidValueError(
           f"`{next(iter(found.values()))}` was selected for head pruning but `{prefix}` has no "
           f"selected {'/'.join(self.qkv)} kernel, so it is not an attention layer's output. Set "
           "`target` to the attention kernels only, e.g. '.*attention/.*/kernel'."
@@ -360,7 +362,7 @@ class Heads(Structure):
   def units(self, shapes, all_shapes):
     for path, shape in shapes.items():
       if len(shape) != 2:
-        raise ValueError(
+        raise InvalidValueError(
           f"head pruning needs 2-D attention kernels; `{path}` has shape {shape}. Set `target` "
           "to e.g. '.*attention/.*/kernel'."
         )
@@ -375,7 +377,7 @@ class Heads(Structure):
         if axis == 1:
           followers += _sibling_bias(path, width, all_shapes)
       if len(counts) != 1:
-        raise ValueError(
+        raise InvalidValueError(
           f"the projections of `{prefix}` disagree on the head count ({sorted(counts)}): "
           f"{ {p: shapes[p] for p in found.values()} }. Pass `head_size` for a layer whose "
           "heads were shrunk."
@@ -402,7 +404,9 @@ def parse_structure(
   if isinstance(spec, Structure):
     return spec
   if not isinstance(spec, str):
-    raise TypeError(f"`structure` must be a string such as '2:4'; got {type(spec).__name__}.")
+    raise InvalidTypeError(
+      f"`structure` must be a string such as '2:4'; got {type(spec).__name__}."
+    )
   if spec == "unstructured":
     return Unstructured()
   if spec == "channel":
@@ -418,7 +422,7 @@ def parse_structure(
   match = re.fullmatch(r"(\d+):(\d+)", spec)
   if match:
     return NM(int(match.group(1)), int(match.group(2)))
-  raise ValueError(
+  raise InvalidValueError(
     f"Unknown structure {spec!r}; expected one of unstructured, 'N:M' (e.g. '2:4'), block, "
     "channel, input_channel, heads, or a `Structure` instance, for the `structure` argument."
   )

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidValueError, JaxshrinkError
 from jaxshrink.sparsity.allocation import Pruner, check_masks
 from jaxshrink.sparsity.schedules import Schedule, one_shot_schedule
 from jaxshrink.tree import flatten
@@ -142,7 +142,7 @@ def pruning(
   if schedule is None and masks is None:
     schedule = one_shot_schedule(0)
   if pruner.criterion == "wanda":
-    raise ValueError(
+    raise InvalidValueError(
       "The pruning wrapper cannot score with 'wanda' (it needs calibration activations); "
       "prune once with jaxshrink.sparsity.wanda and pass its masks=..., or use 'magnitude'."
     )
@@ -173,7 +173,7 @@ def pruning(
 
   def update(updates, state, params=None, **extra):
     if params is None:
-      raise ValueError(
+      raise InvalidValueError(
         "The pruning wrapper needs the params: call tx.update(grads, opt_state, params)."
       )
     step = state.count
@@ -218,7 +218,7 @@ def _find_state(opt_state: Any) -> PruneState:
 
   jax.tree.leaves(opt_state, is_leaf=visit)
   if not found:
-    raise ValueError(
+    raise InvalidValueError(
       "No PruneState in this optimizer state: build the optimizer with "
       "jaxshrink.sparsity.pruning(...) (or rigl / set_training)."
     )
