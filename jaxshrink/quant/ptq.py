@@ -9,12 +9,14 @@ a compressed tree whose kernels are `QArray`s; it runs (1) on any unmodified mod
 
 >>> ctree = ptq(model.apply, params, batches, ".*kernel", QuantSpec(bits=8), activation_bits=8,
 ...             overrides=[("conv1/kernel", LayerQuant(QuantSpec(bits=8)))])
+
+`overrides` (and a rule list given as `rule`) are first-match: see `jaxshrink.quant.rules`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -22,57 +24,14 @@ import numpy as np
 
 from jaxshrink.capture import Site, kernel_matrix
 from jaxshrink.encoding import Encoding, materialize
-from jaxshrink.errors import NoMatchError
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.quant import numerics
 from jaxshrink.quant.calibrate import calibrate, check_batches, check_method
 from jaxshrink.quant.qarray import QArray, default_contract_dims, normalize_contract_dims
 from jaxshrink.quant.qarray import stack as stack_layers
-from jaxshrink.quant.spec import QuantSpec
-from jaxshrink.tree import Rule, as_rule, flatten, map_with_path, no_match_message, select
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerQuant:
-  """Settings of one group of layers.
-
-  Attributes:
-    spec: weight quantization; None keeps the layer in float.
-    activation_bits: None for weight-only; 8 for W8A8 (integer path).
-  """
-
-  spec: QuantSpec | None
-  activation_bits: int | None = None
-
-
-Overrides = Sequence[tuple[Rule | str, LayerQuant | QuantSpec | None]]
-
-
-def resolve_layers(params: Any, rule: Rule | str, base: LayerQuant, overrides: Overrides = ()):
-  """`{path: LayerQuant}` for every selected leaf; later overrides win, None drops a leaf.
-
-  Raises:
-    NoMatchError: the rule, or an override's rule, matches nothing.
-  """
-  flat = flatten(params)
-  layers = {path: base for path in select(params, rule)}
-  for o_rule, setting in overrides:
-    o_rule = as_rule(o_rule)
-    hits = [p for p, leaf in flat.items() if o_rule.matches(p, leaf)]
-    if not hits:
-      raise NoMatchError("Override " + no_match_message(o_rule, list(flat)))
-    if isinstance(setting, QuantSpec):
-      setting = dataclasses.replace(base, spec=setting)
-    for path in hits:
-      layers[path] = setting if setting is not None else LayerQuant(None)
-  for path, layer in layers.items():
-    if layer.spec is not None:
-      layer.spec.validate(path)
-    if layer.activation_bits not in (None, 8, 4):
-      raise ValueError(
-        f"`activation_bits` must be null (weight-only), 8 or 4; got {layer.activation_bits!r} "
-        f"for `{path}`."
-      )
-  return {p: v for p, v in layers.items() if v.spec is not None}
+from jaxshrink.quant.rules import Overrides, is_rule_list, resolve_layers
+from jaxshrink.quant.spec import LayerQuant, QuantSpec
+from jaxshrink.tree import Rule, flatten, map_with_path
 
 
 def static_activation_scale(clip: float, bits: int) -> np.ndarray:
@@ -139,8 +98,8 @@ def quantize_leaf(
 
 def quantize_params(
   params: Any,
-  rule: Rule | str,
-  spec: QuantSpec | LayerQuant,
+  rule: Rule | str | Overrides,
+  spec: QuantSpec | LayerQuant | int | None = None,
   *,
   overrides: Overrides = (),
   contract_dims: dict[str, tuple[int, ...]] | None = None,
@@ -150,17 +109,31 @@ def quantize_params(
 
   Args:
     params: float param tree (linen dict, nnx.State or plain dict).
-    rule: which leaves (a `Rule` or include regex), e.g. `".*kernel"`.
+    rule: which leaves (a `Rule` or include regex), e.g. `".*kernel"`; or a rule list
+      (`[QuantRule(rule, setting)]`, `from_qwix(...)`) bundling each pattern with its
+      settings, first match wins, leaves no rule matches stay float (then omit `spec`).
     spec: the default `QuantSpec` (weight-only) or `LayerQuant` (with activation bits; then
-      activations use dynamic per-token scales, see `ptq` for static ones).
-    overrides: `[(rule, QuantSpec | LayerQuant | None)]`; later ones win; None keeps float.
+      activations use dynamic per-token scales, see `ptq` for static ones); an int `b` is
+      `QuantSpec(bits=b)`.
+    overrides: a first-match rule list, `[(rule, LayerQuant | QuantSpec | int | None)]`
+      (see `jaxshrink.quant.rules`), checked before `rule`: the first one matching a leaf
+      decides its setting; None keeps the leaf float.
     contract_dims: `{path: axes}` for kernels whose input axes are not all but the last.
     key: PRNG key for stochastic rounding.
 
+  Raises:
+    NoMatchError: `rule`, or a rule of a list, selects nothing.
+    InvalidValueError: `spec` missing with a plain `rule`, or an unsupported setting.
+
   >>> ctree = quantize_params(params, ".*kernel", QuantSpec(bits=4, group_size=128))
+  >>> ctree = quantize_params(params, [("head/kernel", 8), (".*kernel", QuantSpec(bits=4))])
   """
-  base = spec if isinstance(spec, LayerQuant) else LayerQuant(spec)
-  layers = resolve_layers(params, rule, base, overrides)
+  if spec is None and not is_rule_list(rule):
+    raise InvalidValueError(
+      "quantize_params needs `spec` (e.g. QuantSpec(bits=8)) with a plain `rule`; or pass a "
+      "rule list `[(rule, setting), ...]` as `rule`, which carries its own settings."
+    )
+  layers = resolve_layers(params, rule, spec, overrides)
   contract_dims = contract_dims or {}
   keys = {}
   if key is not None:
