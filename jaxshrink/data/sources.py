@@ -110,12 +110,11 @@ def dataset_from_arrays(arrays: Any, name: str, what: str = "a data source") -> 
   """
   if not isinstance(arrays, dict):
     arrays = dict(arrays)
-  unknown = sorted(set(arrays) - set(ARRAY_NAMES))
   missing = [key for key in ("x_test", "y_test") if key not in arrays]
-  if missing or unknown:
+  if missing:
     raise JaxshrinkError(
-      f"{name!r} lacks {missing} or has unknown arrays {unknown}; {what} needs `x_test` and "
-      f"`y_test` (optional: `x_train`, `y_train`, `kind`, `num_classes`). Found {sorted(arrays)}."
+      f"{name!r} lacks {missing}; {what} needs `x_test` and `y_test` (optional: `x_train`, "
+      f"`y_train`, `kind`, `num_classes`). Found {sorted(arrays)}."
     )
   arrays = {key: np.asarray(value) for key, value in arrays.items()}
   path = name
@@ -206,8 +205,8 @@ def load_data_source(source: str) -> Dataset:
       return dataset_from_arrays(dataset, source, f"data factory {source!r}")
     if not isinstance(dataset, Dataset):
       raise TypeError(
-        f"data factory {source!r} must return a jaxshrink.data.Dataset or a dict of arrays "
-        f"(`x_test`, `y_test`, ...); got {type(dataset).__name__}."
+        f"data factory {source!r} must return a dict of arrays (`x_test`, `y_test`, ...) or a "
+        f"jaxshrink.data.Dataset; got {type(dataset).__name__}."
       )
     return dataset
   raise JaxshrinkError(f"unknown data source {source!r}; {_expected_sources()}.")
