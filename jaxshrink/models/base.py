@@ -243,14 +243,12 @@ def user_model(
     return model
   if is_model(model):
     apply, tree = as_functional(model)
-  elif (
-    isinstance(model, tuple) and len(model) == 2 and callable(model[0]) and model[1] is not None
-  ):
+  elif isinstance(model, tuple) and len(model) == 2 and callable(model[0]) and model[1] is not None:
     apply, tree = model
   else:
     raise TypeError(
-      f"model {name!r} must be a ZooModel, an nnx.Module instance, a (linen module, variables) "
-      f"pair or an (apply, params) pair; got {type(model).__name__}."
+      f"{name!r} must return (or be) an nnx.Module instance, a (linen module, variables) "
+      f"pair, an (apply, params) pair or a ZooModel; got {type(model).__name__}."
     )
   training = dict(training or {})
   unknown = sorted(set(training) - set(TRAINING_FIELDS))
