@@ -375,3 +375,55 @@ def test_stacked_qarray_round_trips():
     layers[0][0]
   with pytest.raises(ValueError, match="differs from layer 0"):
     stack([layers[0], js.quantize(w[1], QuantSpec(bits=8))])
+
+
+def _reverse_scan(params, x):
+  """A reversed scan over a stacked kernel with a kernel shared by every step (a const)."""
+
+  def step(x, w):
+    return jnp.tanh(x @ w) @ params["shared"], None
+
+  return lax.scan(step, x, params["stack"], reverse=True)[0]
+
+
+REVERSED = {
+  "stack": jax.random.normal(jax.random.key(8), (3, 8, 8)) / 3,
+  "shared": jax.random.normal(jax.random.key(9), (8, 8)) / 3,
+}
+
+
+def test_reverse_scan_and_shared_kernels_are_followed():
+  x = jax.random.normal(jax.random.key(10), (4, 8))
+  got = collect(_reverse_scan, REVERSED, [x], ".*", {"absmax": absmax_reducer()})
+  assert got.sites["stack"].layers == 3 and got.sites["shared"].layers is None
+  # Layer 2 runs first: its input is `x` itself.
+  np.testing.assert_allclose(got.stats["stack"]["absmax"][2], jnp.max(jnp.abs(x), 0), rtol=1e-6)
+  inputs, h = [], x
+  for i in (2, 1, 0):
+    h = jnp.tanh(h @ REVERSED["stack"][i])
+    inputs.append(h)
+    h = h @ REVERSED["shared"]
+  # The shared kernel's statistics cover every step.
+  want = jnp.max(jnp.abs(jnp.concatenate(inputs)), 0)
+  np.testing.assert_allclose(got.stats["shared"]["absmax"], want, rtol=1e-5)
+  tree = js.quantize_params(
+    REVERSED,
+    ".*",
+    LayerQuant(QuantSpec(bits=8), 8),
+    contract_dims=find_sites(_reverse_scan, REVERSED, x),
+  )
+  assert tree["stack"].layers == 3 and tree["shared"].layers is None
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = jax.jit(quantized_apply(_reverse_scan, strict=True))(tree, x)
+  np.testing.assert_allclose(out, _reverse_scan(materialize(tree), x), rtol=0.05, atol=0.05)
+
+
+def test_lowrank_apply_runs_a_scanned_model(model):
+  kind, scanned, _, params, batches = model
+  from jaxshrink.lowrank import factorize, lowrank_apply
+
+  ctree = factorize(params, ".*fc1/kernel", rank=4)
+  got = jax.jit(lowrank_apply(scanned))(ctree, batches[0])
+  want = scanned(materialize(ctree), batches[0])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
