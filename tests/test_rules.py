@@ -67,6 +67,21 @@ def test_a_rule_written_for_last_wins_fails_loudly():
     quantize_params(_params(), [(".*kernel", 4), ("decoder/.*", 8)])
 
 
+def _apply(p, x):
+  for name in ("embed", "block", "head"):
+    layer = p[name]["mlp"] if name == "block" else p[name]
+    x = jnp.tanh(x @ layer["kernel"] + layer["bias"])
+  return x
+
+
+def test_ptq_takes_a_rule_list_in_place_of_rule_and_spec():
+  x = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)
+  rules = [("head/kernel", None), (".*kernel", LayerQuant(QuantSpec(bits=8), activation_bits=8))]
+  tree = js.ptq(_apply, _params(), [x], rules, None)
+  assert _bits(tree) == {"embed/kernel": 8, "block/mlp/kernel": 8}
+  assert tree["embed"]["kernel"].act_bits == 8 and isinstance(tree["head"]["kernel"], np.ndarray)
+
+
 def test_int_is_the_one_documented_shorthand():
   base = LayerQuant(QuantSpec(bits=8), activation_bits=8)
   assert as_layer_quant(4, base) == LayerQuant(QuantSpec(bits=4), 8)
