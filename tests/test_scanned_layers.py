@@ -427,3 +427,14 @@ def test_lowrank_apply_runs_a_scanned_model(model):
   got = jax.jit(lowrank_apply(scanned))(ctree, batches[0])
   want = scanned(materialize(ctree), batches[0])
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stacked_qarray_used_whole_is_named():
+  def whole(params, x):  # every layer at once, outside any scan
+    return jnp.einsum("bi,lio->lbo", x, params["stack"])
+
+  x = jax.random.normal(jax.random.key(11), (4, 8))
+  sites = find_sites(_reverse_scan, REVERSED, x)
+  tree = js.quantize_params(REVERSED, ".*", LayerQuant(QuantSpec(bits=8), 8), contract_dims=sites)
+  with pytest.raises(IntegerPathError, match=r"`stack`.*stack of 3 layers used whole"):
+    quantized_apply(whole, strict=True)(tree, x)

@@ -415,17 +415,23 @@ def _layer_of(q: QArray, src) -> tuple[QArray, str | None]:
   """The QArray for the kernel `src` names: layer `i` of a stacked one inside a `scan`.
 
   Returns `(q, None)`, or `(q, why)` when a layer slice meets a QArray with no layer axis
-  (quantized across the layers, so no layer of its codes is a kernel of its own).
+  (quantized across the layers, so no layer of its codes is a kernel of its own), or a
+  stacked QArray is consumed whole.
   """
   inner = src.path if isinstance(src, Derived) else src
   if not isinstance(inner, LayerSlice):
-    return q, None
+    if q.layers is None:
+      return q, None
+    # No single layer's static activation scale applies: a fallback uses dynamic ones.
+    return dataclasses.replace(q, act_scale=None), (
+      f"it is a stack of {q.layers} layers used whole, not one layer at a time inside `scan`"
+    )
   if q.layers == inner.layers:
     return q[inner.index], None
   return q, (
     f"it is used one layer at a time inside `scan`, but was quantized as one {q.shape} kernel "
-    "without a layer axis (quantize it with its capture site, `contract_dims=find_sites(...)`, "
-    "or through `ptq`/`gptq`/`awq`, for per-layer scales)"
+    "without a layer axis (quantize it with its capture site, `contract_dims=jaxshrink.capture."
+    "find_sites(...)`, or through `ptq`/`gptq`/`awq`, for per-layer scales)"
   )
 
 
