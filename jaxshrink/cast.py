@@ -61,8 +61,12 @@ class Cast(Encoding):
     return f"{np.dtype(self.values.dtype).name} storage"
 
 
+# Casting halves biases and norm scales too, so the default selects leaves of every rank.
+EVERY_LEAF = Rule(min_ndim=0)
+
+
 @accepts_models
-def cast_params(tree: Any, rule: Rule | str = ".*", *, dtype: str = "bfloat16") -> Any:
+def cast_params(tree: Any, rule: Rule | str = EVERY_LEAF, *, dtype: str = "bfloat16") -> Any:
   """Stores every float leaf selected by `rule` as a `Cast` encoding.
 
   Leaves another technique already encoded are left as they are, so `cast`

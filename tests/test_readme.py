@@ -180,6 +180,10 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 
 
 PUBLIC = {
+  "Compressed",
+  "Linen",
+  "as_functional",
+  "serve",
   "BitmaskSparse",
   "Cast",
   "CheckpointError",
