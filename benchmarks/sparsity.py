@@ -167,7 +167,7 @@ def _shrink_row(pipeline):
              "sparsity": 0.75, "method": "oneshot", "keep_dense_below": 0}  # fmt: skip
   masked, _ = _stage(pipeline, **options, encode=False)
   masks = Pruner("(conv1|conv2|dense1)/kernel", 0.75, structure="channel").masks(pipeline.tree)
-  small_model, small = shrink_model(pipeline.model, masked.tree, masks)
+  small, small_model = shrink_model(pipeline.model, masked.tree, masks)
   x = pipeline.dataset.x_test[:256]
   big_fn = jax.jit(pipeline.model.apply)
   small_fn = jax.jit(small_model.apply)
@@ -219,7 +219,7 @@ def _heads_row():
   ds = data.get_dataset(model.data)
   start = time.perf_counter()
   masked, masks = oneshot_prune(params, Pruner(r".*attention/.*/kernel", 0.5, structure=Heads(4)))
-  small_model, small = shrink_model(model, masked, masks, structure="heads")
+  small, small_model = shrink_model(model, masked, masks, structure="heads")
   seconds = time.perf_counter() - start
   x = ds.x_test[:32]
   big_fn, small_fn = jax.jit(model.apply), jax.jit(small_model.apply)
