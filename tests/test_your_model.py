@@ -31,12 +31,8 @@ from jaxshrink.sparsity import Pruner
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# The techniques whose files `accepts_models` is not applied in yet, wrapped here alike.
-ptq = accepts_models(js.ptq)
-gptq = accepts_models(js.gptq)
-quantize_params = accepts_models(js.quantize_params)
-sparsegpt = accepts_models(js.sparsegpt, result="first")
-oneshot_prune = accepts_models(js.oneshot_prune, result="first")
+ptq, gptq, quantize_params = js.ptq, js.gptq, js.quantize_params
+sparsegpt, oneshot_prune = js.sparsegpt, js.oneshot_prune
 
 
 @pytest.fixture(scope="module")

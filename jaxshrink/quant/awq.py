@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxshrink import capture
 from jaxshrink.capture import kernel_matrix
+from jaxshrink.model import accepts_models
 from jaxshrink.quant import numerics
 from jaxshrink.quant.gptq import check_spec, layer_specs, paths_rule
 from jaxshrink.quant.ptq import Overrides
@@ -174,6 +175,7 @@ def awq_matrix(
   return numerics.quantize_codes(scaled, scale, zp, spec), scale, zp, s, alpha
 
 
+@accepts_models
 def awq(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,

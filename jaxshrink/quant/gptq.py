@@ -49,6 +49,7 @@ from jax import lax
 
 from jaxshrink.capture import kernel_matrix
 from jaxshrink.hessian import collect_hessians, damped_inverse_cholesky
+from jaxshrink.model import accepts_models
 from jaxshrink.quant import numerics
 from jaxshrink.quant.ptq import LayerQuant, Overrides, resolve_layers
 from jaxshrink.quant.qarray import QArray, normalize_contract_dims, stack
@@ -298,6 +299,7 @@ def gptq_kernel(
   )
 
 
+@accepts_models
 def gptq(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,

@@ -25,6 +25,7 @@ import numpy as np
 from jaxshrink.capture import Site, kernel_matrix
 from jaxshrink.encoding import Encoding, materialize
 from jaxshrink.errors import InvalidValueError
+from jaxshrink.model import accepts_models
 from jaxshrink.quant import numerics
 from jaxshrink.quant.calibrate import calibrate, check_batches, check_method
 from jaxshrink.quant.qarray import QArray, default_contract_dims, normalize_contract_dims
@@ -96,6 +97,7 @@ def quantize_leaf(
   return dataclasses.replace(q, act_bits=int(layer.activation_bits), act_scale=act_scale)
 
 
+@accepts_models
 def quantize_params(
   params: Any,
   rule: Rule | str | Overrides,
@@ -149,6 +151,7 @@ def quantize_params(
   return map_with_path(visit, params)
 
 
+@accepts_models
 def ptq(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,

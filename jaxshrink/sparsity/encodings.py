@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxshrink.encoding import Encoding, register_encoding
 from jaxshrink.errors import InvalidValueError
+from jaxshrink.model import accepts_models
 
 
 def _dense(values: Any) -> jax.Array:
@@ -221,6 +222,7 @@ def _values_encoder(bits: int | None, path: str):
   return encode
 
 
+@accepts_models
 def encode_sparse(
   tree: Any,
   rule: Any = ".*kernel",

@@ -27,12 +27,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxshrink import capture, hessian
+from jaxshrink.model import accepts_models
 from jaxshrink.sparsity.allocation import Pruner, apply_masks
 from jaxshrink.sparsity.criteria import _from_matrix
 from jaxshrink.sparsity.structures import NM, Unstructured, keep_top, nm_mask
 from jaxshrink.tree import flatten, map_with_path
 
 
+@accepts_models(result="first")
 def oneshot_prune(
   params: Any, pruner: Pruner, *, grads: Any = None, key: jax.Array | None = None
 ) -> tuple[Any, Any]:
@@ -92,6 +94,7 @@ def _wanda_mask(pruner, w, contract_dims, sum_squares, sparsity, comparison):
   return _from_matrix(per_output, w.shape, contract_dims)
 
 
+@accepts_models(result="first")
 def wanda(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,
@@ -203,6 +206,7 @@ def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, p
   return pruned, _from_matrix(keep.T, w.shape, contract_dims)
 
 
+@accepts_models(result="first")
 def sparsegpt(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,
