@@ -92,12 +92,14 @@ class LayerSlice(str):
   (True, 2, 4)
   """
 
-  index: int
+  index: int | jax.Array
   layers: int
 
   def __new__(cls, path: str, index: int, layers: int) -> LayerSlice:
     obj = super().__new__(cls, path)
-    obj.index, obj.layers = int(index), int(layers)
+    # A traced index inside a scan the replay keeps rolled (serving, QAT); else an int.
+    obj.index = index if isinstance(index, jax.core.Tracer) else int(index)
+    obj.layers = int(layers)
     return obj
 
   def __repr__(self) -> str:
@@ -263,10 +265,11 @@ Substitute = Callable[[Any, list, list], Any]
 class _Replay:
   """Evaluates a jaxpr, following param provenance and feeding reducers.
 
-  Control flow is followed wherever an operand carries provenance: a `scan` is unrolled (its
-  body replayed once per iteration, `xs` sliced at `i`, so a stacked leaf's layer `i` is a
-  `LayerSlice`; consts keep their plain provenance: weights shared by every iteration). With
-  a `substitute` (serving, QAT), `cond` replays every branch inside `lax.switch` and `while`
+  Control flow is followed wherever an operand carries provenance: a `scan`'s body is replayed
+  with a stacked leaf's layer `i` tagged `LayerSlice` (consts keep their plain provenance:
+  weights shared by every iteration); calibration unrolls it, so statistics go per layer, and
+  a substitution alone keeps it rolled with `i` traced. With a `substitute` (serving, QAT),
+  `cond` replays every branch inside `lax.switch` and `while`
   its body inside `lax.while_loop`, substituting in each; calibration (reducers) cannot
   accumulate statistics inside them and raises `ControlFlowError` naming the leaf.
   """
@@ -361,7 +364,12 @@ class _Replay:
     return outs, [src.get(v) if not isinstance(v, jcore.Literal) else None for v in jaxpr.outvars]
 
   def _scan(self, eqn, invals, in_src):
-    """Unrolls a scan: layer `i` of a stacked `xs` leaf becomes `LayerSlice(path, i, length)`."""
+    """Follows a scan: layer `i` of a stacked `xs` leaf becomes `LayerSlice(path, i, length)`.
+
+    Calibration unrolls it (statistics go to layer `i` of each state); a substitution alone
+    (serving, QAT) replays the body once inside `lax.scan`, with `i` traced, so the compiled
+    program does not grow with the number of layers.
+    """
     p = eqn.params
     body, length = p["jaxpr"], int(p["length"])
     nc, ncarry = p["num_consts"], p["num_carry"]
@@ -371,17 +379,35 @@ class _Replay:
     xs_src = in_src[nc + ncarry :]
     nested = [s for s in xs_src if isinstance(s, LayerSlice) or isinstance(s, Derived)]
     self.note("scan", nested)  # a layer of a layer, or a transposed stack: not followed
+
+    def layer_sources(i):
+      return [
+        LayerSlice(s, i, length) if isinstance(s, str) and not isinstance(s, LayerSlice) else None
+        for s in xs_src
+      ]
+
+    if not self.reducers and length:
+
+      def step(carry, xs_i):
+        outs, _ = self.run(
+          body.jaxpr, body.consts, [*consts, *carry, *xs_i[1:]],
+          [*in_src[:nc], *([None] * ncarry), *layer_sources(xs_i[0])],
+        )  # fmt: skip
+        new = [o.astype(c.dtype) for o, c in zip(outs[:ncarry], carry, strict=True)]
+        return new, list(outs[ncarry:])
+
+      index = jnp.arange(length, dtype=jnp.int32)
+      carry, ys = lax.scan(
+        step, carry, [index, *xs], length=length, reverse=p["reverse"], unroll=p["unroll"]
+      )
+      return [*carry, *ys]
     n_ys = len(eqn.outvars) - ncarry
     ys: list[list[Any]] = [[None] * length for _ in range(n_ys)]
     for step in range(length):
       i = length - 1 - step if p["reverse"] else step
-      x_src = [
-        LayerSlice(s, i, length) if isinstance(s, str) and not isinstance(s, LayerSlice) else None
-        for s in xs_src
-      ]
       outs, _ = self.run(
         body.jaxpr, body.consts, [*consts, *carry, *[x[i] for x in xs]],
-        [*in_src[:nc], *([None] * ncarry), *x_src],
+        [*in_src[:nc], *([None] * ncarry), *layer_sources(i)],
       )  # fmt: skip
       carry = list(outs[:ncarry])
       for j, y in enumerate(outs[ncarry:]):

@@ -75,6 +75,14 @@ def qat_apply(
     overrides: per-rule settings (None keeps a layer float).
     mode: `fake` (float math), `int` (int8 forward, float STE backward) or `int_full` (int8
       forward and backward); integer modes apply to 8-bit per-channel Dense layers.
+
+  Kernels stacked by `nn.scan` / `nnx.scan` are fake-quantized one layer at a time inside the
+  scan (each layer's own scales), and `cond` / `while` bodies are followed.
+
+  Raises:
+    ControlFlowError: (when the returned apply is traced) a selected kernel never reaches a
+      matmul or conv the replay can follow, e.g. a layer of an already sliced stack; the
+      message names the leaf and the primitive.
   """
   if mode not in QAT_MODES:
     raise ValueError(f"QAT `mode` must be one of {list(QAT_MODES)}; got {mode!r}.")
