@@ -13,9 +13,11 @@ from jaxshrink import (
   Cast,
   CheckpointError,
   Encoding,
+  QuantSpec,
   cast_params,
   load,
   materialize,
+  quantize_params,
   read_manifest,
   register_encoding,
   save,
@@ -257,3 +259,25 @@ def test_load_selected_leaves_reads_only_their_arrays(tmp_path):
     load(tmp_path / "ck")
   with pytest.raises(CheckpointError, match=r"has no leaf 'c/kernel'; its leaves are a/kernel"):
     load(tmp_path / "ck", leaves=["c/kernel"])
+
+
+@pytest.mark.parametrize(
+  "spec", [QuantSpec(bits=8), QuantSpec(bits=4, group_size=16, symmetric=False)]
+)
+def test_stacked_qarray_round_trip_and_layer_count_is_checked(tmp_path, spec):
+  from jaxshrink.quant.qarray import stack
+
+  w = jax.random.normal(jax.random.key(0), (3, 64, 32))
+  layers = [quantize_params({"k": w[i]}, "k", spec)["k"] for i in range(3)]
+  tree = {"blocks": {"kernel": stack(layers)}}
+  save(tmp_path / "c", tree)
+  back = load(tmp_path / "c")["blocks"]["kernel"]
+  assert back.layers == 3 and back.shape == (3, 64, 32)
+  np.testing.assert_array_equal(back.materialize(), tree["blocks"]["kernel"].materialize())
+  manifest_path = tmp_path / "c" / MANIFEST
+  manifest = json.loads(manifest_path.read_text())
+  leaf = next(entry for entry in manifest["leaves"] if entry["path"] == "blocks/kernel")
+  leaf["static"]["layers"] = 2  # one layer short of the stored arrays
+  manifest_path.write_text(json.dumps(manifest))
+  with pytest.raises(CheckpointError, match=r"static\.layers"):
+    load(tmp_path / "c")

@@ -180,8 +180,10 @@ class _Expect:
     else:
       self.out[field] = _Spec(tuple(dtypes), None if shape is None else tuple(shape), optional)
 
-  def contract(self) -> tuple[int, int]:
-    dims, rank = self.meta.static.get("contract_dims"), len(self.meta.shape)
+  def contract(self, shape: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """`(K, N)`, the matrix view of `shape` (default: the logical shape)."""
+    shape = self.meta.shape if shape is None else shape
+    dims, rank = self.meta.static.get("contract_dims"), len(shape)
     if (
       not isinstance(dims, list)
       or not dims
@@ -189,8 +191,19 @@ class _Expect:
       or len(set(dims)) != len(dims)
     ):
       raise self.fail("static.contract_dims", f"distinct axes of a rank-{rank} array", dims)
-    k = math.prod(self.meta.shape[d] for d in dims)
-    return k, math.prod(self.meta.shape) // max(k, 1)
+    k = math.prod(shape[d] for d in dims)
+    return k, math.prod(shape) // max(k, 1)
+
+  def layers(self) -> tuple[int, ...]:
+    """`(L,)` for a kernel stacked on a leading layer axis (`static.layers`), else `()`."""
+    if self.meta.static.get("layers") is None:
+      return ()
+    if not self.meta.shape:
+      raise self.fail("static.layers", "null for a rank-0 array", self.meta.static["layers"])
+    layers = self.static("layers", 1, self.meta.shape[0])
+    if layers != self.meta.shape[0]:
+      raise self.fail("static.layers", f"shape[0] = {self.meta.shape[0]}", layers)
+    return (layers,)
 
 
 def _qarray(e: _Expect) -> None:
@@ -211,12 +224,16 @@ def _qarray(e: _Expect) -> None:
     raise e.fail("static.note", "a string", s.get("note"))
   if s.get("act_bits") is not None and s.get("act_bits") not in INT_BITS:
     raise e.fail("static.act_bits", f"null or one of {list(INT_BITS)}", s.get("act_bits"))
-  k, n = e.contract()
+  lead = e.layers()  # a stacked kernel: every array has a leading layer axis
+  layer_shape = e.meta.shape[len(lead) :]
+  k, n = e.contract(layer_shape)
   if (s.get("k"), s.get("n")) != (k, n):
-    raise e.fail("static.k/n", f"({k}, {n}), the matrix view of {list(e.meta.shape)}",
+    raise e.fail("static.k/n", f"({k}, {n}), the matrix view of {list(layer_shape)}",
                  (s.get("k"), s.get("n")))  # fmt: skip
   group = s.get("group_size")
   if s.get("table", False) is not False:
+    if lead:
+      raise e.fail("static.layers", "null for an embedding table", s.get("layers"))
     _table(e, s, k)
   if s["per_tensor"] or group is None:
     if group is not None:
@@ -225,16 +242,16 @@ def _qarray(e: _Expect) -> None:
   else:
     scale = (math.ceil(k / e.static("group_size", 1, max(k, 1))), n)
   if fmt != "int":
-    e.part("codes", [FP8[fmt]], (k, n))
+    e.part("codes", [FP8[fmt]], (*lead, k, n))
   elif bits == 8:
-    e.part("codes", ["int8"], (k, n))
+    e.part("codes", ["int8"], (*lead, k, n))
   else:
-    e.part("codes", ["uint8"], (packed_rows(k, bits), n))
-  e.part("scale", ["float32", "bfloat16"], scale)
+    e.part("codes", ["uint8"], (*lead, packed_rows(k, bits), n))
+  e.part("scale", ["float32", "bfloat16"], (*lead, *scale))
   if not s["symmetric"]:
-    e.part("zero_point", ["int8"], scale)
-  e.part("input_scale", ["float32"], (k,), optional=True)
-  e.part("act_scale", ["float32"], (1,), optional=True)
+    e.part("zero_point", ["int8"], (*lead, *scale))
+  e.part("input_scale", ["float32"], (*lead, k), optional=True)
+  e.part("act_scale", ["float32"], (*lead, 1), optional=True)
 
 
 def _table(e: _Expect, s: dict[str, Any], k: int) -> None:
