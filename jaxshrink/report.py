@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxshrink import encoding
+from jaxshrink.model import accepts_models
 from jaxshrink.tree import flatten
 
 
@@ -201,8 +202,9 @@ def leaf_report(path: str, leaf: Any) -> LeafReport:
   )
 
 
+@accepts_models(result="as_is")
 def tree_report(tree: Any) -> TreeReport:
-  """Stats for every leaf of a (compressed) parameter tree."""
+  """Stats for every leaf of a (compressed) parameter tree, or of a model's (`jaxshrink.model`)."""
   return TreeReport(layers=tuple(leaf_report(p, leaf) for p, leaf in flatten(tree).items()))
 
 
