@@ -15,11 +15,12 @@ row-major order. So `x2d @ kernel_matrix(w, site.contract_dims)` is the layer's
 output: a Dense kernel `(in, out)` gives `K = in`; a conv kernel
 `(kh, kw, cin, cout)` gives `K = kh * kw * cin` from image patches.
 
-Control flow is followed: a `scan` is unrolled, so layers stacked by `nn.scan` / `nnx.scan`
-(params with a leading layer axis) are seen one layer at a time and get statistics per layer
-(a leading layer axis, `Site.layers`); serving and QAT substitutions also reach into `cond`
-branches and `while` bodies. What cannot be followed raises `ControlFlowError` naming the
-primitive and the leaf, so no kernel silently stays float.
+Control flow is followed: a `scan`'s body is replayed with layer `i` of each stacked leaf
+tagged, so layers stacked by `nn.scan` / `nnx.scan` (params with a leading layer axis) are
+seen one layer at a time and get statistics per layer (a leading layer axis, `Site.layers`);
+serving and QAT substitutions also reach into `cond` branches and `while` bodies. What cannot
+be followed raises `ControlFlowError` naming the primitive and the leaf, so no kernel silently
+stays float.
 
 >>> found = collect(model.apply, params, batches, ".*kernel", {"absmax": absmax_reducer()})
 >>> found.stats["Dense_0/kernel"]["absmax"].shape      # (in_features,)
@@ -68,8 +69,8 @@ _CALLS = {
 }
 # Ops whose kernel input the replay records (no note that it was not followed).
 _RECORDED = frozenset({"dot_general", "conv_general_dilated"})
-# Control flow the replay follows into its bodies (see `_Replay`): `scan` is unrolled, so a
-# stacked leaf's layer `i` is `LayerSlice(path, i, layers)`; `cond` and `while` are replayed
+# Control flow the replay follows into its bodies (see `_Replay`): in a `scan`, a stacked
+# leaf's layer `i` is `LayerSlice(path, i, layers)`; `cond` and `while` are replayed
 # inside `lax.switch` / `lax.while_loop` with the substitution applied in every body.
 CONTROL_FLOW = frozenset({"scan", "while", "cond"})
 
@@ -82,7 +83,8 @@ class LayerSlice(str):
   """Provenance of layer `index` of a leaf stacked on a leading layer axis of `layers`.
 
   `nn.scan` / `nnx.scan` feed each stacked param to the loop body one layer at a time; the
-  replay unrolls the loop and tags layer `i` of leaf `path` with this. It equals (and hashes
+  replay tags layer `i` of leaf `path` with this (`i` an int where the loop is unrolled, a
+  traced int32 scalar where it stays rolled). It equals (and hashes
   like) the plain path, so a substitute that looks kernels up by path finds it and works on
   the slice it is given; code that needs the layer (per-layer statistics, a stacked `QArray`)
   reads `index` and `layers`.
@@ -267,8 +269,9 @@ class _Replay:
 
   Control flow is followed wherever an operand carries provenance: a `scan`'s body is replayed
   with a stacked leaf's layer `i` tagged `LayerSlice` (consts keep their plain provenance:
-  weights shared by every iteration); calibration unrolls it, so statistics go per layer, and
-  a substitution alone keeps it rolled with `i` traced. With a `substitute` (serving, QAT),
+  weights shared by every iteration). The loop stays rolled with `i` traced (calibration
+  carries its statistics through it and updates layer `i` of each), except in calibration's
+  first, abstract pass, which unrolls it to find the sites. With a `substitute` (serving, QAT),
   `cond` replays every branch inside `lax.switch` and `while`
   its body inside `lax.while_loop`, substituting in each; calibration (reducers) cannot
   accumulate statistics inside them and raises `ControlFlowError` naming the leaf.
@@ -281,8 +284,12 @@ class _Replay:
     states: dict,
     substitute: Callable[[Any, list, list], list | None] | None = None,
     layout_ops: frozenset[str] = frozenset(),
+    roll: bool = False,
   ):
     self.selected = selected
+    # Keep scans rolled while calibrating: only once `states` holds every site's statistics
+    # (they become the loop's carry, updated at the traced layer index).
+    self.roll = roll
     self.layout_ops = layout_ops
     self.reducers = reducers
     self.states = states  # path -> name -> state, updated in place
@@ -366,9 +373,10 @@ class _Replay:
   def _scan(self, eqn, invals, in_src):
     """Follows a scan: layer `i` of a stacked `xs` leaf becomes `LayerSlice(path, i, length)`.
 
-    Calibration unrolls it (statistics go to layer `i` of each state); a substitution alone
-    (serving, QAT) replays the body once inside `lax.scan`, with `i` traced, so the compiled
-    program does not grow with the number of layers.
+    The body is replayed once inside `lax.scan`, with `i` traced, so the compiled program
+    does not grow with the number of layers; calibration's statistics ride in the carry and
+    layer `i` of each is updated. Calibration's first pass (no states yet: it discovers the
+    sites, abstractly) unrolls the loop instead, so each site's state exists before it rolls.
     """
     p = eqn.params
     body, length = p["jaxpr"], int(p["length"])
@@ -386,20 +394,28 @@ class _Replay:
         for s in xs_src
       ]
 
-    if not self.reducers and length:
+    if length and (not self.reducers or self.roll):
 
       def step(carry, xs_i):
+        carry, states = carry
+        self.states = {p: dict(named) for p, named in states.items()}
         outs, _ = self.run(
           body.jaxpr, body.consts, [*consts, *carry, *xs_i[1:]],
           [*in_src[:nc], *([None] * ncarry), *layer_sources(xs_i[0])],
         )  # fmt: skip
+        new_paths = sorted(set(self.states) - set(states))
+        if self.reducers and new_paths:  # collect gives every site a state before it rolls
+          raise ControlFlowError(f"Calibration met new kernels in a rolled `scan`: {new_paths}.")
+        self.states = {p: named for p, named in self.states.items() if p in states}
         new = [o.astype(c.dtype) for o, c in zip(outs[:ncarry], carry, strict=True)]
-        return new, list(outs[ncarry:])
+        states_out = jax.tree.map(lambda n, o: n.astype(o.dtype), self.states, states)
+        return (new, states_out), list(outs[ncarry:])
 
       index = jnp.arange(length, dtype=jnp.int32)
-      carry, ys = lax.scan(
-        step, carry, [index, *xs], length=length, reverse=p["reverse"], unroll=p["unroll"]
-      )
+      (carry, self.states), ys = lax.scan(
+        step, (carry, self.states), [index, *xs], length=length, reverse=p["reverse"],
+        unroll=p["unroll"],
+      )  # fmt: skip
       return [*carry, *ys]
     n_ys = len(eqn.outvars) - ncarry
     ys: list[list[Any]] = [[None] * length for _ in range(n_ys)]
@@ -512,7 +528,7 @@ def replay_with(
     unfollowed: if given, filled with `{path: primitive}`: the first op each followed leaf
       entered that the replay does not follow (its value there is no longer tracked).
 
-  Control flow is followed (see `_Replay`): inside an unrolled `scan`, layer `i` of a stacked
+  Control flow is followed (see `_Replay`): inside a `scan`, layer `i` of a stacked
   leaf reaches `substitute` as `LayerSlice(path, i, layers)` (equal to `path`) with the
   slice as its value; `cond` branches and `while` bodies are substituted too.
 
@@ -657,7 +673,7 @@ def collect(
   def step(leaves, x, states):
     closed = jax.make_jaxpr(lambda lv, x: apply_fn(jax.tree.unflatten(treedef, lv), x))(leaves, x)
     x_leaves = jax.tree.leaves(x)
-    replay = _Replay(selected, reducers, dict(states))
+    replay = _Replay(selected, reducers, dict(states), roll=bool(states))
     replay.run(
       closed.jaxpr, closed.consts, [*leaves, *x_leaves], [*origin, *([None] * len(x_leaves))]
     )
