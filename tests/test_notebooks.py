@@ -63,6 +63,28 @@ assert results["int4 GPTQ"]["neighbour_agreement"] >= 0.95
 assert results["int4 GPTQ + int8 embeddings"]["mean_cosine"] > 0.95
 assert reference / sizes["int4 GPTQ + int8 embeddings"] > 4.5
 """,
+  "07_your_own_model.ipynb": """
+import flax.linen as nn
+from flax import nnx
+assert isinstance(cnn, nnx.Module) and isinstance(compressed["cnn"]["W8A8"], js.Compressed)
+assert isinstance(compressed["mlp"]["GPTQ int4"], js.Linen)
+assert "batch_stats" in compressed["mlp"]["2:4 + int4"].variables
+assert len(rows) == 9
+for r in rows:
+  better = r["model"] != "decoder"
+  for mode in ("integer", "bfloat16"):
+    drop = (r["float"] - r[mode]) if better else (r[mode] - r["float"]) / r["float"]
+    limit = {"W8A8": 0.02, "GPTQ int4": 0.05, "2:4 + int4": 0.12}[r["method"]]
+    assert drop <= limit, (r["model"], r["method"], mode, r["float"], r[mode])
+  result = cli[r["model"], r["method"]]  # from `jaxshrink eval` with the user metric
+  mode = result["serving_mode"]
+  assert mode == ("bfloat16" if r["method"] == "GPTQ int4" else "integer")
+  assert abs(result["value"] - r[mode]) <= 1e-3 * max(1.0, abs(r[mode])), (result, r)
+  assert abs(result["reference_value"] - r["float"]) <= 1e-3 * max(1.0, abs(r["float"]))
+  assert r["x smaller"] > {"W8A8": 2.5, "GPTQ int4": 3.0, "2:4 + int4": 2.0}[r["method"]], r
+stacked = compressed["decoder"]["W8A8"].tree["params"]["blocks"]["up"]["kernel"]
+assert stacked.shape[0] == 2 and stacked.scale.shape[0] == 2  # one scale set per layer
+""",
   "06_compress_on_tpu.ipynb": """
 assert len(jax.devices()) >= 2 and mesh.size == len(jax.devices())
 assert restored_accuracy == sharded_accuracy and sharded_accuracy > 0.98
