@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxshrink.errors import JaxshrinkError, UsageError
+from jaxshrink.errors import InvalidValueError, JaxshrinkError, UsageError
 from jaxshrink.report import format_bytes
 
 RESULTS = "results"
@@ -216,7 +216,7 @@ def digits_images(value: float, reference: float) -> int:
   for name, accuracy in (("value", value), ("reference", reference)):
     count = accuracy * DIGITS_TEST_IMAGES
     if abs(count - round(count)) > 1e-6:
-      raise ValueError(
+      raise InvalidValueError(
         f"`{name}`={accuracy!r} is not a whole number of the {DIGITS_TEST_IMAGES} digits test "
         f"images ({count:.3f}); pass accuracies measured on the full `digits` test split."
       )

@@ -40,7 +40,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jaxshrink.encoding import is_encoding
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidTypeError, JaxshrinkError
 from jaxshrink.tree import (
   Rule,
   as_rule,
@@ -578,7 +578,7 @@ def _leaf_param_paths(params: Any, n_leaves: int) -> list[str | None]:
   if has_other_collections(params):
     paths = [p.removeprefix("params/") if p.startswith("params/") else None for p in paths]
   if len(paths) != n_leaves:
-    raise TypeError(
+    raise InvalidTypeError(
       f"collect() could not give each of the {n_leaves} leaves of the param tree a path "
       f"(found {len(paths)}); pass a dict, a linen variable dict or an nnx.State."
     )

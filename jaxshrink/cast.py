@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink.encoding import Encoding, register_encoding
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.model import accepts_models
 from jaxshrink.tree import Rule, map_selected
 
@@ -42,12 +43,12 @@ class Cast(Encoding):
   @classmethod
   def encode(cls, x: jax.Array, storage_dtype: str, *, path: str = "<array>") -> Cast:
     if storage_dtype not in cls.STORAGE_DTYPES:
-      raise ValueError(
+      raise InvalidValueError(
         f"cast `dtype` must be one of {list(cls.STORAGE_DTYPES)}; got {storage_dtype!r} "
         f"for `{path}`."
       )
     if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(
+      raise InvalidTypeError(
         f"cast needs a float array at `{path}`; got dtype {x.dtype}. Exclude integer "
         "leaves from the rule's `target`."
       )

@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
+
 _REGISTRY: dict[str, type[Encoding]] = {}
 
 
@@ -102,9 +104,11 @@ def register_encoding(cls: type) -> type:
   fields = [f.name for f in dataclasses.fields(cls)]
   unknown = set(cls.array_fields) - set(fields)
   if unknown:
-    raise TypeError(f"{cls.__name__}.array_fields names missing fields {sorted(unknown)}.")
+    raise InvalidTypeError(f"{cls.__name__}.array_fields names missing fields {sorted(unknown)}.")
   if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-    raise ValueError(f"Encoding name `{cls.name}` is already registered by {_REGISTRY[cls.name]}.")
+    raise InvalidValueError(
+      f"Encoding name `{cls.name}` is already registered by {_REGISTRY[cls.name]}."
+    )
   meta = [f for f in fields if f not in cls.array_fields]
   jax.tree_util.register_dataclass(cls, data_fields=list(cls.array_fields), meta_fields=meta)
   _REGISTRY[cls.name] = cls
@@ -116,7 +120,7 @@ def encoding_class(name: str) -> type[Encoding]:
   try:
     return _REGISTRY[name]
   except KeyError:
-    raise ValueError(
+    raise InvalidValueError(
       f"Unknown encoding `{name}`; known encodings: {', '.join(sorted(_REGISTRY))}. "
       "The checkpoint may come from a newer jaxshrink: upgrade it."
     ) from None

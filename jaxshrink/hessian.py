@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink import capture
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidValueError, JaxshrinkError
 from jaxshrink.tree import Rule, select
 
 # Damping a retry falls back to when the caller asked for none (10x of it can never help).
@@ -49,7 +49,7 @@ def hessian_from_gram(gram: jax.Array, count: Any) -> jax.Array:
   """
   gram = jnp.asarray(gram, jnp.float32)
   if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-    raise ValueError(f"`gram` must be a square (K, K) matrix; got shape {gram.shape}.")
+    raise InvalidValueError(f"`gram` must be a square (K, K) matrix; got shape {gram.shape}.")
   if not isinstance(count, jax.core.Tracer) and float(count) <= 0:
     raise JaxshrinkError(
       f"`count` must be the positive number of calibration rows; got {float(count)}. "
@@ -104,11 +104,13 @@ def damped_inverse_cholesky(
   """
   h = jnp.asarray(h, jnp.float32)
   if h.ndim != 2 or h.shape[0] != h.shape[1]:
-    raise ValueError(f"The Hessian of `{path}` must be a square (K, K) matrix; got {h.shape}.")
+    raise InvalidValueError(
+      f"The Hessian of `{path}` must be a square (K, K) matrix; got {h.shape}."
+    )
   if not isinstance(damp, (int, float)) or not np.isfinite(damp) or damp < 0:
-    raise ValueError(f"`damp` must be a finite float >= 0; got {damp!r}. 0.01 is typical.")
+    raise InvalidValueError(f"`damp` must be a finite float >= 0; got {damp!r}. 0.01 is typical.")
   if not isinstance(max_tries, int) or max_tries < 1:
-    raise ValueError(f"`max_tries` must be an int >= 1; got {max_tries!r}.")
+    raise InvalidValueError(f"`max_tries` must be an int >= 1; got {max_tries!r}.")
   if not bool(jnp.all(jnp.isfinite(h))):
     raise JaxshrinkError(
       f"The Hessian of `{path}` holds NaN or Inf: its calibration activations overflowed. "

@@ -36,6 +36,7 @@ import jax
 from flax import nnx
 
 from jaxshrink.encoding import is_encoding
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 
 PARAMS = "params"
 
@@ -94,7 +95,7 @@ class NnxGraph:
     )[0]
     leaves, treedef = jax.tree.flatten(state)
     if len(leaves) != len(variables):
-      raise TypeError(
+      raise InvalidTypeError(
         f"{type(module).__name__} holds a variable whose value is not one array; jaxshrink "
         "reads nnx variables that hold one array each."
       )
@@ -218,7 +219,7 @@ def as_functional(model: Any, params: Any = None) -> tuple[Callable[..., Any], A
     return module.apply, variables if params is None else params
   if callable(model):
     return model, params
-  raise TypeError(
+  raise InvalidTypeError(
     f"expected an nnx module, `Linen(module, variables)` or an `apply(params, x)` function; "
     f"got {type(model).__name__}."
   )
@@ -279,7 +280,7 @@ def accepts_models(fn: Callable[..., Any] | None = None, *, result: str = "tree"
   if fn is None:
     return functools.partial(accepts_models, result=result)
   if result not in ("tree", "first", "as_is"):
-    raise ValueError(f"`result` must be 'tree', 'first' or 'as_is'; got {result!r}.")
+    raise InvalidValueError(f"`result` must be 'tree', 'first' or 'as_is'; got {result!r}.")
   names = list(inspect.signature(fn).parameters)
   takes_apply = len(names) > 1 and names[1] in ("params", "ctree", "tree")
 
@@ -330,7 +331,7 @@ def functional(model: Any) -> tuple[Callable[[Any, Any], Any], Any]:
     return (lambda p, x: nnx.merge(graphdef, p, rest)(x)), params
   if callable(model):
     return model, None
-  raise TypeError(
+  raise InvalidTypeError(
     f"expected a ZooModel, a linen/nnx module or an `apply(params, x)` callable; got "
     f"{type(model).__name__}."
   )

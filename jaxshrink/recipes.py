@@ -42,7 +42,7 @@ from typing import Any
 
 import jax
 
-from jaxshrink.errors import JaxshrinkError, UsageError
+from jaxshrink.errors import InvalidTypeError, JaxshrinkError, UsageError
 from jaxshrink.report import TreeReport, tree_report
 from jaxshrink.tree import Rule
 
@@ -449,7 +449,7 @@ def evaluate_user_metric(model: Any, tree: Any, dataset: Any, *, batch_size: int
   try:
     return float(value)
   except (TypeError, ValueError):
-    raise TypeError(
+    raise InvalidTypeError(
       f"metric {model.metric!r} must return a number; got {type(value).__name__}."
     ) from None
 

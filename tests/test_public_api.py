@@ -68,3 +68,20 @@ def test_your_own_model_names():
   assert jaxshrink.as_functional is model.as_functional
   assert jaxshrink.serve is serving.serve
   assert jaxshrink.distill.functional is model.functional  # one function, two addresses
+
+
+def test_bad_values_raise_jaxshrink_errors():
+  """No bare `raise ValueError(...)` / `raise TypeError(...)`: the library's own subclasses
+  (`InvalidValueError`, `InvalidTypeError`, ...) are still ValueError/TypeError, and the CLI
+  reports them in one line."""
+  import ast
+  from pathlib import Path
+
+  bare = []
+  for path in Path(jaxshrink.__file__).parent.rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+        name = getattr(node.exc.func, "id", None)
+        if name in ("ValueError", "TypeError"):
+          bare.append(f"{path.name}:{node.lineno}")
+  assert bare == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxshrink.errors import InvalidValueError
+
 
 def random_translate(key: jax.Array, images: jax.Array, max_shift: int = 1) -> jax.Array:
   """Shifts each image by an independent random offset in [-max_shift, max_shift] pixels.
@@ -25,9 +27,9 @@ def random_translate(key: jax.Array, images: jax.Array, max_shift: int = 1) -> j
   (4, 8, 8, 1)
   """
   if max_shift < 0:
-    raise ValueError(f"`max_shift` must be >= 0; got {max_shift}.")
+    raise InvalidValueError(f"`max_shift` must be >= 0; got {max_shift}.")
   if images.ndim != 4:
-    raise ValueError(f"`images` must be (B, H, W, C); got shape {images.shape}.")
+    raise InvalidValueError(f"`images` must be (B, H, W, C); got shape {images.shape}.")
   pad = ((max_shift, max_shift), (max_shift, max_shift), (0, 0))
 
   def translate_one(one_key: jax.Array, image: jax.Array) -> jax.Array:

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidTypeError, InvalidValueError, JaxshrinkError
 
 CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language-model"
@@ -48,13 +48,13 @@ class Dataset:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(
+      raise InvalidValueError(
         f"`kind` must be one of {list(KINDS)}; got {self.kind!r} for dataset {self.name!r}."
       )
     for split in ("train", "test"):
       x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
       if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-        raise TypeError(
+        raise InvalidTypeError(
           f"`x_{split}` and `y_{split}` of dataset {self.name!r} must be NumPy arrays; got "
           f"{type(x).__name__} and {type(y).__name__}. Wrap them with `np.asarray`."
         )
@@ -79,7 +79,9 @@ class Dataset:
           f"`x_{split}.shape == y_{split}.shape`; got {x.shape} and {y.shape}."
         )
     if self.num_classes < 1:
-      raise ValueError(f"`num_classes` must be >= 1; got {self.num_classes} for {self.name!r}.")
+      raise InvalidValueError(
+        f"`num_classes` must be >= 1; got {self.num_classes} for {self.name!r}."
+      )
 
   @property
   def num_train(self) -> int:

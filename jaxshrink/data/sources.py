@@ -18,7 +18,7 @@ from jaxshrink.data.dataset import (
 )
 from jaxshrink.data.registry import get_dataset, list_datasets
 from jaxshrink.data.text import BYTE_VOCAB_SIZE, text_test_dataset
-from jaxshrink.errors import CheckpointError, JaxshrinkError
+from jaxshrink.errors import CheckpointError, InvalidTypeError, JaxshrinkError
 
 
 def _expected_sources() -> str:
@@ -186,7 +186,7 @@ def load_data_source(source: str) -> Dataset:
   10
   """
   if not isinstance(source, str):
-    raise TypeError(f"`source` must be a str; got {type(source).__name__}.")
+    raise InvalidTypeError(f"`source` must be a str; got {type(source).__name__}.")
   if source in list_datasets():
     return get_dataset(source)
   path = pathlib.Path(source).expanduser()
@@ -204,7 +204,7 @@ def load_data_source(source: str) -> Dataset:
     if isinstance(dataset, dict):
       return dataset_from_arrays(dataset, source, f"data factory {source!r}")
     if not isinstance(dataset, Dataset):
-      raise TypeError(
+      raise InvalidTypeError(
         f"data factory {source!r} must return a dict of arrays (`x_test`, `y_test`, ...) or a "
         f"jaxshrink.data.Dataset; got {type(dataset).__name__}."
       )

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxshrink.data.cache import atomic_write_bytes, cache_dir
 from jaxshrink.data.dataset import LANGUAGE_MODEL, Dataset, freeze_arrays
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidValueError, JaxshrinkError
 
 BYTE_VOCAB_SIZE = 256
 CONTEXT_LENGTH = 64
@@ -149,10 +149,10 @@ def windows(
   ([[0, 1, 2, 3], [4, 5, 6, 7]], [[1, 2, 3, 4], [5, 6, 7, 8]])
   """
   if length < 1:
-    raise ValueError(f"`length` must be >= 1; got {length}.")
+    raise InvalidValueError(f"`length` must be >= 1; got {length}.")
   stride = length if stride is None else stride
   if stride < 1:
-    raise ValueError(f"`stride` must be >= 1; got {stride}.")
+    raise InvalidValueError(f"`stride` must be >= 1; got {stride}.")
   tokens = np.asarray(tokens, dtype=np.int32)
   count = max(0, (tokens.shape[0] - length - 1) // stride + 1)
   starts = np.arange(count, dtype=np.int64)[:, None] * stride

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
+
 TEMPERATURE_MESSAGE = (
   "`temperature` must be > 0; got {value!r}. Hinton et al. use 2-20; 1 leaves the teacher's "
   "distribution unchanged."
@@ -32,13 +34,13 @@ def check_temperature(temperature: float) -> None:
   if isinstance(temperature, jax.core.Tracer):
     return
   if not np.isfinite(float(temperature)) or float(temperature) <= 0:
-    raise ValueError(TEMPERATURE_MESSAGE.format(value=temperature))
+    raise InvalidValueError(TEMPERATURE_MESSAGE.format(value=temperature))
 
 
 def check_same_shape(student: jax.Array, teacher: jax.Array, what: str = "logits") -> None:
   """Raises ValueError when the student and teacher outputs differ in shape."""
   if tuple(student.shape) != tuple(teacher.shape):
-    raise ValueError(
+    raise InvalidValueError(
       f"teacher and student {what} must have the same shape; got student {tuple(student.shape)} "
       f"and teacher {tuple(teacher.shape)}. Check both models predict the same classes/vocabulary "
       "and see the same batch."
@@ -51,9 +53,11 @@ def _weights(mask: jax.Array | None, lead_shape: tuple[int, ...]) -> jax.Array:
     return jnp.ones(lead_shape, jnp.float32)
   mask = jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
-    raise TypeError(f"`mask` must be a bool array (True = real token); got dtype {mask.dtype}.")
+    raise InvalidTypeError(
+      f"`mask` must be a bool array (True = real token); got dtype {mask.dtype}."
+    )
   if tuple(mask.shape) != tuple(lead_shape[: mask.ndim]):
-    raise ValueError(
+    raise InvalidValueError(
       f"`mask` shape {tuple(mask.shape)} must be a prefix of the per-position shape "
       f"{tuple(lead_shape)}, e.g. (B,) or (B, T)."
     )
@@ -106,7 +110,7 @@ def hard_target_loss(
 ) -> jax.Array:
   """Cross-entropy with integer labels; `(..., C)` logits, `(...)` int labels -> `()`."""
   if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
-    raise ValueError(
+    raise InvalidValueError(
       f"`labels` shape {tuple(labels.shape)} must equal the logits' leading shape "
       f"{tuple(student_logits.shape[:-1])}."
     )
@@ -139,8 +143,10 @@ def kd_loss(
   soft = soft_target_loss(student_logits, teacher_logits, temperature=temperature, mask=mask)
   if labels is None:
     if not isinstance(alpha, jax.core.Tracer) and float(alpha) != 1.0:
-      raise ValueError(f"`alpha`={alpha} weighs a hard-label term but `labels` is None; pass "
-                       "labels or set alpha=1.0.")  # fmt: skip
+      raise InvalidValueError(
+        f"`alpha`={alpha} weighs a hard-label term but `labels` is None; pass labels or set "
+        "alpha=1.0."
+      )
     return soft
   return alpha * soft + (1.0 - alpha) * hard_target_loss(student_logits, labels, mask=mask)
 
@@ -149,7 +155,7 @@ def check_alpha(alpha: float) -> None:
   if isinstance(alpha, jax.core.Tracer):
     return
   if not 0.0 <= float(alpha) <= 1.0:
-    raise ValueError(
+    raise InvalidValueError(
       f"`alpha` (weight of the soft-target term) must be in [0, 1]; got {alpha!r}. 0 trains on "
       "labels only, 1 on the teacher only."
     )
@@ -177,7 +183,7 @@ def init_projection(
   """
   for name, width in (("student_width", student_width), ("teacher_width", teacher_width)):
     if not isinstance(width, (int, np.integer)) or width < 1:
-      raise ValueError(f"`{name}` must be a positive int; got {width!r}.")
+      raise InvalidValueError(f"`{name}` must be a positive int; got {width!r}.")
   scale = 1.0 / np.sqrt(student_width)
   kernel = jax.random.normal(key, (student_width, teacher_width), dtype) * scale
   return {"kernel": kernel, "bias": jnp.zeros((teacher_width,), dtype)}
@@ -189,7 +195,7 @@ def check_feature_pair(
   """Raises ValueError when the pair's widths cannot be matched by `projection`."""
   where = f" for feature pair `{name}`" if name else ""
   if tuple(student_shape[:-1]) != tuple(teacher_shape[:-1]):
-    raise ValueError(
+    raise InvalidValueError(
       f"feature matching{where} needs the same leading (batch, token) shape; got student "
       f"{tuple(student_shape)} and teacher {tuple(teacher_shape)}. Only the last (width) axis can "
       "be projected; pick layers with the same sequence length, or pool them first."
@@ -197,14 +203,14 @@ def check_feature_pair(
   ds, dt = student_shape[-1], teacher_shape[-1]
   if projection is None:
     if ds != dt:
-      raise ValueError(
+      raise InvalidValueError(
         f"feature matching{where}: student width {ds} != teacher width {dt} and no projection "
         "was given. Pass `projection=init_projection(key, {ds}, {dt})` (trained with the student)."
       )
     return
   kernel_shape = tuple(projection["kernel"].shape)
   if kernel_shape != (ds, dt):
-    raise ValueError(
+    raise InvalidValueError(
       f"feature matching{where}: projection kernel has shape {kernel_shape} but must map the "
       f"student width {ds} to the teacher width {dt}, i.e. ({ds}, {dt}). Rebuild it with "
       f"`init_projection(key, {ds}, {dt})`."
@@ -266,7 +272,7 @@ def attention_transfer_loss(
   """
   check_same_shape(student_attention, teacher_attention, "attention maps")
   if student_attention.ndim != 4:
-    raise ValueError(
+    raise InvalidValueError(
       f"attention maps must be (B, H, Tq, Tk); got shape {tuple(student_attention.shape)}."
     )
   s = student_attention.astype(jnp.float32)
@@ -275,7 +281,7 @@ def attention_transfer_loss(
   b, h, tq, tk = s.shape
   if mask is not None and jnp.ndim(mask) == 2:
     if tuple(jnp.shape(mask)) != (b, tk) or tq != tk:
-      raise ValueError(
+      raise InvalidValueError(
         f"a token `mask` for attention maps must be (B, T) = {(b, tk)} with Tq == Tk; got "
         f"{tuple(jnp.shape(mask))} for maps {tuple(s.shape)}."
       )

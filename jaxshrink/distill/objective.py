@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxshrink.distill import losses
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 
 PAIR_KINDS = ("mse", "cosine", "attention")
 
@@ -42,7 +43,7 @@ class FeaturePair:
 
   def __post_init__(self):
     if self.kind not in PAIR_KINDS:
-      raise ValueError(
+      raise InvalidValueError(
         f"FeaturePair `kind` must be one of {list(PAIR_KINDS)}; got {self.kind!r} for "
         f"{self.student!r} -> {self.teacher!r}."
       )
@@ -56,14 +57,14 @@ def model_outputs(out: Any, who: str) -> dict[str, jax.Array]:
   """Normalizes a model output to a dict with a `logits` entry."""
   if isinstance(out, dict):
     if "logits" not in out:
-      raise ValueError(
+      raise InvalidValueError(
         f"the {who} returned a dict without a `logits` entry (keys: {sorted(out)}); return "
         "`{'logits': ..., <intermediates>}`."
       )
     return out
   if isinstance(out, (jax.Array, jax.ShapeDtypeStruct)) or hasattr(out, "shape"):
     return {"logits": out}
-  raise TypeError(
+  raise InvalidTypeError(
     f"the {who} must return logits or a dict of arrays with `logits`; got {type(out).__name__}."
   )
 
@@ -93,12 +94,15 @@ class DistillLoss:
     losses.check_alpha(self.alpha)
     for field in ("kd", "logit_mse", "logit_cosine"):
       if getattr(self, field) < 0:
-        raise ValueError(f"DistillLoss `{field}` is a weight and must be >= 0; got "
-                         f"{getattr(self, field)!r}.")  # fmt: skip
+        raise InvalidValueError(
+          f"DistillLoss `{field}` is a weight and must be >= 0; got {getattr(self, field)!r}."
+        )
     object.__setattr__(self, "pairs", tuple(self.pairs))
     for pair in self.pairs:
       if not isinstance(pair, FeaturePair):
-        raise TypeError(f"DistillLoss `pairs` must hold FeaturePair; got {type(pair).__name__}.")
+        raise InvalidTypeError(
+          f"DistillLoss `pairs` must hold FeaturePair; got {type(pair).__name__}."
+        )
 
   def init(self, key: jax.Array, student_out: Any, teacher_out: Any) -> dict[str, Any]:
     """Checks the outputs fit together and returns the learned projections.
@@ -118,8 +122,9 @@ class DistillLoss:
     for pair in self.pairs:
       for who, out, k in (("student", s_out, pair.student), ("teacher", t_out, pair.teacher)):
         if k not in out:
-          raise ValueError(f"feature pair `{pair.name}`: the {who} output has no `{k}`; it has "
-                           f"{sorted(out)}.")  # fmt: skip
+          raise InvalidValueError(
+            f"feature pair `{pair.name}`: the {who} output has no `{k}`; it has {sorted(out)}."
+          )
       s_shape, t_shape = tuple(s_out[pair.student].shape), tuple(t_out[pair.teacher].shape)
       if pair.kind == "mse" and s_shape[-1] != t_shape[-1]:
         key, sub = jax.random.split(key)
@@ -128,7 +133,7 @@ class DistillLoss:
       elif pair.kind == "mse":
         losses.check_feature_pair(s_shape, t_shape, None, pair.name)
       elif s_shape != t_shape:
-        raise ValueError(
+        raise InvalidValueError(
           f"feature pair `{pair.name}` ({pair.kind}) needs equal shapes; got student {s_shape} "
           f"and teacher {t_shape}. Only `mse` pairs learn a width projection."
         )

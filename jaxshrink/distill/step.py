@@ -23,6 +23,7 @@ import optax
 
 from jaxshrink.distill.objective import DistillLoss, model_outputs
 from jaxshrink.encoding import materialize
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.model import functional as functional
 
 
@@ -98,9 +99,9 @@ def distill_step(
   """
   loss = DistillLoss() if loss is None else loss
   if not isinstance(loss, DistillLoss):
-    raise TypeError(f"`loss` must be a DistillLoss; got {type(loss).__name__}.")
+    raise InvalidTypeError(f"`loss` must be a DistillLoss; got {type(loss).__name__}.")
   if not isinstance(optimizer, optax.GradientTransformation):
-    raise TypeError(
+    raise InvalidTypeError(
       f"`optimizer` must be an optax.GradientTransformation; got {type(optimizer).__name__}."
     )
   loss_optimizer = optax.adam(1e-3) if loss_optimizer is None else loss_optimizer
@@ -125,7 +126,7 @@ def distill_step(
   def step(state, teacher_params, x, y=None, mask=None, key=None):
     if augment is not None:
       if key is None:
-        raise ValueError("this step augments its inputs: pass `key=`.")
+        raise InvalidValueError("this step augments its inputs: pass `key=`.")
       x = augment(jax.random.fold_in(key, state.step), x)
     teacher_out = teacher_apply(materialize(teacher_params), x)
     teacher_out = jax.tree.map(jax.lax.stop_gradient, model_outputs(teacher_out, "teacher"))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidTypeError, InvalidValueError, JaxshrinkError
 
 RESERVED_NAME = "logits"
 
@@ -42,16 +42,16 @@ class _Recorder:
 
 def _check_taps(taps: Mapping[str, str], who: str) -> dict[str, tuple[str, ...]]:
   if not isinstance(taps, Mapping):
-    raise TypeError(f"`taps` of the {who} must map names to module paths; got {type(taps)}.")
+    raise InvalidTypeError(f"`taps` of the {who} must map names to module paths; got {type(taps)}.")
   out = {}
   for name, path in taps.items():
     if name == RESERVED_NAME:
-      raise ValueError(
+      raise InvalidValueError(
         f"tap name `{RESERVED_NAME}` is reserved for the model's output; rename the tap of "
         f"`{path}` in the {who}."
       )
     if not isinstance(path, str) or not path.strip("/"):
-      raise ValueError(
+      raise InvalidValueError(
         f"tap `{name}` of the {who} needs a module path such as 'encoder/layer_2'; got {path!r}."
       )
     out[name] = tuple(path.strip("/").split("/"))
@@ -126,7 +126,9 @@ def tapped_apply(
 
     return apply_nnx
   if not isinstance(model.module, nn.Module):
-    raise TypeError(f"the {who} must be an NNX or Linen zoo model; got {type(model.module)}.")
+    raise InvalidTypeError(
+      f"the {who} must be an NNX or Linen zoo model; got {type(model.module)}."
+    )
   module = model.module
   wanted = set(paths.values())
 

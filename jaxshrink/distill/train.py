@@ -21,6 +21,7 @@ import optax
 
 from jaxshrink.distill.objective import DistillLoss
 from jaxshrink.distill.step import distill_step
+from jaxshrink.errors import InvalidValueError
 
 
 def batch_indices(num_examples: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -37,7 +38,7 @@ def transfer_subset(dataset: Any, size: int | None, seed: int = 0) -> tuple[np.n
   if size is None:
     return x, y
   if not isinstance(size, int) or not 1 <= size <= x.shape[0]:
-    raise ValueError(
+    raise InvalidValueError(
       f"`transfer_size` must be an int in [1, {x.shape[0]}] (the training split); got {size!r}."
     )
   chosen = np.sort(np.random.default_rng(seed).permutation(x.shape[0])[:size])
@@ -87,13 +88,13 @@ def distill(
   """
   steps = student.train_steps if steps is None else steps
   if not isinstance(steps, int) or steps < 1:
-    raise ValueError(f"`steps` must be a positive int; got {steps!r}.")
+    raise InvalidValueError(f"`steps` must be a positive int; got {steps!r}.")
   learning_rate = student.learning_rate if learning_rate is None else learning_rate
   if learning_rate <= 0:
-    raise ValueError(f"`learning_rate` must be > 0; got {learning_rate!r}.")
+    raise InvalidValueError(f"`learning_rate` must be > 0; got {learning_rate!r}.")
   batch_size = student.batch_size if batch_size is None else batch_size
   if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"`batch_size` must be a positive int; got {batch_size!r}.")
+    raise InvalidValueError(f"`batch_size` must be a positive int; got {batch_size!r}.")
   augment = student.augment if augment == "model" else augment
   key = jax.random.key(0) if key is None else key
   init_key, data_key, loss_key, aug_key = jax.random.split(key, 4)

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxshrink import encoding
-from jaxshrink.errors import CheckpointError
+from jaxshrink.errors import CheckpointError, InvalidTypeError, InvalidValueError
 from jaxshrink.export import storage
 from jaxshrink.export.digest import data_sum, leaf_digest, sharded_sums
 from jaxshrink.export.layout import decode_leaf, encode_leaf
@@ -135,7 +135,7 @@ def save(
   leaves, sums = [], []
   for path, keys, leaf in flatten_to_store(tree):
     if not isinstance(leaf, encoding.Encoding) and not hasattr(leaf, "dtype"):
-      raise TypeError(
+      raise InvalidTypeError(
         f"Leaf `{path}` is a {type(leaf).__name__}; a checkpoint holds arrays and encodings "
         "only. Remove it from the tree before saving."
       )
@@ -148,7 +148,7 @@ def save(
   try:  # what load would refuse is refused here, before anything is written
     check_manifest(json.loads(manifest), "this tree")
   except CheckpointError as e:
-    raise ValueError(f"Cannot save a loadable checkpoint: {e}") from None
+    raise InvalidValueError(f"Cannot save a loadable checkpoint: {e}") from None
 
   suffix = uuid.uuid4().hex[:8] if jax.process_count() == 1 else f"multihost{jax.process_count()}"
   staging = target.parent / staging_name(target, suffix)
@@ -211,7 +211,7 @@ def _select(manifest: dict[str, Any], leaves: Sequence[str] | None, directory: P
   if leaves is None:
     return list(range(len(paths)))
   if isinstance(leaves, str):
-    raise TypeError(f"`leaves` must be a list of leaf paths, not the string {leaves!r}.")
+    raise InvalidTypeError(f"`leaves` must be a list of leaf paths, not the string {leaves!r}.")
   index = {p: i for i, p in enumerate(paths)}
   unknown = [p for p in leaves if p not in index]
   if unknown:

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxshrink.errors import InvalidValueError
+
 DIGEST_HEX = 16  # hex digits of every digest (64 bits)
 _SEED = np.uint64(0x6A78736872696E6B)  # "jxshrink"
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
@@ -86,7 +88,7 @@ def partial_sum(
   """
   values = np.asarray(values)
   if values.dtype.itemsize not in _UNSIGNED:
-    raise ValueError(f"cannot hash dtype {values.dtype}; itemsize must be 1, 2, 4 or 8")
+    raise InvalidValueError(f"cannot hash dtype {values.dtype}; itemsize must be 1, 2, 4 or 8")
   bits = np.ascontiguousarray(values).view(_UNSIGNED[values.dtype.itemsize]).reshape(-1)
   shape = tuple(int(d) for d in shape)
   strides = np.cumprod((1,) + shape[:0:-1])[::-1] if shape else np.ones(0, np.int64)

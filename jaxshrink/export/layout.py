@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from jaxshrink import encoding
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.export import nm_ranks
 
 DENSE = "array"  # the encoding name recorded for a leaf stored as a plain array
@@ -144,5 +145,5 @@ def decode_leaf(meta: dict[str, Any], arrays: dict[str, Any]) -> Any:
     geometry = _nm_geometry(kwargs, kwargs["shape"])
     kwargs["indices"] = nm_ranks.decode(kwargs["indices"], **geometry)
   elif set(stored_as) - {"indices"} or set(stored_as.values()) - {nm_ranks.NAME}:
-    raise ValueError(f"Unknown stored form {stored_as}; upgrade jaxshrink.")
+    raise InvalidValueError(f"Unknown stored form {stored_as}; upgrade jaxshrink.")
   return cls(**kwargs)

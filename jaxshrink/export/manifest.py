@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxshrink.errors import CheckpointError
+from jaxshrink.errors import CheckpointError, InvalidValueError
 from jaxshrink.export import storage
 from jaxshrink.export.digest import DECODE_KEYS, leaf_digest
 from jaxshrink.export.layout import DENSE, decode_leaf
@@ -161,19 +161,19 @@ def _derive(manifest: dict[str, Any]) -> None:
 def _finite(text: str) -> float:
   value = float(text)
   if value != value or value in (float("inf"), float("-inf")):
-    raise ValueError(f"non-finite number {text}")
+    raise InvalidValueError(f"non-finite number {text}")
   return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
   out = dict(pairs)
   if len(out) != len(pairs):
-    raise ValueError("duplicate keys in one object")
+    raise InvalidValueError("duplicate keys in one object")
   return out
 
 
 def _reject_constant(name: str):
-  raise ValueError(f"{name} is not JSON")
+  raise InvalidValueError(f"{name} is not JSON")
 
 
 def _parse(manifest_path: Path) -> Any:

@@ -19,6 +19,7 @@ import itertools
 
 import numpy as np
 
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.sparsity.encodings import index_bits, pack_small, unpack_small
 
 NAME = "nm-ranks"  # recorded in the manifest for a transcoded `indices` array
@@ -72,7 +73,7 @@ def encode(indices: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np
 def stored_size(*, n: int, m: int, count: int) -> int:
   """Bytes `encode` stores for `count` groups (`groups * cols`) of an `n:m` pattern."""
   if not 0 < n < m <= MAX_M:
-    raise ValueError(f"pattern ranks need 0 < n < m <= {MAX_M}; got n={n}, m={m}")
+    raise InvalidValueError(f"pattern ranks need 0 < n < m <= {MAX_M}; got n={n}, m={m}")
   _, _, _, (nbytes, per) = _tables(n, m)
   return -(-count // per) * nbytes
 
@@ -86,8 +87,10 @@ def decode(stored: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np.
   """
   stored = np.ascontiguousarray(stored, np.uint8).reshape(-1)
   if stored.size != stored_size(n=n, m=m, count=groups * cols):
-    raise ValueError(f"{stored.size} bytes of pattern ranks; {groups * cols} groups need "
-                     f"{stored_size(n=n, m=m, count=groups * cols)}")  # fmt: skip
+    raise InvalidValueError(
+      f"{stored.size} bytes of pattern ranks; {groups * cols} groups need "
+      f"{stored_size(n=n, m=m, count=groups * cols)}"
+    )
   patterns, _, count, (nbytes, per) = _tables(n, m)
   words = stored.view(f"<u{nbytes}").astype(np.uint64)
   digits = np.empty((words.size, per), np.int64)
@@ -96,6 +99,6 @@ def decode(stored: np.ndarray, *, n: int, m: int, groups: int, cols: int) -> np.
     words = words // np.uint64(count)
   ranks = digits.reshape(-1)[: groups * cols]
   if ranks.size and int(ranks.max()) >= count:
-    raise ValueError(f"pattern rank {int(ranks.max())} out of range; {n}:{m} has {count}")
+    raise InvalidValueError(f"pattern rank {int(ranks.max())} out of range; {n}:{m} has {count}")
   positions = patterns[ranks].reshape(groups, cols, n).transpose(0, 2, 1)
   return pack_small(positions, index_bits(m))

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxshrink.errors import InvalidValueError
+
 PACK_BELOW = 1 << 20  # bytes; smaller arrays share the `packed` entry
 PACKED = "packed"
 # Orbax bookkeeping that restoring never reads (a timestamp and a commit marker).
@@ -154,12 +156,12 @@ def read(
     if where.entry != PACKED:
       out[i] = restored[where.entry]
       if not hasattr(out[i], "shape"):  # orbax hands back the placeholder of a missing entry
-        raise ValueError(f"orbax entry `{where.entry}` is missing")
+        raise InvalidValueError(f"orbax entry `{where.entry}` is missing")
       continue
     packed = np.asarray(restored[PACKED]) if where.nbytes else np.empty(0, np.uint8)
     raw = packed[where.offset : where.offset + where.nbytes]
     if raw.size != where.nbytes:
-      raise ValueError(f"`{PACKED}` holds {packed.size} bytes; the manifest needs more")
+      raise InvalidValueError(f"`{PACKED}` holds {packed.size} bytes; the manifest needs more")
     host = raw.copy().view(np.dtype(where.dtype)).reshape(where.shape)
     sharding = None if sharding_of is None else sharding_of(i)
     if sharding is not None:

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from jaxshrink.encoding import materialize
+from jaxshrink.errors import InvalidValueError
 
 
 def _is_float(leaf: Any) -> bool:
@@ -58,9 +59,9 @@ def finetune(
   from jaxshrink.models import task_loss
 
   if not isinstance(steps, int) or steps < 1:
-    raise ValueError(f"fine-tuning `steps` must be a positive int; got {steps!r}.")
+    raise InvalidValueError(f"fine-tuning `steps` must be a positive int; got {steps!r}.")
   if not learning_rate > 0:
-    raise ValueError(f"`learning_rate` must be > 0; got {learning_rate!r}.")
+    raise InvalidValueError(f"`learning_rate` must be > 0; got {learning_rate!r}.")
   loss_fn = task_loss if loss_fn is None else loss_fn
   key = jax.random.key(0) if key is None else key
   data_key, aug_key = jax.random.split(key)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from jaxshrink.capture import _Replay
 from jaxshrink.encoding import materialize
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.lowrank.encoding import LowRank
 from jaxshrink.tree import flatten
 
@@ -105,7 +106,7 @@ def lowrank_apply(apply_fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], A
     leaves, treedef = jax.tree.flatten(dense)
     paths = list(flatten(dense))
     if len(paths) != len(leaves):
-      raise TypeError("lowrank_apply() needs the param tree itself (no extra collections).")
+      raise InvalidTypeError("lowrank_apply() needs the param tree itself (no extra collections).")
     if not encodings:
       return apply_fn(dense, x)
     closed = jax.make_jaxpr(lambda lv, x: apply_fn(jax.tree.unflatten(treedef, lv), x))(leaves, x)
@@ -150,7 +151,7 @@ class LowRankDense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k = x.shape[-1]
     if not 1 <= self.rank <= min(k, self.features):
-      raise ValueError(f"`rank`={self.rank} must be in [1, min({k}, {self.features})].")
+      raise InvalidValueError(f"`rank`={self.rank} must be in [1, min({k}, {self.features})].")
     init = nn.initializers.lecun_normal()
     # Scale each factor so the product has lecun_normal's variance.
     a = self.param("a", init, (k, self.rank), jnp.float32)
@@ -176,7 +177,7 @@ class LowRankLinear(nnx.Module):
     self, in_features: int, out_features: int, *, rank: int, rngs: nnx.Rngs, use_bias: bool = True
   ):
     if not 1 <= rank <= min(in_features, out_features):
-      raise ValueError(f"`rank`={rank} must be in [1, min({in_features}, {out_features})].")
+      raise InvalidValueError(f"`rank`={rank} must be in [1, min({in_features}, {out_features})].")
     key_a, key_b = jax.random.split(rngs.params())
     self.a = nnx.Param(nn.initializers.lecun_normal()(key_a, (in_features, rank)))
     self.b = nnx.Param(jax.random.normal(key_b, (rank, out_features)) / np.sqrt(rank))

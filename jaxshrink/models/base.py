@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
+
 FRAMEWORKS = ("linen", "nnx", "user")
 METRICS = ("accuracy", "perplexity", "cosine")
 # The fields a stage that trains reads; a user model (`user_model`) may leave them out.
@@ -96,23 +98,25 @@ class ZooModel:
 
   def __post_init__(self):
     if self.framework not in FRAMEWORKS:
-      raise ValueError(
+      raise InvalidValueError(
         f"`framework` must be one of {list(FRAMEWORKS)}; got {self.framework!r} for model "
         f"{self.name!r}."
       )
     if self.metric_fn is not None and not callable(self.metric_fn):
-      raise TypeError(f"`metric_fn` of model {self.name!r} must be None or a callable.")
+      raise InvalidTypeError(f"`metric_fn` of model {self.name!r} must be None or a callable.")
     if self.metric not in METRICS and self.metric_fn is None:
-      raise ValueError(
+      raise InvalidValueError(
         f"`metric` must be one of {list(METRICS)}; got {self.metric!r} for model {self.name!r}."
       )
     if self.weights is not None and not callable(self.weights):
-      raise TypeError(f"`weights` of model {self.name!r} must be None or a callable.")
+      raise InvalidTypeError(f"`weights` of model {self.name!r} must be None or a callable.")
     if not callable(self.init) or not callable(self.apply):
-      raise TypeError(f"`init` and `apply` of model {self.name!r} must be callables.")
+      raise InvalidTypeError(f"`init` and `apply` of model {self.name!r} must be callables.")
     for field in ("train_steps", "batch_size"):
       if getattr(self, field) < 1:
-        raise ValueError(f"`{field}` must be >= 1; got {getattr(self, field)} for {self.name!r}.")
+        raise InvalidValueError(
+          f"`{field}` must be >= 1; got {getattr(self, field)} for {self.name!r}."
+        )
 
   @property
   def higher_is_better(self) -> bool:
@@ -246,14 +250,14 @@ def user_model(
   elif isinstance(model, tuple) and len(model) == 2 and callable(model[0]) and model[1] is not None:
     apply, tree = model
   else:
-    raise TypeError(
+    raise InvalidTypeError(
       f"{name!r} must return (or be) an nnx.Module instance, a (linen module, variables) "
       f"pair, an (apply, params) pair or a ZooModel; got {type(model).__name__}."
     )
   training = dict(training or {})
   unknown = sorted(set(training) - set(TRAINING_FIELDS))
   if unknown:
-    raise ValueError(
+    raise InvalidValueError(
       f"unknown training field(s) {unknown} for model {name!r}; valid: {list(TRAINING_FIELDS)}."
     )
   return ZooModel(

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxshrink.errors import InvalidValueError
+
 # Every float32 matmul at full precision: accelerators otherwise default to reduced-precision
 # passes (TF32 / bf16), and the reference match is checked to a cosine of 1e-4.
 PRECISION = jax.lax.Precision.HIGHEST
@@ -75,18 +77,19 @@ class BertConfig:
                   "max_positions", "type_vocab_size"):  # fmt: skip
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"BertConfig `{field}` must be a positive int; got {value!r}.")
+        raise InvalidValueError(f"BertConfig `{field}` must be a positive int; got {value!r}.")
     if self.head_dim is None and self.hidden_size % self.num_heads:
-      raise ValueError(
+      raise InvalidValueError(
         f"BertConfig `hidden_size` ({self.hidden_size}) must be divisible by `num_heads` "
         f"({self.num_heads}); choose a head count that divides it, or set `head_dim`."
       )
     if self.head_dim is not None and (isinstance(self.head_dim, bool) or self.head_dim < 1):
-      raise ValueError(f"BertConfig `head_dim` must be None or a positive int; got "
-                       f"{self.head_dim!r}.")  # fmt: skip
+      raise InvalidValueError(
+        f"BertConfig `head_dim` must be None or a positive int; got {self.head_dim!r}."
+      )
     heads = self.layer_heads
     if heads is not None and (len(heads) != self.num_layers or min(heads) < 1):
-      raise ValueError(
+      raise InvalidValueError(
         f"BertConfig `layer_heads` must give a head count >= 1 for each of the "
         f"{self.num_layers} layers; got {heads}. Pass one entry per layer, or None."
       )
@@ -205,7 +208,7 @@ class BertEncoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-      raise ValueError(
+      raise InvalidValueError(
         f"BERT `input_ids` must be (batch, length) integer token ids; got shape "
         f"{input_ids.shape} and dtype {input_ids.dtype}. Tokenize with "
         "`jaxshrink.models.minilm.encode`."

@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidValueError, JaxshrinkError
 from jaxshrink.models.base import ZooModel, linen_functions, nnx_functions
 
 _SOURCE = re.compile(r"(?P<base>[^()]+)\((?P<args>.*)\)", re.DOTALL)
@@ -49,7 +49,7 @@ def parse_model_source(source: str) -> tuple[str, dict[str, Any]]:
   try:
     call = ast.parse(f"f({args})", mode="eval").body
     if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
-      raise ValueError("only key=value pairs")
+      raise InvalidValueError("only key=value pairs")
     overrides = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
   except (SyntaxError, ValueError) as e:
     raise JaxshrinkError(

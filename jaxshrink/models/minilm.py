@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink.data.sentences import SENTENCE_TOKENS
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidTypeError, InvalidValueError, JaxshrinkError
 from jaxshrink.models.base import ZooModel, zoo_model
 from jaxshrink.models.bert import BertConfig, BertEncoder
 
@@ -190,7 +190,7 @@ def student_params(layers: Sequence[int] = STUDENT_LAYERS) -> dict:
   teacher = minilm_params()
   for index in layers:
     if not 0 <= index < MINILM_CONFIG.num_layers:
-      raise ValueError(
+      raise InvalidValueError(
         f"`layers` must hold teacher layer indices in [0, {MINILM_CONFIG.num_layers}); got "
         f"{list(layers)}."
       )
@@ -238,9 +238,9 @@ class MiniLMTokenizer:
     """
     max_length = MAX_TOKENS if max_length is None else max_length
     if isinstance(max_length, bool) or not isinstance(max_length, int):
-      raise TypeError(f"`max_length` must be an int or None; got {max_length!r}.")
+      raise InvalidTypeError(f"`max_length` must be an int or None; got {max_length!r}.")
     if not 2 <= max_length <= MAX_TOKENS:
-      raise ValueError(
+      raise InvalidValueError(
         f"`max_length` must be in [2, {MAX_TOKENS}] ([CLS] and [SEP] included, {MAX_TOKENS} "
         f"position embeddings); got {max_length}."
       )
@@ -270,7 +270,7 @@ def _check_sentences(sentences: Sequence[str]) -> list[str]:
     raise JaxshrinkError("no sentences to tokenize: `sentences` is empty; pass at least one str.")
   for index, sentence in enumerate(sentences):
     if not isinstance(sentence, str):
-      raise TypeError(
+      raise InvalidTypeError(
         f"`sentences[{index}]` must be a str; got {type(sentence).__name__} ({sentence!r})."
       )
   return sentences
@@ -305,7 +305,7 @@ def embed_ids(apply, params: dict, ids: np.ndarray, *, batch_size: int = 64) -> 
     (N, D) embeddings as a NumPy array.
   """
   if batch_size < 1:
-    raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
+    raise InvalidValueError(f"`batch_size` must be >= 1; got {batch_size}.")
   ids = np.asarray(ids, np.int32)
   if ids.ndim != 2 or ids.shape[0] == 0:
     raise JaxshrinkError(f"`ids` must be (N, L) token ids with N >= 1; got shape {ids.shape}.")

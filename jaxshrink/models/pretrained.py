@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from jaxshrink.data.cache import cache_dir, commit_dir, temporary_sibling_dir
 from jaxshrink.data.sources import load_data_source
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidTypeError, JaxshrinkError
 from jaxshrink.models.base import ZooModel
 from jaxshrink.models.registry import get_model
 from jaxshrink.models.training import evaluate, train
@@ -45,7 +45,7 @@ def _resolve(name_or_model: str | ZooModel) -> ZooModel:
     return name_or_model
   if isinstance(name_or_model, str):
     return get_model(name_or_model)
-  raise TypeError(
+  raise InvalidTypeError(
     f"`name_or_model` must be a zoo model name or a ZooModel; got {type(name_or_model).__name__}."
   )
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxshrink.data.sources import import_factory, import_object
-from jaxshrink.errors import CheckpointError, JaxshrinkError, UsageError
+from jaxshrink.errors import CheckpointError, InvalidTypeError, JaxshrinkError, UsageError
 from jaxshrink.models.base import METRICS, ZooModel, user_model
 from jaxshrink.models.cnn import digits_cnn, digits_cnn_nnx
 from jaxshrink.models.minilm import minilm_l6
@@ -79,7 +79,7 @@ def load_model(source: str, *, training: dict[str, Any] | None = None) -> ZooMod
     TypeError: when the factory returns none of those forms.
   """
   if not isinstance(source, str):
-    raise TypeError(f"`source` must be a str; got {type(source).__name__}.")
+    raise InvalidTypeError(f"`source` must be a str; got {type(source).__name__}.")
   if source.rstrip().endswith(")"):  # "tiny-lm(layer_heads=(2, 2, 2, 2))": a shrunk model
     from jaxshrink.models.configured import load_configured
 
@@ -176,7 +176,7 @@ def load_metric(source: Any, *, higher_is_better: bool | None = None) -> dict[st
     )
   fn = import_object(source)
   if not callable(fn):
-    raise TypeError(f"metric {source!r} names a {type(fn).__name__}, not a function.")
+    raise InvalidTypeError(f"metric {source!r} names a {type(fn).__name__}, not a function.")
   if higher_is_better is None:
     higher_is_better = getattr(fn, "higher_is_better", None)
   if not isinstance(higher_is_better, bool):
@@ -198,4 +198,3 @@ def default_metric(kind: str) -> str:
   from jaxshrink.data.dataset import EMBEDDING, LANGUAGE_MODEL
 
   return {LANGUAGE_MODEL: "perplexity", EMBEDDING: "cosine"}.get(kind, "accuracy")
-

@@ -18,7 +18,7 @@ import optax
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jaxshrink.data.dataset import Dataset
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidValueError, JaxshrinkError
 from jaxshrink.models.base import ZooModel
 
 # Progress-bar refreshes per training run.
@@ -72,7 +72,7 @@ def task_loss(outputs: jax.Array, targets: jax.Array) -> jax.Array:
   """
   if jnp.issubdtype(targets.dtype, jnp.floating):
     if targets.shape != outputs.shape:
-      raise ValueError(
+      raise InvalidValueError(
         f"float `targets` are reference embeddings and need the outputs' shape "
         f"{outputs.shape}; got {targets.shape}. Pass integer labels for cross-entropy."
       )
@@ -102,7 +102,7 @@ def embedding_metrics(embeddings: np.ndarray, reference: np.ndarray) -> dict[str
   embeddings = np.asarray(embeddings, np.float64)
   reference = np.asarray(reference, np.float64)
   if embeddings.shape != reference.shape or embeddings.ndim != 2 or embeddings.shape[0] < 2:
-    raise ValueError(
+    raise InvalidValueError(
       f"`embeddings` and `reference` must both be (N, D) with N >= 2; got {embeddings.shape} "
       f"and {reference.shape}."
     )
@@ -250,7 +250,7 @@ def train(
   """
   steps = model.train_steps if steps is None else int(steps)
   if steps < 1:
-    raise ValueError(f"`steps` must be >= 1; got {steps}.")
+    raise InvalidValueError(f"`steps` must be >= 1; got {steps}.")
   _check_compatible(model, dataset, "train")
   key = jax.random.key(0) if key is None else key
   init_key, data_key, augment_key = jax.random.split(key, 3)
@@ -330,9 +330,9 @@ def evaluate(
   True
   """
   if split not in ("train", "test"):
-    raise ValueError(f"`split` must be 'train' or 'test'; got {split!r}.")
+    raise InvalidValueError(f"`split` must be 'train' or 'test'; got {split!r}.")
   if batch_size < 1:
-    raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
+    raise InvalidValueError(f"`batch_size` must be >= 1; got {batch_size}.")
   _check_compatible(model, dataset, split)
   x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
   batch_size = min(batch_size, x.shape[0])

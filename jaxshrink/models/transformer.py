@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.models.base import ZooModel, linen_functions
 
 TINY_LM_CONTEXT = 64
@@ -42,7 +43,7 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, length, width = x.shape
     if self.head_dim is None and width % self.num_heads:
-      raise ValueError(
+      raise InvalidValueError(
         f"attention width {width} must be divisible by `num_heads`={self.num_heads}; "
         f"choose a width that is a multiple of the head count, or set `head_dim`."
       )
@@ -123,13 +124,13 @@ class TinyLM(nn.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     length = tokens.shape[-1]
     if length > self.max_length:
-      raise ValueError(
+      raise InvalidValueError(
         f"`tokens` has length {length} but the model has {self.max_length} positions; pass "
         f"windows of at most {self.max_length} tokens."
       )
     heads = tuple(self.layer_heads or (self.num_heads,) * self.depth)
     if len(heads) != self.depth or min(heads) < 1:
-      raise ValueError(
+      raise InvalidValueError(
         f"`layer_heads` must give a head count >= 1 for each of the {self.depth} blocks; got "
         f"{self.layer_heads}. Pass one entry per block, or None for `num_heads` everywhere."
       )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.quant.dot_general import QuantDotGeneral
 
 
@@ -55,4 +56,4 @@ def qat_dot_general(backend: str = "jaxshrink", *, fwd_bits: int = 8,
     return QuantDotGeneral(
       mode="int_full" if bwd_bits else "int", weight_bits=fwd_bits, activation_bits=fwd_bits
     )
-  raise ValueError(f"QAT `backend` must be `jaxshrink` or `aqt`; got {backend!r}.")
+  raise InvalidValueError(f"QAT `backend` must be `jaxshrink` or `aqt`; got {backend!r}.")

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxshrink import capture
 from jaxshrink.capture import kernel_matrix
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.model import accepts_models
 from jaxshrink.quant import numerics
 from jaxshrink.quant.gptq import check_spec, layer_specs, paths_rule
@@ -150,11 +151,11 @@ def awq_matrix(
   spec = check_spec(spec, "AWQ", path)
   numerics.check_float_matrix(w2d, path)
   if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-    raise ValueError(f"`grid` must be a positive int; got {grid!r}. 20 is typical.")
+    raise InvalidValueError(f"`grid` must be a positive int; got {grid!r}. 20 is typical.")
   w = jnp.asarray(w2d, jnp.float32)
   k = w.shape[0]
   if gram.shape != (k, k) or magnitude.shape != (k,):
-    raise ValueError(
+    raise InvalidValueError(
       f"Calibration statistics of `{path}` do not fit its ({k}, {w.shape[1]}) matrix view: gram "
       f"{tuple(gram.shape)}, magnitude {tuple(magnitude.shape)}; expected ({k}, {k}) and ({k},)."
     )
@@ -214,7 +215,7 @@ def awq(
   # A rule that matches nothing raises NoMatchError listing the paths.
   specs = layer_specs(params, rule, spec, overrides, "AWQ")
   if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-    raise ValueError(f"`grid` must be a positive int; got {grid!r}. 20 is typical.")
+    raise InvalidValueError(f"`grid` must be a positive int; got {grid!r}. 20 is typical.")
   if not specs:  # every selected layer was kept float
     return params
   reducers = {"gram": capture.gram_reducer(), "abs": abs_mean_reducer()}

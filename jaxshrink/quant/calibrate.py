@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from jaxshrink.capture import Reducer, Site, absmax_reducer, collect, layer_stats
-from jaxshrink.errors import UsageError
+from jaxshrink.errors import InvalidValueError, UsageError
 from jaxshrink.tree import Rule
 
 METHODS = ("absmax", "percentile", "mse")
@@ -89,7 +89,9 @@ def check_method(method: str, argument: str = "method") -> None:
       f"{REMOVED_METHODS[method]!r} (or 'percentile' / 'mse' to clip outliers)."
     )
   if method not in METHODS:
-    raise ValueError(f"Calibration `{argument}` must be one of {list(METHODS)}; got {method!r}.")
+    raise InvalidValueError(
+      f"Calibration `{argument}` must be one of {list(METHODS)}; got {method!r}."
+    )
 
 
 def choose_clip(sample: np.ndarray, absmax: float, method: str, *, bits: int = 8,

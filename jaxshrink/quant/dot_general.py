@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxshrink.errors import InvalidValueError
+
 _EPS = 1e-30
 
 
@@ -269,11 +271,13 @@ class QuantDotGeneral:
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f"QuantDotGeneral `mode` must be one of {list(MODES)}; got {self.mode!r}.")
+      raise InvalidValueError(
+        f"QuantDotGeneral `mode` must be one of {list(MODES)}; got {self.mode!r}."
+      )
     if self.mode != "fake" and (
       self.weight_bits not in range(2, 9) or self.activation_bits not in range(2, 9)
     ):
-      raise ValueError(
+      raise InvalidValueError(
         f"Integer modes need weight and activation bits from 2 to 8; got weight_bits="
         f"{self.weight_bits}, activation_bits={self.activation_bits}. Use mode `fake` for "
         "weight-only QAT."
@@ -327,7 +331,7 @@ class QuantConv:
 
   def __post_init__(self):
     if self.mode not in ("fake", "int"):
-      raise ValueError(
+      raise InvalidValueError(
         f"QuantConv `mode` must be `fake` or `int`; got {self.mode!r}. A conv has no integer "
         "backward: use `int` (int8 forward, float straight-through backward)."
       )
@@ -336,7 +340,7 @@ class QuantConv:
       and self.activation_bits is not None
       and (self.weight_bits not in range(2, 9) or self.activation_bits not in range(2, 9))
     ):
-      raise ValueError(
+      raise InvalidValueError(
         f"QuantConv mode `int` needs weight and activation bits from 2 to 8; got weight_bits="
         f"{self.weight_bits}, activation_bits={self.activation_bits}. Use mode `fake`."
       )

@@ -48,6 +48,7 @@ import numpy as np
 from jax import lax
 
 from jaxshrink.capture import kernel_matrix
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.hessian import collect_hessians, damped_inverse_cholesky
 from jaxshrink.model import accepts_models
 from jaxshrink.quant import numerics
@@ -60,13 +61,13 @@ from jaxshrink.tree import Rule, map_with_path
 def check_spec(spec: QuantSpec, method: str, path: str = "<array>") -> QuantSpec:
   """Validates a spec for GPTQ/AWQ (integer formats only) and returns it with nearest rounding."""
   if not isinstance(spec, QuantSpec):
-    raise TypeError(
+    raise InvalidTypeError(
       f"`spec` must be a jaxshrink.quant.QuantSpec; got {type(spec).__name__}. Build one with "
       "QuantSpec(bits=4, group_size=128)."
     )
   spec.validate(path)
   if spec.format != "int":
-    raise ValueError(
+    raise InvalidValueError(
       f"{method} produces integer codes; got format {spec.format!r} for `{path}`. Use "
       "format 'int', or method 'rtn' for fp8."
     )
@@ -90,7 +91,7 @@ def layer_specs(
   specs = {}
   for path, layer in layers.items():
     if layer.activation_bits is not None:
-      raise ValueError(
+      raise InvalidValueError(
         f"{method} quantizes weights only; the override for `{path}` asks for "
         f"activation_bits={layer.activation_bits}. Pass a QuantSpec (or None) in `overrides`; "
         "the `quantize` recipe stage adds W8A8 activations on top of it."
@@ -212,11 +213,13 @@ def gptq_matrix(
   spec = check_spec(spec, "GPTQ", path)
   numerics.check_float_matrix(w2d, path)
   if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(f"`block_size` must be a positive int; got {block_size!r}. 128 is typical.")
+    raise InvalidValueError(
+      f"`block_size` must be a positive int; got {block_size!r}. 128 is typical."
+    )
   w = jnp.asarray(w2d, jnp.float32)
   k, n = w.shape
   if h.shape != (k, k):
-    raise ValueError(
+    raise InvalidValueError(
       f"The Hessian of `{path}` has shape {tuple(h.shape)} but its matrix view is {(k, n)}; "
       f"expected ({k}, {k}). Build it from the inputs of this kernel (collect_hessians)."
     )

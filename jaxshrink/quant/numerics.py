@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.quant.spec import FP8_DTYPES, QuantSpec
 
 # Smallest scale: keeps `x / scale` finite for all-zero groups (their codes are then 0).
@@ -45,17 +46,17 @@ def check_float_matrix(w2d, path: str) -> None:
   """TypeError for integer input, ValueError for a non-matrix or NaN/Inf (when concrete)."""
   dtype = np.dtype(w2d.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
+    raise InvalidTypeError(
       f"Quantizing `{path}` needs a float array; got dtype {dtype.name}. Integer leaves are "
       "already codes or indices: exclude them from the rule's `target`."
     )
   if w2d.ndim != 2:
-    raise ValueError(
+    raise InvalidValueError(
       f"Expected the (K, N) matrix view of `{path}`; got shape {tuple(w2d.shape)}. Use "
       "`quantize(x, spec, contract_dims=...)` for arrays of other ranks."
     )
   if _is_concrete(w2d) and not bool(jnp.all(jnp.isfinite(w2d))):
-    raise ValueError(
+    raise InvalidValueError(
       f"`{path}` holds NaN or Inf; quantization needs finite weights. Fix the training run "
       "(or restore a finite checkpoint) before quantizing."
     )
@@ -88,7 +89,7 @@ def expand_rows(per_group: jax.Array, k: int, group_size: int | None) -> jax.Arr
     return per_group
   group = int(group_size)
   if g != math.ceil(k / group):
-    raise ValueError(
+    raise InvalidValueError(
       f"Per-group values of shape {tuple(per_group.shape)} do not fit K={k} rows in groups of "
       f"{group} (expected {math.ceil(k / group)} groups)."
     )
@@ -171,7 +172,7 @@ def quantize_codes(
     v = v + expand_rows(zero_point, k, spec.group_size).astype(jnp.float32)
   if spec.rounding == "stochastic":
     if key is None:
-      raise ValueError("Stochastic rounding needs a PRNG `key=`; pass jax.random.key(seed).")
+      raise InvalidValueError("Stochastic rounding needs a PRNG `key=`; pass jax.random.key(seed).")
     q = jnp.floor(v + jax.random.uniform(key, v.shape, jnp.float32))
   else:
     q = jnp.round(v)

@@ -20,13 +20,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxshrink.errors import InvalidValueError
+
 PACKED_BITS = (2, 3, 4)
 
 
 def chunk(bits: int) -> tuple[int, int]:
   """(codes, bytes) per packing chunk: (2, 1) for 4-bit, (4, 1) for 2-bit, (8, 3) for 3-bit."""
   if bits not in PACKED_BITS:
-    raise ValueError(f"Bit packing supports bits in {list(PACKED_BITS)}; got {bits}.")
+    raise InvalidValueError(f"Bit packing supports bits in {list(PACKED_BITS)}; got {bits}.")
   total = math.lcm(bits, 8)
   return total // bits, total // 8
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxshrink.capture import Site, kernel_matrix
 from jaxshrink.encoding import Encoding, materialize
-from jaxshrink.errors import InvalidValueError
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.model import accepts_models
 from jaxshrink.quant import numerics
 from jaxshrink.quant.calibrate import calibrate, check_batches, check_method
@@ -58,7 +58,7 @@ def quantize_leaf(
   `QArray`.
   """
   if isinstance(w, Encoding):
-    raise TypeError(
+    raise InvalidTypeError(
       f"`{path}` is already compressed ({w.describe()}); quantize the float params, or "
       "exclude it from the rule."
     )
@@ -192,7 +192,7 @@ def ptq(
   layers = resolve_layers(params, rule, base, overrides)
   activations = any(q.activation_bits for q in layers.values())
   if activations and not static_activations and calibration != "absmax":
-    raise ValueError(
+    raise InvalidValueError(
       f"`calibration={calibration!r}` clips static activation scales, so it needs "
       "`static_activations=True`; got `static_activations=False` (the default: dynamic scales, "
       "one per token, computed at run time). Pass `static_activations=True`, or drop "
@@ -305,12 +305,12 @@ def quantize_tables(params: Any, tables: Iterable[str], spec: QuantSpec | None) 
     if path not in tables:
       return leaf
     if len(leaf.shape) != 2:
-      raise ValueError(
+      raise InvalidValueError(
         f"Embedding table `{path}` has shape {tuple(leaf.shape)}; per-row quantization needs "
         "a (vocab, dim) table. Leave `embeddings` unset, or reshape the table to 2-D."
       )
     if spec.group_size is not None and leaf.shape[1] % spec.group_size:
-      raise ValueError(
+      raise InvalidValueError(
         f"`group_size`={spec.group_size} does not divide the rows of `{path}` (dim="
         f"{leaf.shape[1]}); pick a divisor of {leaf.shape[1]}, or null for one scale per row."
       )

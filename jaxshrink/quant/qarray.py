@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxshrink.capture import kernel_matrix
 from jaxshrink.encoding import Encoding, register_encoding
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.quant import numerics, packing
 from jaxshrink.quant.spec import FP8_DTYPES, QuantSpec
 
@@ -48,14 +49,16 @@ def normalize_contract_dims(contract_dims, ndim: int, path: str = "<array>") -> 
   out = []
   for d in dims:
     if not -ndim <= int(d) < ndim:
-      raise ValueError(
+      raise InvalidValueError(
         f"Contracting axis {d} is out of range for `{path}` of rank {ndim} (valid: "
         f"{-ndim}..{ndim - 1}). Pass `contract_dims` naming the kernel's input axes, e.g. (0,) "
         "for a Dense kernel or (0, 1, 2) for a 2-D conv kernel."
       )
     out.append(int(d) % ndim)
   if len(set(out)) != len(out) or not out:
-    raise ValueError(f"`contract_dims` must be distinct and non-empty for `{path}`; got {dims}.")
+    raise InvalidValueError(
+      f"`contract_dims` must be distinct and non-empty for `{path}`; got {dims}."
+    )
   return tuple(sorted(out))
 
 
@@ -132,7 +135,7 @@ class QArray(Encoding):
   def __getitem__(self, index: Any) -> QArray:
     """Layer `index` of a stacked QArray (an int, or a traced int32 scalar)."""
     if self.layers is None:
-      raise TypeError(
+      raise InvalidTypeError(
         f"Only a stacked QArray (`layers` set) can be indexed, by layer; this one has shape "
         f"{self.shape} and no layer axis. Use `materialize()` for its values."
       )
@@ -262,10 +265,10 @@ def stack(layers: Sequence[QArray]) -> QArray:
   """
   layers = list(layers)
   if not layers:
-    raise ValueError("`stack` needs at least one per-layer QArray.")
+    raise InvalidValueError("`stack` needs at least one per-layer QArray.")
   first = layers[0]
   if first.layers is not None:
-    raise ValueError("`stack` takes per-layer QArrays; these are already stacked.")
+    raise InvalidValueError("`stack` takes per-layer QArrays; these are already stacked.")
   same = ("bits", "symmetric", "group_size", "per_tensor", "format", "shape", "dtype",
           "contract_dims", "k", "n", "act_bits", "table")  # fmt: skip
   for i, q in enumerate(layers):
@@ -274,7 +277,7 @@ def stack(layers: Sequence[QArray]) -> QArray:
       f for f in first.array_fields if (getattr(q, f) is None) != (getattr(first, f) is None)
     ]
     if differ or present:
-      raise ValueError(
+      raise InvalidValueError(
         f"Layer {i} of the stack differs from layer 0 in {', '.join(differ + present)}; a "
         "stacked QArray holds layers of one shape and spec."
       )
@@ -320,7 +323,7 @@ def quantize(
   spec.validate(path)
   x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
   if x.ndim == 0:
-    raise ValueError(f"Cannot quantize the scalar `{path}`; exclude it from the rule.")
+    raise InvalidValueError(f"Cannot quantize the scalar `{path}`; exclude it from the rule.")
   if contract_dims is None:
     contract_dims = default_contract_dims(x.shape)
   dims = normalize_contract_dims(contract_dims, x.ndim, path)
@@ -328,6 +331,6 @@ def quantize(
   k = int(np.prod([x.shape[d] for d in dims]))
   group = numerics.effective_group_size(spec, k, path)
   if spec.rounding == "stochastic" and key is None:
-    raise ValueError("Stochastic rounding needs a PRNG `key=`; pass jax.random.key(seed).")
+    raise InvalidValueError("Stochastic rounding needs a PRNG `key=`; pass jax.random.key(seed).")
   _, scale, zp, codes = _quantize_matrix(x, spec, dims, group, key)
   return QArray.from_codes(codes, scale, zp, spec, shape=x.shape, dtype=x.dtype, contract_dims=dims)

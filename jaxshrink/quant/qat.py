@@ -33,6 +33,7 @@ import optax
 from jax import lax
 
 from jaxshrink.capture import ControlFlowError, kernel_matrix, replay_with
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.quant import numerics
 from jaxshrink.quant.dot_general import fake_quant_sym, int_dot_ste, ste
 from jaxshrink.quant.ptq import LayerQuant, Overrides, resolve_layers
@@ -85,7 +86,7 @@ def qat_apply(
       message names the leaf and the primitive.
   """
   if mode not in QAT_MODES:
-    raise ValueError(f"QAT `mode` must be one of {list(QAT_MODES)}; got {mode!r}.")
+    raise InvalidValueError(f"QAT `mode` must be one of {list(QAT_MODES)}; got {mode!r}.")
   base = spec if isinstance(spec, LayerQuant) else LayerQuant(spec)
   # Keyed by the treedef itself (hashable, equal for equal structures) and the leaf shapes
   # (rules may select by rank or size): an `id()` of the temporary treedef is reused once it
@@ -180,7 +181,7 @@ def qat_finetune(
   from jaxshrink.models import task_loss
 
   if steps < 1:
-    raise ValueError(f"QAT `steps` must be >= 1; got {steps}.")
+    raise InvalidValueError(f"QAT `steps` must be >= 1; got {steps}.")
   qapply = qat_apply(apply_fn, rule, spec, overrides=overrides, mode=mode)
   opt = optax.adam(learning_rate)
   x_all, y_all = jnp.asarray(x_train), jnp.asarray(y_train)

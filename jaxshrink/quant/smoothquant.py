@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxshrink.errors import InvalidValueError
+
 
 def smooth_scales(act_absmax: np.ndarray, w2d: np.ndarray, alpha: float) -> np.ndarray:
   """Per-input-channel migration scales `(K,)` float32, in `[1e-5, 1e5]`.
@@ -19,7 +21,9 @@ def smooth_scales(act_absmax: np.ndarray, w2d: np.ndarray, alpha: float) -> np.n
     ValueError: `alpha` outside [0, 1].
   """
   if not 0.0 <= float(alpha) <= 1.0:
-    raise ValueError(f"SmoothQuant `alpha` must be in [0, 1]; got {alpha!r}. 0.5 is typical.")
+    raise InvalidValueError(
+      f"SmoothQuant `alpha` must be in [0, 1]; got {alpha!r}. 0.5 is typical."
+    )
   a = np.maximum(np.asarray(act_absmax, np.float64), 1e-5)
   w = np.maximum(np.abs(np.asarray(w2d, np.float64)).max(axis=1), 1e-5)
   s = a**alpha / w ** (1.0 - alpha)

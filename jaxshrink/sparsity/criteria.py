@@ -20,14 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
+
 CRITERIA = ("magnitude", "random", "saliency", "wanda")
 
 
 def check_criterion(criterion: Any) -> str:
   if not isinstance(criterion, str):
-    raise TypeError(f"`criterion` must be a string; got {type(criterion).__name__}.")
+    raise InvalidTypeError(f"`criterion` must be a string; got {type(criterion).__name__}.")
   if criterion not in CRITERIA:
-    raise ValueError(f"Unknown criterion {criterion!r}; expected one of {list(CRITERIA)}.")
+    raise InvalidValueError(f"Unknown criterion {criterion!r}; expected one of {list(CRITERIA)}.")
   return criterion
 
 
@@ -56,7 +58,7 @@ def wanda_scores(
   """
   k = int(np.prod([w.shape[d] for d in contract_dims]))
   if input_norm.shape != (k,):
-    raise ValueError(
+    raise InvalidValueError(
       f"wanda needs one input norm per contracting element of `{path}`: expected shape ({k},), "
       f"got {input_norm.shape}. Collect the norms with capture.collect for this kernel."
     )
@@ -85,17 +87,19 @@ def score_leaf(
     return jnp.abs(w).astype(jnp.float32)
   if criterion == "random":
     if key is None:
-      raise ValueError(f"criterion 'random' needs a PRNG `key` to score `{path}`; pass key=...")
+      raise InvalidValueError(
+        f"criterion 'random' needs a PRNG `key` to score `{path}`; pass key=..."
+      )
     return jax.random.uniform(key, w.shape, jnp.float32)
   if criterion == "saliency":
     if grad is None:
-      raise ValueError(
+      raise InvalidValueError(
         f"criterion 'saliency' needs the gradient of `{path}`; pass grads=... (the pruning "
         "wrapper passes them automatically)."
       )
     return jnp.abs(w.astype(jnp.float32) * grad.astype(jnp.float32))
   if input_norm is None:
-    raise ValueError(
+    raise InvalidValueError(
       f"criterion 'wanda' needs calibration input norms for `{path}`; use "
       "jaxshrink.sparsity.wanda(apply_fn, params, batches, ...) which collects them."
     )

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.sparsity.allocation import Pruner
 from jaxshrink.sparsity.schedules import Schedule, constant_schedule
 from jaxshrink.sparsity.structures import Unstructured, keep_top
@@ -84,14 +85,16 @@ def dynamic_sparse(
     masks: start masks instead of ranking `params`.
   """
   if method not in DYNAMIC_METHODS:
-    raise ValueError(f"Unknown dynamic method {method!r}; expected one of {list(DYNAMIC_METHODS)}.")
+    raise InvalidValueError(
+      f"Unknown dynamic method {method!r}; expected one of {list(DYNAMIC_METHODS)}."
+    )
   if not isinstance(pruner.structure, Unstructured):
-    raise ValueError(
+    raise InvalidValueError(
       f"{method} moves single weights: it needs structure 'unstructured'; got "
       f"{pruner.structure.name!r}."
     )
   if not 0.0 <= drop_fraction <= 1.0:
-    raise ValueError(f"`drop_fraction` must be in [0, 1]; got {drop_fraction}.")
+    raise InvalidValueError(f"`drop_fraction` must be in [0, 1]; got {drop_fraction}.")
   schedule = schedule or constant_schedule(begin=0, end=1000, frequency=100)
   end = schedule.last if schedule.last is not None else schedule.begin + 1000
   if masks is None:

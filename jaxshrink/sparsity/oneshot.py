@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxshrink import capture, hessian
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.model import accepts_models
 from jaxshrink.sparsity.allocation import Pruner, apply_masks
 from jaxshrink.sparsity.criteria import _from_matrix
@@ -48,12 +49,12 @@ def oneshot_prune(
 
 def _check_layerwise(pruner: Pruner, method: str) -> None:
   if not isinstance(pruner.structure, (Unstructured, NM)):
-    raise ValueError(
+    raise InvalidValueError(
       f"{method} prunes single weights: structure must be 'unstructured' or 'N:M'; got "
       f"{pruner.structure.name!r}."
     )
   if pruner.allocation == "global":
-    raise ValueError(
+    raise InvalidValueError(
       f"{method} sets each layer's sparsity on its own: use allocation 'uniform' or 'erk', "
       "not 'global'."
     )
@@ -112,7 +113,7 @@ def wanda(
   """
   _check_layerwise(pruner, "wanda")
   if comparison not in ("layer", "output"):
-    raise ValueError(f"wanda `comparison` must be 'layer' or 'output'; got {comparison!r}.")
+    raise InvalidValueError(f"wanda `comparison` must be 'layer' or 'output'; got {comparison!r}.")
   paths, sparsities = _layer_sparsities(pruner, params)
   stats = capture.collect(
     apply_fn, params, batches, pruner.rule, {"sq": capture.sum_squares_reducer()}
@@ -185,7 +186,7 @@ def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, p
   """SparseGPT on one kernel (one layer of a stacked one): `(pruned kernel, keep mask)`."""
   nm = pruner.structure if isinstance(pruner.structure, NM) else None
   if nm is not None and not _nm_on_matrix(pruner, tuple(w.shape), contract_dims):
-    raise ValueError(
+    raise InvalidValueError(
       f"sparsegpt applies N:M along the contracting axis; `{path}` contracts dims "
       f"{contract_dims} but the structure's axis is {nm.axis}. Use axis "
       f"{max(contract_dims) - w.ndim} or exclude the leaf."
@@ -233,7 +234,7 @@ def sparsegpt(
   _check_layerwise(pruner, "sparsegpt")
   nm = pruner.structure if isinstance(pruner.structure, NM) else None
   if nm is not None and block_size % nm.m:
-    raise ValueError(f"`block_size` ({block_size}) must be a multiple of M={nm.m}.")
+    raise InvalidValueError(f"`block_size` ({block_size}) must be a multiple of M={nm.m}.")
   paths, sparsities = _layer_sparsities(pruner, params)
   hessians = hessian.collect_hessians(apply_fn, params, batches, pruner.rule)
   flat = flatten(params)

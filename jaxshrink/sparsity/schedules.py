@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxshrink.errors import InvalidTypeError, InvalidValueError
+
 SCHEDULE_KINDS = ("oneshot", "constant", "periodic", "polynomial")
 
 
@@ -48,26 +50,26 @@ class Schedule:
 
   def __post_init__(self):
     if self.kind not in SCHEDULE_KINDS:
-      raise ValueError(
+      raise InvalidValueError(
         f"Unknown schedule kind {self.kind!r}; expected one of {list(SCHEDULE_KINDS)}."
       )
     for name in ("begin", "frequency"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"schedule `{name}` must be an int; got {value!r}.")
+        raise InvalidTypeError(f"schedule `{name}` must be an int; got {value!r}.")
     if self.begin < 0:
-      raise ValueError(f"schedule `begin` must be >= 0; got {self.begin}.")
+      raise InvalidValueError(f"schedule `begin` must be >= 0; got {self.begin}.")
     if self.frequency < 1:
-      raise ValueError(f"schedule `frequency` must be >= 1; got {self.frequency}.")
+      raise InvalidValueError(f"schedule `frequency` must be >= 1; got {self.frequency}.")
     if self.end is not None:
       if isinstance(self.end, bool) or not isinstance(self.end, int):
-        raise TypeError(f"schedule `end` must be an int or None; got {self.end!r}.")
+        raise InvalidTypeError(f"schedule `end` must be an int or None; got {self.end!r}.")
       if self.end < self.begin:
-        raise ValueError(
+        raise InvalidValueError(
           f"schedule `end` ({self.end}) comes before `begin` ({self.begin}); set end >= begin."
         )
     if self.kind in ("polynomial", "periodic") and self.end is None:
-      raise ValueError(
+      raise InvalidValueError(
         f"A {self.kind} schedule needs an `end` step; got None. Set e.g. end=<steps * 0.7>."
       )
 
@@ -140,7 +142,7 @@ def schedule_from_options(options: dict[str, Any] | None, *, steps: int) -> Sche
   options = dict(options or {})
   unknown = set(options) - {"kind", "begin", "end", "frequency", "power"}
   if unknown:
-    raise ValueError(
+    raise InvalidValueError(
       f"Unknown schedule keys {sorted(unknown)}; valid keys: kind, begin, end, frequency, power."
     )
   kind = options.get("kind", "polynomial")
