@@ -379,3 +379,17 @@ def test_encodings_in_results(cnn):
   cmodel = quantize_params(cnn, ".*kernel", QuantSpec(bits=8))
   encoded = [p for p, leaf in js.flatten(cmodel.tree).items() if is_encoding(leaf)]
   assert encoded == ["conv1/kernel", "head/kernel"]
+
+
+def test_recipe_rtn_on_a_scanned_decoder_gives_each_layer_its_scales(user_code, capsys, tmp_path):
+  recipe = _write(tmp_path / "r.yaml", {
+    "model": "user_models:scanned_decoder", "data": "user_models:token_data",
+    "metric": {"fn": "user_models:agreement", "higher_is_better": True},
+    "stages": [{"quantize": {"weight_bits": 4, "group_size": 8}}],
+    "export": {"serving": None},
+  })  # fmt: skip
+  out = tmp_path / "ckpt"
+  code, _, err = _run(capsys, "compress", str(recipe), "--out", str(out), "--json")
+  assert code == 0, err
+  kernel = js.load(out)["blocks"]["up"]["kernel"]  # params only: stored without the wrapper
+  assert kernel.layers == 3 and kernel.scale.shape[0] == 3

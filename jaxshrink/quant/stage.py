@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxshrink.capture import find_sites
 from jaxshrink.errors import UsageError
 from jaxshrink.quant.calibrate import calibrate, check_method
 from jaxshrink.quant.ptq import (
@@ -231,6 +232,16 @@ def with_activations(
   return map_with_path(visit, ctree)
 
 
+def _stacked_sites(pipeline: Pipeline, tree: Any, rule: Any) -> dict[str, Any] | None:
+  """The sites of kernels stacked by `nn.scan` / `nnx.scan`, from one abstract trace of the
+  model, so weight-only quantization gives each layer its own scales; None when none is."""
+  ds = pipeline.dataset
+  x = ds.x_train if getattr(ds, "x_train", None) is not None else ds.x_test
+  # Only shapes are read (an abstract trace), so any split serves.
+  sites = find_sites(pipeline.model.apply, tree, np.asarray(x[:1]), rule=rule)
+  return {path: site for path, site in sites.items() if site.layers} or None
+
+
 @register_stage(
   "quantize",
   options=OPTIONS,
@@ -252,7 +263,8 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   activations = any(q.activation_bits for q in layers.values())
   tables = _embedding_tables(pipeline, options, layers)
   if method == "rtn" and not activations:
-    tree = quantize_params(tree, rule, layer, overrides=overrides)
+    sites = _stacked_sites(pipeline, tree, rule)
+    tree = quantize_params(tree, rule, layer, overrides=overrides, contract_dims=sites)
     return dataclasses.replace(pipeline, tree=_tables(tree, tables))
   batches = calibration_batches(pipeline, options["calibration_batches"])
   act_options = {
@@ -275,7 +287,8 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     if activations:
       tree = ptq(model.apply, trained, batches, rule, layer, overrides=overrides, **act_options)
     else:
-      tree = quantize_params(trained, rule, layer, overrides=overrides)
+      sites = _stacked_sites(pipeline, trained, rule)
+      tree = quantize_params(trained, rule, layer, overrides=overrides, contract_dims=sites)
   else:
     # GPTQ/AWQ quantize weights; the layers' activation bits are added on top.
     weight_overrides = [(r, None if o is None else o.spec) for r, o in overrides]
