@@ -198,8 +198,8 @@ def awq(
     spec: bits, symmetry and granularity (integer format), weight-only.
     grid: number of `α` values searched per kernel.
     clip: also search a per-channel clipping ratio (see `awq_matrix`).
-    overrides: `[(rule, QuantSpec | None)]`: per-layer specs; None keeps a layer float. Later
-      ones win.
+    overrides: `[(rule, QuantSpec | None)]`: per-layer specs; None keeps a layer float. The
+      first rule matching a leaf wins.
 
   Returns:
     The tree with `QArray` leaves (`input_scale` set) for the selected kernels; a kernel

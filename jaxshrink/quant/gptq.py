@@ -79,7 +79,7 @@ def layer_specs(
 ) -> dict[str, QuantSpec]:
   """`{path: spec}` of the kernels a weight-only method quantizes.
 
-  `rule` selects kernels for `spec`; `overrides` (`[(rule, QuantSpec | None)]`, later ones win)
+  `rule` selects kernels for `spec`; `overrides` (`[(rule, QuantSpec | None)]`, first match wins)
   give some their own spec or keep them float (None), as in `quantize_params`.
 
   Raises:
@@ -102,7 +102,7 @@ def layer_specs(
 
 def paths_rule(paths: Iterable[str]) -> Rule:
   """A rule selecting exactly `paths` (what is left to calibrate after overrides)."""
-  return Rule(include="|".join(re.escape(p) for p in paths))
+  return Rule(include="|".join(re.escape(p) for p in paths), min_ndim=0)
 
 
 def _row_spec(spec: QuantSpec) -> QuantSpec:
@@ -326,8 +326,8 @@ def gptq(
     damp: relative Hessian damping; retried 10x larger when a Cholesky fails.
     act_order: visit input channels by decreasing activation energy.
     block_size: rows per lazy-update block.
-    overrides: `[(rule, QuantSpec | None)]`: per-layer specs; None keeps a layer float. Later
-      ones win.
+    overrides: `[(rule, QuantSpec | None)]`: per-layer specs; None keeps a layer float. The
+      first rule matching a leaf wins.
 
   Returns:
     The tree with `QArray` leaves for the selected kernels, other leaves unchanged.

@@ -199,7 +199,7 @@ def ptq(
       "`calibration`."
     )
   batches = check_batches(batches)
-  kernel_rule = Rule(include="|".join(_escape(p) for p in layers))
+  kernel_rule = Rule(include="|".join(_escape(p) for p in layers), min_ndim=0)
   flat = flatten(params)
   input_scales = {}
   stats = calibrate(apply_fn, params, batches, kernel_rule, method="absmax")
