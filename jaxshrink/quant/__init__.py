@@ -25,6 +25,7 @@ from jaxshrink.quant.ptq import ptq as ptq
 from jaxshrink.quant.ptq import quantize_params as quantize_params
 from jaxshrink.quant.qarray import QArray as QArray
 from jaxshrink.quant.qarray import quantize as quantize
+from jaxshrink.quant.qarray import stack as stack
 from jaxshrink.quant.qat import qat_apply as qat_apply
 from jaxshrink.quant.rules import QuantRule as QuantRule
 from jaxshrink.quant.rules import from_qwix as from_qwix
