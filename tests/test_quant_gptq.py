@@ -246,3 +246,19 @@ def test_gptq_bad_calibration_and_rules(lm):
     warnings.simplefilter("error")
     with pytest.raises(JaxshrinkError, match="never reach a matmul"):
       gptq(model.apply, params, batches[:1], Rule(".*embedding|head/kernel"), spec)
+
+
+@pytest.mark.parametrize(
+  ("spec", "act_order"),
+  [(SPECS[0], False), (SPECS[1], False), (SPECS[1], True), (SPECS[2], False)],
+  ids=lambda v: v.describe() if isinstance(v, QuantSpec) else f"act_order={v}",
+)
+def test_pruned_weights_stay_zero_and_gptq_still_beats_rounding(layer, spec, act_order):
+  x, w, h = layer
+  pruned = w.copy()
+  pruned[np.abs(w) < np.median(np.abs(w))] = 0.0  # 50% unstructured
+  q = gptq_kernel(jnp.asarray(pruned), h, spec, act_order=act_order, block_size=16)
+  wq = np.asarray(q.materialize())
+  assert np.all(wq[pruned == 0] == 0.0)  # the mask survives exactly
+  rtn = np.where(pruned == 0, 0.0, np.asarray(quantize(jnp.asarray(pruned), spec).materialize()))
+  assert _output_error(x, pruned, wq) < _output_error(x, pruned, rtn)  # 5-15% less here

@@ -25,6 +25,9 @@ Implementation notes (what this module does, and why):
   memory `K × K` per layer), not sequentially through already-quantized layers.
 - `overrides` give layers their own spec, or keep them float (None), as in
   `jaxshrink.quant.ptq.quantize_params`; only the layers that end up quantized are calibrated.
+- Pruned weights stay pruned: an exact zero (a trained dense kernel has none) gets the code of
+  0.0, and its current value, moved by earlier rows' updates, is compensated as a rounding
+  error, as SparseGPT does for its masks. So pruning then GPTQ keeps the mask and its sparsity.
 - A kernel stacked on a leading layer axis (`nn.scan` / `nnx.scan`) is quantized layer by
   layer, each with its own Hessian and scales, into one stacked `QArray` (`layers=L`).
 
@@ -111,11 +114,13 @@ def _row_spec(spec: QuantSpec) -> QuantSpec:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block", "group", "dynamic"))
-def _gptq_rows(w, u, table, zp_table, row_group, *, spec, block, group, dynamic):
+def _gptq_rows(w, keep, u, table, zp_table, row_group, *, spec, block, group, dynamic):
   """GPTQ over the rows of `w (Kp, N)` (working order, `Kp` a multiple of `block`).
 
   Args:
     w: weights in working order, float32.
+    keep: `(Kp, N)` bool, False where a weight was pruned: it gets the code of 0.0 and its
+      current (updated) value is compensated like any rounding error, so the mask survives.
     u: `(Kp, Kp)` upper Cholesky factor of the damped inverse Hessian in the same order.
     table: `(G, N)` float32 scales per group (filled in here when `dynamic`).
     zp_table: `(G, N)` int32 zero points, or None (symmetric).
@@ -130,14 +135,14 @@ def _gptq_rows(w, u, table, zp_table, row_group, *, spec, block, group, dynamic)
   row_spec = _row_spec(spec)
   rows = jnp.arange(block)
 
-  def row_step(start, ub, j, carry):
+  def row_step(start, ub, kb, j, carry):
     wb, codes, err, table, zp_table = carry
     g = row_group[start + j]
     if dynamic:
 
       def refresh(tables):
         t, z = tables
-        cur = lax.dynamic_slice(wb, (j, 0), (group, n))
+        cur = lax.dynamic_slice(wb * kb, (j, 0), (group, n))
         s, zp = numerics.compute_qparams(cur, spec)
         t = lax.dynamic_update_slice(t, s.astype(jnp.float32), (g, 0))
         z = None if z is None else lax.dynamic_update_slice(z, zp, (g, 0))
@@ -148,6 +153,8 @@ def _gptq_rows(w, u, table, zp_table, row_group, *, spec, block, group, dynamic)
     zp = None if zp_table is None else lax.dynamic_slice(zp_table, (g, 0), (1, n))
     row = wb[j][None]
     c = numerics.quantize_codes(row, scale, zp, row_spec)
+    zero = numerics.quantize_codes(jnp.zeros_like(row), scale, zp, row_spec)
+    c = jnp.where(kb[j][None], c, zero)
     q = numerics.dequantize_codes(c, scale, zp, row_spec)
     e = (row - q)[0] / ub[j, j]
     # Lazy update: only the later rows of this block now; the rest after the block.
@@ -158,6 +165,7 @@ def _gptq_rows(w, u, table, zp_table, row_group, *, spec, block, group, dynamic)
     w, codes_all, table, zp_table = carry
     start = b * block
     wb = lax.dynamic_slice(w, (start, 0), (block, n))
+    kb = lax.dynamic_slice(keep, (start, 0), (block, n)).astype(w.dtype)
     ub = lax.dynamic_slice(u, (start, start), (block, block))
     init = (
       wb,
@@ -167,7 +175,7 @@ def _gptq_rows(w, u, table, zp_table, row_group, *, spec, block, group, dynamic)
       zp_table,
     )
     _, codes, err, table, zp_table = lax.fori_loop(
-      0, block, functools.partial(row_step, start, ub), init
+      0, block, functools.partial(row_step, start, ub, kb), init
     )
     urows = lax.dynamic_slice(u, (start, 0), (block, kp))
     later = (jnp.arange(kp) >= start + block)[:, None]
@@ -248,8 +256,11 @@ def gptq_matrix(
   # Padding rows are zero weights with an identity Hessian block: they never touch real rows.
   w_work = jnp.pad(w[perm], ((0, kp - k), (0, 0)))
   u_work = jnp.eye(kp, dtype=jnp.float32).at[:k, :k].set(u)
+  # Exact zeros are pruned weights (a trained dense matrix has none): they stay zero.
+  keep_work = jnp.pad(w[perm] != 0, ((0, kp - k), (0, 0)), constant_values=True)
   codes, table, zp_table = _gptq_rows(
     w_work,
+    keep_work,
     u_work,
     table,
     zp_table,
