@@ -34,6 +34,7 @@ from jaxshrink.sparsity import (
   encode_sparse,
   oneshot_prune,
   polynomial_schedule,
+  pruned_masks,
   pruning,
   shrink_model,
   sparsegpt,
@@ -106,8 +107,9 @@ def _bytes_rows(pipeline):
   rows = []
   f32 = tree_report(pipeline.tree).float32_bytes
   rule = Rule(".*kernel", exclude="conv1/kernel")
-  pruned90, _ = oneshot_prune(pipeline.tree, Pruner(rule, 0.9, allocation="global"))
-  pruned24, masks24 = oneshot_prune(pipeline.tree, Pruner(rule, structure="2:4"))
+  pruned90 = oneshot_prune(pipeline.tree, Pruner(rule, 0.9, allocation="global"))
+  pruned24 = oneshot_prune(pipeline.tree, Pruner(rule, structure="2:4"))
+  masks24 = pruned_masks(pruned24, Pruner(rule, structure="2:4"))
   variants = {
     "float32": pipeline.tree,
     "90% bitmask": encode_sparse(pruned90, rule),
@@ -204,7 +206,7 @@ def _tiny_lm_rows():
       ("sparsegpt", lambda p=pruner: sparsegpt(model.apply, params, batches, p)),
     ):
       start = time.perf_counter()
-      pruned, _ = fn()
+      pruned = fn()
       seconds = time.perf_counter() - start
       ppl = models.evaluate(model, pruned, ds)
       label = "50%" if structure == "unstructured" else "2:4"
@@ -218,7 +220,9 @@ def _heads_row():
   params = models.pretrained(model, progress=False)
   ds = data.get_dataset(model.data)
   start = time.perf_counter()
-  masked, masks = oneshot_prune(params, Pruner(r".*attention/.*/kernel", 0.5, structure=Heads(4)))
+  pruner = Pruner(r".*attention/.*/kernel", 0.5, structure=Heads(4))
+  masked = oneshot_prune(params, pruner)
+  masks = pruned_masks(masked, pruner)
   small, small_model = shrink_model(model, masked, masks, structure="heads")
   seconds = time.perf_counter() - start
   x = ds.x_test[:32]

@@ -48,6 +48,7 @@ from jaxshrink.sparsity import BitmaskSparse as BitmaskSparse
 from jaxshrink.sparsity import NMSparse as NMSparse
 from jaxshrink.sparsity import Pruner as Pruner
 from jaxshrink.sparsity import oneshot_prune as oneshot_prune
+from jaxshrink.sparsity import pruned_masks as pruned_masks
 from jaxshrink.sparsity import pruning as pruning
 from jaxshrink.sparsity import shrink_params as shrink_params
 from jaxshrink.sparsity import sparsegpt as sparsegpt
@@ -92,6 +93,7 @@ __all__ = [
   "map_selected",
   "materialize",
   "oneshot_prune",
+  "pruned_masks",
   "pruning",
   "ptq",
   "qat_apply",

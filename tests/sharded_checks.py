@@ -44,7 +44,8 @@ from jaxshrink.lowrank.svd import factorize_array  # noqa: E402
 from jaxshrink.models import cross_entropy_loss, get_model  # noqa: E402
 from jaxshrink.quant import QuantDotGeneral, QuantSpec, quantize, quantize_params  # noqa: E402
 from jaxshrink.quant.gptq import gptq_kernel  # noqa: E402
-from jaxshrink.sparsity import Pruner, one_shot_schedule, pruning, sparsegpt  # noqa: E402
+from jaxshrink.sparsity import Pruner, one_shot_schedule, pruning  # noqa: E402
+from jaxshrink.sparsity.oneshot import _sparsegpt_with_masks  # noqa: E402
 from jaxshrink.tree import flatten  # noqa: E402
 
 MESHES = {"dp8": ((8,), ("data",)), "mp2x4": ((2, 4), ("data", "model")),
@@ -166,7 +167,8 @@ def run() -> dict:
   # (K=288, N=64); model meshes split both on N.
   h1 = ref["hessians"]["conv1/kernel"][0]
   ref["gptq"] = gptq_kernel(single["conv1"]["kernel"], h1, spec4pc, contract_dims=(0, 1, 2))
-  ref["sparsegpt"] = sparsegpt(model.apply, single, [x1], Pruner("conv1/kernel", 0.5))
+  # `(pruned, masks)`: the masks SparseGPT applied, to compare across meshes.
+  ref["sparsegpt"] = _sparsegpt_with_masks(model.apply, single, [x1], Pruner("conv1/kernel", 0.5))
   ref["svd"] = factorize_array(single["conv2"]["kernel"], 16)
   record("references", True, 0.0, [], [])
 
@@ -243,7 +245,9 @@ def run() -> dict:
     # Calibration rows replicated: a data-split Gram sums rows in another order (1e-7), which
     # may flip a tied SparseGPT choice; the data-split Hessians are checked above.
     x_rep = jax.device_put(x_host, replicated)
-    pruned, masks = sparsegpt(model.apply, params, [x_rep], Pruner("conv1/kernel", 0.5))
+    pruned, masks = _sparsegpt_with_masks(
+      model.apply, params, [x_rep], Pruner("conv1/kernel", 0.5)
+    )
     err = max_err(pruned, ref["sparsegpt"][0])
     record(k + "sparsegpt", err < 1e-4 and exact(masks, ref["sparsegpt"][1]), err,
            layout_errors({"w": pruned["conv1"]["kernel"], "m": masks["conv1"]["kernel"]},

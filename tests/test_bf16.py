@@ -49,15 +49,15 @@ def _compressed(setup):
   apply, params, _, _, calib = setup
   int8 = js.QuantSpec(bits=8)
   int4 = js.QuantSpec(bits=4, group_size=16)
-  sparse = js.oneshot_prune(params, js.Pruner(TARGET, structure="2:4"))[0]
+  sparse = js.oneshot_prune(params, js.Pruner(TARGET, structure="2:4"))
   return {
     "int8": js.quantize_params(params, TARGET, int8),
     "int4-g16": js.quantize_params(params, TARGET, int4),
     "w8a8": js.ptq(apply, params, calib, TARGET, js.LayerQuant(int8, activation_bits=8)),
     "gptq-int4": js.gptq(apply, params, calib, TARGET, int4),
     "awq-int4": js.awq(apply, params, calib, TARGET, int4),
-    "wanda": js.wanda(apply, params, calib, js.Pruner(TARGET, 0.5))[0],
-    "sparsegpt": js.sparsegpt(apply, params, calib, js.Pruner(TARGET, 0.5))[0],
+    "wanda": js.wanda(apply, params, calib, js.Pruner(TARGET, 0.5)),
+    "sparsegpt": js.sparsegpt(apply, params, calib, js.Pruner(TARGET, 0.5)),
     "2:4": js.sparsity.encode_sparse(sparse, TARGET, structure="2:4"),
     "lowrank": js.factorize(params, "dense1/kernel", rank=16),
   }

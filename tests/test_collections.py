@@ -78,7 +78,7 @@ def test_calibrated_quantization_runs_on_the_variable_dict(variables, batches, m
 
 
 def test_wanda_prunes_params_and_leaves_statistics(variables, batches):
-  pruned, masks = wanda(MODEL.apply, variables, batches, Pruner(".*kernel", sparsity=0.5))
+  pruned = wanda(MODEL.apply, variables, batches, Pruner(".*kernel", sparsity=0.5))
   assert _equal(pruned["batch_stats"], variables["batch_stats"])
   kernel = pruned["params"]["Dense_0"]["kernel"]
   assert float(jnp.mean(kernel == 0)) == pytest.approx(0.5, abs=0.02)

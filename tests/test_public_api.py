@@ -41,6 +41,8 @@ def test_quantization_counterparts_of_the_pruning_methods():
   assert quant.gptq is deep_gptq and quant.awq is deep_awq
   assert jaxshrink.gptq is deep_gptq and jaxshrink.awq is deep_awq
   assert jaxshrink.wanda is sparsity.wanda and jaxshrink.sparsegpt is sparsity.sparsegpt
+  # The pruning methods return the tree alone; their masks come back from one function.
+  assert jaxshrink.pruned_masks is sparsity.pruned_masks
 
 
 def test_types_the_exported_functions_take_are_exported():

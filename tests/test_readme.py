@@ -215,6 +215,7 @@ PUBLIC = {
   "map_selected",
   "materialize",
   "oneshot_prune",
+  "pruned_masks",
   "pruning",
   "ptq",
   "qat_apply",

@@ -25,7 +25,7 @@ from jaxshrink.encoding import materialize
 from jaxshrink.quant import LayerQuant, QuantSpec, qat_apply, quantized_apply
 from jaxshrink.quant.qarray import QArray, stack
 from jaxshrink.quant.serve import IntegerPathError
-from jaxshrink.sparsity import NM, Pruner, sparsegpt, wanda
+from jaxshrink.sparsity import NM, Pruner, pruned_masks, sparsegpt, wanda
 from jaxshrink.tree import flatten
 
 D, HEADS, LAYERS = 32, 2, 2
@@ -180,6 +180,8 @@ def _layer_leaf(kind, tree, i):
   return flatten(tree["layers"][i])[sub]
 
 
+WANDA = Pruner(RULE, sparsity=0.5)
+SPARSEGPT = Pruner(".*(fc1|fc2)/kernel", sparsity=0.5, structure=NM(2, 4, axis=-2))
 METHODS = {
   "ptq-w8a8": lambda f, p, b: js.ptq(f, p, b, RULE, QuantSpec(bits=8), activation_bits=8),
   "ptq-static-smooth": lambda f, p, b: js.ptq(
@@ -194,10 +196,8 @@ METHODS = {
   ),  # fmt: skip
   "gptq-int4-g32": lambda f, p, b: js.gptq(f, p, b, RULE, QuantSpec(bits=4, group_size=32)),
   "awq-int4": lambda f, p, b: js.awq(f, p, b, RULE, QuantSpec(bits=4, group_size=32), grid=5),
-  "wanda-50": lambda f, p, b: wanda(f, p, b, Pruner(RULE, sparsity=0.5))[1],
-  "sparsegpt-2:4": lambda f, p, b: sparsegpt(
-    f, p, b, Pruner(".*(fc1|fc2)/kernel", sparsity=0.5, structure=NM(2, 4, axis=-2))
-  )[1],
+  "wanda-50": lambda f, p, b: pruned_masks(wanda(f, p, b, WANDA), WANDA),
+  "sparsegpt-2:4": lambda f, p, b: pruned_masks(sparsegpt(f, p, b, SPARSEGPT), SPARSEGPT),
 }
 
 

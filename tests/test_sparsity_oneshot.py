@@ -8,9 +8,14 @@ import pytest
 
 from jaxshrink import hessian, models
 from jaxshrink.data import get_dataset
-from jaxshrink.sparsity import NM, Pruner, oneshot_prune, sparsegpt, wanda
-from jaxshrink.sparsity.oneshot import _sparsegpt_matrix
-from jaxshrink.tree import Rule
+from jaxshrink.sparsity import NM, Pruner, oneshot_prune, pruned_masks, sparsegpt, wanda
+from jaxshrink.sparsity.oneshot import (
+  _oneshot_prune_with_masks,
+  _sparsegpt_matrix,
+  _sparsegpt_with_masks,
+  _wanda_with_masks,
+)
+from jaxshrink.tree import Rule, flatten
 
 RNG = np.random.default_rng(0)
 # Correlated inputs with a few loud features: where magnitude pruning goes wrong.
@@ -57,9 +62,10 @@ def test_wanda_and_sparsegpt_beat_magnitude_on_layer_output(structure):
   params = {"d": {"kernel": W}}
   pruner = Pruner("d/kernel", 0.5, structure=structure)
   batches = [X[:256], X[256:]]
-  mag, _ = oneshot_prune(params, pruner)
-  wa, wa_masks = wanda(_apply, params, batches, pruner)
-  sg, sg_masks = sparsegpt(_apply, params, batches, pruner, block_size=16)
+  mag = oneshot_prune(params, pruner)
+  wa = wanda(_apply, params, batches, pruner)
+  sg = sparsegpt(_apply, params, batches, pruner, block_size=16)
+  wa_masks, sg_masks = pruned_masks(wa, pruner), pruned_masks(sg, pruner)
   errors = {k: _output_error(p) for k, p in (("mag", mag), ("wanda", wa), ("sparsegpt", sg))}
   assert errors["wanda"] < errors["mag"] and errors["sparsegpt"] < errors["wanda"], errors
   for masks in (wa_masks, sg_masks):
@@ -72,7 +78,8 @@ def test_wanda_and_sparsegpt_beat_magnitude_on_layer_output(structure):
 
 def test_wanda_ranks_within_each_output():
   params = {"d": {"kernel": W}}
-  _, masks = wanda(_apply, params, [X], Pruner("d/kernel", 0.75), comparison="output")
+  pruner = Pruner("d/kernel", 0.75)
+  masks = pruned_masks(wanda(_apply, params, [X], pruner, comparison="output"), pruner)
   keep = np.asarray(masks["d"]["kernel"])
   assert (keep.sum(axis=0) == 8).all()
   score = np.abs(W) * np.sqrt((X**2).sum(axis=0))[:, None]
@@ -82,7 +89,7 @@ def test_wanda_ranks_within_each_output():
 
 def test_wanda_layer_comparison_matches_numpy():
   params = {"d": {"kernel": W}}
-  _, masks = wanda(_apply, params, [X], Pruner("d/kernel", 0.75))
+  masks = pruned_masks(wanda(_apply, params, [X], Pruner("d/kernel", 0.75)), "d/kernel")
   score = np.abs(W) * np.sqrt((X**2).sum(axis=0))[:, None]
   np.testing.assert_array_equal(
     np.asarray(masks["d"]["kernel"]), score >= np.sort(score.ravel())[384]
@@ -134,12 +141,120 @@ def test_tiny_lm_reduced_method_ranking_over_seeds(tiny_lm):
     x, y = data.x_test[test], data.y_test[test]
     for structure, out in ppl.items():
       pruner = Pruner(rule, 0.5, structure=structure)
-      out["mag"].append(_perplexity(model, oneshot_prune(params, pruner)[0], x, y))
-      out["wanda"].append(_perplexity(model, wanda(model.apply, params, batches, pruner)[0], x, y))
-      pruned = sparsegpt(model.apply, params, batches, pruner)[0]
+      out["mag"].append(_perplexity(model, oneshot_prune(params, pruner), x, y))
+      out["wanda"].append(_perplexity(model, wanda(model.apply, params, batches, pruner), x, y))
+      pruned = sparsegpt(model.apply, params, batches, pruner)
       out["sparsegpt"].append(_perplexity(model, pruned, x, y))
   for structure, out in ppl.items():
     mag, wanda_ppl, sparsegpt_ppl = (np.array(out[m]) for m in ("mag", "wanda", "sparsegpt"))
     assert np.all(sparsegpt_ppl < 0.98 * mag), (structure, out)
     assert np.all(wanda_ppl < 1.02 * mag), (structure, out)
   assert np.mean(ppl["2:4"]["wanda"]) < np.mean(ppl["2:4"]["mag"]), ppl
+
+
+# --- one shape: the pruned tree alone; its masks from `pruned_masks` ---
+
+
+def _digits_mlp_like():
+  """digits-mlp's layout with random weights and zero biases (as initialized), and its apply."""
+  keys = jax.random.split(jax.random.key(3), 3)
+  sizes = ((64, 32), (32, 16), (16, 10))
+  params = {
+    f"dense{i + 1}": {
+      "kernel": jax.random.normal(k, shape) / np.sqrt(shape[0]),
+      "bias": jnp.zeros(shape[1]),
+    }
+    for i, (k, shape) in enumerate(zip(keys, sizes, strict=True))
+  }
+
+  def apply(p, x):
+    h = x.reshape(x.shape[0], -1)
+    for name in ("dense1", "dense2"):
+      h = jax.nn.relu(h @ p[name]["kernel"] + p[name]["bias"])
+    return h @ p["dense3"]["kernel"] + p["dense3"]["bias"]
+
+  x = jax.random.normal(jax.random.key(4), (96, 8, 8, 1))
+  return params, apply, [x[:48], x[48:]]
+
+
+PRUNERS = {
+  "magnitude-50": Pruner(".*kernel", 0.5),
+  "magnitude-global-80": Pruner(".*kernel", 0.8, allocation="global"),
+  "magnitude-2:4": Pruner(".*kernel", structure="2:4"),
+  "magnitude-channel": Pruner("dense[12]/kernel", 0.5, structure="channel"),
+  "magnitude-block": Pruner("dense[12]/kernel", 0.5, structure="block"),
+  "magnitude-dense-below": Pruner(".*kernel", 0.5, keep_dense_below=1000),
+  "wanda-50": Pruner(".*kernel", 0.5),
+  "wanda-2:4": Pruner(".*kernel", structure="2:4"),
+  "sparsegpt-50": Pruner(".*kernel", 0.5),
+  "sparsegpt-2:4": Pruner(".*kernel", structure="2:4"),
+}
+
+
+def _prune_both_ways(name, params, apply, batches):
+  """`(public result, (pruned, masks) the method applied)` for the PRUNERS entry `name`."""
+  pruner = PRUNERS[name]
+  if name.startswith("wanda"):
+    return wanda(apply, params, batches, pruner), _wanda_with_masks(apply, params, batches, pruner)
+  if name.startswith("sparsegpt"):
+    got = sparsegpt(apply, params, batches, pruner, block_size=16)
+    return got, _sparsegpt_with_masks(apply, params, batches, pruner, block_size=16)
+  return oneshot_prune(params, pruner), _oneshot_prune_with_masks(params, pruner)
+
+
+@pytest.mark.parametrize("name", list(PRUNERS))
+def test_pruning_returns_the_tree_and_pruned_masks_gives_the_applied_masks(name):
+  params, apply, batches = _digits_mlp_like()
+  got, (want, masks) = _prune_both_ways(name, params, apply, batches)
+  assert not isinstance(got, tuple)
+  assert jax.tree.structure(got) == jax.tree.structure(params)
+  for path, leaf in flatten(got).items():
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flatten(want)[path]), err_msg=path)
+  read = flatten(pruned_masks(got, PRUNERS[name]))
+  applied = flatten(masks)
+  assert set(read) == set(applied)
+  for path, mask in applied.items():
+    assert read[path].dtype == jnp.bool_ and read[path].shape == mask.shape, path
+    np.testing.assert_array_equal(np.asarray(read[path]), np.asarray(mask), err_msg=path)
+  for path, mask in read.items():  # pruned weights are exactly zero
+    leaf = np.asarray(flatten(got)[path])
+    assert not leaf[~np.broadcast_to(np.asarray(mask), leaf.shape)].any(), path
+
+
+def test_pruned_masks_with_a_rule_and_bad_input():
+  params, _, _ = _digits_mlp_like()
+  pruner = Pruner(".*kernel", 0.5)
+  pruned = oneshot_prune(params, pruner)
+  by_rule = flatten(pruned_masks(pruned, ".*kernel"))
+  by_pruner = flatten(pruned_masks(pruned, pruner))
+  for path, mask in by_pruner.items():
+    np.testing.assert_array_equal(np.asarray(by_rule[path]), np.asarray(mask), err_msg=path)
+  assert by_rule["dense1/bias"].shape == ()  # not selected: a scalar True
+  # A kept weight that is exactly 0.0 reads as pruned: zero either way.
+  pruned["dense1"]["kernel"] = pruned["dense1"]["kernel"].at[0, 0].set(0.0)
+  assert not bool(pruned_masks(pruned, pruner)["dense1"]["kernel"][0, 0])
+  with pytest.raises(TypeError, match="`pruned_masks` takes the `Pruner`"):
+    pruned_masks(pruned, 0.5)
+  with pytest.raises(ValueError, match="matched no parameter"):
+    pruned_masks(pruned, "nothing/here")
+
+
+def test_a_model_in_gives_a_pruned_model_out():
+  from flax import nnx
+
+  model = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+  batches = [X[:256], X[256:]]
+  pruner = Pruner(".*kernel", 0.5)
+  outs = {
+    "oneshot_prune": oneshot_prune(model, pruner),
+    "wanda": wanda(model, batches, pruner),
+    "sparsegpt": sparsegpt(model, batches, pruner, block_size=16),
+  }
+  for name, out in outs.items():
+    assert type(out) is nnx.Linear, name
+    assert float(jnp.mean(out.kernel[...] == 0)) == 0.5, name
+    masks = pruned_masks(out, pruner)  # a model's masks: its tree's
+    np.testing.assert_array_equal(
+      np.asarray(flatten(masks)["kernel"]), np.asarray(out.kernel[...] != 0), err_msg=name
+    )
+  assert float(jnp.mean(model.kernel[...] == 0)) == 0.0  # the user's module is untouched

@@ -15,7 +15,7 @@ from jaxshrink.export import save
 from jaxshrink.models import bert
 from jaxshrink.models.configured import model_source, parse_model_source
 from jaxshrink.recipes import parse_recipe, run_recipe
-from jaxshrink.sparsity import Heads, Pruner, oneshot_prune, shrink_model
+from jaxshrink.sparsity import Heads, Pruner, oneshot_prune, pruned_masks, shrink_model
 from jaxshrink.sparsity.shrink import model_heads, shrink, shrink_heads
 from jaxshrink.tree import flatten
 
@@ -33,7 +33,9 @@ def lm():
 @pytest.fixture(scope="module")
 def head_pruned(lm):
   model, params, _ = lm
-  return oneshot_prune(params, Pruner(ATTENTION, 0.5, structure=Heads(4)))
+  pruner = Pruner(ATTENTION, 0.5, structure=Heads(4))
+  masked = oneshot_prune(params, pruner)
+  return masked, pruned_masks(masked, pruner)
 
 
 def _alive(masks):
@@ -86,7 +88,8 @@ def test_head_shrink_equals_masked_model(lm, head_pruned):
 def test_head_shrink_global_allocation_and_head_size(lm):
   model, params, tokens = lm
   pruner = Pruner(ATTENTION, 0.5, structure=Heads(4), allocation="global")
-  masked, masks = oneshot_prune(params, pruner)
+  masked = oneshot_prune(params, pruner)
+  masks = pruned_masks(masked, pruner)
   small, config = shrink(model, masked, masks, structure=Heads(4))
   heads = config["layer_heads"]
   assert config["head_dim"] == 40 and len(heads) == 4
@@ -104,7 +107,8 @@ def test_head_shrink_global_allocation_and_head_size(lm):
   # A shrunk model is pruned again by head size: its layers differ in head count.
   assert model_heads(small_model) == {"head_size": 40}
   again = Pruner(ATTENTION, 0.5, structure=Heads(head_size=40))
-  masked2, masks2 = oneshot_prune(small, again)
+  masked2 = oneshot_prune(small, again)
+  masks2 = pruned_masks(masked2, again)
   smaller, smaller_model = shrink_model(small_model, masked2, masks2, structure="heads")
   expected = tuple(max(1, h - int(np.round(h / 2))) for h in heads)
   assert smaller_model.module.layer_heads == expected
@@ -138,7 +142,7 @@ def test_heads_recipe_end_to_end_and_eval(lm, tmp_path, capsys):
   assert pipeline.model_source == "tiny-lm(head_dim=40, layer_heads=(2, 2, 2, 2))"
   assert flatten(pipeline.tree)["block_3/attention/out/kernel"].shape == (80, 160)
   assert result.metrics["size_bytes"] == 4 * _size(pipeline.tree) < 4 * _size(params) - 800_000
-  masked, _ = oneshot_prune(params, Pruner(ATTENTION, 0.5, structure=Heads(4)))
+  masked = oneshot_prune(params, Pruner(ATTENTION, 0.5, structure=Heads(4)))
   expected = models.evaluate(model, masked, data.load_data_source(str(subset)))
   assert result.metrics["value"] == pytest.approx(expected, rel=1e-4)
   assert result.metrics["reference_value"] < result.metrics["value"] < 2 * expected
@@ -155,7 +159,9 @@ def test_heads_recipe_end_to_end_and_eval(lm, tmp_path, capsys):
 def test_channel_shrink_records_model_source():
   model = models.get_model("digits-mlp")
   params = models.pretrained(model, progress=False)
-  masked, masks = oneshot_prune(params, Pruner("dense1/kernel", 0.75, structure="channel"))
+  pruner = Pruner("dense1/kernel", 0.75, structure="channel")
+  masked = oneshot_prune(params, pruner)
+  masks = pruned_masks(masked, pruner)
   small, small_model = shrink_model(model, masked, masks)
   assert small_model.name == "digits-mlp(hidden1=64)"
   rebuilt = models.load_model(small_model.name)
@@ -199,7 +205,8 @@ def _bert_like(num_layers=2, hidden=8, heads=4, seed=0):
 def test_heads_generic_bert_naming():
   params = _bert_like()
   pruner = Pruner(".*attention/.*/kernel", 0.5, structure=Heads(4))
-  masked, masks = oneshot_prune(params, pruner)
+  masked = oneshot_prune(params, pruner)
+  masks = pruned_masks(masked, pruner)
   small, kept, head_size = shrink_heads(masked, masks, Heads(4))
   assert kept == {"encoder/layer_0/attention": 2, "encoder/layer_1/attention": 2}
   assert head_size == 2
@@ -251,7 +258,9 @@ def test_bert_encoder_head_shrink():
                     learning_rate=1e-3, batch_size=1)  # fmt: skip
   params = model.init(jax.random.key(0))
   assert model_heads(model) == {"num_heads": 4}
-  masked, masks = oneshot_prune(params, Pruner(ATTENTION, 0.5, structure=Heads(4)))
+  pruner = Pruner(ATTENTION, 0.5, structure=Heads(4))
+  masked = oneshot_prune(params, pruner)
+  masks = pruned_masks(masked, pruner)
   small, small_model = shrink_model(model, masked, masks, structure="heads")
   assert small_model.name == "bert-tiny(head_dim=4, layer_heads=(2, 2))"
   query = small["encoder"]["layer_1"]["attention"]["query"]["kernel"]
@@ -283,9 +292,9 @@ def test_bad_head_input_names_the_leaf_and_the_fix(lm, head_pruned):
                      r"selected query/key/value kernel"):  # fmt: skip
     Pruner(r"encoder/layer_\d/output/kernel", 0.5, structure=Heads(4)).masks(bert)
   # Pruning only queries leaves the removed heads' values alive: shrinking would change outputs.
-  masked, masks = oneshot_prune(
-    params, Pruner(r".*attention/query/kernel", 0.5, structure=Heads(4))
-  )
+  queries = Pruner(r".*attention/query/kernel", 0.5, structure=Heads(4))
+  masked = oneshot_prune(params, queries)
+  masks = pruned_masks(masked, queries)
   with pytest.raises(ValueError, match=r"heads \[.*\] of `block_0/attention`.*Include the value"):
     shrink(model, masked, masks, structure="heads")
   with pytest.raises(ValueError, match="no head-pruned attention kernel"):

@@ -119,7 +119,7 @@ def test_channel_prune_and_shrink_recipe(cnn):
     "keep_dense_below": 0,
   }
   shrunk = _run(pipeline, {**options, "method": "oneshot", "shrink": True})
-  masked, _ = oneshot_prune(pipeline.tree, Pruner(options["target"], 0.5, structure="channel"))
+  masked = oneshot_prune(pipeline.tree, Pruner(options["target"], 0.5, structure="channel"))
   assert shrunk.tree["conv2"]["kernel"].shape == (3, 3, 16, 32)
   assert shrunk.tree["dense1"]["kernel"].shape == (512, 64)
   assert shrunk.model.module.hidden == 64
@@ -139,7 +139,7 @@ def test_nnx_model_through_the_stage():
   assert evaluate_tree(pipeline.model, out.tree, pipeline.dataset) > 0.9
   options = {"target": "dense1/kernel", "structure": "channel", "method": "oneshot"}
   shrunk = _run(pipeline, {**options, "shrink": True})
-  masked, _ = oneshot_prune(pipeline.tree, Pruner("dense1/kernel", 0.5, structure="channel"))
+  masked = oneshot_prune(pipeline.tree, Pruner("dense1/kernel", 0.5, structure="channel"))
   x = pipeline.dataset.x_test[:16]
   np.testing.assert_allclose(
     np.asarray(shrunk.model.apply(shrunk.tree, x)),

@@ -196,9 +196,10 @@ def test_dynamic_sparse_training(method):
 def test_sparsity_preserving_qat_keeps_mask_exactly():
   from jaxshrink.quant import QuantSpec
   from jaxshrink.quant.qat import qat_apply
-  from jaxshrink.sparsity import oneshot_prune
+  from jaxshrink.sparsity import oneshot_prune, pruned_masks
 
-  pruned, masks = oneshot_prune(_init(), Pruner(".*kernel", 0.5))
+  pruned = oneshot_prune(_init(), Pruner(".*kernel", 0.5))
+  masks = pruned_masks(pruned, Pruner(".*kernel", 0.5))
   qapply = qat_apply(_apply, ".*kernel", QuantSpec(bits=4))
   tx = pruning(optax.adam(1e-2), Pruner(".*kernel", 0.5), masks=masks)  # fixed masks
   state = tx.init(pruned)

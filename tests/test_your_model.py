@@ -152,7 +152,7 @@ def test_gptq_int4_and_24_int4_on_a_linen_pair(um, data):
   assert _equal(q4.variables["batch_stats"], variables["batch_stats"])
   for mode in ("integer", "bfloat16"):
     assert _error(js.serving.serve(q4, mode)(x), reference) < 0.2
-  pruned, masks = sparsegpt(model, batches, Pruner(".*kernel", sparsity=0.5, structure="2:4"))
+  pruned = sparsegpt(model, batches, Pruner(".*kernel", sparsity=0.5, structure="2:4"))
   assert isinstance(pruned, Linen)
   kernel = pruned.variables["params"]["Dense_0"]["kernel"]
   assert float(jnp.mean(kernel == 0)) == 0.5
@@ -162,7 +162,7 @@ def test_gptq_int4_and_24_int4_on_a_linen_pair(um, data):
 
 
 def test_pruning_an_nnx_module_gives_the_users_class(cnn):
-  pruned, masks = oneshot_prune(cnn, Pruner("head/kernel", sparsity=0.5, structure="2:4"))
+  pruned = oneshot_prune(cnn, Pruner("head/kernel", sparsity=0.5, structure="2:4"))
   assert type(pruned) is type(cnn)
   assert float(jnp.mean(pruned.head.kernel[...] == 0)) == 0.5
   np.testing.assert_array_equal(pruned.bn.mean[...], cnn.bn.mean[...])
@@ -191,7 +191,7 @@ def test_scanned_decoder_through_w8a8_gptq_and_24(um):
   assert _error(w8a8.with_mode("bfloat16")(x), reference) < 0.05
   int4 = gptq(model, batches, ".*kernel", QuantSpec(bits=4, group_size=8))
   assert _error(int4(x), reference) < 0.5
-  pruned, _ = sparsegpt(model, batches, Pruner(".*kernel", sparsity=0.5, structure="2:4"))
+  pruned = sparsegpt(model, batches, Pruner(".*kernel", sparsity=0.5, structure="2:4"))
   assert type(pruned) is type(model)
   both = gptq(pruned, batches, ".*kernel", QuantSpec(bits=4, group_size=8))
   assert isinstance(both, Compressed) and both(x).shape == (32, 16, 32)

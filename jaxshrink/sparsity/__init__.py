@@ -7,6 +7,7 @@ from jaxshrink.sparsity.allocation import apply_masks as apply_masks
 from jaxshrink.sparsity.allocation import check_masks as check_masks
 from jaxshrink.sparsity.allocation import erk_sparsities as erk_sparsities
 from jaxshrink.sparsity.allocation import mask_sparsity as mask_sparsity
+from jaxshrink.sparsity.allocation import pruned_masks as pruned_masks
 from jaxshrink.sparsity.criteria import CRITERIA as CRITERIA
 from jaxshrink.sparsity.criteria import score_leaf as score_leaf
 from jaxshrink.sparsity.criteria import wanda_scores as wanda_scores

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxshrink.errors import InvalidTypeError, InvalidValueError, NoMatchError
+from jaxshrink.model import accepts_models
 from jaxshrink.quant.qarray import default_contract_dims
 from jaxshrink.sparsity.criteria import check_criterion, score_leaf
 from jaxshrink.sparsity.structures import (
@@ -429,6 +430,49 @@ def apply_masks(params: Any, masks: Any) -> Any:
   """Zeroes pruned weights: `where(mask, w, 0)` leaf by leaf."""
   check_masks(params, masks)
   return jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), params, masks)
+
+
+@accepts_models(result="as_is")
+def pruned_masks(tree: Any, pruner: Pruner | Rule | str) -> Any:
+  """The bool masks (True = kept) of a pruned tree, read off its zeros.
+
+  `oneshot_prune`, `wanda` and `sparsegpt` return only the pruned tree; this gives the masks
+  they applied, in `Pruner.masks`' layout, for `pruning(..., masks=...)`,
+  `encode_sparse(..., masks=...)` and `shrink_params`: a full-shape mask on every leaf the
+  pruner prunes and a scalar `True` on every other leaf. With a `Pruner` the structure's
+  groups decide: a channel or head is kept while any of its weights is nonzero, and its bias
+  follows it, as when it was pruned. With a `Rule` (or include regex) each selected leaf's
+  mask is its nonzeros.
+
+  A kept weight that is exactly 0.0 reads as pruned; harmless, as it is zero either way.
+
+  Args:
+    tree: pruned param tree, or a model (its tree is read).
+    pruner: the `Pruner` the tree was pruned with, or a `Rule` / include regex.
+
+  >>> pruned = oneshot_prune(params, Pruner(".*kernel", 0.5))
+  >>> masks = pruned_masks(pruned, Pruner(".*kernel", 0.5))
+  >>> masks["dense1"]["kernel"].dtype, masks["dense1"]["bias"].shape
+  (dtype('bool'), ())
+  """
+  if not isinstance(pruner, Pruner):
+    if not isinstance(pruner, (Rule, str)):
+      raise InvalidTypeError(
+        "`pruned_masks` takes the `Pruner` the tree was pruned with, or a `Rule` / include "
+        f"regex; got {type(pruner).__name__}."
+      )
+    selected = set(select(tree, pruner))
+    return map_with_path(
+      lambda path, leaf: leaf != 0 if path in selected else jnp.ones((), bool), tree
+    )
+  units, shapes = pruner.units(tree)
+  flat = flatten(tree)
+  out: dict[str, jax.Array] = {}
+  for unit in units:
+    nonzero = {path: (flat[path] != 0).astype(jnp.float32) for path, _ in unit.members}
+    keep = pruner.structure.group_scores(unit, nonzero) > 0  # any nonzero weight in the group
+    out.update(pruner.structure.expand(unit, keep, shapes))
+  return map_with_path(lambda path, leaf: out.get(path, jnp.ones((), bool)), tree)
 
 
 def mask_sparsity(masks: Any) -> dict[str, float]:

@@ -13,7 +13,12 @@ All three take unstructured sparsity or an N:M structure. Wanda and SparseGPT tr
 of a kernel stacked by `nn.scan` / `nnx.scan` (leading layer axis) as its own kernel: its own
 input norms or Hessian, its own mask, stacked back on the layer axis.
 
->>> pruned, masks = sparsegpt(model.apply, params, batches, Pruner(".*mlp/.*kernel", 0.5))
+Like every other technique they return the compressed tree only (a model for a model), its
+pruned weights exactly zero; `pruned_masks(pruned, pruner)` reads the masks back off it for
+`pruning(masks=...)`, `encode_sparse(masks=...)` or `shrink_params`.
+
+>>> pruned = sparsegpt(model.apply, params, batches, Pruner(".*mlp/.*kernel", 0.5))
+>>> masks = pruned_masks(pruned, Pruner(".*mlp/.*kernel", 0.5))
 """
 
 from __future__ import annotations
@@ -35,14 +40,28 @@ from jaxshrink.sparsity.structures import NM, Unstructured, keep_top, nm_mask
 from jaxshrink.tree import flatten, map_with_path
 
 
-@accepts_models(result="first")
+@accepts_models
 def oneshot_prune(
   params: Any, pruner: Pruner, *, grads: Any = None, key: jax.Array | None = None
-) -> tuple[Any, Any]:
-  """Masks `params` once with `pruner`; returns `(pruned params, bool masks)`.
+) -> Any:
+  """Masks `params` once with `pruner`; returns the pruned params (pruned weights are 0).
 
-  >>> pruned, masks = oneshot_prune(params, Pruner(".*kernel", 0.5))
+  Args:
+    params: float param tree, or a model (given back pruned, in its own form).
+    pruner: what to prune and how.
+    grads: gradient tree, for the `saliency` criterion.
+    key: PRNG key, for the `random` criterion.
+
+  >>> pruned = oneshot_prune(params, Pruner(".*kernel", 0.5))
+  >>> masks = pruned_masks(pruned, Pruner(".*kernel", 0.5))  # bool, True = kept
   """
+  return _oneshot_prune_with_masks(params, pruner, grads=grads, key=key)[0]
+
+
+def _oneshot_prune_with_masks(
+  params: Any, pruner: Pruner, *, grads: Any = None, key: jax.Array | None = None
+) -> tuple[Any, Any]:
+  """`oneshot_prune` and the masks it applied: `(pruned params, bool masks)` (the stage's)."""
   masks = pruner.masks(params, 1.0, grads=grads, key=key)
   return apply_masks(params, masks), masks
 
@@ -95,7 +114,7 @@ def _wanda_mask(pruner, w, contract_dims, sum_squares, sparsity, comparison):
   return _from_matrix(per_output, w.shape, contract_dims)
 
 
-@accepts_models(result="first")
+@accepts_models
 def wanda(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,
@@ -103,14 +122,33 @@ def wanda(
   pruner: Pruner,
   *,
   comparison: str = "layer",
-) -> tuple[Any, Any]:
-  """Wanda: prune by |w| * ||x||. Returns `(pruned, masks)`.
+) -> Any:
+  """Wanda: prune by |w| * ||x||. Returns the pruned params (pruned weights are 0).
 
   Args:
+    apply_fn: `(params, x) -> outputs`, or a model (then leave `params` out; it comes back
+      pruned, in its own form).
+    params: float param tree.
+    batches: calibration inputs.
+    pruner: rule, sparsity (uniform/erk/overrides) and structure (unstructured or N:M).
     comparison: `layer` ranks all of a layer's weights together; `output` ranks each output's
       weights on their own (the paper's choice for large LLMs). On tiny-lm at 50%, `layer`
       gives perplexity 5.30 and `output` 5.36 (magnitude: 5.36), so `layer` is the default.
+
+  >>> pruned = wanda(model.apply, params, batches, Pruner(".*kernel", 0.5))
   """
+  return _wanda_with_masks(apply_fn, params, batches, pruner, comparison=comparison)[0]
+
+
+def _wanda_with_masks(
+  apply_fn: Callable[[Any, Any], Any],
+  params: Any,
+  batches: Iterable[Any],
+  pruner: Pruner,
+  *,
+  comparison: str = "layer",
+) -> tuple[Any, Any]:
+  """`wanda` and the masks it applied: `(pruned params, bool masks)` (the stage's)."""
   _check_layerwise(pruner, "wanda")
   if comparison not in ("layer", "output"):
     raise InvalidValueError(f"wanda `comparison` must be 'layer' or 'output'; got {comparison!r}.")
@@ -207,7 +245,7 @@ def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, p
   return pruned, _from_matrix(keep.T, w.shape, contract_dims)
 
 
-@accepts_models(result="first")
+@accepts_models
 def sparsegpt(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,
@@ -216,21 +254,39 @@ def sparsegpt(
   *,
   block_size: int = 128,
   damp: float = 0.01,
-) -> tuple[Any, Any]:
-  """SparseGPT: prune each layer and re-fit its kept weights. Returns `(pruned, masks)`.
+) -> Any:
+  """SparseGPT: prune each layer and re-fit its kept weights. Returns the pruned params.
 
   The sweep walks the input columns in order; outputs stay split like the kernel on a mesh,
   and the per-block ranking counts rather than sorts (`keep_top`), so it gathers nothing.
 
   Args:
-    apply_fn: `(params, x) -> outputs`.
+    apply_fn: `(params, x) -> outputs`, or a model (then leave `params` out; it comes back
+      pruned, in its own form).
     params: float param tree.
     batches: calibration inputs.
     pruner: rule, sparsity (uniform/erk/overrides) and structure (unstructured or N:M along
       the contracting axis, e.g. the input axis of a Dense kernel).
     block_size: columns processed per lazy-update block (a multiple of M for N:M).
     damp: Hessian damping, a fraction of its mean diagonal.
+
+  >>> pruned = sparsegpt(model.apply, params, batches, Pruner(".*kernel", structure="2:4"))
   """
+  return _sparsegpt_with_masks(
+    apply_fn, params, batches, pruner, block_size=block_size, damp=damp
+  )[0]
+
+
+def _sparsegpt_with_masks(
+  apply_fn: Callable[[Any, Any], Any],
+  params: Any,
+  batches: Iterable[Any],
+  pruner: Pruner,
+  *,
+  block_size: int = 128,
+  damp: float = 0.01,
+) -> tuple[Any, Any]:
+  """`sparsegpt` and the masks it applied: `(pruned params, bool masks)` (the stage's)."""
   _check_layerwise(pruner, "sparsegpt")
   nm = pruner.structure if isinstance(pruner.structure, NM) else None
   if nm is not None and block_size % nm.m:

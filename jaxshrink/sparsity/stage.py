@@ -38,7 +38,11 @@ from jaxshrink.sparsity.allocation import DEFAULT_KEEP_DENSE_BELOW, Pruner
 from jaxshrink.sparsity.dynamic import dynamic_sparse
 from jaxshrink.sparsity.encodings import encode_sparse
 from jaxshrink.sparsity.finetune import finetune, finetune_optimizer
-from jaxshrink.sparsity.oneshot import oneshot_prune, sparsegpt, wanda
+from jaxshrink.sparsity.oneshot import (
+  _oneshot_prune_with_masks,
+  _sparsegpt_with_masks,
+  _wanda_with_masks,
+)
 from jaxshrink.sparsity.schedules import schedule_from_options
 from jaxshrink.sparsity.shrink import model_heads, shrink
 from jaxshrink.sparsity.structures import NM, Channel, Heads, parse_structure
@@ -153,10 +157,11 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     masks = masks_of(state)
   elif method == "oneshot":
     grads = _saliency_grads(model, params, dataset) if pruner.criterion == "saliency" else None
-    params, masks = oneshot_prune(params, pruner, grads=grads, key=stage_key)
+    # The masks applied, exactly (not read back off the zeros): the report counts them.
+    params, masks = _oneshot_prune_with_masks(params, pruner, grads=grads, key=stage_key)
   else:
     batches = _calibration(dataset, options["calibration_batches"])
-    fn = wanda if method == "wanda" else sparsegpt
+    fn = _wanda_with_masks if method == "wanda" else _sparsegpt_with_masks
     params, masks = fn(model.apply, params, batches, pruner)
   report = pruner.report(params, masks)
   source = pipeline.model_source

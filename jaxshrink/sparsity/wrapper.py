@@ -144,7 +144,8 @@ def pruning(
   if pruner.criterion == "wanda":
     raise InvalidValueError(
       "The pruning wrapper cannot score with 'wanda' (it needs calibration activations); "
-      "prune once with jaxshrink.sparsity.wanda and pass its masks=..., or use 'magnitude'."
+      "prune once with jaxshrink.sparsity.wanda and pass masks=pruned_masks(pruned, pruner), "
+      "or use 'magnitude'."
     )
   inner = optax.with_extra_args_support(inner)
 
