@@ -26,6 +26,8 @@ width fields of zoo models (or any model given `fields`); head shrinking sets
 fields `TinyLM` takes. `shrink` returns the config itself, so a recipe records
 `model_source("tiny-lm", config)` in the checkpoint and `jaxshrink eval` rebuilds it.
 
+>>> pruned = oneshot_prune(params, pruner)  # pruner: structure "channel" or Heads(4)
+>>> masks = pruned_masks(pruned, pruner)
 >>> small_params, small_model = shrink_model(model, pruned, masks)
 >>> small_params["dense1"]["kernel"].shape      # (1024, 64) instead of (1024, 128)
 >>> small_params, small_lm = shrink_model(lm, pruned, masks, structure=Heads(4))
