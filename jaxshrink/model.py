@@ -254,11 +254,7 @@ def rebuild(like: Any, tree: Any, *, mode: str | None = None) -> Any:
 
 
 def _wrap_result(model: Any, out: Any, result: str) -> Any:
-  if result == "tree":
-    return rebuild(model, out)
-  if result == "first":
-    return (rebuild(model, out[0]), *out[1:])
-  return out
+  return rebuild(model, out) if result == "tree" else out
 
 
 def accepts_models(fn: Callable[..., Any] | None = None, *, result: str = "tree"):
@@ -271,16 +267,16 @@ def accepts_models(fn: Callable[..., Any] | None = None, *, result: str = "tree"
 
   Args:
     fn: the technique.
-    result: `"tree"`: it returns the tree; `"first"`: a tuple whose first item is the tree
-      (`(pruned, masks)`); `"as_is"`: anything else (`serve`), returned unchanged.
+    result: `"tree"`: it returns the tree, given back in the model's form; `"as_is"`: it
+      returns anything else (`serve`, `tree_report`), returned unchanged.
 
   >>> @accepts_models
   ... def ptq(apply_fn, params, batches, rule, spec): ...
   """
   if fn is None:
     return functools.partial(accepts_models, result=result)
-  if result not in ("tree", "first", "as_is"):
-    raise InvalidValueError(f"`result` must be 'tree', 'first' or 'as_is'; got {result!r}.")
+  if result not in ("tree", "as_is"):
+    raise InvalidValueError(f"`result` must be 'tree' or 'as_is'; got {result!r}.")
   names = list(inspect.signature(fn).parameters)
   takes_apply = len(names) > 1 and names[1] in ("params", "ctree", "tree")
 
