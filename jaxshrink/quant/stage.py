@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxshrink.capture import find_sites
+from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
 from jaxshrink.quant.calibrate import calibrate, check_method
 from jaxshrink.quant.ptq import (
@@ -238,7 +240,10 @@ def _stacked_sites(pipeline: Pipeline, tree: Any, rule: Any) -> dict[str, Any] |
   ds = pipeline.dataset
   x = ds.x_train if getattr(ds, "x_train", None) is not None else ds.x_test
   # Only shapes are read (an abstract trace), so any split serves.
-  sites = find_sites(pipeline.model.apply, tree, np.asarray(x[:1]), rule=rule)
+  # Shapes of the decoded tree: an earlier stage's encodings (masks, factors) count as the
+  # kernels they stand for, and nothing is decoded.
+  shapes = jax.eval_shape(materialize, tree)
+  sites = find_sites(pipeline.model.apply, shapes, np.asarray(x[:1]), rule=rule)
   return {path: site for path, site in sites.items() if site.layers} or None
 
 
