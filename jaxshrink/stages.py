@@ -14,6 +14,7 @@ from typing import Any
 import jaxshrink.distill.stage  # noqa: F401  (distill)
 import jaxshrink.lowrank.stage  # noqa: F401  (factorize)
 import jaxshrink.quant.stage  # noqa: F401  (quantize)
+import jaxshrink.recover.stage  # noqa: F401  (recover)
 import jaxshrink.sparsity.stage  # noqa: F401  (prune)
 from jaxshrink.cast import cast_params
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options

@@ -1,0 +1,196 @@
+"""The `recover` recipe stage: distill the float model into the compressed tree, kept compressed.
+
+```yaml
+- prune: {target: ".*kernel", sparsity: 0.5, method: sparsegpt}
+- recover:                       # masks, quantization grids and low-rank ranks are kept
+    steps: 400
+    learning_rate: 1.0e-4
+    losses: {logit_cosine: 1.0}  # embeddings; classifiers default to {kd: 1.0} (soft targets)
+    features:                    # hidden states, same module path in both models by default
+      - {student: encoder/layer_5, kind: mse, weight: 0.01}
+    data: corpus                 # auto | corpus | train
+```
+
+`data: corpus` (the default for token-id models with an embedding dataset) trains on the
+offline transfer corpus, `jaxshrink.data.corpus` (over 10,000 English sentences, MiniLM token
+ids); `data: train` on the dataset's training split, with the model's augmentation unless
+`augment: false`. The teacher is always the recipe's float model (`pipeline.float_model`,
+`pipeline.float_params`); the stage replaces `pipeline.tree` only. Its log entry says which
+leaves trained and which stayed frozen, and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxshrink.distill.stage import loss_from_options
+from jaxshrink.distill.taps import tapped_apply
+from jaxshrink.errors import UsageError
+from jaxshrink.recipes import Pipeline, register_stage
+from jaxshrink.recover.train import recover
+from jaxshrink.tree import Rule
+
+DATA_CHOICES = ("auto", "corpus", "train")
+RECOVER_OPTIONS: dict[str, Any] = {
+  "steps": None,
+  "learning_rate": None,
+  "batch_size": None,
+  "losses": None,
+  "temperature": 2.0,
+  "features": [],
+  "data": "auto",
+  "augment": True,
+  "pad_id": None,
+  "target": ".*",
+  "exclude": ".*embedding",
+}
+# Measured on digits-cnn and minilm-l6 (see benchmarks/recover.py): 300 steps of 32 recover
+# most of what one-shot compression lost within a few CPU minutes.
+DEFAULT_STEPS = 300
+DEFAULT_BATCH = 32
+# Fine-tuning an already trained model: a fraction of its own training rate, which would
+# otherwise undo more than it recovers in the first steps.
+LEARNING_RATE_FRACTION = 0.5
+FEATURE_KEYS = ("student", "teacher", "kind", "weight")
+STAGE = "stage `recover`"
+
+
+def _features(features: Any) -> list[dict[str, Any]]:
+  """`features` entries as distill's mappings; a path alone, or no `teacher`, pairs a module
+  with the same module of the float model (the two share one architecture)."""
+  if not isinstance(features, list):
+    raise UsageError(f"`features` of {STAGE} must be a list of module paths or mappings; got "
+                     f"{features!r}.")  # fmt: skip
+  out = []
+  for i, entry in enumerate(features):
+    if isinstance(entry, str):
+      entry = {"student": entry}
+    if isinstance(entry, dict) and "teacher" not in entry and "student" in entry:
+      entry = {**entry, "teacher": entry["student"]}
+    if isinstance(entry, dict):
+      unknown = sorted(set(entry) - set(FEATURE_KEYS))
+      if unknown:
+        raise UsageError(f"Unknown key(s) {unknown} in `features[{i}]` of {STAGE}; valid: "
+                         f"{', '.join(FEATURE_KEYS)}.")  # fmt: skip
+    out.append(entry)
+  return out
+
+
+def _loss(options: dict[str, Any], metric: str):
+  losses = options["losses"]
+  if losses is None:
+    losses = {"logit_cosine": 1.0} if metric == "cosine" else {"kd": 1.0}
+  features = _features(options["features"])
+  try:
+    return loss_from_options(
+      {"temperature": options["temperature"], "alpha": 1.0, "losses": losses,
+       "features": features}
+    )  # fmt: skip
+  except UsageError as e:
+    raise UsageError(str(e).replace("stage `distill`", STAGE)) from None
+
+
+def _positive(options: dict[str, Any], name: str, kind: type) -> None:
+  value = options[name]
+  if value is None:
+    return
+  ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+  if not ok or value <= 0:
+    what = "a number > 0 (YAML needs a dot in 1.0e-4)" if kind is float else "a positive int"
+    raise UsageError(f"`{name}` of {STAGE} must be null or {what}; got {value!r}.")
+
+
+def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str]:
+  model, dataset = pipeline.model, pipeline.dataset
+  tokens = np.issubdtype(np.dtype(model.input_dtype), np.integer)
+  if choice == "auto":
+    choice = "corpus" if tokens and dataset.kind == "embedding" else "train"
+  if choice == "corpus":
+    if not tokens:
+      raise UsageError(
+        f"`data: corpus` of {STAGE} feeds MiniLM token ids, but {model.name!r} takes "
+        f"{model.input_dtype} inputs. Use `data: train` (the dataset's training split)."
+      )
+    from jaxshrink.data.corpus import transfer_sentences, transfer_tokens
+
+    ids = transfer_tokens()
+    return ids, f"corpus ({ids.shape[0]} of {len(transfer_sentences())} sentences)"
+  x = np.asarray(dataset.x_train)
+  if x.shape[0] == 0:
+    raise UsageError(
+      f"`data: train` of {STAGE} reads the training split, and {dataset.name!r} has none. Give "
+      "`x_train` in the data, or use `data: corpus` for a MiniLM-tokenized text model."
+    )
+  return x, f"train ({x.shape[0]} examples of {dataset.name})"
+
+
+@register_stage(
+  "recover",
+  options=RECOVER_OPTIONS,
+  doc="Distill the float model into the compressed tree (logit/embedding losses and hidden-state "
+  "`features`), keeping masks, quantization grids (QAT on the stored specs) and low-rank ranks; "
+  "`data: corpus` uses the offline transfer corpus, `train` the training split.",
+)
+def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
+  model = pipeline.model
+  _positive(options, "steps", int)
+  _positive(options, "batch_size", int)
+  _positive(options, "learning_rate", float)
+  if options["data"] not in DATA_CHOICES:
+    raise UsageError(f"`data` of {STAGE} must be one of {list(DATA_CHOICES)}; got "
+                     f"{options['data']!r}.")  # fmt: skip
+  pad_id = options["pad_id"]
+  if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
+    raise UsageError(f"`pad_id` of {STAGE} must be null or a token id; got {pad_id!r}.")
+  if not isinstance(options["augment"], bool):
+    raise UsageError(f"`augment` of {STAGE} must be true or false; got {options['augment']!r}.")
+  try:
+    rule = Rule(include=options["target"], exclude=options["exclude"], min_ndim=0)
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"`target`/`exclude` of {STAGE}: {e}") from None
+  loss = _loss(options, model.metric)
+  x, described = _transfer_data(pipeline, options["data"])
+  if pad_id is None and np.issubdtype(x.dtype, np.integer) and options["data"] != "train":
+    pad_id = 0  # [PAD] of the corpus' token ids
+  student_apply, teacher_apply = model.apply, pipeline.float_model.apply
+  if loss.pairs:
+    # Both return {"logits", <module path>: output}; padding never counts in a feature loss.
+    student_taps = {p.student: p.student[2:] for p in loss.pairs}
+    teacher_taps = {p.teacher: p.teacher[2:] for p in loss.pairs}
+    student_apply = tapped_apply(model, student_taps, pad_id=pad_id, who="student")
+    teacher_apply = tapped_apply(pipeline.float_model, teacher_taps, pad_id=pad_id, who="teacher")
+  augment = None
+  if options["augment"] and not np.issubdtype(x.dtype, np.integer):
+    augment = model.augment
+  learning_rate = options["learning_rate"]
+  if learning_rate is None:
+    learning_rate = LEARNING_RATE_FRACTION * model.learning_rate
+  key, sub = jax.random.split(pipeline.key)
+  result = recover(
+    student_apply,
+    pipeline.tree,
+    teacher_apply,
+    pipeline.float_params,
+    x,
+    loss=loss,
+    steps=options["steps"] or DEFAULT_STEPS,
+    learning_rate=float(learning_rate),
+    batch_size=options["batch_size"] or DEFAULT_BATCH,
+    rule=rule,
+    augment=augment,
+    key=sub,
+  )
+  found = {
+    "recovered": {
+      "data": described,
+      "trained": len(result.trained),
+      "frozen": result.frozen,
+      "loss_first": round(float(result.losses[0]), 6),
+      "loss_last": round(float(np.mean(result.losses[-10:])), 6),
+    }
+  }
+  return dataclasses.replace(pipeline, tree=result.tree, key=key, log=(*pipeline.log, found))
