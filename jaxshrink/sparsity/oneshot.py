@@ -34,6 +34,9 @@ from jax import lax
 from jaxshrink import capture, hessian
 from jaxshrink.errors import InvalidValueError
 from jaxshrink.model import accepts_models
+from jaxshrink.quant.gptq import SweepPruning, check_spec, gptq_sweep
+from jaxshrink.quant.qarray import QArray, normalize_contract_dims, stack
+from jaxshrink.quant.spec import QuantSpec, as_layer_quant
 from jaxshrink.sparsity.allocation import Pruner, apply_masks
 from jaxshrink.sparsity.criteria import _from_matrix
 from jaxshrink.sparsity.structures import NM, Unstructured, keep_top, nm_mask
@@ -220,8 +223,7 @@ def _sparsegpt_matrix(w, u, *, pruned: float, n: int, m: int, block: int):
   return w, keep_all
 
 
-def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, path):
-  """SparseGPT on one kernel (one layer of a stacked one): `(pruned kernel, keep mask)`."""
+def _check_nm_axis(pruner, w, contract_dims, path) -> None:
   nm = pruner.structure if isinstance(pruner.structure, NM) else None
   if nm is not None and not _nm_on_matrix(pruner, tuple(w.shape), contract_dims):
     raise InvalidValueError(
@@ -229,6 +231,12 @@ def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, p
       f"{contract_dims} but the structure's axis is {nm.axis}. Use axis "
       f"{max(contract_dims) - w.ndim} or exclude the leaf."
     )
+
+
+def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, path):
+  """SparseGPT on one kernel (one layer of a stacked one): `(pruned kernel, keep mask)`."""
+  nm = pruner.structure if isinstance(pruner.structure, NM) else None
+  _check_nm_axis(pruner, w, contract_dims, path)
   u = hessian.damped_inverse_cholesky(h, damp=damp, path=path)
   matrix = capture.kernel_matrix(w.astype(jnp.float32), contract_dims).T
   dead = jnp.diag(h) == 0
@@ -245,6 +253,39 @@ def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, p
   return pruned, _from_matrix(keep.T, w.shape, contract_dims)
 
 
+def _joint_kernel(w, h, contract_dims, pruner, sparsity, spec, block_size, damp, path):
+  """SparseGPT with quantization in the same sweep on one kernel: `(QArray, keep mask)`.
+
+  The GPTQ row sweep (`jaxshrink.quant.gptq.gptq_sweep`) chooses the mask as SparseGPT does
+  (per lazy block, or every M rows) and gives pruned weights the code of 0.0, so the error of
+  pruning and of rounding both go to the rows not yet visited.
+  """
+  nm = pruner.structure if isinstance(pruner.structure, NM) else None
+  _check_nm_axis(pruner, w, contract_dims, path)
+  dims = normalize_contract_dims(contract_dims, w.ndim, path)
+  u = hessian.damped_inverse_cholesky(h, damp=damp, path=path)
+  matrix = capture.kernel_matrix(w.astype(jnp.float32), dims)
+  # A dead input's weights carry nothing: zeroed, so the sweep prunes them first, at no cost.
+  matrix = jnp.where((jnp.diag(h) == 0)[:, None], 0.0, matrix)
+  prune = SweepPruning(sparsity, nm.n, nm.m) if nm else SweepPruning(sparsity, 0, 0)
+  codes, scale, zp, keep = gptq_sweep(
+    matrix, u, spec, block_size=block_size, prune=prune, path=path
+  )
+  q = QArray.from_codes(codes, scale, zp, spec, shape=w.shape, dtype=w.dtype, contract_dims=dims)
+  return q, _from_matrix(keep, w.shape, dims)
+
+
+def _joint_spec(quant: Any, path: str) -> QuantSpec:
+  """The weight spec `quant` stands for (a `QuantSpec` or bits), checked for `path`."""
+  layer = as_layer_quant(quant)
+  if layer.activation_bits is not None:
+    raise InvalidValueError(
+      f"sparsegpt quantizes weights only; `quant` asks for activation_bits="
+      f"{layer.activation_bits} for `{path}`. Pass a QuantSpec or an int (weight bits)."
+    )
+  return check_spec(layer.spec, "sparsegpt", path)
+
+
 @accepts_models
 def sparsegpt(
   apply_fn: Callable[[Any, Any], Any],
@@ -254,11 +295,19 @@ def sparsegpt(
   *,
   block_size: int = 128,
   damp: float = 0.01,
+  quant: QuantSpec | int | None = None,
 ) -> Any:
   """SparseGPT: prune each layer and re-fit its kept weights. Returns the pruned params.
 
   The sweep walks the input columns in order; outputs stay split like the kernel on a mesh,
   and the per-block ranking counts rather than sorts (`keep_top`), so it gathers nothing.
+
+  With `quant` the same sweep also quantizes, as in the paper's joint mode: each kept weight
+  is rounded onto the grid when its column is finalized, and the error of pruning and of
+  rounding both go to the columns not yet visited (GPTQ's sweep, `jaxshrink.quant.gptq`).
+  Scales are GPTQ's static groups (or per-channel scales), set from the dense weights before
+  the sweep, since a group's mask is only chosen as the sweep reaches it. Pruned weights get
+  the code of 0.0, so they decode to exactly 0 (with a zero point too: the range holds 0).
 
   Args:
     apply_fn: `(params, x) -> outputs`, or a model (then leave `params` out; it comes back
@@ -269,11 +318,22 @@ def sparsegpt(
       the contracting axis, e.g. the input axis of a Dense kernel).
     block_size: columns processed per lazy-update block (a multiple of M for N:M).
     damp: Hessian damping, a fraction of its mean diagonal.
+    quant: None to prune only; a `QuantSpec` (integer format) or an int `b` (`QuantSpec(
+      bits=b)`) to quantize the pruned kernels in the same pass: they come back as `QArray`s.
+
+  Raises:
+    InvalidValueError: a structure other than unstructured / N:M, `global` allocation, a
+      `block_size` that is not a multiple of M, or a `quant` spec that is not an integer
+      format with supported bits (the message names the leaf).
 
   >>> pruned = sparsegpt(model.apply, params, batches, Pruner(".*kernel", structure="2:4"))
+  >>> joint = sparsegpt(model.apply, params, batches, Pruner(".*kernel", 0.5),
+  ...                   quant=QuantSpec(bits=4, group_size=32))
+  >>> joint["dense1"]["kernel"].bits          # a QArray, pruned weights decode to 0.0
+  4
   """
   return _sparsegpt_with_masks(
-    apply_fn, params, batches, pruner, block_size=block_size, damp=damp
+    apply_fn, params, batches, pruner, block_size=block_size, damp=damp, quant=quant
   )[0]
 
 
@@ -285,31 +345,41 @@ def _sparsegpt_with_masks(
   *,
   block_size: int = 128,
   damp: float = 0.01,
+  quant: QuantSpec | int | None = None,
 ) -> tuple[Any, Any]:
-  """`sparsegpt` and the masks it applied: `(pruned params, bool masks)` (the stage's)."""
+  """`sparsegpt` and the masks it applied: `(pruned params, bool masks)` (the stage's).
+
+  With `quant` the pruned leaves are `QArray`s whose codes already decode to 0 off the mask.
+  """
   _check_layerwise(pruner, "sparsegpt")
   nm = pruner.structure if isinstance(pruner.structure, NM) else None
   if nm is not None and block_size % nm.m:
     raise InvalidValueError(f"`block_size` ({block_size}) must be a multiple of M={nm.m}.")
   paths, sparsities = _layer_sparsities(pruner, params)
+  # Checked before calibrating: a bad spec costs no Hessian pass.
+  specs = {} if quant is None else {path: _joint_spec(quant, path) for path in paths}
   hessians = hessian.collect_hessians(apply_fn, params, batches, pruner.rule)
   flat = flatten(params)
   new, masks = {}, {}
   for path in paths:
     h, site = hessians[path]
     # A stacked kernel (layers of a scan): each layer is its own kernel, with its own Hessian.
-    per_layer = [
-      _sparsegpt_kernel(
-        w, h_i, site.contract_dims, pruner, float(sparsities[path]), block_size, damp,
-        path if site.layers is None else f"{path}[{i}]",
-      )
-      for i, (w, h_i) in enumerate(zip(site.per_layer(flat[path]), site.per_layer(h), strict=True))
-    ]  # fmt: skip
+    per_layer = []
+    for i, (w, h_i) in enumerate(zip(site.per_layer(flat[path]), site.per_layer(h), strict=True)):
+      name = path if site.layers is None else f"{path}[{i}]"
+      args = (w, h_i, site.contract_dims, pruner, float(sparsities[path]))
+      if quant is None:
+        per_layer.append(_sparsegpt_kernel(*args, block_size, damp, name))
+      else:
+        per_layer.append(_joint_kernel(*args, specs[path], block_size, damp, name))
+    kernels = [q for q, _ in per_layer]
     if site.layers is None:
-      new[path], masks[path] = per_layer[0]
+      new[path] = kernels[0]
     else:
-      new[path] = jnp.stack([q for q, _ in per_layer])
-      masks[path] = jnp.stack([keep for _, keep in per_layer])
+      new[path] = jnp.stack(kernels) if quant is None else stack(kernels)
+    masks[path] = per_layer[0][1] if site.layers is None else jnp.stack([k for _, k in per_layer])
   pruned = map_with_path(lambda p, leaf: new.get(p, leaf), params)
   tree = map_with_path(lambda p, leaf: masks.get(p, jnp.ones((), bool)), params)
+  if quant is not None:  # the codes hold the zeros already
+    return pruned, tree
   return apply_masks(pruned, tree), tree
