@@ -656,15 +656,20 @@ def collect(
   selected = {p for p, leaf in flat.items() if rule.matches(p, leaf)}
   if not selected:
     raise JaxshrinkError(no_match_message(rule, list(flat)))
-  leaves, treedef = jax.tree.flatten(params)
-  compressed = [p for p, leaf in flat.items() if is_encoding(leaf)]
-  if compressed:
+  compressed = {p for p, leaf in flat.items() if is_encoding(leaf)}
+  if compressed & selected:
+    named = ", ".join(f"`{p}`" for p in sorted(compressed & selected)[:4])
     raise JaxshrinkError(
-      f"Calibration runs on float params, and {', '.join(compressed[:4])}"
-      f"{' ...' if len(compressed) > 4 else ''} is already compressed. Run the calibrated "
-      "method (gptq, awq, smoothquant, W8A8 ptq, wanda, sparsegpt) before the stage that "
-      "compressed it, or on `jaxshrink.materialize(tree)`."
+      f"Calibration fits float kernels, and {named} is already compressed. Pass the kernels a "
+      "method compresses again decoded (`jaxshrink.materialize`), or exclude them from the rule."
     )
+  if compressed:
+    # The model an earlier stage compressed runs with its decoded weights, so the statistics
+    # are those of the compressed model (pruned, factorized, quantized), not of the float one.
+    params = jax.tree.map(
+      lambda leaf: leaf.materialize() if is_encoding(leaf) else leaf, params, is_leaf=is_encoding
+    )
+  leaves, treedef = jax.tree.flatten(params)
   paths = _leaf_param_paths(params, len(leaves))
   origin = [p if p in selected else None for p in paths]
   sites: dict[str, Site] = {}

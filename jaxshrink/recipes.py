@@ -42,6 +42,7 @@ from typing import Any
 
 import jax
 
+from jaxshrink.compose import recast, uncast
 from jaxshrink.errors import InvalidTypeError, JaxshrinkError, UsageError
 from jaxshrink.report import TreeReport, tree_report
 from jaxshrink.tree import Rule
@@ -401,7 +402,11 @@ def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
   for index, (kind, options) in enumerate(recipe.stages, start=1):
     check_stage_inputs(index, kind, options, pipeline)
     start, before = time.perf_counter(), len(pipeline.log)
-    pipeline = kinds[kind].run(pipeline, options)
+    # Cast leaves are storage only: the stage sees them float, and what it leaves float is
+    # stored cast again.
+    tree, casts = uncast(pipeline.tree) if kind != "cast" else (pipeline.tree, {})
+    pipeline = kinds[kind].run(dataclasses.replace(pipeline, tree=tree), options)
+    pipeline = dataclasses.replace(pipeline, tree=recast(pipeline.tree, casts))
     # One log entry per stage: what the stage logged itself (e.g. prune's `pruned` report)
     # merged with its kind, options and time.
     found = {k: v for e in pipeline.log[before:] for k, v in e.items()}

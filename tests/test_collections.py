@@ -9,6 +9,7 @@ import pytest
 
 import jaxshrink as js
 from jaxshrink import JaxshrinkError
+from jaxshrink import capture
 from jaxshrink.capture import collect
 from jaxshrink.encoding import is_encoding
 from jaxshrink.quant import QuantSpec, quantized_apply
@@ -89,7 +90,18 @@ def test_safetensors_round_trip_keeps_every_collection(variables, tmp_path):
   assert _equal(js.import_safetensors(path), variables)
 
 
-def test_collect_on_a_compressed_tree_names_the_leaf(variables, batches):
+def test_collect_on_a_compressed_kernel_names_the_leaf(variables, batches):
   tree = js.quantize_params(variables, ".*kernel", QuantSpec(bits=8))
-  with pytest.raises(JaxshrinkError, match=r"Dense_0/kernel.* already compressed.*before"):
+  with pytest.raises(JaxshrinkError, match=r"Dense_0/kernel.* already compressed.*materialize"):
     collect(MODEL.apply, tree, batches, ".*kernel", {})
+
+
+def test_collect_runs_the_compressed_model_around_the_selected_kernels(variables, batches):
+  # Inputs of the second layer come from the first one's int4 codes, not its float weights.
+  tree = js.quantize_params(variables, "Dense_0/kernel", QuantSpec(bits=4))
+  stats = {"absmax": capture.absmax_reducer()}
+  compressed = collect(MODEL.apply, tree, batches, "Dense_1/kernel", stats).stats
+  decoded = collect(MODEL.apply, js.materialize(tree), batches, "Dense_1/kernel", stats).stats
+  floats = collect(MODEL.apply, variables, batches, "Dense_1/kernel", stats).stats
+  assert _equal(compressed, decoded)
+  assert not _equal(compressed, floats)

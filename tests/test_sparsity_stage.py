@@ -12,9 +12,11 @@ import pytest
 
 import jaxshrink.sparsity.stage  # noqa: F401  (registers the `prune` stage)
 from jaxshrink import models
+from jaxshrink.compose import CompositionError
 from jaxshrink.data import get_dataset
 from jaxshrink.encoding import materialize
 from jaxshrink.export import disk_bytes, save
+from jaxshrink.quant import quantize_params
 from jaxshrink.recipes import Pipeline, evaluate_tree, parse_recipe, stage_kinds
 from jaxshrink.report import tree_report
 from jaxshrink.sparsity import BitmaskSparse, NMSparse, Pruner, encode_sparse, oneshot_prune
@@ -164,7 +166,7 @@ def test_recipe_parses_and_rejects_bad_options():
     _run(pipeline, {"method": "oneshot", "structure": "2:4", "keep_dense_below": 0})
   with pytest.raises(ValueError, match="fewer than keep_dense_below=200000 weights"):
     _run(pipeline, {"method": "oneshot", "keep_dense_below": 200_000})
-  encoded = dataclasses.replace(pipeline, tree=encode_sparse(pipeline.tree, "dense2/kernel"))
-  with pytest.raises(Exception, match="put `prune` before"):
-    _run(encoded, {"method": "oneshot"})
+  quantized = dataclasses.replace(pipeline, tree=quantize_params(pipeline.tree, "dense2/kernel", 8))
+  with pytest.raises(CompositionError, match="`prune` cannot run after `quantize`.*Prune first"):
+    _run(quantized, {"method": "oneshot"})
   assert jnp.asarray(0).dtype == jnp.int32

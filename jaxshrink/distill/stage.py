@@ -21,11 +21,14 @@ from typing import Any
 
 import jax
 
+from jaxshrink.compose import CompositionError, made_by
 from jaxshrink.distill.objective import PAIR_KINDS, DistillLoss, FeaturePair
 from jaxshrink.distill.taps import tapped_apply
 from jaxshrink.distill.train import distill
+from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import UsageError
 from jaxshrink.recipes import REQUIRED, Pipeline, register_stage
+from jaxshrink.tree import flatten
 
 LOSS_TERMS = ("kd", "logit_mse", "logit_cosine")
 
@@ -135,6 +138,15 @@ def distill_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   if rate is not None and bad_rate:
     raise UsageError(f"`learning_rate` of stage `distill` must be a number > 0 (YAML needs a dot "
                      f"in 5.0e-5); got {rate!r}.")  # fmt: skip
+  compressed = [p for p, leaf in flatten(pipeline.tree).items() if is_encoding(leaf)]
+  if compressed:
+    leaf = flatten(pipeline.tree)[compressed[0]]
+    raise CompositionError(
+      f"`distill` cannot run after `{made_by(leaf)}` (`{compressed[0]}`: {leaf.describe()}): "
+      "distill trains a new student, so the earlier stage's "
+      "work would be thrown away. Distill first and compress the student after, or use "
+      "`recover` to distill the float model into the compressed one."
+    )
   if options["teacher"] is None:
     teacher, teacher_params = pipeline.model, pipeline.tree
   else:

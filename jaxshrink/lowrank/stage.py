@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from jaxshrink.compose import decode_selected
 from jaxshrink.errors import UsageError
 from jaxshrink.lowrank.encoding import quantize_factors
 from jaxshrink.lowrank.finetune import finetune
@@ -30,6 +31,22 @@ FACTORIZE_OPTIONS: dict[str, Any] = {
   "batch_size": None,
   "quantize_factors": None,
 }
+
+
+# What `factorize` cannot follow (`compose`): the orders that work are in the fixes.
+REFUSALS = {
+  "bitmask": (
+    "the SVD factors of a pruned kernel are dense, so its zeros and the bytes they saved are lost",
+    "Prune some kernels and factorize others (exclude each stage's kernels from the other's "
+    "`target`).",
+  ),
+  "qarray": (
+    "the factors of a quantized kernel would be float again",
+    "Factorize first, then quantize: `quantize` (rtn or gptq) quantizes the factors.",
+  ),
+  "lowrank": ("the kernel is factorized already", "Factorize each kernel once."),
+}
+REFUSALS["nm"] = REFUSALS["bitmask"]
 
 
 @register_stage(
@@ -51,9 +68,13 @@ def factorize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   bits = options["quantize_factors"]
   if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)):
     raise UsageError(f"`quantize_factors` must be null or a bit width such as 8; got {bits!r}.")
+  rule = rule_from_options(options)
+  tree = decode_selected(
+    pipeline.tree, rule, stage="factorize", decode=("cast",), refusals=REFUSALS
+  )
   tree = factorize(
-    pipeline.tree,
-    rule_from_options(options),
+    tree,
+    rule,
     rank=options["rank"],
     energy=options["energy"],
     budget=options["budget"],

@@ -173,8 +173,10 @@ def qat_finetune(
   overrides: Overrides = (),
   mode: str = "fake",
   key: jax.Array | None = None,
+  optimizer: optax.GradientTransformation | None = None,
 ) -> QATResult:
-  """A minimal QAT loop (Adam, cross-entropy) for recipes and benchmarks.
+  """A minimal QAT loop (cross-entropy; Adam at `learning_rate` unless `optimizer` is given)
+  for recipes and benchmarks.
 
   Your own loop works the same way: use `qat_apply(...)` in the loss.
   """
@@ -183,7 +185,7 @@ def qat_finetune(
   if steps < 1:
     raise InvalidValueError(f"QAT `steps` must be >= 1; got {steps}.")
   qapply = qat_apply(apply_fn, rule, spec, overrides=overrides, mode=mode)
-  opt = optax.adam(learning_rate)
+  opt = optax.adam(learning_rate) if optimizer is None else optimizer
   x_all, y_all = jnp.asarray(x_train), jnp.asarray(y_train)
 
   @jax.jit

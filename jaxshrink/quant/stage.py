@@ -30,21 +30,31 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from jaxshrink.capture import find_sites
+from jaxshrink.compose import (
+  check_zeros_kept,
+  decode_selected,
+  frozen_zeros,
+  pruned_masks,
+  selected_encodings,
+  without,
+)
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
+from jaxshrink.lowrank.encoding import LowRank
 from jaxshrink.quant.calibrate import calibrate, check_method
+from jaxshrink.quant.factors import gptq_factors, rtn_factors
 from jaxshrink.quant.ptq import (
   LayerQuant,
-  gather_tables,
   ptq,
   quantize_params,
-  quantize_tables,
   resolve_layers,
   static_activation_scale,
 )
 from jaxshrink.quant.spec import QuantSpec
+from jaxshrink.quant.stage_tables import embedding_tables, with_tables
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.tree import Rule, flatten, map_with_path
 
@@ -72,7 +82,6 @@ OPTIONS = {
   "overrides": [],
   "embeddings": None,  # e.g. {bits: 8}: gathered tables (word/position/token-type), per row
 }
-EMBEDDING_KEYS = {"bits": 8, "group_size": None, "symmetric": True, "overrides": []}
 # Keys only some methods read, and what they mean (for the refusal's message).
 METHOD_KEYS = {
   "steps": (("qat",), "QAT fine-tuning steps"),
@@ -261,141 +270,127 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   rule = rule_from_options(options)
   layer = _layer(options, "quantize")
   overrides = _overrides(options)
-  model, tree = pipeline.model, pipeline.tree
+  tree = pipeline.tree
   layers = resolve_layers(tree, rule, layer, overrides)
   check_method(options["calibration"], "calibration")  # before GPTQ/AWQ/QAT spend any time
   _check_keys(options, layers)
   activations = any(q.activation_bits for q in layers.values())
-  tables = _embedding_tables(pipeline, options, layers)
-  if method == "rtn" and not activations:
-    sites = _stacked_sites(pipeline, tree, rule)
-    tree = quantize_params(tree, rule, layer, overrides=overrides, contract_dims=sites)
-    return dataclasses.replace(pipeline, tree=_tables(tree, tables))
+  tables = embedding_tables(pipeline, options, layers)
+  masks = pruned_masks(tree, rule)
+  tree = _decoded(tree, rule, method, activations)
+  factored = [p for p, leaf in selected_encodings(tree, rule).items() if isinstance(leaf, LowRank)]
+  dense_rule = without(rule, factored)
+  if not any(dense_rule.matches(p, leaf) for p, leaf in flatten(tree).items()):
+    pass  # every selected kernel is factorized: only the factors are quantized
+  elif method == "rtn" and not activations:
+    sites = _stacked_sites(pipeline, tree, dense_rule)
+    tree = quantize_params(tree, dense_rule, layer, overrides=overrides, contract_dims=sites)
+  else:
+    tree = _calibrated(pipeline, options, tree, dense_rule, layer, layers, overrides, masks)
+  tree = _factors(pipeline, options, tree, {p: layers[p].spec for p in factored})
+  check_zeros_kept(masks, tree)
+  return dataclasses.replace(pipeline, tree=with_tables(tree, tables))
+
+
+def _decoded(tree: Any, rule: Rule, method: str, activations: bool) -> Any:
+  """The tree with the selected kernels an earlier stage pruned or cast decoded (zeros kept);
+  factorized kernels stay for `_factors`; what cannot compose is refused naming both stages."""
+  refusals = {
+    "qarray": (
+      "its codes are already on a grid, and a second rounding compounds the error",
+      "Quantize each kernel once: exclude it from this stage's `target`, or set the earlier "
+      "stage's bits (its `overrides`).",
+    )
+  }
+  weight_only = method in ("rtn", "gptq") and not activations
+  if not weight_only:
+    what = "QAT trains dense kernels" if method == "qat" else (
+      f"`{method}`{' with activation_bits' if activations else ''} needs the inputs of each "
+      "factor, and the rank activations between the two factors are not calibrated"
+    )  # fmt: skip
+    refusals["lowrank"] = (
+      what,
+      "Quantize factorized kernels weight-only (`method: rtn` or `gptq`, no `activation_bits`),"
+      " or exclude them from `target`.",
+    )
+  return decode_selected(
+    tree, rule, stage="quantize", decode=("bitmask", "nm", "cast"), refusals=refusals,
+    keep=("lowrank",) if weight_only else (),
+  )  # fmt: skip
+
+
+def _calibrated(pipeline, options, tree, rule, layer, layers, overrides, masks) -> Any:
+  """Calibrated PTQ (W8A8, SmoothQuant), QAT, GPTQ or AWQ on the selected dense kernels."""
+  method, model = options["method"], pipeline.model
   batches = calibration_batches(pipeline, options["calibration_batches"])
   act_options = {
     "calibration": options["calibration"],
     "static_activations": options["static_activations"],
   }
+  activations = any(q.activation_bits for q in layers.values())
   if method in ("rtn", "smoothquant"):
-    tree = ptq(
+    return ptq(
       model.apply, tree, batches, rule, layer, overrides=overrides,
       smooth_alpha=options["alpha"] if method == "smoothquant" else None, **act_options,
     )  # fmt: skip
-  elif method == "qat":
+  if method == "qat":
     from jaxshrink.quant.qat import qat_finetune
 
     ds = pipeline.dataset
+    # Pruned kernels stay pruned: their weights start at zero and get no update.
+    optimizer = optax.chain(optax.adam(options["learning_rate"]), frozen_zeros(masks))
     trained = qat_finetune(
       model.apply, tree, ds.x_train, ds.y_train, rule, layer, steps=options["steps"],
-      learning_rate=options["learning_rate"], batch_size=model.batch_size, overrides=overrides,
+      batch_size=model.batch_size, overrides=overrides, optimizer=optimizer,
     ).params  # fmt: skip
     if activations:
-      tree = ptq(model.apply, trained, batches, rule, layer, overrides=overrides, **act_options)
-    else:
-      sites = _stacked_sites(pipeline, trained, rule)
-      tree = quantize_params(trained, rule, layer, overrides=overrides, contract_dims=sites)
+      return ptq(model.apply, trained, batches, rule, layer, overrides=overrides, **act_options)
+    sites = _stacked_sites(pipeline, trained, rule)
+    return quantize_params(trained, rule, layer, overrides=overrides, contract_dims=sites)
+  # GPTQ/AWQ quantize weights; the layers' activation bits are added on top.
+  weight_overrides = [(r, None if o is None else o.spec) for r, o in overrides]
+  if method == "gptq":
+    from jaxshrink.quant.gptq import gptq
+
+    quantized = gptq(
+      model.apply, tree, batches, rule, layer.spec, damp=options["damp"],
+      act_order=options["act_order"], overrides=weight_overrides,
+    )  # fmt: skip
   else:
-    # GPTQ/AWQ quantize weights; the layers' activation bits are added on top.
-    weight_overrides = [(r, None if o is None else o.spec) for r, o in overrides]
-    if method == "gptq":
-      from jaxshrink.quant.gptq import gptq
+    from jaxshrink.quant.awq import awq
 
-      quantized = gptq(
-        model.apply, tree, batches, rule, layer.spec, damp=options["damp"],
-        act_order=options["act_order"], overrides=weight_overrides,
-      )  # fmt: skip
-    else:
-      from jaxshrink.quant.awq import awq
-
-      quantized = awq(
-        model.apply, tree, batches, rule, layer.spec, grid=options["grid"],
-        overrides=weight_overrides,
-      )  # fmt: skip
-    tree = with_activations(model.apply, tree, quantized, batches, layers, **act_options)
-  return dataclasses.replace(pipeline, tree=_tables(tree, tables))
+    quantized = awq(
+      model.apply, tree, batches, rule, layer.spec, grid=options["grid"],
+      overrides=weight_overrides,
+    )  # fmt: skip
+  return with_activations(model.apply, tree, quantized, batches, layers, **act_options)
 
 
-def _tables(tree: Any, specs: dict[str, QuantSpec]) -> Any:
-  try:
-    for spec in dict.fromkeys(specs.values()):  # one pass per distinct spec, in order
-      tree = quantize_tables(tree, [p for p, s in specs.items() if s == spec], spec)
-  except ValueError as err:  # e.g. a group size that does not divide a table's rows
-    raise UsageError(f"`embeddings` of `quantize`: {err}") from None
-  return tree
+def _factors(pipeline: Pipeline, options: dict[str, Any], tree: Any, specs: dict) -> Any:
+  """Quantizes the factors of the selected factorized kernels (`quant.factors`)."""
+  if not specs:
+    return tree
+  flat = flatten(tree)
+  if options["method"] == "rtn":
+    new = {p: rtn_factors(p, flat[p], spec) for p, spec in specs.items()}
+  else:
+    from jaxshrink.hessian import collect_hessians
+    from jaxshrink.quant.gptq import paths_rule
 
-
-def _table_spec(entry: dict[str, Any], where: str) -> QuantSpec:
-  spec = QuantSpec(bits=entry["bits"], symmetric=entry["symmetric"], group_size=entry["group_size"])
-  try:
-    spec.validate(where)
-  except (TypeError, ValueError) as err:
-    raise UsageError(f"`{where}` of `quantize`: {err}") from None
-  return spec
-
-
-def table_specs(options: dict[str, Any], paths: list[str]) -> dict[str, QuantSpec]:
-  """`{path: QuantSpec}` of the gathered tables `paths` under `embeddings` and its overrides.
-
-  Raises:
-    UsageError: `embeddings` or an override is not a mapping of known keys, a spec is
-      invalid, or an override's `target` matches no table.
-  """
-  emb = options["embeddings"]
-  keys = sorted(EMBEDDING_KEYS)
-  if not isinstance(emb, dict) or set(emb) - set(EMBEDDING_KEYS):
-    raise UsageError(
-      f"`embeddings` of `quantize` must be null or a mapping with keys from {keys}; got "
-      f"{emb!r}. E.g. `embeddings: {{bits: 8}}` (int8 per row) or `{{bits: 4, group_size: 32}}`."
-    )
-  base = {**EMBEDDING_KEYS, **emb}
-  specs = dict.fromkeys(paths, _table_spec(base, "embeddings"))
-  if not isinstance(base["overrides"], list):
-    raise UsageError(f"`embeddings.overrides` of `quantize` must be a list; got {emb!r}.")
-  taken: set[str] = set()  # first match wins: a table keeps the first override's spec
-  for i, entry in enumerate(base["overrides"]):
-    where = f"embeddings.overrides[{i}]"
-    valid = {"target", "bits", "group_size", "symmetric"}
-    if not isinstance(entry, dict) or "target" not in entry or set(entry) - valid:
-      raise UsageError(
-        f"`{where}` of `quantize` must be a mapping with a `target` regex and keys from "
-        f"{sorted(valid)}; got {entry!r}."
+    # One collection for every factorized kernel, on the tree as it is now (the other kernels
+    # already quantized), each factorized kernel decoded as the dense kernel it stands for.
+    decoded = map_with_path(lambda p, leaf: materialize(leaf) if p in specs else leaf, tree)
+    batches = calibration_batches(pipeline, options["calibration_batches"])
+    hessians = collect_hessians(pipeline.model.apply, decoded, batches, paths_rule(specs))
+    new = {}
+    for path, spec in specs.items():
+      h, site = hessians[path]
+      if site.layers is not None:
+        raise UsageError(
+          f"`quantize` after `factorize`: `{path}` is a stacked (scanned) kernel, whose factors "
+          "span every layer; exclude it from one of the two stages."
+        )
+      new[path] = gptq_factors(
+        path, flat[path], h, spec, damp=options["damp"], act_order=options["act_order"]
       )
-    hits = [p for p in paths if Rule(include=entry["target"], min_ndim=0).matches(p, None)]
-    if not hits:
-      raise UsageError(
-        f"`{where}.target` {entry['target']!r} of `quantize` matches no embedding table; the "
-        f"tables are {', '.join(paths)}."
-      )
-    free = [p for p in hits if p not in taken]
-    if not free:
-      raise UsageError(
-        f"`{where}.target` {entry['target']!r} of `quantize` selects nothing: its tables "
-        f"({', '.join(hits)}) are taken by an earlier override. Overrides are first-match: put "
-        "the more specific one first."
-      )
-    spec = _table_spec({**base, **entry}, where)
-    specs.update(dict.fromkeys(free, spec))
-    taken.update(free)
-  return specs
-
-
-def _embedding_tables(pipeline: Pipeline, options: dict[str, Any], layers) -> dict:
-  """`{path: QuantSpec}` of the tables `embeddings` quantizes: leaves read by row lookups."""
-  if options["embeddings"] is None:
-    return {}
-  sample = calibration_batches(pipeline, 1)[0]
-  uses = gather_tables(pipeline.model.apply, pipeline.tree, sample)
-  if not uses:
-    raise UsageError(
-      "`embeddings` of `quantize` is set, but the model reads no parameter by gather (no "
-      "embedding table). Remove `embeddings`."
-    )
-  twice = sorted(set(uses) & set(layers))
-  if twice:
-    raise UsageError(
-      f"`{twice[0]}` is an embedding table (read by gather) and is also selected by `target`; "
-      "`embeddings` quantizes it per row. Exclude it from `target` (e.g. `exclude: "
-      f"'{twice[0]}'`), or remove `embeddings`."
-    )
-  # A table gathered some other way (sliced, transposed, batched) is left float.
-  return table_specs(options, [path for path, use in uses.items() if use.rows])
+  return map_with_path(lambda p, leaf: new.get(p, leaf), tree)

@@ -30,9 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from jaxshrink.compose import decode_selected, frozen_zeros, keep_masks, pruned_masks
 from jaxshrink.encoding import is_encoding
-from jaxshrink.errors import JaxshrinkError, UsageError
+from jaxshrink.errors import UsageError
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.sparsity.allocation import DEFAULT_KEEP_DENSE_BELOW, Pruner
 from jaxshrink.sparsity.dynamic import dynamic_sparse
@@ -47,7 +49,7 @@ from jaxshrink.sparsity.schedules import schedule_from_options
 from jaxshrink.sparsity.shrink import model_heads, shrink
 from jaxshrink.sparsity.structures import NM, Channel, Heads, parse_structure
 from jaxshrink.sparsity.wrapper import masks_of, pruning
-from jaxshrink.tree import flatten
+from jaxshrink.tree import map_with_path
 
 METHODS = ("gradual", "oneshot", "rigl", "set", "wanda", "sparsegpt")
 
@@ -114,16 +116,26 @@ def _shrunk(pipeline: Pipeline, model: Any, params: Any, masks: Any, structure: 
   return configure_model(model, config), params, source
 
 
+# What `prune` cannot follow (`compose`): the orders that work are in the fixes.
+REFUSALS = {
+  "qarray": (
+    "pruning moves weights off the grid the codes were fit to",
+    "Prune first, then quantize: GPTQ, AWQ, RTN and W8A8 keep pruned weights exactly zero.",
+  ),
+  "lowrank": (
+    "a factorized kernel's weights are the dense product of its factors, which pruning "
+    "cannot keep sparse",
+    "Prune some kernels and factorize others (exclude each stage's kernels from the other's "
+    "`target`).",
+  ),
+}
+
+
 def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   """Runs one pruning method on the pipeline's tree (and model, when shrinking)."""
   method = options["method"]
   if method not in METHODS:
     raise UsageError(f"Unknown prune `method` {method!r}; expected one of {list(METHODS)}.")
-  if any(is_encoding(leaf) for leaf in flatten(pipeline.tree).values()):
-    raise JaxshrinkError(
-      "prune needs float params but the tree already holds encodings; put `prune` before "
-      "quantize/cast stages (use `quantize_nonzeros` for prune + int8)."
-    )
   structure = _structure(options, pipeline.model)
   if options["shrink"]:
     _check_shrinkable(structure, options)
@@ -136,7 +148,14 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     overrides=options["overrides"] or {},
     keep_dense_below=options["keep_dense_below"],
   )
-  model, params, dataset = pipeline.model, pipeline.tree, pipeline.dataset
+  # A kernel pruned by an earlier stage is pruned again from its decoded values, and keeps
+  # its old mask: the result is pruned where either mask prunes.
+  earlier = pruned_masks(pipeline.tree, pruner.rule)
+  params = decode_selected(
+    pipeline.tree, pruner.rule, stage="prune", decode=("bitmask", "nm", "cast"),
+    refusals=REFUSALS,
+  )  # fmt: skip
+  model, dataset = pipeline.model, pipeline.dataset
   key, stage_key = jax.random.split(pipeline.key)
   steps = options["steps"]
   if method in ("gradual", "rigl", "set"):
@@ -153,6 +172,7 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       tx = dynamic_sparse(
         method, inner, pruner, params, schedule, drop_fraction=options["drop_fraction"]
       )
+    tx = optax.chain(tx, frozen_zeros(earlier))  # an earlier stage's zeros never regrow
     params, state = finetune(model, params, dataset, tx, steps=steps, key=stage_key)
     masks = masks_of(state)
   elif method == "oneshot":
@@ -163,6 +183,9 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     batches = _calibration(dataset, options["calibration_batches"])
     fn = _wanda_with_masks if method == "wanda" else _sparsegpt_with_masks
     params, masks = fn(model.apply, params, batches, pruner)
+  if earlier:
+    masks = map_with_path(lambda p, m: m & earlier[p] if p in earlier else m, masks)
+    params = keep_masks(params, earlier)
   report = pruner.report(params, masks)
   source = pipeline.model_source
   if options["shrink"]:
