@@ -11,6 +11,7 @@ import pytest
 from jaxshrink import export
 from jaxshrink.compose import CompositionError
 from jaxshrink.encoding import is_encoding, materialize
+from jaxshrink.errors import UsageError
 from jaxshrink.recipes import evaluate_tree, parse_recipe, prepare, run_stages
 from jaxshrink.tree import flatten
 
@@ -132,3 +133,30 @@ def test_cast_leaves_stay_cast_through_a_later_stage(start):
 def test_quantize_after_factorize_with_activations_names_both_stages_and_the_fix(start):
   with pytest.raises(CompositionError, match=r"after `factorize`.*weight-only.*rtn.*gptq"):
     _stage(_first(start, "factorize"), "quantize-w8a8")
+
+
+def test_joint_sparsegpt_quantizes_the_kept_weights_in_one_pass(start):
+  stage = {"prune": {"method": "sparsegpt", "structure": "2:4", "weight_bits": 4,
+                     "group_size": 32, "calibration_batches": 1}}  # fmt: skip
+  joint = run_stages(parse_recipe({"model": "digits-cnn", "stages": [stage]}), start)
+  flat = flatten(joint.tree)
+  for path in ("conv2/kernel", "dense1/kernel"):
+    assert flat[path].name == "qarray" and flat[path].bits == 4
+    w = np.moveaxis(np.asarray(materialize(flat[path])), -2, 0)  # 2:4 along the input axis
+    groups = (w.reshape(w.shape[0] // 4, 4, -1) != 0).sum(axis=1)
+    assert groups.max() <= 2
+  assert evaluate_tree(joint.model, joint.tree, joint.dataset) >= 0.95
+
+
+@pytest.mark.parametrize(
+  ("options", "match"),
+  [
+    ({"method": "oneshot", "weight_bits": 4}, r"weight_bits: 4.*needs `method: sparsegpt`"),
+    ({"method": "sparsegpt", "group_size": 32}, r"`group_size` of `prune`.*needs `weight_bits`"),
+    ({"method": "sparsegpt", "weight_bits": 1}, r"weight_bits"),
+  ],
+)
+def test_joint_keys_are_refused_where_they_cannot_apply(start, options, match):
+  recipe = parse_recipe({"model": "digits-cnn", "stages": [{"prune": options}]})
+  with pytest.raises(UsageError, match=match):
+    run_stages(recipe, start)

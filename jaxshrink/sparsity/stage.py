@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxshrink.compose import decode_selected, frozen_zeros, keep_masks, pruned_masks
-from jaxshrink.encoding import is_encoding
+from jaxshrink.compose import decode_selected, frozen_zeros, keep_masks, pruned_masks, refuse
+from jaxshrink.encoding import is_encoding, materialize
 from jaxshrink.errors import UsageError
+from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.sparsity.allocation import DEFAULT_KEEP_DENSE_BELOW, Pruner
 from jaxshrink.sparsity.dynamic import dynamic_sparse
@@ -49,7 +50,7 @@ from jaxshrink.sparsity.schedules import schedule_from_options
 from jaxshrink.sparsity.shrink import model_heads, shrink
 from jaxshrink.sparsity.structures import NM, Channel, Heads, parse_structure
 from jaxshrink.sparsity.wrapper import masks_of, pruning
-from jaxshrink.tree import map_with_path
+from jaxshrink.tree import flatten, map_with_path
 
 METHODS = ("gradual", "oneshot", "rigl", "set", "wanda", "sparsegpt")
 
@@ -74,6 +75,9 @@ PRUNE_OPTIONS: dict[str, Any] = {
   "shrink": False,
   "encode": True,
   "quantize_nonzeros": None,
+  "weight_bits": None,  # sparsegpt: quantize in the same sweep (joint sparse + intN)
+  "group_size": None,
+  "symmetric": True,
 }
 
 
@@ -131,12 +135,41 @@ REFUSALS = {
 }
 
 
+def _joint_spec(options: dict[str, Any]) -> QuantSpec | None:
+  """The grid sparsegpt quantizes the kept weights onto in the same sweep, or None."""
+  keys = ("weight_bits", "group_size", "symmetric")
+  if options["weight_bits"] is None:
+    extra = [k for k in keys[1:] if options[k] != PRUNE_OPTIONS[k]]
+    if extra:
+      raise UsageError(
+        f"`{extra[0]}` of `prune` sets the grid of joint sparse + quantized weights, which "
+        "needs `weight_bits` (e.g. 4) and method `sparsegpt`. Add `weight_bits`, or remove it."
+      )
+    return None
+  if options["method"] != "sparsegpt" or options["shrink"] or options["quantize_nonzeros"]:
+    raise UsageError(
+      f"`weight_bits: {options['weight_bits']}` of `prune` quantizes the kept weights in "
+      "SparseGPT's own sweep, so it needs `method: sparsegpt` without `shrink` or "
+      f"`quantize_nonzeros`; got method {options['method']!r}. Use sparsegpt, or a `quantize` "
+      "stage after this one (it keeps the pruned zeros)."
+    )
+  spec = QuantSpec(
+    bits=options["weight_bits"], group_size=options["group_size"], symmetric=options["symmetric"]
+  )
+  try:
+    spec.validate("prune")
+  except (TypeError, ValueError) as err:
+    raise UsageError(f"`weight_bits`/`group_size` of `prune`: {err}") from None
+  return spec
+
+
 def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   """Runs one pruning method on the pipeline's tree (and model, when shrinking)."""
   method = options["method"]
   if method not in METHODS:
     raise UsageError(f"Unknown prune `method` {method!r}; expected one of {list(METHODS)}.")
   structure = _structure(options, pipeline.model)
+  joint = _joint_spec(options)
   if options["shrink"]:
     _check_shrinkable(structure, options)
   pruner = Pruner(
@@ -155,6 +188,14 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     pipeline.tree, pruner.rule, stage="prune", decode=("bitmask", "nm", "cast"),
     refusals=REFUSALS,
   )  # fmt: skip
+  if joint is not None and earlier:
+    path = next(iter(earlier))
+    raise refuse(
+      "prune", path, flatten(pipeline.tree)[path],
+      "joint sparse + quantized SparseGPT fits its grid to one mask it chooses itself",
+      "Run the joint stage on the float kernels, or drop `weight_bits` and add a `quantize` "
+      "stage after this one (it keeps both masks' zeros).",
+    )  # fmt: skip
   model, dataset = pipeline.model, pipeline.dataset
   key, stage_key = jax.random.split(pipeline.key)
   steps = options["steps"]
@@ -179,10 +220,16 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     grads = _saliency_grads(model, params, dataset) if pruner.criterion == "saliency" else None
     # The masks applied, exactly (not read back off the zeros): the report counts them.
     params, masks = _oneshot_prune_with_masks(params, pruner, grads=grads, key=stage_key)
+  elif method == "wanda":
+    batches = _calibration(dataset, options["calibration_batches"])
+    params, masks = _wanda_with_masks(model.apply, params, batches, pruner)
   else:
     batches = _calibration(dataset, options["calibration_batches"])
-    fn = _wanda_with_masks if method == "wanda" else _sparsegpt_with_masks
-    params, masks = fn(model.apply, params, batches, pruner)
+    params, masks = _sparsegpt_with_masks(model.apply, params, batches, pruner, quant=joint)
+  if joint is not None:  # QArray leaves whose codes are zero where pruned
+    report = pruner.report(materialize(params), masks)
+    found = {"pruned": report}
+    return dataclasses.replace(pipeline, tree=params, key=key, log=(*pipeline.log, found))
   if earlier:
     masks = map_with_path(lambda p, m: m & earlier[p] if p in earlier else m, masks)
     params = keep_masks(params, earlier)
