@@ -34,6 +34,7 @@ from jax import lax
 from jaxshrink import capture, hessian
 from jaxshrink.errors import InvalidValueError
 from jaxshrink.model import accepts_models
+from jaxshrink.quant import numerics
 from jaxshrink.quant.gptq import SweepPruning, check_spec, gptq_sweep
 from jaxshrink.quant.qarray import QArray, normalize_contract_dims, stack
 from jaxshrink.quant.spec import QuantSpec, as_layer_quant
@@ -258,7 +259,10 @@ def _joint_kernel(w, h, contract_dims, pruner, sparsity, spec, block_size, damp,
 
   The GPTQ row sweep (`jaxshrink.quant.gptq.gptq_sweep`) chooses the mask as SparseGPT does
   (per lazy block, or every M rows) and gives pruned weights the code of 0.0, so the error of
-  pruning and of rounding both go to the rows not yet visited.
+  pruning and of rounding both go to the rows not yet visited. Its scales are fixed first, from
+  a prune-only pass: SparseGPT moves the kept weights a lot, and scales of the dense weights
+  fit them badly (digits-cnn `dense1`, 50% int4 g32: 1.28x the output error of SparseGPT then
+  GPTQ with those, 0.90x with these).
   """
   nm = pruner.structure if isinstance(pruner.structure, NM) else None
   _check_nm_axis(pruner, w, contract_dims, path)
@@ -268,8 +272,12 @@ def _joint_kernel(w, h, contract_dims, pruner, sparsity, spec, block_size, damp,
   # A dead input's weights carry nothing: zeroed, so the sweep prunes them first, at no cost.
   matrix = jnp.where((jnp.diag(h) == 0)[:, None], 0.0, matrix)
   prune = SweepPruning(sparsity, nm.n, nm.m) if nm else SweepPruning(sparsity, 0, 0)
+  pruned, _ = _sparsegpt_matrix(
+    matrix.T, u, pruned=sparsity, n=prune.n, m=prune.m, block=block_size
+  )
+  qparams = numerics.compute_qparams(pruned.T, spec, path=path)
   codes, scale, zp, keep = gptq_sweep(
-    matrix, u, spec, block_size=block_size, prune=prune, path=path
+    matrix, u, spec, block_size=block_size, prune=prune, qparams=qparams, path=path
   )
   q = QArray.from_codes(codes, scale, zp, spec, shape=w.shape, dtype=w.dtype, contract_dims=dims)
   return q, _from_matrix(keep, w.shape, dims)
@@ -305,8 +313,9 @@ def sparsegpt(
   With `quant` the same sweep also quantizes, as in the paper's joint mode: each kept weight
   is rounded onto the grid when its column is finalized, and the error of pruning and of
   rounding both go to the columns not yet visited (GPTQ's sweep, `jaxshrink.quant.gptq`).
-  Scales are GPTQ's static groups (or per-channel scales), set from the dense weights before
-  the sweep, since a group's mask is only chosen as the sweep reaches it. Pruned weights get
+  Scales are GPTQ's static groups (or per-channel scales), set before the sweep (a group's
+  mask is only chosen as the sweep reaches it) from the weights a prune-only SparseGPT pass
+  leaves, which the kept weights resemble far more than the dense ones. Pruned weights get
   the code of 0.0, so they decode to exactly 0 (with a zero point too: the range holds 0).
 
   Args:
