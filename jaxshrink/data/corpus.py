@@ -40,7 +40,7 @@ from jaxshrink.data.cache import atomic_write_bytes, cache_dir
 from jaxshrink.data.sentences import SENTENCE_TOKENS, evaluation_sentences, split_sentences
 from jaxshrink.errors import JaxshrinkError
 
-CORPUS_VERSION = "v1"
+CORPUS_VERSION = "v2"
 CORPUS_SEED = 0
 # The floor: fewer sentences than this and a transfer set overfits in a few hundred steps.
 MIN_SENTENCES = 10_000
@@ -146,13 +146,16 @@ def build_transfer_sentences() -> list[str]:
   texts = pydoc_topics()
   for module in DOCSTRING_PACKAGES:
     texts.extend(package_docstrings(module))
-  kept: dict[str, None] = dict.fromkeys(corpus_sentences())
+  kept: dict[str, None] = {}
+  for sentence in corpus_sentences():  # split already; markup left in by that corpus goes here
+    kept.setdefault(" ".join(_MARKUP.sub("", sentence).split()))
   for text in texts:
     plain = _MARKUP.sub("", text.encode("ascii", errors="ignore").decode("ascii"))
     for sentence in split_sentences(plain):
       kept.setdefault(sentence)
   banned = held_out()
-  sentences = [s for s in kept if normalize_sentence(s) not in banned]
+  prose = [s for s in kept if s and s[0].isupper() and s[-1] in ".!?"]
+  sentences = [s for s in prose if normalize_sentence(s) not in banned]
   if len(sentences) < MIN_SENTENCES:
     raise JaxshrinkError(
       f"the transfer corpus holds {len(sentences)} sentences, fewer than {MIN_SENTENCES}: its "

@@ -104,7 +104,8 @@ def _positive(options: dict[str, Any], name: str, kind: type) -> None:
     raise UsageError(f"`{name}` of {STAGE} must be null or {what}; got {value!r}.")
 
 
-def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str]:
+def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, str]:
+  """`(inputs, "corpus" or "train", description for the log)`."""
   model, dataset = pipeline.model, pipeline.dataset
   tokens = np.issubdtype(np.dtype(model.input_dtype), np.integer)
   if choice == "auto":
@@ -118,14 +119,14 @@ def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str]:
     from jaxshrink.data.corpus import transfer_sentences, transfer_tokens
 
     ids = transfer_tokens()
-    return ids, f"corpus ({ids.shape[0]} of {len(transfer_sentences())} sentences)"
+    return ids, choice, f"corpus ({ids.shape[0]} of {len(transfer_sentences())} sentences)"
   x = np.asarray(dataset.x_train)
   if x.shape[0] == 0:
     raise UsageError(
       f"`data: train` of {STAGE} reads the training split, and {dataset.name!r} has none. Give "
       "`x_train` in the data, or use `data: corpus` for a MiniLM-tokenized text model."
     )
-  return x, f"train ({x.shape[0]} examples of {dataset.name})"
+  return x, choice, f"train ({x.shape[0]} examples of {dataset.name})"
 
 
 @register_stage(
@@ -153,8 +154,8 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   except (TypeError, ValueError) as e:
     raise UsageError(f"`target`/`exclude` of {STAGE}: {e}") from None
   loss = _loss(options, model.metric)
-  x, described = _transfer_data(pipeline, options["data"])
-  if pad_id is None and np.issubdtype(x.dtype, np.integer) and options["data"] != "train":
+  x, source, described = _transfer_data(pipeline, options["data"])
+  if pad_id is None and source == "corpus":
     pad_id = 0  # [PAD] of the corpus' token ids
   student_apply, teacher_apply = model.apply, pipeline.float_model.apply
   if loss.pairs:
@@ -182,6 +183,7 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     batch_size=options["batch_size"] or DEFAULT_BATCH,
     rule=rule,
     augment=augment,
+    pad_id=pad_id,
     key=sub,
   )
   found = {

@@ -175,6 +175,44 @@ def reencode(shadow: Any, leaf: Any) -> Any:
   return shadow.astype(leaf.dtype)
 
 
+# Token batches are cut to the longest row they hold, rounded up to a multiple of this: a few
+# compiled shapes instead of one per length, and short sentences cost short sequences.
+TOKEN_BUCKET = 8
+
+
+def token_batches(
+  ids: np.ndarray,
+  steps: int,
+  batch_size: int,
+  seed: int,
+  *,
+  pad_id: int,
+  bucket: int = TOKEN_BUCKET,
+) -> list[np.ndarray]:
+  """`steps` index batches over `(N, T)` token rows, each drawn from rows of similar length.
+
+  Rows are grouped by their length (last non-`pad_id` position) rounded up to `bucket`; each
+  group is cut into batches of fresh permutations, and the batches of all groups are shuffled
+  together, so a group is visited in proportion to its size.
+  """
+  ids = np.asarray(ids)
+  real = ids != pad_id
+  length = np.where(real.any(axis=1), ids.shape[1] - np.argmax(real[:, ::-1], axis=1), 1)
+  width = np.minimum(-(-length // bucket) * bucket, ids.shape[1])
+  rng = np.random.default_rng(seed)
+  out: list[np.ndarray] = []
+  while len(out) < steps:
+    batches = []
+    for w in np.unique(width):
+      rows = rng.permutation(np.flatnonzero(width == w))
+      if rows.size < batch_size:  # too few for a batch: fill with rows of the next widths up
+        rows = rng.permutation(np.flatnonzero(width >= w))[:batch_size]
+      for start in range(0, rows.size - batch_size + 1, batch_size):
+        batches.append(rows[start : start + batch_size])
+    out.extend(batches[i] for i in rng.permutation(len(batches)))
+  return [b.astype(np.int32) for b in out[:steps]]
+
+
 class RecoverResult(NamedTuple):
   tree: Any  # the compressed tree with trained values, same encodings as the input
   losses: np.ndarray  # (steps,) float32 training loss
@@ -247,6 +285,7 @@ def recover(
   batch_size: int = 32,
   rule: Rule | None = None,
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+  pad_id: int | None = None,
   key: jax.Array | None = None,
 ) -> RecoverResult:
   """Distills `teacher_apply` into the compressed `tree`, keeping its compression.
@@ -262,6 +301,8 @@ def recover(
     steps, learning_rate, batch_size: Adam with cosine decay to 5% and clipping at norm 1.
     rule: which leaves may train (default: every leaf that can).
     augment: optional `(key, x) -> x` applied to each batch (the teacher sees the same one).
+    pad_id: for `(N, T)` token ids padded with this id: batches group rows of similar length
+      and are cut to their longest row (`token_batches`), rounded up to 8 tokens.
     key: PRNG key for batch order and augmentation.
 
   Returns:
@@ -318,11 +359,17 @@ def recover(
   opt_state = optimizer.init(shadows)
   leaves = list(view.leaves)
   seed = int(jax.random.randint(data_key, (), 0, np.iinfo(np.int32).max))
-  x_device = jnp.asarray(x_all)
-  gather = jax.jit(lambda x, i: x[i])
+  if pad_id is not None and x_all.ndim == 2:
+    batches = token_batches(x_all, steps, batch_size, seed, pad_id=pad_id)
+  else:
+    batches = list(batch_indices(x_all.shape[0], steps, batch_size, seed))
   losses = []
-  for i, index in enumerate(batch_indices(x_all.shape[0], steps, batch_size, seed)):
-    batch = gather(x_device, index)
+  for i, index in enumerate(batches):
+    batch = x_all[index]
+    if pad_id is not None and x_all.ndim == 2:
+      real = np.flatnonzero((batch != pad_id).any(axis=0))
+      width = min(-(-(int(real[-1]) + 1) // TOKEN_BUCKET) * TOKEN_BUCKET, x_all.shape[1])
+      batch = batch[:, :width]
     shadows, opt_state, value = step(shadows, opt_state, leaves, teacher_params, batch, i)
     losses.append(value)
   return RecoverResult(

@@ -1,0 +1,187 @@
+"""The `recover` stage: distillation from the float model that keeps the compression.
+
+digits-cnn, one-shot compressed (50% pruned, int4 RTN g32, low-rank at half the params), then
+recovered: masks stay bit for bit, codes stay on the stored grid (same spec, scales and zero
+points), ranks stay, and the test accuracy is at least what compression left.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxshrink import export
+from jaxshrink.encoding import materialize
+from jaxshrink.errors import UsageError
+from jaxshrink.lowrank import LowRank
+from jaxshrink.quant import QuantSpec
+from jaxshrink.quant.qarray import QArray, quantize, stack
+from jaxshrink.recipes import evaluate_tree, parse_recipe, prepare, run_recipe, run_stages
+from jaxshrink.recover import decode, reencode, trainable_view
+from jaxshrink.recover.train import token_batches
+from jaxshrink.sparsity.encodings import BitmaskSparse, NMSparse, encode_sparse
+from jaxshrink.tree import flatten
+
+STEPS = 40
+NO_SERVING = {"serving": None}
+
+
+def _recipe(*stages):
+  return parse_recipe({"model": "digits-cnn", "stages": list(stages), "export": NO_SERVING})
+
+
+@pytest.fixture(scope="module")
+def float_pipeline():
+  return prepare(_recipe(), progress=False)
+
+
+def _compress_then_recover(pipeline, stage):
+  compressed = run_stages(_recipe(stage), pipeline)
+  recovered = run_stages(_recipe({"recover": {"steps": STEPS}}), compressed)
+  score = lambda p: evaluate_tree(p.model, p.tree, p.dataset)
+  return compressed, recovered, score(compressed), score(recovered)
+
+
+def test_recover_after_pruning_keeps_every_mask(float_pipeline):
+  stage = {"prune": {"target": ".*kernel", "method": "oneshot", "sparsity": 0.7}}
+  before, after, acc_before, acc_after = _compress_then_recover(float_pipeline, stage)
+  old, new = flatten(before.tree), flatten(after.tree)
+  for path, leaf in old.items():
+    assert type(new[path]) is type(leaf), path
+    if isinstance(leaf, BitmaskSparse):
+      np.testing.assert_array_equal(np.asarray(new[path].bits), np.asarray(leaf.bits))
+      assert new[path].nnz == leaf.nnz
+      pruned = np.asarray(materialize(leaf)) == 0
+      assert np.all(np.asarray(materialize(new[path]))[pruned] == 0), path
+  assert np.any(
+    np.asarray(new["dense1/kernel"].values) != np.asarray(old["dense1/kernel"].values)
+  )  # the kept weights trained
+  assert acc_after >= acc_before
+  log = after.log[-1]["recovered"]
+  assert log["trained"] == 8 and log["frozen"] == {}
+
+
+def test_recover_after_int4_keeps_codes_on_the_stored_grid(float_pipeline):
+  stage = {"quantize": {"target": ".*kernel", "weight_bits": 4, "group_size": 32}}
+  before, after, acc_before, acc_after = _compress_then_recover(float_pipeline, stage)
+  old, new = flatten(before.tree), flatten(after.tree)
+  moved = 0
+  for path, leaf in old.items():
+    if not isinstance(leaf, QArray):
+      continue
+    q = new[path]
+    assert isinstance(q, QArray) and q.spec == leaf.spec and q.group_size == leaf.group_size
+    assert (q.codes.dtype, q.codes.shape) == (leaf.codes.dtype, leaf.codes.shape)
+    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(leaf.scale))
+    codes = np.asarray(q.unpacked_codes())
+    assert codes.min() >= leaf.spec.qmin and codes.max() <= leaf.spec.qmax
+    if leaf.zero_point is not None:  # the grid is the stored scales and zero points
+      np.testing.assert_array_equal(np.asarray(q.zero_point), np.asarray(leaf.zero_point))
+    moved += int(np.sum(codes != np.asarray(leaf.unpacked_codes())))
+  assert moved > 0  # QAT moved some weights to a neighbouring code
+  assert acc_after >= acc_before
+
+
+def test_recover_after_factorize_keeps_the_rank(float_pipeline):
+  stage = {"factorize": {"target": ".*kernel", "budget": 0.5}}
+  before, after, acc_before, acc_after = _compress_then_recover(float_pipeline, stage)
+  old, new = flatten(before.tree), flatten(after.tree)
+  factored = [p for p, leaf in old.items() if isinstance(leaf, LowRank)]
+  assert factored
+  for path in factored:
+    assert isinstance(new[path], LowRank)
+    assert new[path].rank == old[path].rank and new[path].shape == old[path].shape
+  assert acc_after >= acc_before
+
+
+def test_recipe_recovers_every_kind_exports_and_reloads(tmp_path):
+  recipe = _recipe(
+    {"prune": {"target": "dense1/kernel", "method": "oneshot", "sparsity": 0.5}},
+    {"factorize": {"target": "conv2/kernel", "budget": 0.5}},
+    {"quantize": {"target": "dense2/kernel", "weight_bits": 8}},
+    {"recover": {"steps": 20}},
+  )
+  result = run_recipe(recipe, progress=False)
+  tree = result.pipeline.tree
+  assert isinstance(tree["dense1"]["kernel"], BitmaskSparse)
+  assert isinstance(tree["conv2"]["kernel"], LowRank)
+  assert isinstance(tree["dense2"]["kernel"], QArray)
+  assert result.metrics["stages"][-1]["recovered"]["trained"] == 8
+  assert result.metrics["value"] > 0.95
+  export.save(tmp_path / "recovered", tree, model="digits-cnn", data="digits")
+  loaded = export.load(tmp_path / "recovered")
+  value = evaluate_tree(result.pipeline.model, loaded, result.pipeline.dataset)
+  assert value == result.metrics["value"]
+
+
+@pytest.mark.parametrize(
+  ("options", "match"),
+  [
+    ({"steps": 0}, "`steps` of stage `recover`"),
+    ({"learning_rate": 0}, "`learning_rate` of stage `recover`"),
+    ({"data": "books"}, "`data` of stage `recover`"),
+    ({"data": "corpus"}, "`data: corpus`"),
+    ({"losses": {"bleu": 1.0}}, "Unknown loss `bleu` in `losses` of stage `recover`"),
+    ({"features": [{"student": "dense1", "depth": 2}]}, r"Unknown key\(s\) \['depth'\]"),
+    ({"features": "dense1"}, r"Option `features` in stage 1 \(`recover`\)"),
+    ({"pad_id": "0"}, "`pad_id` of stage `recover`"),
+    ({"exclude": "[unclosed"}, "`target`/`exclude` of stage `recover`"),
+  ],
+)
+def test_bad_options_name_the_key(float_pipeline, options, match):
+  with pytest.raises(UsageError, match=match):
+    run_stages(_recipe({"recover": options}), float_pipeline)
+
+
+def test_unknown_option_is_refused_before_running():
+  with pytest.raises(UsageError, match="Unknown option `stepz`.*Did you mean `steps`"):
+    _recipe({"recover": {"stepz": 10}})
+
+
+def test_nm_values_quantized_keep_indices_scales_and_zero_slots():
+  w = jax.random.normal(jax.random.key(0), (64, 16))
+  w = w.at[:, 0].set(0.0)  # a column whose kept slots hold exact zeros
+  tree = encode_sparse({"k": w}, ".*", structure="2:4", quantize_nonzeros=4)
+  leaf = tree["k"]
+  assert isinstance(leaf, NMSparse) and isinstance(leaf.values, QArray)
+  view = trainable_view(tree)
+  np.testing.assert_allclose(decode(view.shadows[0], leaf), materialize(leaf), atol=1e-6)
+  shadow = jax.tree.map(lambda s: s + 0.05, view.shadows[0])
+  out = reencode(shadow, leaf)
+  np.testing.assert_array_equal(np.asarray(out.indices), np.asarray(leaf.indices))
+  np.testing.assert_array_equal(np.asarray(out.values.scale), np.asarray(leaf.values.scale))
+  dense = np.asarray(materialize(out))
+  assert np.all(dense[np.asarray(materialize(leaf)) == 0] == 0)
+  np.testing.assert_allclose(decode(shadow, leaf), dense, atol=1e-6)  # trained == re-encoded
+
+
+def test_stacked_and_input_scaled_qarrays_round_trip():
+  key = jax.random.key(1)
+  spec = QuantSpec(bits=4, group_size=32, symmetric=False)
+  weights = [jax.random.normal(jax.random.fold_in(key, i), (64, 8)) for i in range(3)]
+  layers = [quantize(w, spec) for w in weights]
+  stacked = stack(layers)
+  scaled = dataclasses.replace(layers[0], input_scale=jnp.linspace(0.5, 2.0, 64))
+  for q in (stacked, scaled):
+    shadow = trainable_view({"q": q}).shadows[0]
+    np.testing.assert_allclose(decode(shadow, q), materialize(q), rtol=1e-6, atol=1e-6)
+    again = reencode(shadow, q)
+    np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(q.codes))
+    grads = jax.grad(lambda s, q=q: jnp.sum(decode(s, q) ** 2))(shadow)
+    assert grads.shape == shadow.shape and bool(jnp.any(grads != 0))  # straight-through
+
+
+def test_token_batches_group_similar_lengths():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 33, size=400)
+  ids = np.zeros((400, 32), np.int32)
+  for row, n in enumerate(lengths):
+    ids[row, :n] = 7
+  batches = token_batches(ids, 30, 16, seed=0, pad_id=0)
+  assert len(batches) == 30 and all(b.shape == (16,) for b in batches)
+  widths = [np.unique(-(-lengths[b] // 8) * 8).size for b in batches]
+  assert sum(w == 1 for w in widths) >= 0.8 * len(batches)  # one length bucket per batch
+  again = token_batches(ids, 30, 16, seed=0, pad_id=0)
+  assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
