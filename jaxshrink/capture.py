@@ -586,14 +586,19 @@ def _leaf_param_paths(params: Any, n_leaves: int) -> list[str | None]:
 
 
 def find_sites(
-  apply_fn: Callable[..., Any], params: Any, *args: Any, rule: Rule | str = ".*"
+  apply_fn: Callable[..., Any],
+  params: Any,
+  *args: Any,
+  rule: Rule | str = ".*",
+  in_order: bool = False,
 ) -> dict[str, Site]:
   """How `apply_fn(params, *args)` consumes each kernel `rule` selects, without running it.
 
   The replay runs abstractly (`jax.eval_shape`); kernels that never reach a matmul or conv
   are left out. The sites tell `quantize_params(..., contract_dims=sites)` each kernel's
   input axes and, for layers stacked by `nn.scan` / `nnx.scan`, the layer axis, so every
-  layer gets its own scales.
+  layer gets its own scales. `in_order=True` lists them in the order the forward first reads
+  them (sequential calibration walks that order); by default they are sorted by path.
 
   >>> sites = find_sites(model.apply, variables, x, rule=".*kernel")
   >>> sites["ScanBlock_0/Dense_0/kernel"].layers, sites["ScanBlock_0/Dense_0/kernel"].contract_dims
@@ -618,7 +623,7 @@ def find_sites(
     sites.update(replay.sites)
 
   jax.eval_shape(run, leaves, args)
-  return dict(sorted(sites.items()))
+  return dict(sites.items() if in_order else sorted(sites.items()))
 
 
 def collect(

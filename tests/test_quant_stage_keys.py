@@ -72,6 +72,7 @@ def gptq_w8a8(pipeline):
       {"target": "conv1/kernel", "skip": True},
       {"target": "dense2/kernel", "weight_bits": 8, "symmetric": False},
     ],
+    sequential=False,  # one pass on the float activations, comparable with plain `gptq`
   )
 
 
@@ -91,7 +92,8 @@ def test_gptq_overrides_skip_and_per_layer_bits(pipeline, gptq_w8a8):
   assert (tree["conv2/kernel"].bits, tree["dense1/kernel"].bits) == (4, 4)
   dense2 = tree["dense2/kernel"]
   assert dense2.bits == 8 and not dense2.symmetric and dense2.zero_point.dtype == jnp.int8
-  # Each layer is quantized from the float activations: the override changes no other layer.
+  # One pass: each layer is quantized from the float activations, so the override changes no
+  # other layer.
   batches = _batches(pipeline)
   plain = gptq(
     pipeline.model.apply, pipeline.tree, batches, RULE, QuantSpec(bits=4), act_order=True
@@ -229,6 +231,7 @@ NON_DEFAULT = {
   "act_order": False,
   "damp": 0.1,
   "grid": 5,
+  "sequential": False,
 }
 MISPLACED = [
   (method, key)

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxshrink import sequential
 from jaxshrink.capture import find_sites
 from jaxshrink.compose import (
   check_zeros_kept,
@@ -79,6 +80,7 @@ OPTIONS = {
   "act_order": True,  # GPTQ: quantize inputs by decreasing Hessian diagonal (better on tiny-lm)
   "damp": 0.01,  # GPTQ: Hessian damping, as a fraction of its mean diagonal
   "grid": 20,  # AWQ: points of the scale-exponent search
+  "sequential": True,  # GPTQ/AWQ: block by block, on the outputs of the quantized blocks
   "overrides": [],
   "embeddings": None,  # e.g. {bits: 8}: gathered tables (word/position/token-type), per row
 }
@@ -90,6 +92,7 @@ METHOD_KEYS = {
   "act_order": (("gptq",), "GPTQ's input order"),
   "damp": (("gptq",), "GPTQ's Hessian damping"),
   "grid": (("awq",), "AWQ's scale-exponent search"),
+  "sequential": (("gptq", "awq"), "block-by-block calibration"),
 }
 CALIBRATION_NEEDS_STATIC = (
   "`calibration: {!r}` of `quantize` chooses the clip of static activation scales, so it needs "
@@ -348,22 +351,42 @@ def _calibrated(pipeline, options, tree, rule, layer, layers, overrides, masks) 
     sites = _stacked_sites(pipeline, trained, rule)
     return quantize_params(trained, rule, layer, overrides=overrides, contract_dims=sites)
   # GPTQ/AWQ quantize weights; the layers' activation bits are added on top.
-  weight_overrides = [(r, None if o is None else o.spec) for r, o in overrides]
   if method == "gptq":
     from jaxshrink.quant.gptq import gptq
 
-    quantized = gptq(
-      model.apply, tree, batches, rule, layer.spec, damp=options["damp"],
-      act_order=options["act_order"], overrides=weight_overrides,
-    )  # fmt: skip
+    def fit(t, r, spec, overrides=()):
+      return gptq(
+        model.apply, t, batches, r, spec, damp=options["damp"], act_order=options["act_order"],
+        overrides=overrides,
+      )  # fmt: skip
   else:
     from jaxshrink.quant.awq import awq
 
-    quantized = awq(
-      model.apply, tree, batches, rule, layer.spec, grid=options["grid"],
-      overrides=weight_overrides,
-    )  # fmt: skip
+    def fit(t, r, spec, overrides=()):
+      return awq(model.apply, t, batches, r, spec, grid=options["grid"], overrides=overrides)
+
+  if options["sequential"]:
+    flat = flatten(tree)
+    specs = {p: layers[p].spec for p in flat if p in layers and rule.matches(p, flat[p])}
+    quantized = _in_blocks(fit, model.apply, tree, batches[0], specs)
+  else:
+    weight_overrides = [(r, None if o is None else o.spec) for r, o in overrides]
+    quantized = fit(tree, rule, layer.spec, weight_overrides)
   return with_activations(model.apply, tree, quantized, batches, layers, **act_options)
+
+
+def _in_blocks(fit, apply_fn, tree: Any, x: Any, specs: dict[str, QuantSpec]) -> Any:
+  """Sequential calibration (`jaxshrink.sequential`): `fit` quantizes one block at a time, on
+  the outputs of the blocks quantized before it (one call per spec in a block)."""
+  from jaxshrink.quant.gptq import paths_rule
+
+  for block in sequential.blocks(apply_fn, tree, x, specs):
+    by_spec: dict[QuantSpec, list[str]] = {}
+    for path in block:
+      by_spec.setdefault(specs[path], []).append(path)
+    for spec, paths in by_spec.items():
+      tree = fit(tree, paths_rule(paths), spec)
+  return tree
 
 
 def _factors(pipeline: Pipeline, options: dict[str, Any], tree: Any, specs: dict) -> Any:

@@ -25,6 +25,8 @@ checkpoint names a model `jaxshrink eval` rebuilds.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Any
 
 import jax
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxshrink import sequential
 from jaxshrink.compose import decode_selected, frozen_zeros, keep_masks, pruned_masks, refuse
 from jaxshrink.encoding import is_encoding, materialize
 from jaxshrink.errors import UsageError
@@ -42,6 +45,7 @@ from jaxshrink.sparsity.dynamic import dynamic_sparse
 from jaxshrink.sparsity.encodings import encode_sparse
 from jaxshrink.sparsity.finetune import finetune, finetune_optimizer
 from jaxshrink.sparsity.oneshot import (
+  _layer_sparsities,
   _oneshot_prune_with_masks,
   _sparsegpt_with_masks,
   _wanda_with_masks,
@@ -50,7 +54,7 @@ from jaxshrink.sparsity.schedules import schedule_from_options
 from jaxshrink.sparsity.shrink import model_heads, shrink
 from jaxshrink.sparsity.structures import NM, Channel, Heads, parse_structure
 from jaxshrink.sparsity.wrapper import masks_of, pruning
-from jaxshrink.tree import flatten, map_with_path
+from jaxshrink.tree import Rule, flatten, map_with_path
 
 METHODS = ("gradual", "oneshot", "rigl", "set", "wanda", "sparsegpt")
 
@@ -75,6 +79,7 @@ PRUNE_OPTIONS: dict[str, Any] = {
   "shrink": False,
   "encode": True,
   "quantize_nonzeros": None,
+  "sequential": True,  # wanda / sparsegpt: block by block on the pruned model's outputs
   "weight_bits": None,  # sparsegpt: quantize in the same sweep (joint sparse + intN)
   "group_size": None,
   "symmetric": True,
@@ -163,6 +168,24 @@ def _joint_spec(options: dict[str, Any]) -> QuantSpec | None:
   return spec
 
 
+def _in_blocks(fn, apply_fn, params, batches, pruner: Pruner):
+  """Sequential calibration (`jaxshrink.sequential`): each block is pruned by `fn` on the
+  outputs of the blocks pruned before it, at the sparsity the whole-model allocation gave it."""
+  paths, sparsities = _layer_sparsities(pruner, params)
+  nm = isinstance(pruner.structure, NM)
+  masks = None
+  for block in sequential.blocks(apply_fn, params, batches[0], paths):
+    part = Pruner(
+      Rule(include="|".join(re.escape(p) for p in block), min_ndim=0),
+      structure=pruner.structure,
+      overrides=() if nm else [(re.escape(p), sparsities[p]) for p in block],
+      keep_dense_below=0,
+    )
+    params, block_masks = fn(apply_fn, params, batches, part)
+    masks = block_masks if masks is None else jax.tree.map(jnp.logical_and, masks, block_masks)
+  return params, masks
+
+
 def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   """Runs one pruning method on the pipeline's tree (and model, when shrinking)."""
   method = options["method"]
@@ -220,12 +243,17 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     grads = _saliency_grads(model, params, dataset) if pruner.criterion == "saliency" else None
     # The masks applied, exactly (not read back off the zeros): the report counts them.
     params, masks = _oneshot_prune_with_masks(params, pruner, grads=grads, key=stage_key)
-  elif method == "wanda":
-    batches = _calibration(dataset, options["calibration_batches"])
-    params, masks = _wanda_with_masks(model.apply, params, batches, pruner)
   else:
     batches = _calibration(dataset, options["calibration_batches"])
-    params, masks = _sparsegpt_with_masks(model.apply, params, batches, pruner, quant=joint)
+    fn = (
+      _wanda_with_masks
+      if method == "wanda"
+      else functools.partial(_sparsegpt_with_masks, quant=joint)
+    )
+    if options["sequential"]:
+      params, masks = _in_blocks(fn, model.apply, params, batches, pruner)
+    else:
+      params, masks = fn(model.apply, params, batches, pruner)
   if joint is not None:  # QArray leaves whose codes are zero where pruned
     report = pruner.report(materialize(params), masks)
     found = {"pruned": report}

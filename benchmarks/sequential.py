@@ -1,0 +1,105 @@
+"""sequential: block-by-block calibration against one pass, on tiny-lm and MiniLM.
+
+Each row runs one recipe twice, with `sequential: false` (every kernel's statistics collected
+from the float model in one pass) and `sequential: true` (the default: each block calibrated
+on the outputs of the blocks already compressed). Every run is its own process, so its peak
+resident memory (`ru_maxrss`, which includes the model, data and JAX itself) is its own.
+Metrics on held-out data: tiny-lm perplexity on the stdlib-text test windows (lower is
+better), MiniLM mean cosine to the float embeddings on the 200 held-out sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from jaxshrink.bench import Record
+
+SUITE = "sequential"
+DESCRIPTION = (
+  "Sequential (block-by-block) calibration against one pass for GPTQ, AWQ, SparseGPT and Wanda: "
+  "held-out metric and peak memory of each run, in separate processes."
+)
+INT3 = {"weight_bits": 3, "group_size": 32, "symmetric": False}
+METHODS = (
+  ("GPTQ int3 g32", {"quantize": {**INT3, "method": "gptq"}}),
+  ("AWQ int3 g32", {"quantize": {**INT3, "method": "awq"}}),
+  ("SparseGPT 50%", {"prune": {"method": "sparsegpt", "sparsity": 0.5}}),
+  ("Wanda 50%", {"prune": {"method": "wanda", "sparsity": 0.5}}),
+  ("SparseGPT 2:4", {"prune": {"method": "sparsegpt", "structure": "2:4"}}),
+)
+MODELS = {"tiny-lm": None, "minilm-l6": "minilm-sentences"}
+
+_CHILD = textwrap.dedent(
+  """
+  import json, resource, sys, time
+  from jaxshrink.recipes import parse_recipe, run_recipe
+  raw = json.loads(sys.argv[1])
+  start = time.perf_counter()
+  out = run_recipe(parse_recipe(raw), progress=False)
+  seconds = time.perf_counter() - start
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print(json.dumps({"value": out.metrics["value"], "reference": out.metrics["reference_value"],
+                    "seconds": seconds, "peak_rss": peak, "bytes": out.report.total_bytes,
+                    "float32_bytes": out.report.float32_bytes}))
+  """
+)
+
+
+def _run(model: str, stage: dict, sequential: bool) -> dict:
+  kind, options = next(iter(stage.items()))
+  raw = {"model": model, "stages": [{kind: {**options, "target": ".*kernel",
+                                            "sequential": sequential}}],
+         "export": {"serving": None}}  # fmt: skip
+  if MODELS[model]:
+    raw["data"] = MODELS[model]
+  done = subprocess.run(
+    [sys.executable, "-c", _CHILD, json.dumps(raw)], capture_output=True, text=True, check=True
+  )
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run() -> list[Record]:
+  records = []
+  for model in MODELS:
+    for label, stage in METHODS:
+      for sequential in (False, True):
+        out = _run(model, stage, sequential)
+        records.append(
+          Record(
+            suite=SUITE,
+            model=model,
+            method=f"{label} {'sequential' if sequential else 'one pass'}",
+            metric="perplexity" if model == "tiny-lm" else "cosine",
+            value=out["value"],
+            reference_value=out["reference"],
+            size_bytes=out["bytes"],
+            float32_bytes=out["float32_bytes"],
+            seconds=round(out["seconds"], 1),
+            extra={"peak_rss_mb": round(out["peak_rss"] / 1e6, 1), "sequential": sequential},
+          )
+        )
+  return records
+
+
+def summarize(records: list[Record]) -> str:
+  """Per row: the better mode on the held-out metric, and the peak memory of each."""
+  lines = []
+  rows: dict[tuple[str, str], dict[bool, Record]] = {}
+  for r in records:
+    key = (r.model, r.method.replace(" one pass", "").replace(" sequential", ""))
+    rows.setdefault(key, {})[r.extra["sequential"]] = r
+  for (model, label), pair in rows.items():
+    if set(pair) != {False, True}:
+      continue
+    one, seq = pair[False], pair[True]
+    lower = one.metric == "perplexity"
+    better = (seq.value <= one.value) if lower else (seq.value >= one.value)
+    lines.append(
+      f"- {model} {label}: one pass {one.value:.4f}, sequential {seq.value:.4f} "
+      f"({'at least as good' if better else 'worse'}); peak memory "
+      f"{one.extra['peak_rss_mb']:.0f} MB one pass, {seq.extra['peak_rss_mb']:.0f} MB sequential."
+    )
+  return "\n".join(lines)
