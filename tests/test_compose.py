@@ -5,6 +5,8 @@ Each first stage runs once (module cache); the second stage runs on a copy of it
 Steps are cut to the minimum: the test checks composition, the `hybrids` benchmark accuracy.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from jaxshrink import export
 from jaxshrink.compose import CompositionError
 from jaxshrink.encoding import is_encoding, materialize
 from jaxshrink.errors import UsageError
-from jaxshrink.recipes import evaluate_tree, parse_recipe, prepare, run_stages
+from jaxshrink.recipes import evaluate_tree, parse_recipe, prepare, run_recipe, run_stages
 from jaxshrink.tree import flatten
 
 Q4 = {"weight_bits": 4, "group_size": 32, "calibration_batches": 1}
@@ -160,3 +162,51 @@ def test_joint_keys_are_refused_where_they_cannot_apply(start, options, match):
   recipe = parse_recipe({"model": "digits-cnn", "stages": [{"prune": options}]})
   with pytest.raises(UsageError, match=match):
     run_stages(recipe, start)
+
+
+# --- a user's own linen ResNet (BatchNorm, residual adds), loaded from `module:factory` ---
+
+FIXTURES = Path(__file__).parent / "fixtures"
+USER_PAIRS = {
+  "oneshot 50% -> gptq int4 g32": [
+    {"prune": {"method": "oneshot", "sparsity": 0.5}},
+    {"quantize": {"method": "gptq", "weight_bits": 4, "group_size": 32}},
+  ],
+  "sparsegpt 50% -> W8A8": [
+    {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
+    {"quantize": {"activation_bits": 8}},
+  ],
+  "factorize 0.5 -> gptq int4 g32": [
+    {"factorize": {"budget": 0.5}},
+    {"quantize": {"method": "gptq", "weight_bits": 4, "group_size": 32}},
+  ],
+}
+
+
+@pytest.mark.parametrize("name", list(USER_PAIRS))
+def test_user_resnet_hybrids_run_export_and_reload(name, monkeypatch, tmp_path):
+  monkeypatch.syspath_prepend(str(FIXTURES))
+  recipe = parse_recipe({
+    "model": "user_models:linen_resnet", "data": "user_models:resnet_data",
+    "stages": USER_PAIRS[name], "export": {"serving": None},
+  })  # fmt: skip
+  result = run_recipe(recipe, progress=False)
+  pipeline = result.pipeline
+  assert result.metrics["reference_value"] == 1.0
+  assert result.metrics["value"] >= 0.85, result.metrics
+  export.save(tmp_path / "ckpt", pipeline.tree)
+  loaded = export.load(tmp_path / "ckpt")
+  assert evaluate_tree(pipeline.model, loaded, pipeline.dataset) == pytest.approx(
+    result.metrics["value"], abs=1e-6
+  )
+  assert result.report.ratio > 2.5
+
+
+def test_user_resnet_factorize_then_w8a8_names_both_stages(monkeypatch):
+  monkeypatch.syspath_prepend(str(FIXTURES))
+  recipe = parse_recipe({
+    "model": "user_models:linen_resnet", "data": "user_models:resnet_data",
+    "stages": [{"factorize": {"budget": 0.5}}, {"quantize": {"activation_bits": 8}}],
+  })  # fmt: skip
+  with pytest.raises(CompositionError, match=r"`quantize` cannot run after `factorize`"):
+    run_recipe(recipe, progress=False)

@@ -307,10 +307,15 @@ def _decoded(tree: Any, rule: Rule, method: str, activations: bool) -> Any:
   }
   weight_only = method in ("rtn", "gptq") and not activations
   if not weight_only:
-    what = "QAT trains dense kernels" if method == "qat" else (
-      f"`{method}`{' with activation_bits' if activations else ''} needs the inputs of each "
-      "factor, and the rank activations between the two factors are not calibrated"
-    )  # fmt: skip
+    what = {
+      "qat": "QAT trains dense kernels, not factors",
+      "awq": "AWQ scales a kernel's input channels, and the second factor's inputs are the rank "
+      "activations between the factors, which no scale is fitted to",
+    }.get(
+      method,
+      "activation quantization quantizes a kernel's input, and the rank activations between "
+      "the two factors have no quantizer (calibrated or per token)",
+    )
     refusals["lowrank"] = (
       what,
       "Quantize factorized kernels weight-only (`method: rtn` or `gptq`, no `activation_bits`),"
