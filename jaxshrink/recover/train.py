@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -213,11 +213,21 @@ def token_batches(
   return [b.astype(np.int32) for b in out[:steps]]
 
 
-class RecoverResult(NamedTuple):
-  tree: Any  # the compressed tree with trained values, same encodings as the input
-  losses: np.ndarray  # (steps,) float32 training loss
-  trained: tuple[str, ...]  # paths of the leaves that trained
-  frozen: dict[str, str]  # path -> why it stayed as it was
+@dataclasses.dataclass(frozen=True)
+class RecoverResult:
+  """What `recover` returns.
+
+  Attributes:
+    tree: the compressed tree with trained values, same encodings as the input.
+    losses: `(steps,)` float32 training loss.
+    trained: paths of the leaves that trained.
+    frozen: path -> why that leaf stayed as it was.
+  """
+
+  tree: Any
+  losses: np.ndarray
+  trained: tuple[str, ...]
+  frozen: dict[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
