@@ -34,17 +34,24 @@ EXPECTED = {
   "minilm-distill-l3": ("distill", {"student": "jaxshrink.models.minilm:minilm_l3_student"}),
 }
 
+# Recipes that run `recover` after one of the recipes above: recipe -> the one it extends.
+RECOVERED = {
+  f"{base}-recover": base
+  for base in ("minilm-prune50-sparsegpt", "minilm-2of4-sparsegpt", "minilm-lowrank-mlp")
+}
+
 
 def test_every_technique_has_a_recipe():
-  assert sorted(EXPECTED) == sorted(p.stem for p in MINILM)
+  assert sorted({**EXPECTED, **RECOVERED}) == sorted(p.stem for p in MINILM)
 
 
 @pytest.mark.parametrize("path", MINILM, ids=lambda p: p.stem)
 def test_recipe_parses_with_the_expected_stage(path):
   recipe = load_recipe(path)
   assert recipe.model == "minilm-l6" and recipe.data == "minilm-sentences"
-  kind, expected = EXPECTED[path.stem]
-  assert [k for k, _ in recipe.stages] == [kind]
+  kind, expected = EXPECTED[RECOVERED.get(path.stem, path.stem)]
+  kinds = [kind, "recover"] if path.stem in RECOVERED else [kind]
+  assert [k for k, _ in recipe.stages] == kinds
   options = recipe.stages[0][1]
   assert {k: options[k] for k in expected} == expected
   assert set(options) == set(stage_kinds()[kind].options)  # defaults filled, nothing unknown
@@ -86,7 +93,8 @@ def test_recipe_embeddings(path):
   options = load_recipe(path).stages[0][1]
   assert options.get("embeddings") == EMBEDDINGS.get(path.stem)
   if path.stem not in EMBEDDINGS:  # the recipe says why its tables stay float32
-    assert "float32" in path.read_text() and "`embeddings: {bits: 8}`" in path.read_text()
+    assert "float32" in path.read_text()
+    assert path.stem in RECOVERED or "`embeddings: {bits: 8}`" in path.read_text()
 
 
 def test_distill_recipe_matches_hidden_states_of_alternate_layers():
