@@ -4,7 +4,8 @@ The architecture is BERT's (Devlin et al., 2019) as used by sentence-transformer
 position + token-type embeddings, `num_layers` post-LayerNorm encoder layers (self-attention,
 then a GELU feed-forward block), mean pooling over the non-padding tokens and L2
 normalization. `BertConfig` sizes it, so the 6-layer MiniLM teacher and a 3-layer student come
-from the same code; `head_dim` and per-layer `layer_heads` describe a head-pruned encoder.
+from the same code; `head_dim`, per-layer `layer_heads` and per-layer `layer_intermediate`
+describe a structurally pruned encoder (fewer heads and feed-forward channels per layer).
 
 Every matmul with a weight is an `nnx.Linear` with a 2-D `(in, out)` kernel, including the
 query/key/value/output projections of attention, so quantization, pruning and low-rank stages
@@ -58,6 +59,9 @@ class BertConfig:
     head_dim: features per attention head; None means `hidden_size // num_heads`.
     layer_heads: heads of each layer, overriding `num_heads` (a head-pruned encoder rebuilt by
       `jaxshrink.sparsity.shrink_model`); None means `num_heads` in every layer.
+    layer_intermediate: feed-forward width of each layer, overriding `intermediate_size` (an
+      encoder whose channels were pruned by `jaxshrink.sparsity.minitron`); None means
+      `intermediate_size` in every layer.
   """
 
   num_layers: int = 6
@@ -71,6 +75,7 @@ class BertConfig:
   pad_id: int = 0
   head_dim: int | None = None
   layer_heads: tuple[int, ...] | None = None
+  layer_intermediate: tuple[int, ...] | None = None
 
   def __post_init__(self):
     for field in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size",
@@ -93,6 +98,12 @@ class BertConfig:
         f"BertConfig `layer_heads` must give a head count >= 1 for each of the "
         f"{self.num_layers} layers; got {heads}. Pass one entry per layer, or None."
       )
+    widths = self.layer_intermediate
+    if widths is not None and (len(widths) != self.num_layers or min(widths) < 1):
+      raise InvalidValueError(
+        f"BertConfig `layer_intermediate` must give a feed-forward width >= 1 for each of the "
+        f"{self.num_layers} layers; got {widths}. Pass one entry per layer, or None."
+      )
 
   @property
   def head_size(self) -> int:
@@ -102,6 +113,12 @@ class BertConfig:
   def heads(self, layer: int) -> int:
     """Attention heads of encoder layer `layer`."""
     return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
+
+  def intermediate(self, layer: int) -> int:
+    """Feed-forward width of encoder layer `layer`."""
+    if self.layer_intermediate is None:
+      return self.intermediate_size
+    return self.layer_intermediate[layer]
 
 
 def _linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -166,10 +183,13 @@ class BertAttention(nnx.Module):
 class BertLayer(nnx.Module):
   """One post-norm encoder layer: attention block, then the GELU feed-forward block."""
 
-  def __init__(self, config: BertConfig, num_heads: int, *, rngs: nnx.Rngs):
+  def __init__(
+    self, config: BertConfig, num_heads: int, intermediate: int | None = None, *, rngs: nnx.Rngs
+  ):
+    intermediate = config.intermediate_size if intermediate is None else intermediate
     self.attention = BertAttention(config, num_heads, rngs=rngs)
-    self.intermediate = _linear(config.hidden_size, config.intermediate_size, rngs)
-    self.output = _linear(config.intermediate_size, config.hidden_size, rngs)
+    self.intermediate = _linear(config.hidden_size, intermediate, rngs)
+    self.output = _linear(intermediate, config.hidden_size, rngs)
     self.output_norm = _layer_norm(config, rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -185,7 +205,8 @@ class BertLayers(nnx.Module):
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
     self.num_layers = config.num_layers
     for index in range(config.num_layers):
-      setattr(self, f"layer_{index}", BertLayer(config, config.heads(index), rngs=rngs))
+      layer = BertLayer(config, config.heads(index), config.intermediate(index), rngs=rngs)
+      setattr(self, f"layer_{index}", layer)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     for index in range(self.num_layers):

@@ -1,0 +1,116 @@
+"""The `structured` recipe stage: Minitron-style width and depth pruning of a BERT encoder.
+
+```yaml
+stages:
+  - structured: {params: 0.67, heads: true, channels: true, layers: 0, calibration_batches: 4}
+  - recover: {steps: 300, data: corpus}
+```
+
+Importance comes from the training split (`calibration_batches` batches of
+`calibration_rows` sentences; never the test split), the plan keeps `params` of the
+non-embedding params, and the model becomes the smaller dense one
+(`jaxshrink.sparsity.minitron`). Its `model_source` records the new sizes
+(`"minilm-l6(num_layers=6, head_dim=32, layer_heads=(8, ...), layer_intermediate=(1024, ...))"`),
+so the saved checkpoint names a model `jaxshrink eval` rebuilds. The log entry records the
+kept layers, heads and channel counts, and the params before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxshrink.encoding import is_encoding
+from jaxshrink.errors import InvalidTypeError, InvalidValueError, UsageError
+from jaxshrink.recipes import Pipeline, register_stage
+from jaxshrink.sparsity.minitron import (
+  bert_config,
+  calibration_batches,
+  encoder_param_count,
+  importance,
+  plan_pruning,
+  shrink_bert,
+)
+
+STRUCTURED_OPTIONS: dict[str, Any] = {
+  "params": 0.67,
+  "heads": True,
+  "channels": True,
+  "layers": 0,
+  "calibration_batches": 4,
+  "calibration_rows": 64,
+}
+STAGE = "stage `structured`"
+
+
+def _check(options: dict[str, Any]) -> None:
+  for key in ("heads", "channels"):
+    if not isinstance(options[key], bool):
+      raise UsageError(f"`{key}` of {STAGE} must be true or false; got {options[key]!r}.")
+  for key in ("calibration_batches", "calibration_rows"):
+    value = options[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UsageError(f"`{key}` of {STAGE} must be a positive int; got {value!r}.")
+
+
+@register_stage(
+  "structured",
+  options=STRUCTURED_OPTIONS,
+  doc="Minitron-style structured pruning of a BERT encoder: rank heads, feed-forward channels "
+  "and layers by activations on the training split, keep `params` of the non-embedding params, "
+  "and shrink to a smaller, faster dense model.",
+)
+def structured_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
+  from jaxshrink.models.configured import configure_model, model_source
+
+  _check(options)
+  model = pipeline.model
+  try:
+    config = bert_config(model)
+  except InvalidTypeError as e:
+    raise UsageError(str(e)) from None
+  if any(is_encoding(leaf) for leaf in jax.tree.leaves(pipeline.tree, is_leaf=is_encoding)):
+    raise UsageError(
+      f"{STAGE} slices float kernels, and an earlier stage left compressed ones. Put "
+      "`structured` first, then prune, quantize or factorize the smaller model."
+    )
+  batches = calibration_batches(
+    np.asarray(pipeline.dataset.x_train),
+    options["calibration_batches"],
+    rows=options["calibration_rows"],
+    pad_id=config.pad_id,
+  )
+  scores = importance(model, pipeline.tree, batches)
+  try:
+    plan = plan_pruning(
+      scores,
+      config,
+      params=options["params"],
+      heads=options["heads"],
+      channels=options["channels"],
+      layers=options["layers"],
+    )
+  except InvalidValueError as e:
+    raise UsageError(f"{STAGE}: {e}") from None
+  params, overrides = shrink_bert(pipeline.tree, plan, config)
+  small = configure_model(model, overrides)
+  source = model_source(pipeline.model_source or model.name, overrides)
+  before = encoder_param_count(config)
+  after = encoder_param_count(bert_config(small))
+  found = {
+    "structured": {
+      "kept_layers": list(plan.layers),
+      "layer_heads": list(overrides["layer_heads"]),
+      "layer_intermediate": list(overrides["layer_intermediate"]),
+      "layer_importance": [round(float(v), 5) for v in scores.layers],
+      "encoder_params": [before, after],
+      "kept_fraction": round(after / before, 4),
+      "calibration": f"{sum(len(b) for b in batches)} training sentences",
+    }
+  }
+  return dataclasses.replace(
+    pipeline, model=small, tree=params, model_source=source, log=(*pipeline.log, found)
+  )
