@@ -47,6 +47,8 @@ ORDER = (
   "gptq-awq.md",
   "sparsity.md",
   "distillation-lowrank.md",
+  "hybrids.md",
+  "recovery.md",
   "checkpoints.md",
   "serving.md",
   "real-model.md",
