@@ -49,6 +49,7 @@ ORDER = (
   "distillation-lowrank.md",
   "hybrids.md",
   "recovery.md",
+  "structured.md",
   "checkpoints.md",
   "serving.md",
   "real-model.md",

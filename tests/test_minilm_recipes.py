@@ -41,16 +41,26 @@ RECOVERED = {
 }
 
 
+# Structured (Minitron-style) width pruning is only worth running with `recover` after it.
+STRUCTURED = {
+  "minilm-structured-recover": (
+    "structured",
+    {"params": 0.67, "heads": True, "channels": True, "layers": 0},
+  )
+}
+
+
 def test_every_technique_has_a_recipe():
-  assert sorted({**EXPECTED, **RECOVERED}) == sorted(p.stem for p in MINILM)
+  assert sorted({**EXPECTED, **RECOVERED, **STRUCTURED}) == sorted(p.stem for p in MINILM)
 
 
 @pytest.mark.parametrize("path", MINILM, ids=lambda p: p.stem)
 def test_recipe_parses_with_the_expected_stage(path):
   recipe = load_recipe(path)
   assert recipe.model == "minilm-l6" and recipe.data == "minilm-sentences"
-  kind, expected = EXPECTED[RECOVERED.get(path.stem, path.stem)]
-  kinds = [kind, "recover"] if path.stem in RECOVERED else [kind]
+  stem = RECOVERED.get(path.stem, path.stem)
+  kind, expected = {**EXPECTED, **STRUCTURED}[stem]
+  kinds = [kind, "recover"] if path.stem.endswith("-recover") else [kind]
   assert [k for k, _ in recipe.stages] == kinds
   options = recipe.stages[0][1]
   assert {k: options[k] for k in expected} == expected
