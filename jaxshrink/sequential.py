@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxshrink.capture import find_sites
 from jaxshrink.encoding import materialize
-from jaxshrink.tree import Rule
+from jaxshrink.tree import paths_rule
 
 _NUMBERED = re.compile(r".*\d$")
 
@@ -50,13 +50,9 @@ def blocks(
   """
   paths = list(paths)
   shapes = jax.eval_shape(materialize, tree)
-  order = list(find_sites(apply_fn, shapes, np.asarray(x), rule=_exact(paths), in_order=True))
+  order = list(find_sites(apply_fn, shapes, np.asarray(x), rule=paths_rule(paths), in_order=True))
   order += [p for p in paths if p not in order]
   grouped: dict[str, list[str]] = {}
   for path in order:
     grouped.setdefault(block_of(path), []).append(path)
   return list(grouped.values())
-
-
-def _exact(paths: list[str]) -> Rule:
-  return Rule(include="|".join(re.escape(p) for p in paths), min_ndim=0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -202,6 +202,12 @@ class Rule:
     if self.min_size:
       parts.append(f"min_size={self.min_size}")
     return "Rule(" + ", ".join(parts) + ")"
+
+
+def paths_rule(paths: Iterable[str]) -> Rule:
+  """A rule selecting exactly `paths`, whatever their rank (e.g. what is left to calibrate
+  after overrides, or one block of sequential calibration)."""
+  return Rule(include="|".join(re.escape(p) for p in paths), min_ndim=0)
 
 
 def as_rule(rule: Rule | str) -> Rule:

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import jaxshrink as js
-from jaxshrink import JaxshrinkError
-from jaxshrink import capture
+from jaxshrink import JaxshrinkError, capture
 from jaxshrink.capture import collect
 from jaxshrink.encoding import is_encoding
 from jaxshrink.quant import QuantSpec, quantized_apply

@@ -36,11 +36,11 @@ from jaxshrink.capture import kernel_matrix
 from jaxshrink.errors import InvalidValueError
 from jaxshrink.model import accepts_models
 from jaxshrink.quant import numerics
-from jaxshrink.quant.gptq import check_spec, layer_specs, paths_rule
+from jaxshrink.quant.gptq import check_spec, layer_specs
 from jaxshrink.quant.ptq import Overrides
 from jaxshrink.quant.qarray import QArray, normalize_contract_dims, stack
 from jaxshrink.quant.spec import QuantSpec
-from jaxshrink.tree import Rule, map_with_path
+from jaxshrink.tree import Rule, map_with_path, paths_rule
 
 # Floor on the per-channel activation magnitude, so channels that were never active
 # do not produce zero or infinite scales.

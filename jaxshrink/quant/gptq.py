@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -59,7 +58,7 @@ from jaxshrink.quant.ptq import LayerQuant, Overrides, resolve_layers
 from jaxshrink.quant.qarray import QArray, normalize_contract_dims, stack
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.sparsity.structures import keep_top, nm_mask
-from jaxshrink.tree import Rule, map_with_path
+from jaxshrink.tree import Rule, map_with_path, paths_rule
 
 
 def check_spec(spec: QuantSpec, method: str, path: str = "<array>") -> QuantSpec:
@@ -102,11 +101,6 @@ def layer_specs(
       )
     specs[path] = check_spec(layer.spec, method, path)
   return specs
-
-
-def paths_rule(paths: Iterable[str]) -> Rule:
-  """A rule selecting exactly `paths` (what is left to calibrate after overrides)."""
-  return Rule(include="|".join(re.escape(p) for p in paths), min_ndim=0)
 
 
 def _row_spec(spec: QuantSpec) -> QuantSpec:

@@ -57,7 +57,7 @@ from jaxshrink.quant.ptq import (
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.quant.stage_tables import embedding_tables, with_tables
 from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
-from jaxshrink.tree import Rule, flatten, map_with_path
+from jaxshrink.tree import Rule, flatten, map_with_path, paths_rule
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "qat")
 SPEC_KEYS = ("weight_bits", "activation_bits", "group_size", "symmetric", "format")
@@ -226,7 +226,6 @@ def with_activations(
   flat = flatten(ctree)
   stats = {}
   if static_activations:
-    from jaxshrink.quant.gptq import paths_rule
 
     input_scales = {
       p: np.asarray(flat[p].input_scale) for p in bits if flat[p].input_scale is not None
@@ -383,7 +382,6 @@ def _calibrated(pipeline, options, tree, rule, layer, layers, overrides, masks) 
 def _in_blocks(fit, apply_fn, tree: Any, x: Any, specs: dict[str, QuantSpec]) -> Any:
   """Sequential calibration (`jaxshrink.sequential`): `fit` quantizes one block at a time, on
   the outputs of the blocks quantized before it (one call per spec in a block)."""
-  from jaxshrink.quant.gptq import paths_rule
 
   for block in sequential.blocks(apply_fn, tree, x, specs):
     by_spec: dict[QuantSpec, list[str]] = {}
@@ -403,7 +401,6 @@ def _factors(pipeline: Pipeline, options: dict[str, Any], tree: Any, specs: dict
     new = {p: rtn_factors(p, flat[p], spec) for p, spec in specs.items()}
   else:
     from jaxshrink.hessian import collect_hessians
-    from jaxshrink.quant.gptq import paths_rule
 
     # One collection for every factorized kernel, on the tree as it is now (the other kernels
     # already quantized), each factorized kernel decoded as the dense kernel it stands for.

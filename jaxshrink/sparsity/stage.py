@@ -54,7 +54,7 @@ from jaxshrink.sparsity.schedules import schedule_from_options
 from jaxshrink.sparsity.shrink import model_heads, shrink
 from jaxshrink.sparsity.structures import NM, Channel, Heads, parse_structure
 from jaxshrink.sparsity.wrapper import masks_of, pruning
-from jaxshrink.tree import Rule, flatten, map_with_path
+from jaxshrink.tree import flatten, map_with_path, paths_rule
 
 METHODS = ("gradual", "oneshot", "rigl", "set", "wanda", "sparsegpt")
 
@@ -176,7 +176,7 @@ def _in_blocks(fn, apply_fn, params, batches, pruner: Pruner):
   masks = None
   for block in sequential.blocks(apply_fn, params, batches[0], paths):
     part = Pruner(
-      Rule(include="|".join(re.escape(p) for p in block), min_ndim=0),
+      paths_rule(block),
       structure=pruner.structure,
       overrides=() if nm else [(re.escape(p), sparsities[p]) for p in block],
       keep_dense_below=0,
