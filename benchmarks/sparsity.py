@@ -25,7 +25,8 @@ from jaxshrink import data, models
 from jaxshrink.bench import DIGITS_TEST_IMAGES, RESULTS, Record, best_time, digits_images
 from jaxshrink.export import disk_bytes, save
 from jaxshrink.models import cross_entropy_loss
-from jaxshrink.recipes import Pipeline, evaluate_tree
+from jaxshrink.pipeline import Pipeline
+from jaxshrink.recipes import evaluate_tree
 from jaxshrink.report import tree_report
 from jaxshrink.sparsity import (
   NM,

@@ -85,8 +85,8 @@ def job_plan(recipe: Any, steps: int | None = None) -> JobPlan:
 
 def _tools(plan: JobPlan, model: Any):
   """(optimizer, loss apply, float-to-compressed function) for the plan."""
+  from jaxshrink.pipeline import rule_from_options
   from jaxshrink.quant import LayerQuant, QuantSpec, qat_apply, quantize_params
-  from jaxshrink.recipes import rule_from_options
   from jaxshrink.sparsity import Pruner, pruning
   from jaxshrink.sparsity.finetune import finetune_optimizer
   from jaxshrink.sparsity.schedules import schedule_from_options

@@ -36,7 +36,7 @@ import dataclasses
 import difflib
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +44,13 @@ import jax
 
 from jaxshrink.compose import recast, uncast
 from jaxshrink.errors import InvalidTypeError, JaxshrinkError, UsageError
+from jaxshrink.pipeline import (
+  REQUIRED,
+  STAGES,
+  Pipeline,
+  StageKind,
+)
 from jaxshrink.report import TreeReport, tree_report
-from jaxshrink.tree import Rule
-
-
-class _Required:
-  def __repr__(self) -> str:
-    return "<required>"
-
-
-REQUIRED: Any = _Required()
-
-# Options every stage that selects leaves accepts; they build a `Rule`.
-RULE_OPTIONS: dict[str, Any] = {"target": ".*", "exclude": None, "min_ndim": 0, "min_size": 0}
 
 TOP_LEVEL: dict[str, Any] = {
   "name": None,
@@ -74,42 +68,11 @@ EXPORT_OPTIONS: dict[str, Any] = {"evaluate": True, "serving": "auto"}
 SERVING_BATCH = 64
 
 
-@dataclasses.dataclass(frozen=True)
-class StageKind:
-  """A recipe stage: its option defaults and the function that runs it."""
-
-  name: str
-  options: Mapping[str, Any]
-  run: Callable[[Pipeline, dict[str, Any]], Pipeline]
-  doc: str
-
-
-_STAGES: dict[str, StageKind] = {}
-
-
-def register_stage(name: str, *, options: Mapping[str, Any], doc: str):
-  """Decorator registering `fn(pipeline, options) -> pipeline` as a stage kind."""
-
-  def wrap(fn):
-    _STAGES[name] = StageKind(name=name, options=dict(options), run=fn, doc=doc)
-    return fn
-
-  return wrap
-
-
 def stage_kinds() -> dict[str, StageKind]:
-  import jaxshrink.stages  # noqa: F401  (registers the built-in stages)
+  """Every registered stage kind by name (the built-in ones register on import)."""
+  import jaxshrink.stages  # noqa: F401  (imports every stage module, which registers itself)
 
-  return dict(_STAGES)
-
-
-def rule_from_options(options: Mapping[str, Any]) -> Rule:
-  return Rule(
-    include=options["target"],
-    exclude=options["exclude"],
-    min_ndim=options["min_ndim"],
-    min_size=options["min_size"],
-  )
+  return dict(STAGES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,33 +218,6 @@ def load_recipe(path: str | Path) -> Recipe:
   except yaml.YAMLError as e:
     raise UsageError(f"Recipe `{path}` is not valid YAML: {str(e).splitlines()[0]}") from None
   return parse_recipe(raw, source=f"`{path}`")
-
-
-@dataclasses.dataclass(frozen=True)
-class Pipeline:
-  """What flows through the stages.
-
-  Attributes:
-    model: the zoo model (or user model) being compressed.
-    dataset: its data; stages use the training split for calibration/finetuning.
-    float_model: the model the float params belong to; a distill stage may
-      replace `model` with a student, the reference stays the float model.
-    float_params: the float params the recipe started from (the reference).
-    tree: the current, possibly compressed, parameter tree.
-    key: PRNG key for stages that need randomness; split before use.
-    log: one dict per finished stage (kind, options, seconds).
-    model_source: how to rebuild `model` (zoo name or `module:factory`); recorded in
-      the checkpoint so `eval` can run it. A distill stage sets it to the student's.
-  """
-
-  model: Any
-  dataset: Any
-  float_model: Any
-  float_params: Any
-  tree: Any
-  key: jax.Array
-  log: tuple[dict[str, Any], ...] = ()
-  model_source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

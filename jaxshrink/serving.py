@@ -238,7 +238,9 @@ def measure(
                           repeats, calls)  # fmt: skip
   ratios = {m: round(best[m] / best["float"], 4) for m in modes}
   shape = tuple(jnp.shape(jax.tree.leaves(args)[0])) if jax.tree.leaves(args) else ()
-  return Timing({k: round(v, 6) for k, v in best.items()}, ratios, shape)
+  # Six significant digits, not six decimals: a sub-millisecond batch would lose its precision
+  # (and its ratio to float) to an absolute rounding.
+  return Timing({k: float(f"{v:.6g}") for k, v in best.items()}, ratios, shape)
 
 
 def recommend(

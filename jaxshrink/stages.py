@@ -18,7 +18,7 @@ import jaxshrink.recover.stage  # noqa: F401  (recover)
 import jaxshrink.sparsity.minitron_stage  # noqa: F401  (structured)
 import jaxshrink.sparsity.stage  # noqa: F401  (prune)
 from jaxshrink.cast import cast_params
-from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
+from jaxshrink.pipeline import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 
 
 @register_stage(

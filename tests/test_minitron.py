@@ -160,7 +160,7 @@ def test_bert_config_checks_layer_intermediate():
 
 
 def _pipeline(model, params):
-  from jaxshrink.recipes import Pipeline
+  from jaxshrink.pipeline import Pipeline
 
   data = type("Data", (), {"x_train": _ids(64), "name": "ids", "kind": "embedding"})()
   return Pipeline(model=model, dataset=data, float_model=model, float_params=params,

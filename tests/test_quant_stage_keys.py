@@ -15,13 +15,14 @@ import pytest
 
 from jaxshrink import export, recipes
 from jaxshrink.errors import UsageError
+from jaxshrink.pipeline import RULE_OPTIONS
 from jaxshrink.quant import QArray, QuantSpec
 from jaxshrink.quant.calibrate import calibrate
 from jaxshrink.quant.gptq import gptq
 from jaxshrink.quant.ptq import ptq
 from jaxshrink.quant.serve import IntegerPathWarning, quantized_apply
 from jaxshrink.quant.stage import METHOD_KEYS, METHODS, OPTIONS, SPEC_KEYS, quantize_stage
-from jaxshrink.recipes import RULE_OPTIONS, evaluate_tree
+from jaxshrink.recipes import evaluate_tree
 from jaxshrink.tree import Rule, flatten
 
 KERNELS = ("conv1/kernel", "conv2/kernel", "dense1/kernel", "dense2/kernel")

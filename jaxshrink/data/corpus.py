@@ -39,7 +39,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from jaxshrink.data.cache import atomic_write_bytes, cache_dir
-from jaxshrink.data.sentences import SENTENCE_TOKENS, evaluation_sentences, split_sentences
+from jaxshrink.data.sentences import evaluation_sentences, split_sentences
 from jaxshrink.errors import JaxshrinkError
 
 CORPUS_VERSION = "v2"
@@ -236,16 +236,19 @@ def _tokenizer_version() -> str:
 
 
 @functools.cache
-def transfer_tokens(max_tokens: int = SENTENCE_TOKENS) -> np.ndarray:
+def transfer_tokens(max_tokens: int | None = None) -> np.ndarray:
   """MiniLM token ids of the corpus sentences that fit `max_tokens` ([CLS], [SEP] included).
+
+  `max_tokens` defaults to the model's `TRAIN_TOKENS`, the length of its training split.
 
   Longer sentences are skipped, not cut, so every row is a whole sentence.
 
   Returns:
     `(N, max_tokens)` int32 ids padded with [PAD] = 0, read-only, in corpus order.
   """
-  from jaxshrink.models.minilm import minilm_files, tokenizer
+  from jaxshrink.models.minilm import TRAIN_TOKENS, minilm_files, tokenizer
 
+  max_tokens = TRAIN_TOKENS if max_tokens is None else max_tokens
   minilm_files()  # the missing-package error, with its pip command
   name = f"transfer-tokens-{corpus_key()}-minilm{_tokenizer_version()}-t{max_tokens}.npz"
   path = cache_dir() / "data" / name

@@ -32,9 +32,6 @@ from jaxshrink.errors import JaxshrinkError
 
 SENTENCES_VERSION = "v2"
 SENTENCES_SEED = 0
-# Training sentences longer than this many tokens are skipped (not truncated): short sequences
-# keep target computation and calibration cheap on CPU.
-SENTENCE_TOKENS = 32
 TRAIN_SENTENCES = 512
 # Docstring sentences kept in the corpus: 5 to 60 words, prose-like.
 CORPUS_MIN_WORDS, CORPUS_MAX_WORDS = 5, 60
@@ -100,16 +97,16 @@ def corpus_sentences() -> list[str]:
 def training_sentences() -> list[str]:
   """The training/calibration sentences: own sentences first, then shuffled docstring ones.
 
-  Sentences longer than `SENTENCE_TOKENS` tokens are skipped; `TRAIN_SENTENCES` are kept.
+  Sentences longer than the model's `TRAIN_TOKENS` are skipped; `TRAIN_SENTENCES` are kept.
   """
-  from jaxshrink.models.minilm import tokenizer
+  from jaxshrink.models.minilm import TRAIN_TOKENS, tokenizer
 
   evaluation = set(evaluation_sentences())
   corpus = [s for s in corpus_sentences() if s not in evaluation]
   order = np.random.default_rng(SENTENCES_SEED).permutation(len(corpus))
   candidates = list(TRAINING_SENTENCES) + [corpus[i] for i in order]
   lengths = [len(ids) for ids in tokenizer().token_lists(candidates)]
-  short = [s for s, n in zip(candidates, lengths, strict=True) if n <= SENTENCE_TOKENS]
+  short = [s for s, n in zip(candidates, lengths, strict=True) if n <= TRAIN_TOKENS]
   return short[:TRAIN_SENTENCES]
 
 

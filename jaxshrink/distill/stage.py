@@ -27,7 +27,7 @@ from jaxshrink.distill.taps import tapped_apply
 from jaxshrink.distill.train import distill
 from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import UsageError
-from jaxshrink.recipes import REQUIRED, Pipeline, register_stage
+from jaxshrink.pipeline import REQUIRED, Pipeline, check_positive, register_stage
 from jaxshrink.tree import flatten
 
 LOSS_TERMS = ("kd", "logit_mse", "logit_cosine")
@@ -114,12 +114,6 @@ def loss_from_options(options: dict[str, Any]) -> DistillLoss:
     raise UsageError(f"stage `distill`: {e}") from None
 
 
-def _positive_int(options: dict[str, Any], name: str) -> None:
-  value = options[name]
-  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-    raise UsageError(f"`{name}` of stage `distill` must be null or a positive int; got {value!r}.")
-
-
 @register_stage(
   "distill",
   options=DISTILL_OPTIONS,
@@ -132,12 +126,8 @@ def distill_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
 
   loss = loss_from_options(options)
   for name in ("steps", "batch_size", "transfer_size"):
-    _positive_int(options, name)
-  rate = options["learning_rate"]
-  bad_rate = isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0
-  if rate is not None and bad_rate:
-    raise UsageError(f"`learning_rate` of stage `distill` must be a number > 0 (YAML needs a dot "
-                     f"in 5.0e-5); got {rate!r}.")  # fmt: skip
+    check_positive(options, name, "distill", nullable=True)
+  check_positive(options, "learning_rate", "distill", kind=float, nullable=True)
   compressed = [p for p, leaf in flatten(pipeline.tree).items() if is_encoding(leaf)]
   if compressed:
     leaf = flatten(pipeline.tree)[compressed[0]]

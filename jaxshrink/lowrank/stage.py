@@ -17,7 +17,7 @@ from jaxshrink.errors import UsageError
 from jaxshrink.lowrank.encoding import quantize_factors
 from jaxshrink.lowrank.finetune import finetune
 from jaxshrink.lowrank.svd import factorize
-from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
+from jaxshrink.pipeline import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 
 FACTORIZE_OPTIONS: dict[str, Any] = {
   **RULE_OPTIONS,

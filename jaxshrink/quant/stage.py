@@ -45,6 +45,7 @@ from jaxshrink.compose import (
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
 from jaxshrink.lowrank.encoding import LowRank
+from jaxshrink.pipeline import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.quant.calibrate import calibrate, check_method
 from jaxshrink.quant.factors import gptq_factors, rtn_factors
 from jaxshrink.quant.ptq import (
@@ -56,7 +57,6 @@ from jaxshrink.quant.ptq import (
 )
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.quant.stage_tables import embedding_tables, with_tables
-from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.tree import Rule, flatten, map_with_path, paths_rule
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "qat")
@@ -226,7 +226,6 @@ def with_activations(
   flat = flatten(ctree)
   stats = {}
   if static_activations:
-
     input_scales = {
       p: np.asarray(flat[p].input_scale) for p in bits if flat[p].input_scale is not None
     }

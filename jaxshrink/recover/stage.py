@@ -30,7 +30,7 @@ import numpy as np
 from jaxshrink.distill.stage import loss_from_options
 from jaxshrink.distill.taps import tapped_apply
 from jaxshrink.errors import UsageError
-from jaxshrink.recipes import Pipeline, register_stage
+from jaxshrink.pipeline import Pipeline, check_positive, register_stage
 from jaxshrink.recover.train import recover
 from jaxshrink.tree import Rule
 
@@ -94,16 +94,6 @@ def _loss(options: dict[str, Any], metric: str):
     raise UsageError(str(e).replace("stage `distill`", STAGE)) from None
 
 
-def _positive(options: dict[str, Any], name: str, kind: type) -> None:
-  value = options[name]
-  if value is None:
-    return
-  ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
-  if not ok or value <= 0:
-    what = "a number > 0 (YAML needs a dot in 1.0e-4)" if kind is float else "a positive int"
-    raise UsageError(f"`{name}` of {STAGE} must be null or {what}; got {value!r}.")
-
-
 def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, str]:
   """`(inputs, "corpus" or "train", description for the log)`."""
   model, dataset = pipeline.model, pipeline.dataset
@@ -138,9 +128,9 @@ def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, st
 )
 def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   model = pipeline.model
-  _positive(options, "steps", int)
-  _positive(options, "batch_size", int)
-  _positive(options, "learning_rate", float)
+  check_positive(options, "steps", "recover", nullable=True)
+  check_positive(options, "batch_size", "recover", nullable=True)
+  check_positive(options, "learning_rate", "recover", kind=float, nullable=True)
   if options["data"] not in DATA_CHOICES:
     raise UsageError(f"`data` of {STAGE} must be one of {list(DATA_CHOICES)}; got "
                      f"{options['data']!r}.")  # fmt: skip

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import InvalidTypeError, InvalidValueError, UsageError
-from jaxshrink.recipes import Pipeline, register_stage
+from jaxshrink.pipeline import Pipeline, check_positive, register_stage
 from jaxshrink.sparsity.minitron import (
   bert_config,
   calibration_batches,
@@ -51,9 +51,7 @@ def _check(options: dict[str, Any]) -> None:
     if not isinstance(options[key], bool):
       raise UsageError(f"`{key}` of {STAGE} must be true or false; got {options[key]!r}.")
   for key in ("calibration_batches", "calibration_rows"):
-    value = options[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise UsageError(f"`{key}` of {STAGE} must be a positive int; got {value!r}.")
+    check_positive(options, key, "structured")
 
 
 @register_stage(

@@ -38,8 +38,8 @@ from jaxshrink import sequential
 from jaxshrink.compose import decode_selected, frozen_zeros, keep_masks, pruned_masks, refuse
 from jaxshrink.encoding import is_encoding, materialize
 from jaxshrink.errors import UsageError
+from jaxshrink.pipeline import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.quant.spec import QuantSpec
-from jaxshrink.recipes import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
 from jaxshrink.sparsity.allocation import DEFAULT_KEEP_DENSE_BELOW, Pruner
 from jaxshrink.sparsity.dynamic import dynamic_sparse
 from jaxshrink.sparsity.encodings import encode_sparse

@@ -1,0 +1,107 @@
+"""What recipe stages share: the `Pipeline` that flows through them and the stage registry.
+
+A stage module (`jaxshrink/*/stage.py`) imports this module to register its kind;
+`jaxshrink.stages` imports every stage module, and `jaxshrink.recipes` reads the registry
+through `jaxshrink.stages`. Nothing here imports either, so registration has no cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from jaxshrink.errors import UsageError
+from jaxshrink.tree import Rule
+
+
+class _Required:
+  def __repr__(self) -> str:
+    return "<required>"
+
+
+REQUIRED: Any = _Required()
+
+# Options every stage that selects leaves accepts; they build a `Rule`.
+RULE_OPTIONS: dict[str, Any] = {"target": ".*", "exclude": None, "min_ndim": 0, "min_size": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+  """A recipe stage: its option defaults and the function that runs it."""
+
+  name: str
+  options: Mapping[str, Any]
+  run: Callable[[Pipeline, dict[str, Any]], Pipeline]
+  doc: str
+
+
+STAGES: dict[str, StageKind] = {}
+
+
+def register_stage(name: str, *, options: Mapping[str, Any], doc: str):
+  """Decorator registering `fn(pipeline, options) -> pipeline` as a stage kind."""
+
+  def wrap(fn):
+    STAGES[name] = StageKind(name=name, options=dict(options), run=fn, doc=doc)
+    return fn
+
+  return wrap
+
+
+def rule_from_options(options: Mapping[str, Any]) -> Rule:
+  return Rule(
+    include=options["target"],
+    exclude=options["exclude"],
+    min_ndim=options["min_ndim"],
+    min_size=options["min_size"],
+  )
+
+
+def check_positive(
+  options: Mapping[str, Any], name: str, stage: str, *, kind: type = int, nullable: bool = False
+) -> None:
+  """Refuses option `name` of `stage` unless it is a positive `kind` (int or float).
+
+  Booleans are refused (YAML reads `yes` as true); a float option accepts ints too.
+
+  Raises:
+    UsageError: naming the option, the stage, what it must be and what it got.
+  """
+  value = options[name]
+  if value is None and nullable:
+    return
+  numbers = (int, float) if kind is float else (int,)
+  if isinstance(value, bool) or not isinstance(value, numbers) or value <= 0:
+    what = "a number > 0 (YAML needs a dot in 1.0e-4)" if kind is float else "a positive int"
+    what = f"null or {what}" if nullable else what
+    raise UsageError(f"`{name}` of stage `{stage}` must be {what}; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """What flows through the stages.
+
+  Attributes:
+    model: the zoo model (or user model) being compressed.
+    dataset: its data; stages use the training split for calibration/finetuning.
+    float_model: the model the float params belong to; a distill stage may
+      replace `model` with a student, the reference stays the float model.
+    float_params: the float params the recipe started from (the reference).
+    tree: the current, possibly compressed, parameter tree.
+    key: PRNG key for stages that need randomness; split before use.
+    log: one dict per finished stage (kind, options, seconds).
+    model_source: how to rebuild `model` (zoo name or `module:factory`); recorded in
+      the checkpoint so `eval` can run it. A distill stage sets it to the student's.
+  """
+
+  model: Any
+  dataset: Any
+  float_model: Any
+  float_params: Any
+  tree: Any
+  key: jax.Array
+  log: tuple[dict[str, Any], ...] = ()
+  model_source: str = ""
