@@ -22,7 +22,7 @@ from jaxshrink.quant import QArray, QuantSpec, quantize
 from jaxshrink.quant.gptq import gptq, gptq_matrix
 from jaxshrink.quant.numerics import compute_qparams, expand_rows
 from jaxshrink.quant.spec import LayerQuant
-from jaxshrink.sparsity import Pruner, sparsegpt
+from jaxshrink.sparsity import Pruner, pruned_masks, sparsegpt
 from jaxshrink.sparsity.oneshot import _sparsegpt_with_masks
 from jaxshrink.tree import flatten, map_selected
 
@@ -312,3 +312,19 @@ def test_digits_cnn_50_percent_int4_g32_loses_at_most_one_point():
   assert not isinstance(flat["conv1/kernel"], QArray)
   before, after = evaluate_tree(model, params, data), evaluate_tree(model, joint, data)
   assert after >= before - 0.01, (before, after)
+
+
+def test_pruned_masks_reads_the_joint_tree(mlp):
+  """The public `pruned_masks` decodes the joint tree's QArrays: its masks are the kept weights,
+  at most 2 of every 4 along the input axis (a kept weight may round to zero)."""
+  params, batches = mlp
+  pruner = Pruner("fc.*/kernel", 0.5, structure="2:4")
+  joint = sparsegpt(_mlp, params, batches, pruner, block_size=32, quant=4)
+  assert isinstance(joint["fc1"]["kernel"], QArray)
+  masks = pruned_masks(joint, pruner)
+  for name in ("fc1", "fc2"):
+    keep = np.asarray(masks[name]["kernel"])
+    assert keep.dtype == bool and keep.shape == (D_IN, D_HID)
+    assert (keep.reshape(D_IN // 4, 4, -1).sum(axis=1) <= 2).all() and keep.mean() > 0.45
+    dense = np.asarray(joint[name]["kernel"].materialize())
+    np.testing.assert_array_equal(keep, dense != 0)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.encoding import materialize
 from jaxshrink.errors import InvalidTypeError, InvalidValueError, NoMatchError
 from jaxshrink.model import accepts_models
 from jaxshrink.quant.qarray import default_contract_dims
@@ -447,7 +448,8 @@ def pruned_masks(tree: Any, pruner: Pruner | Rule | str) -> Any:
   A kept weight that is exactly 0.0 reads as pruned; harmless, as it is zero either way.
 
   Args:
-    tree: pruned param tree, or a model (its tree is read).
+    tree: pruned param tree, dense or compressed (its encoded leaves are decoded first), or a
+      model (its tree is read).
     pruner: the `Pruner` the tree was pruned with, or a `Rule` / include regex.
 
   >>> pruned = oneshot_prune(params, Pruner(".*kernel", 0.5))
@@ -455,6 +457,9 @@ def pruned_masks(tree: Any, pruner: Pruner | Rule | str) -> Any:
   >>> masks["dense1"]["kernel"].dtype, masks["dense1"]["bias"].shape
   (dtype('bool'), ())
   """
+  # A compressed tree (pruned then quantized, or pruned and quantized jointly) keeps its pruned
+  # weights exactly zero once decoded, so its masks are read off the decoded weights.
+  tree = materialize(tree)
   if not isinstance(pruner, Pruner):
     if not isinstance(pruner, (Rule, str)):
       raise InvalidTypeError(
