@@ -100,7 +100,7 @@ def test_recipe_distills_hidden_states_through_a_projection():
 def test_recipe_rejects_bad_distill_options():
   stage = {"student": "jaxshrink.distill.models:digits_student", "steps": 1}
   for extra, match in [
-    ({"learning_rate": "1e-9"}, "number > 0 .*5.0e-5"),
+    ({"learning_rate": "1e-9"}, "number > 0 .*YAML needs a dot"),
     ({"pad_id": "0"}, "`pad_id` .* null or a token id"),
     ({"losses": {"hidden": 1.0}}, "Hidden-state losses go in `features`"),
   ]:
