@@ -97,8 +97,11 @@ def decode_selected(
   return map_with_path(lambda p, leaf: out.get(p, leaf), tree) if out else tree
 
 
-def pruned_masks(tree: Any, rule: Rule | str) -> dict[str, jax.Array]:
-  """`{path: bool keep mask}` of the selected pruned leaves (`bitmask`, `nm`)."""
+def encoded_masks(tree: Any, rule: Rule | str) -> dict[str, jax.Array]:
+  """`{path: bool keep mask}` of the selected pruned encodings (`bitmask`, `nm`), flat by path.
+
+  The stages' view; users read masks in their tree's layout with `sparsity.pruned_masks`.
+  """
   return {
     p: jnp.asarray(leaf.materialize() != 0) if not hasattr(leaf, "mask") else leaf.mask()
     for p, leaf in selected_encodings(tree, rule).items()

@@ -37,8 +37,8 @@ from jaxshrink.capture import find_sites
 from jaxshrink.compose import (
   check_zeros_kept,
   decode_selected,
+  encoded_masks,
   frozen_zeros,
-  pruned_masks,
   selected_encodings,
   without,
 )
@@ -277,7 +277,7 @@ def quantize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   _check_keys(options, layers)
   activations = any(q.activation_bits for q in layers.values())
   tables = embedding_tables(pipeline, options, layers)
-  masks = pruned_masks(tree, rule)
+  masks = encoded_masks(tree, rule)
   tree = _decoded(tree, rule, method, activations)
   factored = [p for p, leaf in selected_encodings(tree, rule).items() if isinstance(leaf, LowRank)]
   dense_rule = without(rule, factored)

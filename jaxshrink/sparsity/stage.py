@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from jaxshrink import sequential
-from jaxshrink.compose import decode_selected, frozen_zeros, keep_masks, pruned_masks, refuse
+from jaxshrink.compose import decode_selected, encoded_masks, frozen_zeros, keep_masks, refuse
 from jaxshrink.encoding import is_encoding, materialize
 from jaxshrink.errors import UsageError
 from jaxshrink.pipeline import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
@@ -206,7 +206,7 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   )
   # A kernel pruned by an earlier stage is pruned again from its decoded values, and keeps
   # its old mask: the result is pruned where either mask prunes.
-  earlier = pruned_masks(pipeline.tree, pruner.rule)
+  earlier = encoded_masks(pipeline.tree, pruner.rule)
   params = decode_selected(
     pipeline.tree, pruner.rule, stage="prune", decode=("bitmask", "nm", "cast"),
     refusals=REFUSALS,
