@@ -264,7 +264,7 @@ if __name__ == "__main__":
   from jaxshrink.data import cache_dir
 
   jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   start = time.perf_counter()
   try:
     run()

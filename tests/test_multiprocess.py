@@ -56,7 +56,7 @@ def _launch(args: list[str], devices: int, log: Path) -> subprocess.Popen:
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(cache_dir() / "xla"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
   with open(log, "w") as out:
     # Own session: a timeout kills the process group, gloo and orbax threads included.
