@@ -29,8 +29,11 @@ stays float.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -123,18 +126,31 @@ class Reducer:
 
   Attributes:
     init: `K -> state` (a pytree of arrays).
-    update: `(state, x2d) -> state`; traced inside `jit`.
+    update: `(state, x2d, weights) -> state`; traced inside `jit`. `weights` is `(rows,)`
+      float32: 1 for a row that counts, 0 for a padding token's row (see `padding`), which
+      must leave the statistic as it was. A two-argument `(state, x2d)` update is accepted
+      too; it sees every row, padding included.
   """
 
   init: Callable[[int], Any]
-  update: Callable[[Any, jax.Array], Any]
+  update: Callable[..., Any]
+
+  def __post_init__(self):
+    try:
+      params = inspect.signature(self.update).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: called with three
+      return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) == 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+      update = self.update
+      object.__setattr__(self, "update", lambda state, x2d, weights: update(state, x2d))
 
 
 def absmax_reducer() -> Reducer:
   """Per input channel max |x|, shape `(K,)`."""
   return Reducer(
     init=lambda k: jnp.zeros((k,), jnp.float32),
-    update=lambda s, x: jnp.maximum(s, jnp.max(jnp.abs(x), axis=0)),
+    update=lambda s, x, w: jnp.maximum(s, jnp.max(jnp.abs(x) * w[:, None], axis=0)),
   )
 
 
@@ -142,7 +158,10 @@ def minmax_reducer() -> Reducer:
   """Per input channel `(min, max)`, each shape `(K,)`."""
   return Reducer(
     init=lambda k: (jnp.full((k,), jnp.inf, jnp.float32), jnp.full((k,), -jnp.inf, jnp.float32)),
-    update=lambda s, x: (jnp.minimum(s[0], x.min(axis=0)), jnp.maximum(s[1], x.max(axis=0))),
+    update=lambda s, x, w: (
+      jnp.minimum(s[0], jnp.where(w[:, None] > 0, x, jnp.inf).min(axis=0)),
+      jnp.maximum(s[1], jnp.where(w[:, None] > 0, x, -jnp.inf).max(axis=0)),
+    ),
   )
 
 
@@ -150,7 +169,7 @@ def sum_squares_reducer() -> Reducer:
   """Per input channel sum of x² and the row count; `sqrt(sum)` is Wanda's ‖x‖."""
   return Reducer(
     init=lambda k: (jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32)),
-    update=lambda s, x: (s[0] + jnp.sum(x * x, axis=0), s[1] + x.shape[0]),
+    update=lambda s, x, w: (s[0] + jnp.sum(x * x * w[:, None], axis=0), s[1] + jnp.sum(w)),
   )
 
 
@@ -158,8 +177,57 @@ def gram_reducer() -> Reducer:
   """`X^T X` summed over rows, shape `(K, K)` in float32, and the row count."""
   return Reducer(
     init=lambda k: (jnp.zeros((k, k), jnp.float32), jnp.zeros((), jnp.float32)),
-    update=lambda s, x: (s[0] + x.T @ x, s[1] + x.shape[0]),
+    update=lambda s, x, w: (s[0] + (x * w[:, None]).T @ x, s[1] + jnp.sum(w)),
   )
+
+
+_PAD_ID: contextvars.ContextVar[int | None] = contextvars.ContextVar("pad_id", default=None)
+
+
+@contextlib.contextmanager
+def padding(pad_id: int | None) -> Iterator[None]:
+  """Leaves padding tokens out of every calibration statistic collected inside the block.
+
+  Token batches `(B, T)` are padded to their longest row; the padding positions still run
+  through the model, and their activations (a [PAD] embedding attending to the sentence) are
+  nothing the model is ever asked to get right, so a Hessian, norm or scale that counts them
+  is fitted partly to rows that do not matter. Inside `with padding(pad_id):`, `collect` weighs
+  each row of a kernel's input whose leading dims are the batch's `(B, T)` by
+  `x != pad_id`. The recipe stages run inside it with the model's `pad_id`. `None` counts
+  every row.
+
+  >>> with padding(0):
+  ...   hessians = collect_hessians(model.apply, params, batches, ".*kernel")
+  """
+  if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
+    raise InvalidTypeError(f"`pad_id` must be a token id (int) or None; got {pad_id!r}.")
+  token = _PAD_ID.set(pad_id)
+  try:
+    yield
+  finally:
+    _PAD_ID.reset(token)
+
+
+def _token_mask(x: Any, pad_id: int | None) -> jax.Array | None:
+  """`(B, T)` float32 1/0 for a batch of token ids (a 2-D integer array), else None."""
+  if pad_id is None or not hasattr(x, "ndim") or x.ndim != 2:
+    return None
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    return None
+  return (x != pad_id).astype(jnp.float32)
+
+
+def _row_weights(mask: jax.Array | None, free_shape: tuple[int, ...], rows: int) -> jax.Array:
+  """Weights of the `rows` rows of an input whose rows enumerate `free_shape`: the batch's token
+  mask where those dims start with the batch's `(B, T)` (or `B * T` flattened), else ones."""
+  if mask is not None:
+    if tuple(free_shape[:2]) == mask.shape:
+      return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(free_shape) - 2)),
+                              free_shape).reshape(-1)  # fmt: skip
+    if free_shape[:1] == (mask.size,):
+      return jnp.broadcast_to(mask.reshape((mask.size,) + (1,) * (len(free_shape) - 1)),
+                              free_shape).reshape(-1)  # fmt: skip
+  return jnp.ones((rows,), jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,8 +353,12 @@ class _Replay:
     substitute: Callable[[Any, list, list], list | None] | None = None,
     layout_ops: frozenset[str] = frozenset(),
     roll: bool = False,
+    token_mask: jax.Array | None = None,
   ):
     self.selected = selected
+    # `(B, T)` weights of the batch's tokens (`padding`): rows of a kernel input laid out as
+    # the batch's tokens are weighted by it; None weighs every row 1.
+    self.token_mask = token_mask
     # Keep scans rolled while calibrating: only once `states` holds every site's statistics
     # (they become the loop's carry, updated at the traced layer index).
     self.roll = roll
@@ -301,8 +373,9 @@ class _Replay:
     # (`mul`, a nested `scan` of a layer slice, ...): why a kernel never reached a matmul.
     self.unfollowed: dict[str, str] = {}
 
-  def record(self, src, op, x2d, contract_dims):
+  def record(self, src, op, x2d, contract_dims, weights=None):
     path, layer = split_source(src)
+    weights = jnp.ones((x2d.shape[0],), jnp.float32) if weights is None else weights
     layers = src.layers if layer is not None else None
     x2d = x2d.astype(jnp.float32)
     site = self.sites.setdefault(path, Site(path, op, tuple(contract_dims), x2d.shape[1], layers))
@@ -317,9 +390,9 @@ class _Replay:
     for name, reducer in self.reducers.items():
       state = self.states[path][name]
       if layer is None:
-        self.states[path][name] = reducer.update(state, x2d)
+        self.states[path][name] = reducer.update(state, x2d, weights)
         continue
-      new = reducer.update(jax.tree.map(lambda a: a[layer], state), x2d)
+      new = reducer.update(jax.tree.map(lambda a: a[layer], state), x2d, weights)
       self.states[path][name] = jax.tree.map(lambda a, b: a.at[layer].set(b), state, new)
 
   def note(self, name, sources):
@@ -500,7 +573,11 @@ class _Replay:
         order = np.argsort(w_contract)
         w_sorted = tuple(int(w_contract[i]) for i in order)
         x_sorted = tuple(int(x_contract[i]) for i in order)
-        self.record(path, "dot_general", _dot_input_matrix(x, x_sorted, x_batch), w_sorted)
+        x2d = _dot_input_matrix(x, x_sorted, x_batch)
+        free = tuple(x.shape[d] for d in range(x.ndim) if d not in x_contract and d not in x_batch)
+        mask = None if x_batch else self.token_mask
+        weights = _row_weights(mask, free, x2d.shape[0])
+        self.record(path, "dot_general", x2d, w_sorted, weights)
         return
 
 
@@ -680,10 +757,13 @@ def collect(
   sites: dict[str, Site] = {}
   unfollowed: dict[str, str] = {}
 
+  pad_id = _PAD_ID.get()
+
   def step(leaves, x, states):
     closed = jax.make_jaxpr(lambda lv, x: apply_fn(jax.tree.unflatten(treedef, lv), x))(leaves, x)
     x_leaves = jax.tree.leaves(x)
-    replay = _Replay(selected, reducers, dict(states), roll=bool(states))
+    mask = _token_mask(x, pad_id)
+    replay = _Replay(selected, reducers, dict(states), roll=bool(states), token_mask=mask)
     replay.run(
       closed.jaxpr, closed.consts, [*leaves, *x_leaves], [*origin, *([None] * len(x_leaves))]
     )

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxshrink.errors import UsageError
 from jaxshrink.tree import Rule
@@ -78,6 +79,63 @@ def check_positive(
     what = "a number > 0 (YAML needs a dot in 1.0e-4)" if kind is float else "a positive int"
     what = f"null or {what}" if nullable else what
     raise UsageError(f"`{name}` of stage `{stage}` must be {what}; got {value!r}.")
+
+
+# Where calibrated stages read their inputs: the dataset's training split, or the offline
+# transfer corpus (many more sentences for a MiniLM-tokenized model).
+CALIBRATION_DATA = ("train", "corpus")
+
+
+def transfer_corpus(pipeline: Pipeline, stage: str, option: str) -> np.ndarray:
+  """The transfer corpus' token ids (`jaxshrink.data.corpus.transfer_tokens`), `(N, L)` int32.
+
+  Raises:
+    UsageError: the model does not read MiniLM token ids (a sentence-embedding model).
+  """
+  model, dataset = pipeline.model, pipeline.dataset
+  if not (np.issubdtype(np.dtype(model.input_dtype), np.integer) and dataset.kind == "embedding"):
+    raise UsageError(
+      f"`{option}: corpus` of stage `{stage}` feeds MiniLM token ids of the offline transfer "
+      f"corpus, but {model.name!r} reads {model.input_dtype} inputs of {dataset.kind} data. Use "
+      f"`{option}: train` (the dataset's training split)."
+    )
+  from jaxshrink.data.corpus import transfer_tokens
+
+  return transfer_tokens()
+
+
+def calibration_inputs(
+  pipeline: Pipeline, source: str, count: int, rows: int, stage: str
+) -> list[np.ndarray]:
+  """Up to `count` calibration batches of `rows` inputs each, deterministic.
+
+  `source` "train": consecutive rows of the dataset's training split, from the first (one
+  batch of all of them when it holds fewer than `rows`).
+  "corpus": the first `count * rows` sentences of the (shuffled) transfer corpus, sorted by
+  length and each batch cut to its longest sentence (calibration never counts padding,
+  `jaxshrink.capture.padding`; cutting it saves its compute).
+
+  Raises:
+    UsageError: an unknown `source`, `count` < 1, or "corpus" for a model it does not fit.
+  """
+  if source not in CALIBRATION_DATA:
+    raise UsageError(
+      f"`calibration_data` of stage `{stage}` must be one of {list(CALIBRATION_DATA)}; got "
+      f"{source!r}."
+    )
+  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    raise UsageError(f"`calibration_batches` of stage `{stage}` must be >= 1; got {count!r}.")
+  if source == "train":
+    x = np.asarray(pipeline.dataset.x_train)
+    return [x[i * rows : (i + 1) * rows] for i in range(max(1, min(count, len(x) // rows)))]
+  ids = transfer_corpus(pipeline, stage, "calibration_data")[: count * rows]
+  pad_id = 0 if pipeline.model.pad_id is None else pipeline.model.pad_id
+  ids = ids[np.argsort((ids != pad_id).sum(axis=1), kind="stable")]
+  out = []
+  for start in range(0, len(ids), rows):
+    part = ids[start : start + rows]
+    out.append(np.ascontiguousarray(part[:, : max(1, int((part != pad_id).sum(axis=1).max()))]))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,7 @@ from typing import Any
 
 import jax
 
+from jaxshrink.capture import padding
 from jaxshrink.compose import recast, uncast
 from jaxshrink.errors import InvalidTypeError, JaxshrinkError, UsageError
 from jaxshrink.pipeline import (
@@ -341,7 +342,8 @@ def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
     # Cast leaves are storage only: the stage sees them float, and what it leaves float is
     # stored cast again.
     tree, casts = uncast(pipeline.tree) if kind != "cast" else (pipeline.tree, {})
-    pipeline = kinds[kind].run(dataclasses.replace(pipeline, tree=tree), options)
+    with padding(pipeline.model.pad_id):  # calibration never counts padding tokens
+      pipeline = kinds[kind].run(dataclasses.replace(pipeline, tree=tree), options)
     pipeline = dataclasses.replace(pipeline, tree=recast(pipeline.tree, casts))
     # One log entry per stage: what the stage logged itself (e.g. prune's `pruned` report)
     # merged with its kind, options and time.

@@ -15,8 +15,11 @@ from jaxshrink.capture import (
   gram_reducer,
   kernel_matrix,
   minmax_reducer,
+  padding,
   sum_squares_reducer,
 )
+from jaxshrink.errors import InvalidTypeError
+from jaxshrink.quant.calibrate import sample_reducer
 
 
 class Net(nn.Module):
@@ -136,3 +139,56 @@ def test_errors(setup):
     collect(apply, params, [x], "query/.*", {"a": absmax_reducer()})
   with pytest.raises(JaxshrinkError, match="matched no parameter"):
     collect(apply, params, [x], "nothing", {"a": absmax_reducer()})
+
+
+def _token_model():
+  keys = jax.random.split(jax.random.key(3), 3)
+  params = {
+    "embed": jax.random.normal(keys[0], (10, 4)),
+    "dense": {"kernel": jax.random.normal(keys[1], (4, 3))},
+    "flat": {"kernel": jax.random.normal(keys[2], (3, 2))},
+  }
+
+  def apply(p, ids):
+    h = p["embed"][ids] @ p["dense"]["kernel"]  # (B, T, 3): rows laid out as the tokens
+    return h.reshape(-1, 3) @ p["flat"]["kernel"]  # (B * T, 2): the same rows, flattened
+
+  return params, apply
+
+
+def test_padding_leaves_pad_tokens_out_of_every_statistic():
+  params, apply = _token_model()
+  ids = jnp.array([[3, 5, 0, 0], [7, 1, 2, 0]], jnp.int32)
+  reducers = {
+    "gram": gram_reducer(), "absmax": absmax_reducer(), "minmax": minmax_reducer(),
+    "squares": sum_squares_reducer(), "sample": sample_reducer(rows=16),
+  }  # fmt: skip
+  with padding(0):
+    found = collect(apply, params, [ids, ids[:1]], ".*kernel", reducers)
+  real = np.concatenate([np.asarray(ids)[np.asarray(ids) != 0], [3, 5]])  # both batches
+  for path, x in (
+    ("dense/kernel", params["embed"][real]),
+    ("flat/kernel", params["embed"][real] @ params["dense"]["kernel"]),
+  ):
+    stats = found.stats[path]
+    gram, count = stats["gram"]
+    assert float(count) == len(real) == 7
+    np.testing.assert_allclose(gram, x.T @ x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["absmax"], np.abs(x).max(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["minmax"][0], x.min(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["minmax"][1], x.max(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["squares"][0], (x * x).sum(axis=0), rtol=1e-5)
+    buf, kept = stats["sample"]
+    assert int(kept) == 7
+    np.testing.assert_allclose(buf[:7], x, rtol=1e-6)
+  # Outside the block every row counts, padding included; a float input is never masked.
+  gram, count = collect(apply, params, [ids], "dense/kernel", {"g": gram_reducer()}).stats[
+    "dense/kernel"
+  ]["g"]
+  assert float(count) == ids.size
+
+
+def test_padding_needs_an_int_id():
+  with pytest.raises(InvalidTypeError, match="`pad_id` must be a token id"):
+    with padding("0"):
+      pass

@@ -80,7 +80,7 @@ def gptq_w8a8(pipeline):
 def test_every_key_is_read_by_some_method_or_refused():
   # A new key must be classified here, so no key can slip in accepted and ignored.
   general = {*RULE_OPTIONS, *SPEC_KEYS, "method", "overrides", "embeddings"}
-  activations = {"calibration_batches", "calibration", "static_activations"}
+  activations = {"calibration_batches", "calibration_data", "calibration", "static_activations"}
   assert set(OPTIONS) == general | activations | set(METHOD_KEYS)
   assert all(set(methods) <= set(METHODS) for methods, _ in METHOD_KEYS.values())
 
@@ -261,6 +261,13 @@ def test_method_keys_are_refused_by_other_methods(pipeline, method, key):
     ),
     ({"method": "rtn", "calibration_batches": 2}, r"`calibration_batches: 2`.*weight-only rtn"),
     ({"method": "qat", "calibration_batches": 2}, r"`calibration_batches: 2`.*weight-only qat"),
+    ({"method": "rtn", "calibration_data": "corpus"}, r"`calibration_data: 'corpus'`.*weight-only"),
+    ({"method": "gptq", "calibration_data": "books"}, r"`calibration_data` of stage `quantize`"),
+    (
+      {"method": "gptq", "calibration_data": "corpus"},
+      r"`calibration_data: corpus` of stage `quantize` feeds MiniLM token ids.*'digits-cnn'.*"
+      r"`calibration_data: train`",
+    ),
     (
       {"activation_bits": 8, "calibration": "mse"},
       r"`calibration: 'mse'` of `quantize` .* needs `static_activations: true`; got "

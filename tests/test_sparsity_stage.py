@@ -15,6 +15,7 @@ from jaxshrink import models
 from jaxshrink.compose import CompositionError
 from jaxshrink.data import get_dataset
 from jaxshrink.encoding import materialize
+from jaxshrink.errors import UsageError
 from jaxshrink.export import disk_bytes, save
 from jaxshrink.pipeline import Pipeline
 from jaxshrink.quant import quantize_params
@@ -167,6 +168,12 @@ def test_recipe_parses_and_rejects_bad_options():
     _run(pipeline, {"method": "oneshot", "structure": "2:4", "keep_dense_below": 0})
   with pytest.raises(ValueError, match="fewer than keep_dense_below=200000 weights"):
     _run(pipeline, {"method": "oneshot", "keep_dense_below": 200_000})
+  with pytest.raises(UsageError, match="`calibration_data` of stage `prune`.*'oneshot' reads no"):
+    _run(pipeline, {"method": "oneshot", "calibration_data": "corpus"})
+  with pytest.raises(UsageError, match=r"`calibration_data` of stage `prune` must be one of"):
+    _run(pipeline, {"method": "wanda", "calibration_data": "books"})
+  with pytest.raises(UsageError, match="`calibration_data: corpus` of stage `prune` feeds MiniLM"):
+    _run(pipeline, {"method": "sparsegpt", "calibration_data": "corpus"})
   quantized = dataclasses.replace(pipeline, tree=quantize_params(pipeline.tree, "dense2/kernel", 8))
   with pytest.raises(CompositionError, match="`prune` cannot run after `quantize`.*Prune first"):
     _run(quantized, {"method": "oneshot"})

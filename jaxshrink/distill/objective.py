@@ -146,8 +146,15 @@ class DistillLoss:
     teacher_out: Any,
     labels: jax.Array | None,
     mask: jax.Array | None = None,
+    feature_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`(total loss, {term name: value})`, all `()` float32."""
+    """`(total loss, {term name: value})`, all `()` float32.
+
+    `mask` weighs the positions of every term; `feature_mask`, when given, replaces it for
+    the feature pairs only: the `(B, T)` real tokens of hidden states when the logits are
+    pooled `(B, D)` embeddings that padding never reaches.
+    """
+    pair_mask = mask if feature_mask is None else feature_mask
     s_out = model_outputs(student_out, "student")
     t_out = model_outputs(teacher_out, "teacher")
     s_logits, t_logits = s_out["logits"], t_out["logits"]
@@ -173,11 +180,13 @@ class DistillLoss:
     for pair in self.pairs:
       s, t = s_out[pair.student], t_out[pair.teacher]
       if pair.kind == "mse":
-        value = losses.feature_loss(s, t, projection=loss_params.get(pair.name), mask=mask)
+        value = losses.feature_loss(
+          s, t, projection=loss_params.get(pair.name), mask=pair_mask
+        )
       elif pair.kind == "cosine":
-        value = losses.cosine_embedding_loss(s, t, mask=mask)
+        value = losses.cosine_embedding_loss(s, t, mask=pair_mask)
       else:
-        value = losses.attention_transfer_loss(s, t, mask=mask)
+        value = losses.attention_transfer_loss(s, t, mask=pair_mask)
       terms[pair.name] = value
       total += pair.weight * value
     return total, terms

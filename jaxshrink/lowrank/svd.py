@@ -272,6 +272,6 @@ def contract_dims_from_model(
   """
   from jaxshrink.capture import Reducer, collect
 
-  noop = Reducer(init=lambda k: jnp.zeros((), jnp.float32), update=lambda s, x2d: s)
+  noop = Reducer(init=lambda k: jnp.zeros((), jnp.float32), update=lambda s, x2d, w: s)
   found = collect(apply_fn, params, [x], rule, {"none": noop})
   return {p: site.contract_dims for p, site in found.sites.items()}

@@ -67,6 +67,9 @@ class ZooModel:
     metric_higher_is_better: the direction of `metric_fn` (ignored without it).
     unset: the training fields (`TRAINING_FIELDS`) the user did not give: a stage that
       trains refuses to run on them (their values are `TRAINING_DEFAULTS`).
+    pad_id: for token-id inputs padded to a batch's longest row, the padding id: calibration
+      leaves those positions out of its statistics (`jaxshrink.capture.padding`). None: the
+      inputs hold no padding.
 
   >>> from jaxshrink.models import get_model
   >>> model = get_model("digits-mlp")
@@ -95,6 +98,7 @@ class ZooModel:
   metric_fn: Callable[[Any, Any], float] | None = None
   metric_higher_is_better: bool = True
   unset: tuple[str, ...] = ()
+  pad_id: int | None = None
 
   def __post_init__(self):
     if self.framework not in FRAMEWORKS:

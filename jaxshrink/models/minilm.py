@@ -353,7 +353,7 @@ def embed(
 
 
 _RECIPE = dict(data="minilm-sentences", metric="cosine", train_steps=300, learning_rate=5e-5,
-               batch_size=32, weight_decay=0.01)  # fmt: skip
+               batch_size=32, weight_decay=0.01, pad_id=MINILM_CONFIG.pad_id)  # fmt: skip
 
 
 def minilm_l6() -> ZooModel:

@@ -51,7 +51,7 @@ def abs_mean_reducer() -> capture.Reducer:
   """Per input channel sum of |x| and the row count; their ratio is AWQ's mean |x|."""
   return capture.Reducer(
     init=lambda k: (jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32)),
-    update=lambda s, x: (s[0] + jnp.sum(jnp.abs(x), axis=0), s[1] + x.shape[0]),
+    update=lambda s, x, w: (s[0] + jnp.sum(jnp.abs(x) * w[:, None], axis=0), s[1] + jnp.sum(w)),
   )
 
 

@@ -35,20 +35,24 @@ SAMPLE_ROWS = 2048
 
 
 def sample_reducer(rows: int = SAMPLE_ROWS) -> Reducer:
-  """Keeps the first `rows` rows of the `(rows, K)` input matrix (and how many were seen)."""
+  """Keeps the first `rows` counted rows of the `(rows, K)` input matrix (and how many were
+  kept); padding rows (weight 0) are skipped."""
 
   def init(k):
     return jnp.zeros((rows, k), jnp.float32), jnp.zeros((), jnp.int32)
 
-  def update(state, x):
+  def update(state, x, w):
     buf, count = state
     m = min(x.shape[0], rows)
+    # Counted rows first, in order; the padding rows written after them lie past `count`,
+    # where the next batch (or the final `buf[:count]`) overwrites or drops them.
+    x = x[jnp.argsort(w <= 0, stable=True)]
     # Write into a buffer with `m` rows of slack, so a full buffer simply stops growing.
     slack = jnp.concatenate([buf, jnp.zeros((m, buf.shape[1]), buf.dtype)])
     slack = lax.dynamic_update_slice(
       slack, x[:m].astype(jnp.float32), (jnp.minimum(count, rows), 0)
     )
-    return slack[:rows], count + m
+    return slack[:rows], count + jnp.minimum(jnp.sum(w > 0), m).astype(jnp.int32)
 
   return Reducer(init=init, update=update)
 

@@ -45,7 +45,13 @@ from jaxshrink.compose import (
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
 from jaxshrink.lowrank.encoding import LowRank
-from jaxshrink.pipeline import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
+from jaxshrink.pipeline import (
+  RULE_OPTIONS,
+  Pipeline,
+  calibration_inputs,
+  register_stage,
+  rule_from_options,
+)
 from jaxshrink.quant.calibrate import calibrate, check_method
 from jaxshrink.quant.factors import gptq_factors, rtn_factors
 from jaxshrink.quant.ptq import (
@@ -72,6 +78,7 @@ OPTIONS = {
   "format": "int",
   "method": "rtn",
   "calibration_batches": 8,
+  "calibration_data": "train",
   "calibration": "absmax",
   "static_activations": False,  # dynamic per-token scales; true = calibrated per tensor
   "steps": 200,
@@ -185,21 +192,17 @@ def _check_keys(options: dict[str, Any], layers: dict[str, LayerQuant]) -> None:
     if options[key] != OPTIONS[key]:
       refuse(key, "it sets how activations are quantized and no layer has `activation_bits`",
              fix.format(key))  # fmt: skip
-  if method not in CALIBRATED and options["calibration_batches"] != OPTIONS["calibration_batches"]:
-    refuse(
-      "calibration_batches",
-      f"weight-only {method} reads no calibration data",
-      fix.format("calibration_batches"),
-    )
+  for key in ("calibration_batches", "calibration_data"):
+    if method not in CALIBRATED and options[key] != OPTIONS[key]:
+      refuse(key, f"weight-only {method} reads no calibration data", fix.format(key))
 
 
-def calibration_batches(pipeline: Pipeline, count: int) -> list:
-  """`count` training batches of the model's batch size (first ones, deterministic)."""
-  if count < 1:
-    raise UsageError(f"`calibration_batches` must be >= 1; got {count}.")
-  x = np.asarray(pipeline.dataset.x_train)
-  size = pipeline.model.batch_size
-  return [x[i * size : (i + 1) * size] for i in range(count) if i * size < len(x)]
+def calibration_batches(pipeline: Pipeline, options: dict[str, Any]) -> list:
+  """The stage's calibration batches, of the model's batch size (`calibration_inputs`)."""
+  return calibration_inputs(
+    pipeline, options["calibration_data"], options["calibration_batches"],
+    pipeline.model.batch_size, "quantize",
+  )  # fmt: skip
 
 
 def with_activations(
@@ -328,7 +331,7 @@ def _decoded(tree: Any, rule: Rule, method: str, activations: bool) -> Any:
 def _calibrated(pipeline, options, tree, rule, layer, layers, overrides, masks) -> Any:
   """Calibrated PTQ (W8A8, SmoothQuant), QAT, GPTQ or AWQ on the selected dense kernels."""
   method, model = options["method"], pipeline.model
-  batches = calibration_batches(pipeline, options["calibration_batches"])
+  batches = calibration_batches(pipeline, options)
   act_options = {
     "calibration": options["calibration"],
     "static_activations": options["static_activations"],
@@ -404,7 +407,7 @@ def _factors(pipeline: Pipeline, options: dict[str, Any], tree: Any, specs: dict
     # One collection for every factorized kernel, on the tree as it is now (the other kernels
     # already quantized), each factorized kernel decoded as the dense kernel it stands for.
     decoded = map_with_path(lambda p, leaf: materialize(leaf) if p in specs else leaf, tree)
-    batches = calibration_batches(pipeline, options["calibration_batches"])
+    batches = calibration_batches(pipeline, options)
     hessians = collect_hessians(pipeline.model.apply, decoded, batches, paths_rule(specs))
     new = {}
     for path, spec in specs.items():

@@ -30,7 +30,7 @@ import numpy as np
 from jaxshrink.distill.stage import loss_from_options
 from jaxshrink.distill.taps import tapped_apply
 from jaxshrink.errors import UsageError
-from jaxshrink.pipeline import Pipeline, check_positive, register_stage
+from jaxshrink.pipeline import Pipeline, check_positive, register_stage, transfer_corpus
 from jaxshrink.recover.train import recover
 from jaxshrink.tree import Rule
 
@@ -101,14 +101,9 @@ def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, st
   if choice == "auto":
     choice = "corpus" if tokens and dataset.kind == "embedding" else "train"
   if choice == "corpus":
-    if not tokens:
-      raise UsageError(
-        f"`data: corpus` of {STAGE} feeds MiniLM token ids, but {model.name!r} takes "
-        f"{model.input_dtype} inputs. Use `data: train` (the dataset's training split)."
-      )
-    from jaxshrink.data.corpus import transfer_sentences, transfer_tokens
+    from jaxshrink.data.corpus import transfer_sentences
 
-    ids = transfer_tokens()
+    ids = transfer_corpus(pipeline, "recover", "data")
     return ids, choice, f"corpus ({ids.shape[0]} of {len(transfer_sentences())} sentences)"
   x = np.asarray(dataset.x_train)
   if x.shape[0] == 0:

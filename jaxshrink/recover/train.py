@@ -356,9 +356,13 @@ def recover(
     t_out = model_outputs(teacher_apply(materialize(teacher_params), x), "teacher")
     t_out = jax.tree.map(jax.lax.stop_gradient, t_out)
 
+    # Padding positions of token ids never count in a hidden-state loss.
+    tokens = pad_id is not None and x.ndim == 2 and jnp.issubdtype(x.dtype, jnp.integer)
+    feature_mask = (x != pad_id) if tokens and loss.pairs else None
+
     def objective(s):
       s_out = model_outputs(apply(view.dense(s, leaves), x), "student")
-      return loss({}, s_out, t_out, None)[0]
+      return loss({}, s_out, t_out, None, feature_mask=feature_mask)[0]
 
     value, grads = jax.value_and_grad(objective)(shadows)
     updates, opt_state = optimizer.update(grads, opt_state, shadows)

@@ -139,9 +139,11 @@ def _head_norm_reducer(head_size: int) -> Reducer:
   """Per head: summed L2 norm of its `head_size` slice of each row, and the row count."""
   return Reducer(
     init=lambda k: (jnp.zeros((k // head_size,), jnp.float32), jnp.zeros((), jnp.float32)),
-    update=lambda s, x: (
-      s[0] + jnp.linalg.norm(x.reshape(x.shape[0], -1, head_size), axis=-1).sum(axis=0),
-      s[1] + x.shape[0],
+    update=lambda s, x, w: (
+      s[0] + jnp.sum(
+        jnp.linalg.norm(x.reshape(x.shape[0], -1, head_size), axis=-1) * w[:, None], axis=0
+      ),
+      s[1] + jnp.sum(w),
     ),
   )
 
@@ -150,7 +152,7 @@ def _abs_mean_reducer() -> Reducer:
   """Per input channel: summed |x| and the row count."""
   return Reducer(
     init=lambda k: (jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32)),
-    update=lambda s, x: (s[0] + jnp.abs(x).sum(axis=0), s[1] + x.shape[0]),
+    update=lambda s, x, w: (s[0] + jnp.sum(jnp.abs(x) * w[:, None], axis=0), s[1] + jnp.sum(w)),
   )
 
 

@@ -31,14 +31,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxshrink import sequential
 from jaxshrink.compose import decode_selected, encoded_masks, frozen_zeros, keep_masks, refuse
 from jaxshrink.encoding import is_encoding, materialize
 from jaxshrink.errors import UsageError
-from jaxshrink.pipeline import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
+from jaxshrink.pipeline import (
+  RULE_OPTIONS,
+  Pipeline,
+  calibration_inputs,
+  register_stage,
+  rule_from_options,
+)
 from jaxshrink.quant.spec import QuantSpec
 from jaxshrink.sparsity.allocation import DEFAULT_KEEP_DENSE_BELOW, Pruner
 from jaxshrink.sparsity.dynamic import dynamic_sparse
@@ -74,6 +79,7 @@ PRUNE_OPTIONS: dict[str, Any] = {
   "schedule": {},
   "drop_fraction": 0.3,
   "calibration_batches": 4,
+  "calibration_data": "train",
   "num_heads": None,
   "head_size": None,
   "shrink": False,
@@ -86,9 +92,8 @@ PRUNE_OPTIONS: dict[str, Any] = {
 }
 
 
-def _calibration(dataset: Any, batches: int, rows: int = 128) -> list[np.ndarray]:
-  x = dataset.x_train
-  return [x[i * rows : (i + 1) * rows] for i in range(max(1, min(batches, len(x) // rows)))]
+# Inputs per calibration batch of wanda and sparsegpt.
+CALIBRATION_ROWS = 128
 
 
 def _saliency_grads(model: Any, params: Any, dataset: Any) -> Any:
@@ -191,6 +196,11 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   method = options["method"]
   if method not in METHODS:
     raise UsageError(f"Unknown prune `method` {method!r}; expected one of {list(METHODS)}.")
+  if options["calibration_data"] != "train" and method not in ("wanda", "sparsegpt"):
+    raise UsageError(
+      f"`calibration_data` of stage `prune` is read by methods wanda and sparsegpt; method "
+      f"{method!r} reads no calibration data. Remove `calibration_data`."
+    )
   structure = _structure(options, pipeline.model)
   joint = _joint_spec(options)
   if options["shrink"]:
@@ -244,7 +254,10 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     # The masks applied, exactly (not read back off the zeros): the report counts them.
     params, masks = _oneshot_prune_with_masks(params, pruner, grads=grads, key=stage_key)
   else:
-    batches = _calibration(dataset, options["calibration_batches"])
+    batches = calibration_inputs(
+      pipeline, options["calibration_data"], options["calibration_batches"], CALIBRATION_ROWS,
+      "prune",
+    )  # fmt: skip
     fn = (
       _wanda_with_masks
       if method == "wanda"
