@@ -4,7 +4,9 @@ parameter counts, and the compute drop of running the factors as two matmuls.
 `dense1/kernel` (1024x128) holds 131k of the model's 150k params. At each budget the
 truncated SVD gets rank r with r (1024 + 128) <= budget; magnitude pruning keeps the same
 number of weights (one-shot |w| top-k, the sparsity package's criterion, counted as
-nonzeros without index overhead). Fine-tuned rows train for the same steps.
+nonzeros without index overhead). Fine-tuned rows train for the same steps. The whitened rows
+fit the factors to dense1's outputs on 512 training images (the `factorize` stage's default,
+`method: whitened`, with its 4 batches of 128).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from jaxshrink import data, models
 from jaxshrink.bench import Record, best_time
+from jaxshrink.capture import collect, gram_reducer
 from jaxshrink.encoding import materialize
 from jaxshrink.lowrank import factorize, finetune, lowrank_apply, plan_ranks
 from jaxshrink.recipes import evaluate_tree
@@ -95,6 +98,10 @@ def run() -> list[Record]:
   reference = evaluate_tree(model, params, dataset)
   total_params = tree_report(params).num_params
   dense_params = 1024 * 128
+  x = np.asarray(dataset.x_train)
+  batches = [x[i * 128 : (i + 1) * 128] for i in range(4)]
+  collected = collect(model.apply, params, batches, TARGET, {"gram": gram_reducer()})
+  grams = {TARGET: collected.stats[TARGET]["gram"][0]}
   records = []
   for budget in BUDGETS:
     rank = plan_ranks(params, TARGET, budget=budget)[TARGET]
@@ -103,6 +110,7 @@ def run() -> list[Record]:
     common = {"budget": budget, "rank": rank, "dense1_params": kept,
               "model_params": model_params}  # fmt: skip
     ctree = factorize(params, TARGET, budget=budget)
+    whitened = factorize(params, TARGET, budget=budget, grams=grams)
     start = time.perf_counter()
     tuned = finetune(model.apply, ctree, dataset, steps=FINETUNE_STEPS, key=jax.random.key(0),
                      augment=model.augment)  # fmt: skip
@@ -118,6 +126,8 @@ def run() -> list[Record]:
                       augment=model.augment)  # fmt: skip
     rows = [
       ("low-rank, no fine-tuning", evaluate_tree(model, ctree, dataset), ctree, None),
+      ("whitened low-rank, no fine-tuning", evaluate_tree(model, whitened, dataset), whitened,
+       None),
       ("low-rank + fine-tuning", evaluate_tree(model, tuned, dataset), tuned, tune_s),
       ("magnitude pruning + fine-tuning",
        float(models.evaluate(model, jax.tree.map(lambda a: a, {**pruned, "dense1": {

@@ -36,7 +36,8 @@ DIGITS = (
                                        "sparsity": 0.5}}),
   ("int4 RTN g32 + recover", {"quantize": {"target": ".*kernel", "weight_bits": 4,
                                            "group_size": 32}}),
-  ("low-rank budget 0.5 + recover", {"factorize": {"target": ".*kernel", "budget": 0.5}}),
+  ("low-rank budget 0.5 + recover", {"factorize": {"target": ".*kernel", "budget": 0.5,
+                                                   "method": "svd"}}),
 )  # fmt: skip
 
 

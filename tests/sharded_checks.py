@@ -245,9 +245,7 @@ def run() -> dict:
     # Calibration rows replicated: a data-split Gram sums rows in another order (1e-7), which
     # may flip a tied SparseGPT choice; the data-split Hessians are checked above.
     x_rep = jax.device_put(x_host, replicated)
-    pruned, masks = _sparsegpt_with_masks(
-      model.apply, params, [x_rep], Pruner("conv1/kernel", 0.5)
-    )
+    pruned, masks = _sparsegpt_with_masks(model.apply, params, [x_rep], Pruner("conv1/kernel", 0.5))
     err = max_err(pruned, ref["sparsegpt"][0])
     record(k + "sparsegpt", err < 1e-4 and exact(masks, ref["sparsegpt"][1]), err,
            layout_errors({"w": pruned["conv1"]["kernel"], "m": masks["conv1"]["kernel"]},

@@ -85,7 +85,8 @@ def test_recover_after_int4_keeps_codes_on_the_stored_grid(float_pipeline):
 
 
 def test_recover_after_factorize_keeps_the_rank(float_pipeline):
-  stage = {"factorize": {"target": ".*kernel", "budget": 0.5}}
+  # Plain SVD leaves accuracy to win back; the default whitened factors already match float.
+  stage = {"factorize": {"target": ".*kernel", "budget": 0.5, "method": "svd"}}
   before, after, acc_before, acc_after = _compress_then_recover(float_pipeline, stage)
   old, new = flatten(before.tree), flatten(after.tree)
   factored = [p for p, leaf in old.items() if isinstance(leaf, LowRank)]

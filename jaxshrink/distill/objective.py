@@ -180,9 +180,7 @@ class DistillLoss:
     for pair in self.pairs:
       s, t = s_out[pair.student], t_out[pair.teacher]
       if pair.kind == "mse":
-        value = losses.feature_loss(
-          s, t, projection=loss_params.get(pair.name), mask=pair_mask
-        )
+        value = losses.feature_loss(s, t, projection=loss_params.get(pair.name), mask=pair_mask)
       elif pair.kind == "cosine":
         value = losses.cosine_embedding_loss(s, t, mask=pair_mask)
       else:

@@ -3,6 +3,10 @@
 ```yaml
 - factorize: {target: "dense1/kernel", budget: 0.5, finetune_steps: 300, quantize_factors: 8}
 ```
+
+`method: whitened` (the default) fits each kernel's factors to its outputs on calibration
+inputs (`lowrank.svd`, the Gram of each kernel's inputs); `method: svd` fits the weights alone
+and reads no data.
 """
 
 from __future__ import annotations
@@ -12,12 +16,21 @@ from typing import Any
 
 import jax
 
+from jaxshrink.capture import collect, gram_reducer
 from jaxshrink.compose import decode_selected
 from jaxshrink.errors import UsageError
 from jaxshrink.lowrank.encoding import quantize_factors
 from jaxshrink.lowrank.finetune import finetune
-from jaxshrink.lowrank.svd import factorize
-from jaxshrink.pipeline import RULE_OPTIONS, Pipeline, register_stage, rule_from_options
+from jaxshrink.lowrank.svd import factorize, factorize_array, plan_ranks
+from jaxshrink.pipeline import (
+  CALIBRATION_DATA,
+  RULE_OPTIONS,
+  Pipeline,
+  calibration_inputs,
+  register_stage,
+  rule_from_options,
+)
+from jaxshrink.tree import map_with_path
 
 FACTORIZE_OPTIONS: dict[str, Any] = {
   **RULE_OPTIONS,
@@ -26,6 +39,9 @@ FACTORIZE_OPTIONS: dict[str, Any] = {
   "rank": None,
   "energy": None,
   "budget": None,
+  "method": "whitened",
+  "calibration_batches": 4,
+  "calibration_data": "train",
   "finetune_steps": 0,
   "learning_rate": 1e-3,
   "batch_size": None,
@@ -48,6 +64,71 @@ REFUSALS = {
 }
 REFUSALS["nm"] = REFUSALS["bitmask"]
 
+METHODS = ("whitened", "svd")
+# Inputs per calibration batch (sentences for a text model, each many token rows).
+CALIBRATION_ROWS = 128
+
+
+def _grams(apply_fn: Any, tree: Any, rule: Any, batches: list) -> tuple[dict, dict]:
+  """`{path: XᵀX}` of each selected kernel's inputs on the calibration batches, and
+  `{path: contracting dims}` that order its rows; the model runs with what earlier stages
+  left (`capture.collect`), padding tokens left out."""
+  collected = collect(apply_fn, tree, batches, rule, {"gram": gram_reducer()})
+  stacked = [p for p, site in collected.sites.items() if site.layers is not None]
+  if stacked:
+    raise UsageError(
+      f"`{stacked[0]}` is stacked over the layers of a scan; `method: whitened` of stage "
+      "`factorize` fits one kernel to one input Gram. Use `method: svd` for stacked kernels."
+    )
+  grams = {p: stats["gram"][0] for p, stats in collected.stats.items()}
+  return grams, {p: site.contract_dims for p, site in collected.sites.items()}
+
+
+def _encode(tree: Any, ranks: dict, dims: dict, grams: dict) -> Any:
+  def encode(path: str, leaf: Any) -> Any:
+    if path not in ranks:
+      return leaf
+    return factorize_array(leaf, ranks[path], contract_dims=dims[path], path=path, gram=grams[path])
+
+  return map_with_path(encode, tree)
+
+
+def _factorize_whitened(pipeline: Pipeline, tree: Any, rule: Any, options: dict) -> Any:
+  """Factors fitted to each kernel's inputs on the model as it came in, in one pass.
+  (Block by block on the factorized model's outputs measured no better on MiniLM, 0.8139
+  against 0.8142 mean cosine at half the MLP params, for 4x the time.)"""
+  batches = calibration_inputs(
+    pipeline, options["calibration_data"], options["calibration_batches"], CALIBRATION_ROWS,
+    "factorize",
+  )  # fmt: skip
+  grams, dims = _grams(pipeline.model.apply, tree, rule, batches)
+  ranks = plan_ranks(
+    tree, rule, rank=options["rank"], energy=options["energy"], budget=options["budget"],
+    contract_dims=dims,
+  )  # fmt: skip
+  return _encode(tree, ranks, dims, grams)
+
+
+def _check_method(options: dict[str, Any]) -> None:
+  method = options["method"]
+  if method not in METHODS:
+    raise UsageError(
+      f"`method` of stage `factorize` must be one of {list(METHODS)}; got {method!r}. "
+      "`whitened` fits the outputs on calibration data, `svd` the weights alone."
+    )
+  if options["calibration_data"] not in CALIBRATION_DATA:
+    raise UsageError(
+      f"`calibration_data` of stage `factorize` must be one of {list(CALIBRATION_DATA)}; got "
+      f"{options['calibration_data']!r}."
+    )
+  if method == "svd":
+    for key in ("calibration_batches", "calibration_data"):
+      if options[key] != FACTORIZE_OPTIONS[key]:
+        raise UsageError(
+          f"`{key}` of stage `factorize` is read by `method: whitened`; `method: svd` reads no "
+          f"calibration data. Remove `{key}`, or use `method: whitened`."
+        )
+
 
 @register_stage(
   "factorize",
@@ -62,6 +143,7 @@ def factorize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       f"stage `factorize` needs exactly one of `rank`, `energy` or `budget`; got "
       f"{given or 'none'}. E.g. `budget: 0.5` keeps half the selected kernels' params."
     )
+  _check_method(options)
   steps = options["finetune_steps"]
   if steps < 0:
     raise UsageError(f"`finetune_steps` of stage `factorize` must be >= 0; got {steps}.")
@@ -72,13 +154,12 @@ def factorize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   tree = decode_selected(
     pipeline.tree, rule, stage="factorize", decode=("cast",), refusals=REFUSALS
   )
-  tree = factorize(
-    tree,
-    rule,
-    rank=options["rank"],
-    energy=options["energy"],
-    budget=options["budget"],
-  )
+  if options["method"] == "whitened":
+    tree = _factorize_whitened(pipeline, tree, rule, options)
+  else:
+    tree = factorize(
+      tree, rule, rank=options["rank"], energy=options["energy"], budget=options["budget"]
+    )
   key, sub = jax.random.split(pipeline.key)
   if steps:
     model = pipeline.model

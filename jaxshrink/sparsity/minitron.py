@@ -140,7 +140,8 @@ def _head_norm_reducer(head_size: int) -> Reducer:
   return Reducer(
     init=lambda k: (jnp.zeros((k // head_size,), jnp.float32), jnp.zeros((), jnp.float32)),
     update=lambda s, x, w: (
-      s[0] + jnp.sum(
+      s[0]
+      + jnp.sum(
         jnp.linalg.norm(x.reshape(x.shape[0], -1, head_size), axis=-1) * w[:, None], axis=0
       ),
       s[1] + jnp.sum(w),
