@@ -133,8 +133,9 @@ def _check_method(options: dict[str, Any]) -> None:
 @register_stage(
   "factorize",
   options=FACTORIZE_OPTIONS,
-  doc="Truncated-SVD low-rank factors for selected kernels (one of rank / energy / budget), "
-  "optional fine-tuning of the factors, optional int8/int4 factors.",
+  doc="Low-rank factors for selected kernels (one of rank / energy / budget), fitted to each "
+  "kernel's outputs on calibration data (method whitened) or to its weights (svd); optional "
+  "fine-tuning of the factors, optional int8/int4 factors.",
 )
 def factorize_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   given = [k for k in ("rank", "energy", "budget") if options[k] is not None]
