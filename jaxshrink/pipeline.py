@@ -84,6 +84,9 @@ def check_positive(
 # Where calibrated stages read their inputs: the dataset's training split, or the offline
 # transfer corpus (many more sentences for a MiniLM-tokenized model).
 CALIBRATION_DATA = ("train", "corpus")
+# Inputs per calibration batch of the stages that read batches of rows (prune's wanda and
+# sparsegpt, factorize's whitened factors); `quantize` uses the model's batch size.
+CALIBRATION_ROWS = 128
 
 
 def transfer_corpus(pipeline: Pipeline, stage: str, option: str) -> np.ndarray:

@@ -38,6 +38,7 @@ from jaxshrink.compose import decode_selected, encoded_masks, frozen_zeros, keep
 from jaxshrink.encoding import is_encoding, materialize
 from jaxshrink.errors import UsageError
 from jaxshrink.pipeline import (
+  CALIBRATION_ROWS,
   RULE_OPTIONS,
   Pipeline,
   calibration_inputs,
@@ -90,10 +91,6 @@ PRUNE_OPTIONS: dict[str, Any] = {
   "group_size": None,
   "symmetric": True,
 }
-
-
-# Inputs per calibration batch of wanda and sparsegpt.
-CALIBRATION_ROWS = 128
 
 
 def _saliency_grads(model: Any, params: Any, dataset: Any) -> Any:
