@@ -208,7 +208,7 @@ def padding(pad_id: int | None) -> Iterator[None]:
     _PAD_ID.reset(token)
 
 
-def _token_mask(x: Any, pad_id: int | None) -> jax.Array | None:
+def token_mask(x: Any, pad_id: int | None) -> jax.Array | None:
   """`(B, T)` float32 1/0 for a batch of token ids (a 2-D integer array), else None."""
   if pad_id is None or not hasattr(x, "ndim") or x.ndim != 2:
     return None
@@ -762,7 +762,7 @@ def collect(
   def step(leaves, x, states):
     closed = jax.make_jaxpr(lambda lv, x: apply_fn(jax.tree.unflatten(treedef, lv), x))(leaves, x)
     x_leaves = jax.tree.leaves(x)
-    mask = _token_mask(x, pad_id)
+    mask = token_mask(x, pad_id)
     replay = _Replay(selected, reducers, dict(states), roll=bool(states), token_mask=mask)
     replay.run(
       closed.jaxpr, closed.consts, [*leaves, *x_leaves], [*origin, *([None] * len(x_leaves))]

@@ -8,6 +8,7 @@ data: digits             # zoo data name, "package.module:factory", a .npz/.txt 
 metric: null             # null = the model's; accuracy/perplexity/cosine, "pkg.mod:fn" or
                          # {fn: "pkg.mod:fn", higher_is_better: true}
 training: null           # your model's {train_steps, learning_rate, batch_size}
+pad_id: null             # your token-id model's padding id: calibration and recover skip it
 stages:                  # run in order on the parameter tree
   - cast: {target: ".*kernel", dtype: bfloat16}
 export: {}               # {evaluate: true, serving: auto}: measure, pick the serving mode
@@ -60,6 +61,7 @@ TOP_LEVEL: dict[str, Any] = {
   "data": None,
   "metric": None,
   "training": None,
+  "pad_id": None,
   "seed": 0,
   "stages": [],
   "export": {},
@@ -90,6 +92,7 @@ class Recipe:
   raw: dict[str, Any]
   metric: Any = None
   training: dict[str, Any] | None = None
+  pad_id: int | None = None
 
 
 def _suggest(word: str, valid: list[str]) -> str:
@@ -193,6 +196,12 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
         raise UsageError(f"`training.{key}` in {source} must be {kind.__name__}; got {value!r}.")
       if value <= 0:
         raise UsageError(f"`training.{key}` in {source} must be > 0; got {value!r}.")
+  pad_id = top["pad_id"]
+  if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0):
+    raise UsageError(
+      f"`pad_id` in {source} must be the padding token id, an int >= 0 (or null: no padding); "
+      f"got {pad_id!r}."
+    )
   return Recipe(
     model=top["model"],
     params=top["params"],
@@ -204,6 +213,7 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     raw=dict(raw),
     metric=dict(top["metric"]) if isinstance(top["metric"], Mapping) else top["metric"],
     training=training,
+    pad_id=pad_id,
   )
 
 
@@ -264,6 +274,13 @@ def prepare(recipe: Recipe, *, progress: bool = True) -> Pipeline:
       "model with its own (`train_steps`, `learning_rate`, `batch_size`). Remove `training`, "
       "or set a stage's own `steps` / `learning_rate` / `batch_size`."
     )
+  if recipe.pad_id is not None:
+    if model.framework != "user":
+      raise UsageError(
+        f"`pad_id` sets your own model's padding token id; {recipe.model!r} is a zoo model "
+        f"with its own ({model.pad_id}). Remove `pad_id`."
+      )
+    model = dataclasses.replace(model, pad_id=recipe.pad_id)
   if not (recipe.data or model.data):
     raise UsageError(
       f"`data` is required for {recipe.model!r}: a .npz file, a directory of .npy files or "

@@ -360,6 +360,12 @@ def test_recipe_refusals(user_code):
   pipeline = prepare(data="user_models:data",
                      metric={"fn": "user_models:data", "higher_is_better": False})  # fmt: skip
   assert pipeline.model.higher_is_better is False and pipeline.model.metric_fn is not None
+  with pytest.raises(UsageError, match="`pad_id` in recipe must be the padding token id"):
+    prepare(data="user_models:data", pad_id=-1)
+  with pytest.raises(UsageError, match=r"'digits-mlp' is a zoo model with its own \(None\)"):
+    recipes.prepare(recipes.parse_recipe({"model": "digits-mlp", "pad_id": 0}))
+  assert prepare(data="user_models:data").model.pad_id is None
+  assert prepare(data="user_models:data", pad_id=3).model.pad_id == 3  # calibration skips id 3
 
 
 def test_user_model_forms(user_code):

@@ -140,8 +140,8 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     raise UsageError(f"`target`/`exclude` of {STAGE}: {e}") from None
   loss = _loss(options, model.metric)
   x, source, described = _transfer_data(pipeline, options["data"])
-  if pad_id is None and source == "corpus":
-    pad_id = 0  # [PAD] of the corpus' token ids
+  if pad_id is None:  # the corpus' token ids pad with [PAD] = 0; other data with the model's
+    pad_id = 0 if source == "corpus" else model.pad_id
   student_apply, teacher_apply = model.apply, pipeline.float_model.apply
   if loss.pairs:
     # Both return {"logits", <module path>: output}; padding never counts in a feature loss.

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxshrink.capture import kernel_matrix
+from jaxshrink.capture import kernel_matrix, token_mask
 from jaxshrink.cast import Cast
 from jaxshrink.distill.objective import DistillLoss, model_outputs
 from jaxshrink.distill.train import batch_indices, student_optimizer
@@ -357,8 +357,8 @@ def recover(
     t_out = jax.tree.map(jax.lax.stop_gradient, t_out)
 
     # Padding positions of token ids never count in a hidden-state loss.
-    tokens = pad_id is not None and x.ndim == 2 and jnp.issubdtype(x.dtype, jnp.integer)
-    feature_mask = (x != pad_id) if tokens and loss.pairs else None
+    tokens = token_mask(x, pad_id) if loss.pairs else None
+    feature_mask = None if tokens is None else tokens > 0
 
     def objective(s):
       s_out = model_outputs(apply(view.dense(s, leaves), x), "student")
