@@ -212,3 +212,55 @@ def test_minilm_source_rebuilds_the_shrunk_shapes():
   layer = shapes["encoder"]["layer_4"]
   assert layer["attention"]["value"]["kernel"].shape == (384, 256)
   assert layer["intermediate"]["kernel"].shape == (384, 1024)
+
+
+def test_refit_projection_is_the_least_squares_fit_of_the_full_output():
+  from jaxshrink.sparsity.refit import refit_projection
+
+  rng = np.random.default_rng(0)
+  mix = rng.normal(size=(12, 12))
+  x = rng.normal(size=(500, 12)) @ mix + 0.5  # correlated columns with a mean
+  kernel, bias = rng.normal(size=(12, 5)), rng.normal(size=5)
+  xa = np.concatenate([x, np.ones((500, 1))], axis=1)
+  gram = xa.T @ xa
+  target = x @ kernel + bias
+  same_k, same_b = refit_projection(gram, kernel, bias, np.arange(12), 0.0)
+  np.testing.assert_allclose(same_k, kernel, atol=1e-8)
+  np.testing.assert_allclose(same_b, bias, atol=1e-8)
+  kept = np.array([0, 2, 3, 7, 11])
+  fit_k, fit_b = refit_projection(gram, kernel, bias, kept, 0.0)
+  solution = np.linalg.lstsq(xa[:, [*kept, 12]], target, rcond=None)[0]
+  np.testing.assert_allclose(np.concatenate([fit_k, fit_b[None]]), solution, atol=1e-6)
+  sliced = np.linalg.norm(x[:, kept] @ kernel[kept] + bias - target)
+  refitted = np.linalg.norm(x[:, kept] @ fit_k + fit_b - target)
+  assert refitted < 0.8 * sliced
+
+
+def test_refit_outputs_keeps_a_full_plan_and_fits_a_pruned_one(tiny):
+  from jaxshrink.sparsity.refit import refit_outputs
+
+  model, params, batches, scores = tiny
+  full = minitron.PruningPlan(layers=(0, 1, 2), heads=((0, 1, 2, 3),) * 3,
+                              channels=(tuple(range(32)),) * 3)  # fmt: skip
+  small, _ = minitron.shrink_bert(params, full, CONFIG)
+  refitted = refit_outputs(model.apply, params, small, full, CONFIG, batches, damp=0.0)
+  for got, want in zip(jax.tree.leaves(refitted), jax.tree.leaves(small), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-3)
+  plan = minitron.plan_pruning(scores, CONFIG, params=0.6)
+  small, overrides = minitron.shrink_bert(params, plan, CONFIG)
+  refitted = refit_outputs(model.apply, params, small, plan, CONFIG, batches)
+  assert jax.tree.map(jnp.shape, refitted) == jax.tree.map(jnp.shape, small)
+  changed = refitted["encoder"]["layer_0"]["output"]["kernel"]
+  assert not np.allclose(
+    np.asarray(changed), np.asarray(small["encoder"]["layer_0"]["output"]["kernel"])
+  )
+  assert refitted["encoder"]["layer_0"]["intermediate"] is not None  # untouched leaves stay
+  np.testing.assert_array_equal(
+    np.asarray(refitted["encoder"]["layer_0"]["intermediate"]["kernel"]),
+    np.asarray(small["encoder"]["layer_0"]["intermediate"]["kernel"]),
+  )
+  small_model = _model(dataclasses.replace(CONFIG, **overrides))
+  x = jnp.asarray(np.concatenate([b[:, : batches[0].shape[1]] for b in batches]))
+  want = model.apply(params, x)
+  cos = lambda a: float(jnp.mean(jnp.sum(a * want, axis=-1)))  # noqa: E731
+  assert cos(small_model.apply(refitted, x)) > cos(small_model.apply(small, x))

@@ -2,14 +2,17 @@
 
 ```yaml
 stages:
-  - structured: {params: 0.67, heads: true, channels: true, layers: 0, calibration_batches: 4}
+  - structured: {params: 0.67, heads: true, channels: true, layers: 0, refit: true}
   - recover: {steps: 300, data: corpus}
 ```
 
 Importance comes from the training split (`calibration_batches` batches of
 `calibration_rows` sentences; never the test split), the plan keeps `params` of the
 non-embedding params, and the model becomes the smaller dense one
-(`jaxshrink.sparsity.minitron`). Its `model_source` records the new sizes
+(`jaxshrink.sparsity.minitron`). With `refit` (the default), each kept layer's attention output
+and feed-forward output projections are then refitted by least squares to the float layer's
+outputs on the same calibration batches (`jaxshrink.sparsity.refit`).
+The new `model_source` records the new sizes
 (`"minilm-l6(num_layers=6, head_dim=32, layer_heads=(8, ...), layer_intermediate=(1024, ...))"`),
 so the saved checkpoint names a model `jaxshrink eval` rebuilds. The log entry records the
 kept layers, heads and channel counts, and the params before and after.
@@ -34,12 +37,14 @@ from jaxshrink.sparsity.minitron import (
   plan_pruning,
   shrink_bert,
 )
+from jaxshrink.sparsity.refit import refit_outputs
 
 STRUCTURED_OPTIONS: dict[str, Any] = {
   "params": 0.67,
   "heads": True,
   "channels": True,
   "layers": 0,
+  "refit": True,
   "calibration_batches": 4,
   "calibration_rows": 64,
 }
@@ -47,7 +52,7 @@ STAGE = "stage `structured`"
 
 
 def _check(options: dict[str, Any]) -> None:
-  for key in ("heads", "channels"):
+  for key in ("heads", "channels", "refit"):
     if not isinstance(options[key], bool):
       raise UsageError(f"`{key}` of {STAGE} must be true or false; got {options[key]!r}.")
   for key in ("calibration_batches", "calibration_rows"):
@@ -59,7 +64,7 @@ def _check(options: dict[str, Any]) -> None:
   options=STRUCTURED_OPTIONS,
   doc="Minitron-style structured pruning of a BERT encoder: rank heads, feed-forward channels "
   "and layers by activations on the training split, keep `params` of the non-embedding params, "
-  "and shrink to a smaller, faster dense model.",
+  "shrink to a smaller, faster dense model, and refit the output projections (`refit`).",
 )
 def structured_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   from jaxshrink.models.configured import configure_model, model_source
@@ -94,6 +99,8 @@ def structured_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   except InvalidValueError as e:
     raise UsageError(f"{STAGE}: {e}") from None
   params, overrides = shrink_bert(pipeline.tree, plan, config)
+  if options["refit"]:
+    params = refit_outputs(model.apply, pipeline.tree, params, plan, config, batches)
   small = configure_model(model, overrides)
   source = model_source(pipeline.model_source or model.name, overrides)
   before = encoder_param_count(config)
@@ -106,6 +113,7 @@ def structured_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       "layer_importance": [round(float(v), 5) for v in scores.layers],
       "encoder_params": [before, after],
       "kept_fraction": round(after / before, 4),
+      "refit": options["refit"],
       "calibration": f"{sum(len(b) for b in batches)} training sentences",
     }
   }

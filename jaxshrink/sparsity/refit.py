@@ -1,0 +1,121 @@
+"""Least-squares refit of the projections that read pruned heads and channels.
+
+Slicing heads or feed-forward channels out of a BERT layer removes terms from the sum its
+output projection computes: `y = X W + b` loses the rows of `W` that read the removed
+columns of `X`. What those columns contributed is partly predictable from the columns that
+stay (activations are correlated), so the kept rows and the bias are refitted to the float
+layer's output on calibration data instead of being kept as they were:
+
+    min ||X_k W' + b' - (X W + b)||^2  ->  [W'; b'] = (G_kk + λI)^-1 G_k: [W; b]
+
+with `G` the Gram of `[X, 1]` (collected once from the float model; `X` is the input of
+`attention/output/kernel`, the heads' context vectors, and of `output/kernel`, the GELU
+outputs) and `λ` a small damping relative to the mean diagonal. With nothing removed and no
+damping the refit returns `W` and `b`. Every layer is fitted on the float model's own inputs
+(one pass), which is what the shrunk model sees before any layer has changed; `recover`
+fine-tunes the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxshrink.capture import Reducer, collect, padding
+from jaxshrink.models.bert import BertConfig
+
+# The damping added to the kept Gram, relative to its mean diagonal (as GPTQ's `damp`).
+REFIT_DAMP = 0.01
+HEAD_INPUT = "encoder/layer_{}/attention/output/kernel"
+CHANNEL_INPUT = "encoder/layer_{}/output/kernel"
+
+
+def augmented_gram_reducer() -> Reducer:
+  """`[X, 1]^T [X, 1]` over the rows that count, shape `(K + 1, K + 1)`; the last diagonal entry
+  is the row count and the last row the column sums."""
+
+  def update(state, x, w):
+    xa = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+    return state + (xa * w[:, None]).T @ xa
+
+  return Reducer(init=lambda k: jnp.zeros((k + 1, k + 1), jnp.float32), update=update)
+
+
+def refit_projection(
+  gram: np.ndarray, kernel: np.ndarray, bias: np.ndarray, kept: np.ndarray, damp: float
+) -> tuple[np.ndarray, np.ndarray]:
+  """The kept rows of `kernel` and the bias, refitted to the full layer's outputs.
+
+  Args:
+    gram: `(K + 1, K + 1)` Gram of `[X, 1]` (`augmented_gram_reducer`).
+    kernel: `(K, N)` the projection; bias: `(N,)`.
+    kept: sorted indices of the input columns that stay.
+    damp: damping relative to the mean diagonal of the kept Gram.
+
+  Returns:
+    `(kernel (len(kept), N), bias (N,))` in the kernel's dtype.
+  """
+  gram = np.asarray(gram, np.float64)
+  k = kernel.shape[0]
+  rows = np.append(np.asarray(kept, np.int64), k)
+  a = gram[np.ix_(rows, rows)]
+  diagonal = np.arange(len(kept))  # the bias row is not damped
+  if len(kept):
+    a[diagonal, diagonal] += damp * np.mean(a[diagonal, diagonal])
+  full = np.concatenate([np.asarray(kernel, np.float64), np.asarray(bias, np.float64)[None]])
+  fitted = np.linalg.solve(a, gram[rows] @ full)
+  return fitted[:-1].astype(kernel.dtype), fitted[-1].astype(bias.dtype)
+
+
+def refit_outputs(
+  apply_fn: Any,
+  params: Any,
+  small: dict[str, Any],
+  plan: Any,
+  config: BertConfig,
+  batches: Sequence[np.ndarray],
+  *,
+  damp: float = REFIT_DAMP,
+) -> dict[str, Any]:
+  """`small` (`minitron.shrink_bert(params, plan, config)`) with every kept layer's attention
+  output and feed-forward output projections refitted on `batches` (token ids of the training
+  split; padding tokens left out).
+
+  Args:
+    apply_fn: the float model's `apply`.
+    params: the float param tree the plan was made for.
+    small: the shrunk tree (kept layers renumbered `layer_0 ...`).
+    plan: the `PruningPlan`.
+    config: the float model's `BertConfig`.
+    batches: calibration token ids.
+    damp: relative damping of the kept Gram.
+  """
+  paths = [f.format(old) for old in plan.layers for f in (HEAD_INPUT, CHANNEL_INPUT)]
+  rule = "|".join(re.escape(p) for p in paths)
+  with padding(config.pad_id):
+    found = collect(apply_fn, params, batches, rule, {"gram": augmented_gram_reducer()})
+  d = config.head_size
+  out = jax.tree.map(lambda leaf: leaf, small)  # new containers, the same leaves
+  for new, (old, hs, cs) in enumerate(zip(plan.layers, plan.heads, plan.channels, strict=True)):
+    layer = out["encoder"][f"layer_{new}"]
+    original = params["encoder"][f"layer_{old}"]
+    cols = (np.asarray(hs, np.int64)[:, None] * d + np.arange(d)[None, :]).reshape(-1)
+    for path, kept, target, source in (
+      (HEAD_INPUT.format(old), cols, layer["attention"]["output"],
+       original["attention"]["output"]),
+      (CHANNEL_INPUT.format(old), np.asarray(cs, np.int64), layer["output"], original["output"]),
+    ):  # fmt: skip
+      kernel, bias = refit_projection(
+        np.asarray(found.stats[path]["gram"]),
+        np.asarray(source["kernel"]),
+        np.asarray(source["bias"]),
+        kept,
+        damp,
+      )
+      target["kernel"], target["bias"] = jnp.asarray(kernel), jnp.asarray(bias)
+  return out
