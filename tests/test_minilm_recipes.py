@@ -37,7 +37,12 @@ EXPECTED = {
 # Recipes that run `recover` after one of the recipes above: recipe -> the one it extends.
 RECOVERED = {
   f"{base}-recover": base
-  for base in ("minilm-prune50-sparsegpt", "minilm-2of4-sparsegpt", "minilm-lowrank-mlp")
+  for base in (
+    "minilm-prune50-sparsegpt",
+    "minilm-2of4-sparsegpt",
+    "minilm-lowrank-mlp",
+    "minilm-distill-l3",
+  )
 }
 
 
@@ -112,6 +117,16 @@ def test_distill_recipe_matches_hidden_states_of_alternate_layers():
   assert options["losses"] == {"logit_cosine": 1.0} and options["pad_id"] == 0
   pairs = [(f["student"], f["teacher"]) for f in options["features"]]
   assert pairs == [(f"encoder/layer_{k}", f"encoder/layer_{2 * k + 1}") for k in range(3)]
+
+
+def test_student_recover_recipe_extends_the_distill_recipe():
+  base = load_recipe(RECIPES / "minilm-distill-l3.yaml").stages
+  recipe = load_recipe(RECIPES / "minilm-distill-l3-recover.yaml").stages
+  assert recipe[0] == base[0]
+  options = recipe[1][1]
+  assert options["data"] == "corpus" and options["losses"] == {"logit_cosine": 1.0}
+  pairs = [(f["student"], f["teacher"], f["kind"]) for f in options["features"]]
+  assert pairs == [(f"encoder/layer_{k}", f"encoder/layer_{2 * k + 1}", "cosine") for k in range(3)]
 
 
 def test_int4_rtn_g128_through_the_cli(tmp_path, capsys):
