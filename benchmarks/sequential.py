@@ -6,14 +6,21 @@ on the outputs of the blocks already compressed). Every run is its own process, 
 resident memory (`ru_maxrss`, which includes the model, data and JAX itself) is its own.
 Metrics on held-out data: tiny-lm perplexity on the stdlib-text test windows (lower is
 better), MiniLM mean cosine to the float embeddings on the 200 held-out sentences.
+
+`JAXSHRINK_SEQUENTIAL_MODELS=minilm-l6` reruns one model's rows (about 14 CPU-minutes each) and
+carries the other model's rows over from the stored `results/sequential.json`; every row's
+`measured` note gives the date of the run that measured it.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from jaxshrink.bench import Record
 
@@ -31,6 +38,7 @@ METHODS = (
   ("SparseGPT 2:4", {"prune": {"method": "sparsegpt", "structure": "2:4"}}),
 )
 MODELS = {"tiny-lm": None, "minilm-l6": "minilm-sentences"}
+STORED = Path(__file__).resolve().parent / "results" / f"{SUITE}.json"
 
 _CHILD = textwrap.dedent(
   """
@@ -61,9 +69,25 @@ def _run(model: str, stage: dict, sequential: bool) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _stored(model: str) -> list[Record]:
+  """`model`'s rows of the stored results, each with the date that measured it."""
+  if not STORED.is_file():
+    return []
+  payload = json.loads(STORED.read_text())
+  rows = [Record(**raw) for raw in payload["records"] if raw["model"] == model]
+  for record in rows:
+    record.extra.setdefault("measured", payload["date"])
+  return rows
+
+
 def run() -> list[Record]:
+  chosen = {m.strip() for m in os.environ.get("JAXSHRINK_SEQUENTIAL_MODELS", "").split(",")}
+  chosen.discard("")
   records = []
   for model in MODELS:
+    if chosen and model not in chosen:
+      records.extend(_stored(model))
+      continue
     for label, stage in METHODS:
       for sequential in (False, True):
         out = _run(model, stage, sequential)
@@ -78,7 +102,11 @@ def run() -> list[Record]:
             size_bytes=out["bytes"],
             float32_bytes=out["float32_bytes"],
             seconds=round(out["seconds"], 1),
-            extra={"peak_rss_mb": round(out["peak_rss"] / 1e6, 1), "sequential": sequential},
+            extra={
+              "peak_rss_mb": round(out["peak_rss"] / 1e6, 1),
+              "sequential": sequential,
+              "measured": datetime.date.today().isoformat(),
+            },
           )
         )
   return records
