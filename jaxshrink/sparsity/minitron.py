@@ -53,8 +53,10 @@ from jaxshrink.tree import flatten
 
 # Feed-forward widths are rounded down to a multiple of this (regular matmul tiles).
 CHANNEL_MULTIPLE = 8
-_HEAD_INPUT = "encoder/layer_{}/attention/output/kernel"
-_CHANNEL_INPUT = "encoder/layer_{}/output/kernel"
+# The kernels whose inputs are the heads' context vectors and the GELU outputs (importance,
+# and the refit of `jaxshrink.sparsity.refit`).
+HEAD_INPUT = "encoder/layer_{}/attention/output/kernel"
+CHANNEL_INPUT = "encoder/layer_{}/output/kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +202,7 @@ def importance(model: Any, params: Any, batches: Sequence[np.ndarray]) -> Import
     raise InvalidValueError("importance needs at least one calibration batch; got none.")
   layers = range(config.num_layers)
   rule = "|".join(
-    [_HEAD_INPUT.format(r"\d+"), _CHANNEL_INPUT.format(r"\d+")]
+    [HEAD_INPUT.format(r"\d+"), CHANNEL_INPUT.format(r"\d+")]
   )  # the inputs of these two matmuls are the context vectors and the GELU outputs
   found = collect(
     model.apply,
@@ -214,8 +216,8 @@ def importance(model: Any, params: Any, batches: Sequence[np.ndarray]) -> Import
     total, rows = found.stats[path][stat]
     return (np.asarray(total) / max(float(rows), 1.0)).astype(np.float32)
 
-  heads = tuple(mean(_HEAD_INPUT.format(i), "norm") for i in layers)
-  channels = tuple(mean(_CHANNEL_INPUT.format(i), "abs") for i in layers)
+  heads = tuple(mean(HEAD_INPUT.format(i), "norm") for i in layers)
+  channels = tuple(mean(CHANNEL_INPUT.format(i), "abs") for i in layers)
   return Importance(heads, channels, _layer_scores(model, params, batches, config))
 
 
@@ -324,7 +326,8 @@ def plan_pruning(
   )
 
 
-def _columns(kept_heads: Sequence[int], head_size: int) -> np.ndarray:
+def head_columns(kept_heads: Sequence[int], head_size: int) -> np.ndarray:
+  """The columns of a `(heads * head_size)` projection that belong to `kept_heads`, in order."""
   heads = np.asarray(kept_heads, np.int64)
   return (heads[:, None] * head_size + np.arange(head_size)).ravel()
 
@@ -371,7 +374,7 @@ def shrink_bert(
   d = config.head_size
   for new, (old, hs, cs) in enumerate(zip(plan.layers, plan.heads, plan.channels, strict=True)):
     prefix = f"encoder/layer_{old}/"
-    cols, chans = _columns(hs, d), np.asarray(cs, np.int64)
+    cols, chans = head_columns(hs, d), np.asarray(cs, np.int64)
 
     def take(name: str, index: np.ndarray | None, axis: int, prefix=prefix) -> jax.Array:
       value = flat[prefix + name]
@@ -418,7 +421,7 @@ def masked_params(params: Any, plan: PruningPlan, config: BertConfig) -> dict[st
   out = jax.tree.map(np.array, params)
   for old, hs, cs in zip(plan.layers, plan.heads, plan.channels, strict=True):
     layer = out["encoder"][f"layer_{old}"]
-    removed_cols = np.setdiff1d(np.arange(config.heads(old) * d), _columns(hs, d))
+    removed_cols = np.setdiff1d(np.arange(config.heads(old) * d), head_columns(hs, d))
     layer["attention"]["value"]["kernel"][:, removed_cols] = 0
     layer["attention"]["value"]["bias"][removed_cols] = 0
     removed = np.setdiff1d(np.arange(config.intermediate(old)), np.asarray(cs))

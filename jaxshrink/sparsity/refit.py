@@ -28,11 +28,10 @@ import numpy as np
 
 from jaxshrink.capture import Reducer, collect, padding
 from jaxshrink.models.bert import BertConfig
+from jaxshrink.sparsity.minitron import CHANNEL_INPUT, HEAD_INPUT, head_columns
 
 # The damping added to the kept Gram, relative to its mean diagonal (as GPTQ's `damp`).
 REFIT_DAMP = 0.01
-HEAD_INPUT = "encoder/layer_{}/attention/output/kernel"
-CHANNEL_INPUT = "encoder/layer_{}/output/kernel"
 
 
 def augmented_gram_reducer() -> Reducer:
@@ -104,7 +103,7 @@ def refit_outputs(
   for new, (old, hs, cs) in enumerate(zip(plan.layers, plan.heads, plan.channels, strict=True)):
     layer = out["encoder"][f"layer_{new}"]
     original = params["encoder"][f"layer_{old}"]
-    cols = (np.asarray(hs, np.int64)[:, None] * d + np.arange(d)[None, :]).reshape(-1)
+    cols = head_columns(hs, d)
     for path, kept, target, source in (
       (HEAD_INPUT.format(old), cols, layer["attention"]["output"],
        original["attention"]["output"]),
