@@ -289,6 +289,13 @@ def kernel_matrix(kernel: jax.Array, contract_dims: tuple[int, ...]) -> jax.Arra
   return jnp.transpose(kernel, contract_dims + rest).reshape(k, -1)
 
 
+def from_matrix(m: jax.Array, shape: tuple[int, ...], contract_dims: tuple[int, ...]) -> jax.Array:
+  """Inverse of `kernel_matrix`: a `(K, N)` matrix back to the kernel's layout `shape`."""
+  rest = tuple(d for d in range(len(shape)) if d not in contract_dims)
+  order = tuple(contract_dims) + rest
+  return jnp.transpose(m.reshape([shape[d] for d in order]), np.argsort(order))
+
+
 def _read(env, var):
   return var.val if isinstance(var, jcore.Literal) else env[var]
 

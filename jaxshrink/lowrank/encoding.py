@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.capture import from_matrix
 from jaxshrink.encoding import Encoding, materialize, register_encoding
 from jaxshrink.errors import InvalidValueError
 
@@ -32,14 +33,6 @@ def matrix_shape(shape: tuple[int, ...], contract_dims: tuple[int, ...]) -> tupl
   k = int(np.prod([shape[d] for d in contract_dims], dtype=np.int64))
   n = int(np.prod(shape, dtype=np.int64)) // max(k, 1)
   return k, n
-
-
-def from_matrix(m: jax.Array, shape: tuple[int, ...], contract_dims: tuple[int, ...]) -> jax.Array:
-  """Inverse of `capture.kernel_matrix`: a `(K, N)` matrix back to the kernel layout."""
-  rest = tuple(d for d in range(len(shape)) if d not in contract_dims)
-  order = contract_dims + rest
-  m = m.reshape([shape[d] for d in order])
-  return jnp.transpose(m, np.argsort(order))
 
 
 def _factor_dtype(x: Any) -> str:

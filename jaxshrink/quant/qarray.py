@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshrink.capture import kernel_matrix
+from jaxshrink.capture import from_matrix, kernel_matrix
 from jaxshrink.encoding import Encoding, register_encoding
 from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.quant import numerics, packing
@@ -65,14 +65,6 @@ def normalize_contract_dims(contract_dims, ndim: int, path: str = "<array>") -> 
 def default_contract_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
   """All axes but the last (Dense `(in, out)`, Conv `(kh, kw, cin, cout)`); (0,) for vectors."""
   return tuple(range(max(len(shape) - 1, 1)))
-
-
-def from_matrix(w2d: jax.Array, shape, contract_dims) -> jax.Array:
-  """Inverse of `capture.kernel_matrix`: `(K, N)` back to the logical layout."""
-  rest = [d for d in range(len(shape)) if d not in contract_dims]
-  perm = list(contract_dims) + rest
-  x = w2d.reshape([shape[d] for d in perm])
-  return jnp.transpose(x, np.argsort(perm))
 
 
 @register_encoding

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.capture import from_matrix
 from jaxshrink.errors import InvalidTypeError, InvalidValueError
 
 CRITERIA = ("magnitude", "random", "saliency", "wanda")
@@ -31,14 +32,6 @@ def check_criterion(criterion: Any) -> str:
   if criterion not in CRITERIA:
     raise InvalidValueError(f"Unknown criterion {criterion!r}; expected one of {list(CRITERIA)}.")
   return criterion
-
-
-def _from_matrix(matrix: jax.Array, shape: tuple[int, ...], contract_dims: tuple[int, ...]):
-  """Inverse of `capture.kernel_matrix`: a `(K, N)` view back to the kernel's shape."""
-  rest = tuple(d for d in range(len(shape)) if d not in contract_dims)
-  perm = contract_dims + rest
-  permuted = matrix.reshape([shape[d] for d in perm])
-  return jnp.transpose(permuted, np.argsort(perm))
 
 
 def wanda_scores(
@@ -64,7 +57,7 @@ def wanda_scores(
     )
   rest = tuple(d for d in range(w.ndim) if d not in contract_dims)
   matrix = jnp.transpose(jnp.abs(w).astype(jnp.float32), contract_dims + rest).reshape(k, -1)
-  return _from_matrix(matrix * input_norm[:, None].astype(jnp.float32), w.shape, contract_dims)
+  return from_matrix(matrix * input_norm[:, None].astype(jnp.float32), w.shape, contract_dims)
 
 
 def score_leaf(

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxshrink import capture, hessian
+from jaxshrink.capture import from_matrix
 from jaxshrink.errors import InvalidValueError
 from jaxshrink.model import accepts_models
 from jaxshrink.quant import numerics
@@ -39,7 +40,6 @@ from jaxshrink.quant.gptq import SweepPruning, check_spec, gptq_sweep
 from jaxshrink.quant.qarray import QArray, normalize_contract_dims, stack
 from jaxshrink.quant.spec import QuantSpec, as_layer_quant
 from jaxshrink.sparsity.allocation import Pruner, apply_masks
-from jaxshrink.sparsity.criteria import _from_matrix
 from jaxshrink.sparsity.structures import NM, Unstructured, keep_top, nm_mask
 from jaxshrink.tree import flatten, map_with_path
 
@@ -106,16 +106,16 @@ def _wanda_mask(pruner, w, contract_dims, sum_squares, sparsity, comparison):
   score = capture.kernel_matrix(jnp.abs(w).astype(jnp.float32), contract_dims)
   score = score * norm[:, None]
   if isinstance(pruner.structure, NM):
-    full = _from_matrix(score, w.shape, contract_dims)
+    full = from_matrix(score, w.shape, contract_dims)
     s = pruner.structure
     return nm_mask(full, s.n, s.m, s.axis)
   if comparison == "layer":
     keep = keep_top(score, score.size - round(sparsity * score.size))
-    return _from_matrix(keep, w.shape, contract_dims)
+    return from_matrix(keep, w.shape, contract_dims)
   rows = score.shape[0]
   keep = rows - round(sparsity * rows)
   per_output = jax.vmap(keep_top, in_axes=(1, None), out_axes=1)(score, keep)
-  return _from_matrix(per_output, w.shape, contract_dims)
+  return from_matrix(per_output, w.shape, contract_dims)
 
 
 @accepts_models
@@ -250,8 +250,8 @@ def _sparsegpt_kernel(w, h, contract_dims, pruner, sparsity, block_size, damp, p
     m=nm.m if nm else 0,
     block=block_size,
   )
-  pruned = _from_matrix(q.T, w.shape, contract_dims).astype(w.dtype)
-  return pruned, _from_matrix(keep.T, w.shape, contract_dims)
+  pruned = from_matrix(q.T, w.shape, contract_dims).astype(w.dtype)
+  return pruned, from_matrix(keep.T, w.shape, contract_dims)
 
 
 def _joint_kernel(w, h, contract_dims, pruner, sparsity, spec, block_size, damp, path):
@@ -280,7 +280,7 @@ def _joint_kernel(w, h, contract_dims, pruner, sparsity, spec, block_size, damp,
     matrix, u, spec, block_size=block_size, prune=prune, qparams=qparams, path=path
   )
   q = QArray.from_codes(codes, scale, zp, spec, shape=w.shape, dtype=w.dtype, contract_dims=dims)
-  return q, _from_matrix(keep, w.shape, dims)
+  return q, from_matrix(keep, w.shape, dims)
 
 
 def _joint_spec(quant: Any, path: str) -> QuantSpec:
