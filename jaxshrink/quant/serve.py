@@ -38,6 +38,7 @@ from jaxshrink.capture import (
 from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import JaxshrinkError
 from jaxshrink.quant.qarray import QArray, from_matrix
+from jaxshrink.quant.streamed import STREAM_ROWS, chunk_rows, streamed_matmul
 from jaxshrink.tree import params_of, path_string
 
 
@@ -107,6 +108,8 @@ def qarray_matmul(x2d: jax.Array, q: QArray) -> jax.Array:
     x = x / q.input_scale[None, :]
   if q.act_bits is None:
     dtype = _compute_dtype(x2d)
+    if x2d.shape[0] <= STREAM_ROWS and chunk_rows(q) is not None:  # decoding: stream the codes
+      return streamed_matmul(x, q, dtype)
     w = q.dequantized_matrix(with_input_scale=False).astype(dtype)
     return lax.dot(x.astype(dtype), w, preferred_element_type=jnp.float32)
   xq, sx = _act_codes(x, q, (1,))
