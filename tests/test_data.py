@@ -106,8 +106,8 @@ def test_digits_split_is_deterministic_and_read_only():
 
 
 def test_unknown_dataset_lists_valid_names():
-  assert list_datasets() == ["digits", "minilm-sentences", "stdlib-text"]
-  with pytest.raises(JaxshrinkError, match=r"'mnist'.*'digits', 'minilm-sentences', 'stdlib-text'"):
+  assert list_datasets() == ["corpus-bpe", "digits", "minilm-sentences", "stdlib-text"]
+  with pytest.raises(JaxshrinkError, match=r"'mnist'.*'corpus-bpe', 'digits', 'minilm-sentences'"):
     get_dataset("mnist")
 
 
@@ -249,7 +249,7 @@ def test_source_module_factory(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
   ("source", "message"),
   [
-    ("nope", r"unknown data source 'nope'; expected a dataset name \['digits'"),
+    ("nope", r"unknown data source 'nope'; expected a dataset name \['corpus-bpe', 'digits'"),
     ("/no/such/file.npz", r"'/no/such/file.npz' does not exist; expected .*\.npz.*\.txt"),
     ("/no/such/file.txt", r"does not exist"),
     ("no_such_module_xyz:make", r"cannot import module 'no_such_module_xyz'"),

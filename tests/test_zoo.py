@@ -62,8 +62,10 @@ def test_public_names():
 
 
 def test_list_models():
-  # minilm-l6 (pretrained, not trained here) is tested in test_minilm.py.
-  assert list_models() == sorted([*ALL_MODELS, "digits-student", "digits-student-nnx", "minilm-l6"])
+  # minilm-l6 (pretrained, not trained here) is tested in test_minilm.py, the llamas in
+  # test_llama.py.
+  others = ["digits-student", "digits-student-nnx", "llama-300m", "llama-tiny", "minilm-l6"]
+  assert list_models() == sorted([*ALL_MODELS, *others])
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from jaxshrink.data.bpe_text import load_corpus_bpe_dataset
 from jaxshrink.data.dataset import Dataset
 from jaxshrink.data.digits import load_digits_dataset
 from jaxshrink.data.sentences import load_minilm_sentences_dataset
@@ -12,6 +13,7 @@ from jaxshrink.data.text import load_stdlib_text_dataset
 from jaxshrink.errors import JaxshrinkError
 
 _DATASET_BUILDERS: dict[str, Callable[[], Dataset]] = {
+  "corpus-bpe": load_corpus_bpe_dataset,
   "digits": load_digits_dataset,
   "minilm-sentences": load_minilm_sentences_dataset,
   "stdlib-text": load_stdlib_text_dataset,
@@ -22,7 +24,7 @@ def list_datasets() -> list[str]:
   """Names accepted by `get_dataset`, sorted.
 
   >>> list_datasets()
-  ['digits', 'minilm-sentences', 'stdlib-text']
+  ['corpus-bpe', 'digits', 'minilm-sentences', 'stdlib-text']
   """
   return sorted(_DATASET_BUILDERS)
 

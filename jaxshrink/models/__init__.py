@@ -1,5 +1,5 @@
-"""The embedded model zoo: small Linen and NNX models and the pretrained MiniLM-L6 encoder,
-pure `init`/`apply`, cached weights."""
+"""The embedded model zoo: small Linen and NNX models, Llama decoders and the pretrained MiniLM-L6
+encoder, pure `init`/`apply`, cached weights."""
 
 from jaxshrink.models.base import ZooModel as ZooModel
 from jaxshrink.models.base import linen_functions as linen_functions

@@ -16,6 +16,7 @@ from jaxshrink.data.sources import import_factory, import_object
 from jaxshrink.errors import CheckpointError, InvalidTypeError, JaxshrinkError, UsageError
 from jaxshrink.models.base import METRICS, ZooModel, user_model
 from jaxshrink.models.cnn import digits_cnn, digits_cnn_nnx
+from jaxshrink.models.llama_zoo import llama_300m, llama_tiny
 from jaxshrink.models.minilm import minilm_l6
 from jaxshrink.models.mlp import digits_mlp, digits_mlp_nnx
 from jaxshrink.models.student import digits_student, digits_student_nnx
@@ -28,6 +29,8 @@ _MODEL_FACTORIES: dict[str, Callable[[], ZooModel]] = {
   "digits-mlp-nnx": digits_mlp_nnx,
   "digits-student": digits_student,
   "digits-student-nnx": digits_student_nnx,
+  "llama-300m": llama_300m,
+  "llama-tiny": llama_tiny,
   "minilm-l6": minilm_l6,
   "tiny-lm": tiny_lm,
 }

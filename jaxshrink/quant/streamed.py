@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.quant import packing
 from jaxshrink.quant.qarray import QArray
 
@@ -71,7 +72,7 @@ def streamed_matmul(x2d: jax.Array, q: QArray, dtype=jnp.float32) -> jax.Array:
   """
   chunk = chunk_rows(q)
   if chunk is None:
-    raise ValueError(f"This QArray ({q.describe()}) cannot stream; decode it instead.")
+    raise InvalidValueError(f"This QArray ({q.describe()}) cannot stream; decode it instead.")
   rows = x2d.shape[0]
   steps = q.k // chunk
   bits = q.bits
