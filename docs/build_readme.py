@@ -53,6 +53,7 @@ ORDER = (
   "checkpoints.md",
   "serving.md",
   "real-model.md",
+  "llm.md",
   "scale-out.md",
   "notebooks.md",
 )

@@ -401,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="print the result as JSON")
   p.set_defaults(func=cmd_eval)
 
+  from jaxshrink.generate_cli import add_parser as add_generate
+
+  add_generate(sub, common)
+
   p = sub.add_parser("inspect", parents=[common], help="per-leaf size table (manifest only)")
   p.add_argument("dir", help="checkpoint directory")
   p.add_argument("--json", action="store_true", help="print the table as JSON")

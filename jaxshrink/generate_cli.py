@@ -1,0 +1,141 @@
+"""`jaxshrink generate DIR --prompt TEXT`: text from a decoder checkpoint, timed against float.
+
+The checkpoint's model must be a zoo language model whose dataset has a text tokenizer
+(`llama-tiny`: the corpus BPE; `tiny-lm`: bytes). The compressed tree generates in a serving
+mode (`integer` by default: weight-only kernels stream their codes at decode time, W8A8
+kernels multiply int8 x int8), and the float model it was compressed from generates the same
+number of tokens from the same prompt in the same run, interleaved, so the two speeds compare
+(each time covers the whole call: the prompt's prefill and every decode step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from jaxshrink.errors import InvalidValueError, UsageError
+
+ROUNDS = 3
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+  p = sub.add_parser(
+    "generate", parents=[common], help="generate text from a decoder checkpoint, timed vs float"
+  )
+  p.add_argument("dir", help="checkpoint directory of a decoder (llama-tiny, tiny-lm)")
+  p.add_argument("--prompt", required=True, help="text to continue")
+  p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
+  p.add_argument("--max-len", type=int, help="KV-cache positions (default: prompt + new tokens)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+  p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+  p.add_argument("--kv-bits", type=int, choices=[8, 4], help="quantize the KV cache to 8 or 4 bits")
+  p.add_argument(
+    "--serving",
+    metavar="MODE",
+    default="integer",
+    help="serving mode of the compressed tree: integer, bfloat16, decode-once or factored "
+    "(default: %(default)s)",
+  )
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
+  p.set_defaults(func=cmd_generate)
+
+
+def text_codec(model: Any) -> tuple[Any, Any, int | None]:
+  """`(encode, decode, eos_id)` of a zoo language model's tokenizer, or a `UsageError`."""
+  if model.data == "corpus-bpe":
+    from jaxshrink.data import bpe_text
+
+    return bpe_text.encode, bpe_text.decode, bpe_text.EOS_ID
+  if model.data == "stdlib-text":
+    from jaxshrink.data.text import tokenize_text
+
+    def decode(ids):
+      return bytes(int(i) for i in np.asarray(ids).reshape(-1)).decode("utf-8", "replace")
+
+    return tokenize_text, decode, None
+  raise UsageError(
+    f"`jaxshrink generate` needs a text tokenizer, and model {model.name!r} reads "
+    f"{model.data!r}, which has none. Generate from a llama-tiny or tiny-lm checkpoint."
+  )
+
+
+def cmd_generate(args) -> int:
+  import jax
+
+  from jaxshrink import export, recipes
+  from jaxshrink.bench import interleaved_best
+  from jaxshrink.generate import generate
+  from jaxshrink.models.registry import checkpoint_model
+  from jaxshrink.serving import check_mode
+  from jaxshrink.tree import flatten_to_store
+
+  check_mode(args.serving, where="--serving")
+  manifest = export.read_manifest(args.dir)
+  if not manifest["model"]:
+    raise UsageError(f"`{args.dir}` records no model; `jaxshrink generate` needs a zoo decoder.")
+  model = checkpoint_model(manifest["model"], field="model", where=args.dir)
+  if model.metric != "perplexity":
+    raise UsageError(
+      f"`{args.dir}` holds {model.name!r}, a model scored by {model.metric!r}, not a language "
+      "model; `jaxshrink generate` needs a decoder checkpoint (llama-tiny, tiny-lm)."
+    )
+  encode, decode, eos_id = text_codec(model)
+  abstract = jax.eval_shape(model.init, jax.random.key(0))
+  export.check_matches(
+    manifest, {p: tuple(a.shape) for p, _, a in flatten_to_store(abstract)}, what=model.name
+  )
+  prompt = np.asarray(encode(args.prompt), np.int32)
+  if prompt.size == 0:
+    raise UsageError("`--prompt` is empty; give some text to continue.")
+  tree = export.load(args.dir)
+  recipe = manifest.get("recipe") or {}
+  reference = recipes.load_float_params(model, recipe.get("params"), progress=False)
+  options = {
+    "temperature": args.temperature, "top_k": args.top_k, "key": jax.random.key(args.seed),
+    "max_len": args.max_len, "kv_bits": args.kv_bits,
+  }  # fmt: skip
+  ids = prompt[None]
+
+  def run_compressed():
+    return generate(model, tree, ids, args.max_new_tokens, serving=args.serving, **options)
+
+  def run_float():
+    return generate(model, reference, ids, args.max_new_tokens, **options)
+
+  try:
+    out = run_compressed()
+    run_float()
+  except InvalidValueError as e:  # sizes the user typed: a usage error, with its fix
+    raise UsageError(str(e)) from None
+  seconds = interleaved_best({"compressed": lambda: run_compressed().tokens,
+                              "float": lambda: run_float().tokens}, rounds=ROUNDS)  # fmt: skip
+  count = int(out.lengths[0])
+  new = np.asarray(out.tokens[0, :count])
+  text = decode(new[new != eos_id] if eos_id is not None else new)
+  payload = {
+    "checkpoint": str(args.dir),
+    "model": model.name,
+    "prompt": args.prompt,
+    "text": text,
+    "new_tokens": count,
+    "serving_mode": args.serving,
+    "kv_bits": args.kv_bits,
+    "tokens_per_s": count / seconds["compressed"],
+    "float_tokens_per_s": count / seconds["float"],
+    "speedup_vs_float": seconds["float"] / seconds["compressed"],
+  }
+  if args.json:
+    print(json.dumps(payload, indent=2))
+    return 0
+  print(args.prompt + text)
+  print(
+    f"{count} tokens at {payload['tokens_per_s']:.1f} tokens/s ({args.serving}"
+    f"{'' if args.kv_bits is None else f', int{args.kv_bits} KV cache'}); the float model: "
+    f"{payload['float_tokens_per_s']:.1f} tokens/s in the same run "
+    f"({payload['speedup_vs_float']:.2f}x)"
+  )
+  return 0
