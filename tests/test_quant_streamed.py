@@ -57,3 +57,10 @@ def test_serving_a_decoder_step_streams_and_matches_many_rows():
   assert jnp.allclose(many, apply(jax.tree.map(lambda q: q.materialize(), ctree,
                                                is_leaf=lambda a: isinstance(a, QArray)), x),
                       atol=1e-5)  # fmt: skip
+
+
+def test_packed_codes_take_smaller_chunks_on_wide_kernels():
+  # An int4 head 1024 x 32000 would unpack 32 MB per 256-row step; it takes 16 rows.
+  assert chunk_rows(_q(QuantSpec(bits=4), k=1024, n=4096)) == 128
+  assert chunk_rows(_q(QuantSpec(bits=8), k=1024, n=4096)) == 256
+  assert chunk_rows(_q(QuantSpec(bits=4, group_size=128), k=1024, n=8192)) == 128

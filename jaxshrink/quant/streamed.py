@@ -10,7 +10,8 @@ size of int8 codes (eight times int4) and reads it back, which is slower than th
 chunk (`chunk x N`, small enough to stay in cache) and adds its product to the accumulator,
 so memory traffic is the codes themselves. Packed codes are never interleaved back into row
 order: the input's columns are split the way the rows are packed instead (`x[:, j::per]`
-meets the `j`-th code of every packed word). `qarray_matmul` takes this path for at most
+meets the `j`-th code of every packed word), and each group's scale and zero point are applied
+to its partial sum rather than to every weight. `qarray_matmul` takes this path for at most
 `STREAM_ROWS` rows.
 """
 
@@ -26,18 +27,22 @@ from jaxshrink.quant.qarray import QArray
 
 # At most this many rows take the streamed path; more rows amortize one whole decode.
 STREAM_ROWS = 16
-# Rows of codes decoded per step: 256 x N float32 stays in a CPU's L2/L3 for N up to a few
-# thousand, and is a whole number of groups for the usual group sizes (32 to 256). On 2 CPU
-# cores, eight int8 2048 x 2048 layers at batch 1: 64 rows 0.9x float time, 256 rows 1.5x,
-# 512 rows 1.4x; decoding the whole matrix first: 0.09x.
+# Rows of codes decoded per step: at most `CHUNK` rows, a whole number of groups, and for
+# packed codes about `CHUNK_ELEMENTS` weights, so their unpacked planes stay in a CPU's L2/L3.
+# On 2 CPU cores at batch 1: eight int8 2048 x 2048 layers run at 0.9x float speed with 64 rows,
+# 1.5x with 256 and 1.4x with 512 (decoding the whole matrix first: 0.09x); an int4 g128
+# 1024 x 32000 head at 0.19x with 256 rows and 1.0x with 16.
 CHUNK = 256
+CHUNK_ELEMENTS = 1 << 19
 
 
 def chunk_rows(q: QArray) -> int | None:
   """Rows per streamed step for `q`, or None when `q` cannot stream (then it is decoded).
 
-  The largest of `CHUNK`, `CHUNK / 2`, `CHUNK / 4` that splits `K` into at least two steps of
-  whole groups and whole packed words (a 384-wide kernel takes 128).
+  The largest power of two from `CHUNK` down to `CHUNK / 4` (`CHUNK / 16` for packed codes)
+  that splits `K` into at least two steps of whole groups and whole packed words (a 384-row
+  int8 kernel takes 128); for packed codes, the largest whose chunk holds at most
+  `CHUNK_ELEMENTS` weights (else the smallest that fits the rest).
   """
   if q.layers is not None or q.format != "int" or q.act_bits is not None:
     return None
@@ -46,65 +51,107 @@ def chunk_rows(q: QArray) -> int | None:
   per = 1 if q.bits == 8 else packing.chunk(q.bits)[0]
   if q.group_size is not None and q.group_size % per:
     return None
-  for chunk in (CHUNK, CHUNK // 2, CHUNK // 4):
-    if q.group_size is not None and chunk % q.group_size:
-      continue
-    if q.k % chunk == 0 and chunk % per == 0 and q.k > chunk:
-      return chunk
-  return None
+  valid = [
+    chunk
+    for chunk in (CHUNK >> i for i in range(3 if q.bits == 8 else 5))
+    if (q.group_size is None or chunk % q.group_size == 0)
+    and q.k % chunk == 0
+    and chunk % per == 0
+    and q.k > chunk
+  ]
+  if q.bits == 8:  # fewer, larger steps measured faster for int8 (one convert per weight)
+    return valid[0] if valid else None
+  small = [chunk for chunk in valid if chunk * q.n <= CHUNK_ELEMENTS]
+  return small[0] if small else (valid[-1] if valid else None)
 
 
-def _per_row(values: jax.Array, q: QArray, steps: int, chunk: int, per: int) -> jax.Array:
-  """`(steps, chunk // per, N)` per-group values, one per packed row of each step."""
-  if q.group_size is None:  # one value per output: the same for every row
+def _per_row(values: jax.Array, q: QArray, steps: int, chunk: int) -> jax.Array:
+  """`(steps, chunk, N)` per-group values, one per row of each step (`(steps, 1, N)` per
+  output column)."""
+  if q.group_size is None:
     return jnp.broadcast_to(values.astype(jnp.float32)[None], (steps, 1, q.n))
   groups = values.astype(jnp.float32).reshape(steps, chunk // q.group_size, q.n)
-  return jnp.repeat(groups, q.group_size // per, axis=1)
+  return jnp.repeat(groups, q.group_size, axis=1)
 
 
 def streamed_matmul(x2d: jax.Array, q: QArray, dtype=jnp.float32) -> jax.Array:
   """`x2d (rows, K) @ dequantized(q) (K, N)` in float32, one chunk of `K` at a time.
 
   `q` is a weight-only integer `QArray` that `chunk_rows` accepts (not stacked); `dtype` is
-  the dtype the chunks are decoded to and multiplied in (the activations' float dtype).
+  the dtype int8 chunks are decoded to and multiplied in (the activations' float dtype).
 
   >>> y = streamed_matmul(x[None], q)      # one token's activations, an int4 g128 kernel
   """
   chunk = chunk_rows(q)
   if chunk is None:
     raise InvalidValueError(f"This QArray ({q.describe()}) cannot stream; decode it instead.")
-  rows = x2d.shape[0]
-  steps = q.k // chunk
-  bits = q.bits
-  per, nbytes = (1, 1) if bits == 8 else packing.chunk(bits)
-  words = chunk // per  # packed words (groups of `per` codes) per step
-  codes = q.codes.reshape(steps, words * nbytes, q.n)
-  # Input columns meeting the j-th code of each word: `(steps, per, rows, words)`.
-  xs = x2d.astype(dtype).reshape(rows, steps, words, per).transpose(1, 3, 0, 2)
-  scale = _per_row(q.scale, q, steps, chunk, per)
+  if q.bits != 8:
+    return _packed(x2d, q, chunk)
+  # int8: each chunk's codes convert in one op and meet one plain matmul. (Grouping the
+  # partial sums per scale, as `_packed` does, measured slower for int8 on 2 CPU cores.)
+  rows, steps = x2d.shape[0], q.k // chunk
+  codes = q.codes.reshape(steps, chunk, q.n)
+  xs = x2d.astype(dtype).reshape(rows, steps, chunk).transpose(1, 0, 2)
+  scale = _per_row(q.scale, q, steps, chunk)
   if q.zero_point is None:
     zero = jnp.zeros((steps, 1, 1), jnp.float32)
   else:
-    zero = _per_row(q.zero_point, q, steps, chunk, per)
-  qmin = q.spec.qmin
+    zero = _per_row(q.zero_point, q, steps, chunk)
+  # One symmetric scale per output: applied once to the sum, not to every decoded weight.
+  per_output = q.group_size is None and q.zero_point is None
 
   def step(acc, inputs):
     x_i, c_i, s_i, z_i = inputs
-    if bits == 8:
-      planes = [c_i.astype(jnp.float32)]
-    else:
-      b = c_i.astype(jnp.uint32).reshape(words, nbytes, q.n)
-      word = b[:, 0]
-      for byte in range(1, nbytes):
-        word = word | (b[:, byte] << (8 * byte))
-      mask = (1 << bits) - 1
-      planes = [((word >> (j * bits)) & mask).astype(jnp.float32) + qmin for j in range(per)]
-    for j, plane in enumerate(planes):
-      w = plane if per_output else (plane - z_i) * s_i
-      acc = acc + lax.dot(x_i[j], w.astype(dtype), preferred_element_type=jnp.float32)
-    return acc, None
+    plane = c_i.astype(jnp.float32)
+    w = plane if per_output else (plane - z_i) * s_i
+    return acc + lax.dot(x_i, w.astype(dtype), preferred_element_type=jnp.float32), None
 
-  # One symmetric scale per output: applied once to the sum, not to every decoded weight.
-  per_output = q.group_size is None and q.zero_point is None
   acc, _ = lax.scan(step, jnp.zeros((rows, q.n), jnp.float32), (xs, codes, scale, zero))
   return acc * scale[0] if per_output else acc
+
+
+def _packed(x2d: jax.Array, q: QArray, chunk: int) -> jax.Array:
+  """Packed codes (2, 3 or 4 bits): per group of rows sharing a scale, the raw codes meet the
+  input columns they multiply, and the group's zero point and scale go on its `(rows, N)`
+  partial sum, so the per-weight decode is a shift or mask and a conversion."""
+  rows, bits = x2d.shape[0], q.bits  # bits in packing.PACKED_BITS
+  steps = q.k // chunk
+  group = chunk if q.group_size is None else q.group_size  # rows that share one scale
+  per, nbytes = packing.chunk(bits)
+  groups, words = chunk // group, group // per
+  codes = q.codes.reshape(steps, groups, words * nbytes, q.n)
+  x = x2d.astype(jnp.float32)
+  xs = x.reshape(rows, steps, groups, words, per).transpose(1, 4, 2, 0, 3)
+  x_sums = x.reshape(rows, steps, groups, group).sum(-1).transpose(1, 2, 0)
+
+  def per_group(values):
+    values = jnp.asarray(values, jnp.float32)
+    if q.group_size is None:
+      return jnp.broadcast_to(values.reshape(1, 1, -1), (steps, groups, q.n))
+    return values.reshape(steps, groups, q.n)
+
+  scale = per_group(q.scale)
+  zero = scale * 0 if q.zero_point is None else per_group(q.zero_point)
+  offset = float(q.spec.qmin)  # packed codes are stored minus qmin
+  per_output = q.group_size is None  # one scale per column: applied once, to the sum
+
+  def step(acc, inputs):
+    x_i, c_i, s_i, z_i, sum_i = inputs
+    b = c_i.astype(jnp.uint32).reshape(groups, words, nbytes, q.n)
+    word = b[:, :, 0]
+    for byte in range(1, nbytes):
+      word = word | (b[:, :, byte] << (8 * byte))
+    mask = (1 << bits) - 1
+    planes = [((word >> (j * bits)) & mask).astype(jnp.float32) for j in range(per)]
+    if groups == 1:
+      part = sum(x_i[j][0] @ plane[0] for j, plane in enumerate(planes))[None]
+    else:
+      part = sum(jnp.einsum("grw,gwn->grn", x_i[j], p) for j, p in enumerate(planes))
+    if not per_output:
+      part = (part + (offset - z_i)[:, None, :] * sum_i[:, :, None]) * s_i[:, None, :]
+    return acc + jnp.sum(part, axis=0), None
+
+  acc, _ = lax.scan(step, jnp.zeros((rows, q.n), jnp.float32), (xs, codes, scale, zero, x_sums))
+  if per_output:
+    acc = (acc + (offset - zero[0, 0]) * x.sum(-1, keepdims=True)) * scale[0, 0]
+  return acc
