@@ -86,7 +86,7 @@ def streamed_matmul(x2d: jax.Array, q: QArray, dtype=jnp.float32) -> jax.Array:
   if chunk is None:
     raise InvalidValueError(f"This QArray ({q.describe()}) cannot stream; decode it instead.")
   if q.bits != 8:
-    return _packed(x2d, q, chunk)
+    return _packed(x2d, q, chunk, dtype)
   # int8: each chunk's codes convert in one op and meet one plain matmul. (Grouping the
   # partial sums per scale, as `_packed` does, measured slower for int8 on 2 CPU cores.)
   rows, steps = x2d.shape[0], q.k // chunk
@@ -110,7 +110,7 @@ def streamed_matmul(x2d: jax.Array, q: QArray, dtype=jnp.float32) -> jax.Array:
   return acc * scale[0] if per_output else acc
 
 
-def _packed(x2d: jax.Array, q: QArray, chunk: int) -> jax.Array:
+def _packed(x2d: jax.Array, q: QArray, chunk: int, dtype) -> jax.Array:
   """Packed codes (2, 3 or 4 bits): per group of rows sharing a scale, the raw codes meet the
   input columns they multiply, and the group's zero point and scale go on its `(rows, N)`
   partial sum, so the per-weight decode is a shift or mask and a conversion."""
@@ -121,7 +121,8 @@ def _packed(x2d: jax.Array, q: QArray, chunk: int) -> jax.Array:
   groups, words = chunk // group, group // per
   codes = q.codes.reshape(steps, groups, words * nbytes, q.n)
   x = x2d.astype(jnp.float32)
-  xs = x.reshape(rows, steps, groups, words, per).transpose(1, 4, 2, 0, 3)
+  # The products run in the activations' dtype (a bf16 model multiplies in bf16).
+  xs = x2d.astype(dtype).reshape(rows, steps, groups, words, per).transpose(1, 4, 2, 0, 3)
   x_sums = x.reshape(rows, steps, groups, group).sum(-1).transpose(1, 2, 0)
 
   def per_group(values):
@@ -144,9 +145,15 @@ def _packed(x2d: jax.Array, q: QArray, chunk: int) -> jax.Array:
     mask = (1 << bits) - 1
     planes = [((word >> (j * bits)) & mask).astype(jnp.float32) for j in range(per)]
     if groups == 1:
-      part = sum(x_i[j][0] @ plane[0] for j, plane in enumerate(planes))[None]
+      part = sum(
+        lax.dot(x_i[j][0], plane[0].astype(dtype), preferred_element_type=jnp.float32)
+        for j, plane in enumerate(planes)
+      )[None]
     else:
-      part = sum(jnp.einsum("grw,gwn->grn", x_i[j], p) for j, p in enumerate(planes))
+      part = sum(
+        jnp.einsum("grw,gwn->grn", x_i[j], p.astype(dtype), preferred_element_type=jnp.float32)
+        for j, p in enumerate(planes)
+      )
     if not per_output:
       part = (part + (offset - z_i)[:, None, :] * sum_i[:, :, None]) * s_i[:, None, :]
     return acc + jnp.sum(part, axis=0), None
