@@ -65,59 +65,45 @@ def chunk_rows(q: QArray) -> int | None:
   return small[0] if small else (valid[-1] if valid else None)
 
 
-def _per_row(values: jax.Array, q: QArray, steps: int, chunk: int) -> jax.Array:
-  """`(steps, chunk, N)` per-group values, one per row of each step (`(steps, 1, N)` per
-  output column)."""
-  if q.group_size is None:
-    return jnp.broadcast_to(values.astype(jnp.float32)[None], (steps, 1, q.n))
-  groups = values.astype(jnp.float32).reshape(steps, chunk // q.group_size, q.n)
-  return jnp.repeat(groups, q.group_size, axis=1)
-
-
 def streamed_matmul(x2d: jax.Array, q: QArray, dtype=jnp.float32) -> jax.Array:
   """`x2d (rows, K) @ dequantized(q) (K, N)` in float32, one chunk of `K` at a time.
 
   `q` is a weight-only integer `QArray` that `chunk_rows` accepts (not stacked); `dtype` is
-  the dtype int8 chunks are decoded to and multiplied in (the activations' float dtype).
+  the dtype the codes are multiplied in (the activations' float dtype).
 
   >>> y = streamed_matmul(x[None], q)      # one token's activations, an int4 g128 kernel
   """
   chunk = chunk_rows(q)
   if chunk is None:
     raise InvalidValueError(f"This QArray ({q.describe()}) cannot stream; decode it instead.")
-  if q.bits != 8:
-    return _packed(x2d, q, chunk, dtype)
-  # int8: each chunk's codes convert in one op and meet one plain matmul. (Grouping the
-  # partial sums per scale, as `_packed` does, measured slower for int8 on 2 CPU cores.)
+  if q.bits != 8 or q.group_size is not None:
+    return _grouped(x2d, q, chunk, dtype)
+  # Per-channel int8: each chunk's codes convert in one op and meet one plain matmul; the
+  # scale and zero point of each output column go on the finished sum. (Grouping the partial
+  # sums per step, as `_grouped` does, measured slower here on 2 CPU cores.)
   rows, steps = x2d.shape[0], q.k // chunk
   codes = q.codes.reshape(steps, chunk, q.n)
   xs = x2d.astype(dtype).reshape(rows, steps, chunk).transpose(1, 0, 2)
-  scale = _per_row(q.scale, q, steps, chunk)
-  if q.zero_point is None:
-    zero = jnp.zeros((steps, 1, 1), jnp.float32)
-  else:
-    zero = _per_row(q.zero_point, q, steps, chunk)
-  # One symmetric scale per output: applied once to the sum, not to every decoded weight.
-  per_output = q.group_size is None and q.zero_point is None
 
   def step(acc, inputs):
-    x_i, c_i, s_i, z_i = inputs
-    plane = c_i.astype(jnp.float32)
-    w = plane if per_output else (plane - z_i) * s_i
-    return acc + lax.dot(x_i, w.astype(dtype), preferred_element_type=jnp.float32), None
+    x_i, c_i = inputs
+    return acc + lax.dot(x_i, c_i.astype(dtype), preferred_element_type=jnp.float32), None
 
-  acc, _ = lax.scan(step, jnp.zeros((rows, q.n), jnp.float32), (xs, codes, scale, zero))
-  return acc * scale[0] if per_output else acc
+  acc, _ = lax.scan(step, jnp.zeros((rows, q.n), jnp.float32), (xs, codes))
+  if q.zero_point is not None:
+    zero = q.zero_point.astype(jnp.float32).reshape(1, q.n)
+    acc = acc - zero * x2d.astype(jnp.float32).sum(-1, keepdims=True)
+  return acc * q.scale.astype(jnp.float32).reshape(1, q.n)
 
 
-def _packed(x2d: jax.Array, q: QArray, chunk: int, dtype) -> jax.Array:
-  """Packed codes (2, 3 or 4 bits): per group of rows sharing a scale, the raw codes meet the
-  input columns they multiply, and the group's zero point and scale go on its `(rows, N)`
-  partial sum, so the per-weight decode is a shift or mask and a conversion."""
-  rows, bits = x2d.shape[0], q.bits  # bits in packing.PACKED_BITS
+def _grouped(x2d: jax.Array, q: QArray, chunk: int, dtype) -> jax.Array:
+  """Packed codes (2, 3 or 4 bits) or grouped int8: per group of rows sharing a scale, the raw
+  codes meet the input columns they multiply, and the group's zero point and scale go on its
+  `(rows, N)` partial sum, so the per-weight decode is a shift or mask and a conversion."""
+  rows, bits = x2d.shape[0], q.bits
   steps = q.k // chunk
   group = chunk if q.group_size is None else q.group_size  # rows that share one scale
-  per, nbytes = packing.chunk(bits)
+  per, nbytes = (1, 1) if bits == 8 else packing.chunk(bits)
   groups, words = chunk // group, group // per
   codes = q.codes.reshape(steps, groups, words * nbytes, q.n)
   x = x2d.astype(jnp.float32)
@@ -133,17 +119,20 @@ def _packed(x2d: jax.Array, q: QArray, chunk: int, dtype) -> jax.Array:
 
   scale = per_group(q.scale)
   zero = scale * 0 if q.zero_point is None else per_group(q.zero_point)
-  offset = float(q.spec.qmin)  # packed codes are stored minus qmin
+  offset = 0.0 if bits == 8 else float(q.spec.qmin)  # packed codes are stored minus qmin
   per_output = q.group_size is None  # one scale per column: applied once, to the sum
 
   def step(acc, inputs):
     x_i, c_i, s_i, z_i, sum_i = inputs
-    b = c_i.astype(jnp.uint32).reshape(groups, words, nbytes, q.n)
-    word = b[:, :, 0]
-    for byte in range(1, nbytes):
-      word = word | (b[:, :, byte] << (8 * byte))
-    mask = (1 << bits) - 1
-    planes = [((word >> (j * bits)) & mask).astype(jnp.float32) for j in range(per)]
+    if bits == 8:
+      planes = [c_i]
+    else:
+      b = c_i.astype(jnp.uint32).reshape(groups, words, nbytes, q.n)
+      word = b[:, :, 0]
+      for byte in range(1, nbytes):
+        word = word | (b[:, :, byte] << (8 * byte))
+      mask = (1 << bits) - 1
+      planes = [(word >> (j * bits)) & mask for j in range(per)]
     if groups == 1:
       part = sum(
         lax.dot(x_i[j][0], plane[0].astype(dtype), preferred_element_type=jnp.float32)
