@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxshrink import models
 from jaxshrink.bench import Record, interleaved_best
@@ -58,8 +57,7 @@ def _bandwidth() -> float:
 
 
 def _nbytes(tree) -> int:
-  return int(sum(np.asarray(a).nbytes if not hasattr(a, "nbytes") else a.nbytes
-                 for a in jax.tree.leaves(tree)))  # fmt: skip
+  return int(sum(a.nbytes for a in jax.tree.leaves(tree)))
 
 
 def _bytes_per_token(tree) -> int:

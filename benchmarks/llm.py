@@ -119,6 +119,7 @@ def run() -> list[Record]:
     start = time.perf_counter()
     value = _kv_perplexity(model, params, dataset, bits)
     kv_apply = _kv_apply(model, bits)
+    cache_bytes = _kv_bytes_per_token(model, bits)
     records.append(Record(
       suite=SUITE, model=MODEL, method=f"int{bits} KV cache", metric="perplexity", value=value,
       reference_value=reference, size_bytes=float32_bytes, float32_bytes=float32_bytes,
@@ -127,9 +128,9 @@ def run() -> list[Record]:
              "next_token_agreement": _next_token_agreement(
                model.apply, params, kv_apply, params, windows),
              "change_vs_float": value / reference - 1,
-             "cache_bytes_per_token": _kv_bytes_per_token(model, bits),
+             "cache_bytes_per_token": cache_bytes,
              "bf16_cache_bytes_per_token": bf16_cache,
-             "cache_vs_bf16": _kv_bytes_per_token(model, bits) / bf16_cache},
+             "cache_vs_bf16": cache_bytes / bf16_cache},
     ))  # fmt: skip
   return records
 
