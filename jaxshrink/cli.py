@@ -84,27 +84,13 @@ def cmd_compress(args) -> int:
   return 0
 
 
-def _reference(manifest: dict[str, Any], model: Any, args) -> tuple[Any, Any]:
-  """The float model and params the checkpoint was compressed from."""
-  from jaxshrink import recipes
-  from jaxshrink.models.registry import checkpoint_model, load_model
-
-  recipe = manifest.get("recipe") or {}
-  if args.reference_model:
-    model = load_model(args.reference_model)
-  elif recipe.get("model") is not None and recipe["model"] != manifest["model"]:
-    # e.g. the teacher of a distilled student; named by the checkpoint, so zoo models only
-    model = checkpoint_model(recipe["model"], field="recipe.model", where=args.dir,
-                             flag="--reference-model")  # fmt: skip
-  return model, recipes.load_float_params(model, recipe.get("params"), progress=False)
-
-
 def cmd_eval(args) -> int:
   import dataclasses
 
   from jaxshrink import data, export, recipes, serving
   from jaxshrink.data.sources import checkpoint_data_source
   from jaxshrink.models.registry import checkpoint_model, load_model
+  from jaxshrink.reference import float_reference
 
   manifest = export.read_manifest(args.dir)
   # The checkpoint is untrusted: what it names is resolved among zoo names only; code to
@@ -131,7 +117,9 @@ def cmd_eval(args) -> int:
   dataset = None
   if not args.data and manifest["data"]:  # named by the checkpoint: a zoo dataset only
     dataset = checkpoint_data_source(source, field="data", where=args.dir)
-  reference_model, reference_params = _reference(manifest, model, args)
+  reference_model, reference_params = float_reference(
+    manifest, model, where=args.dir, reference_model=args.reference_model
+  )
   if dataset is not None:
     pass
   elif model.metric == "cosine" and source.lower().endswith(".txt"):

@@ -34,6 +34,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
   p.add_argument("--kv-bits", type=int, choices=[8, 4], help="quantize the KV cache to 8 or 4 bits")
   p.add_argument(
+    "--reference-model",
+    help="zoo model or module:factory of the float model to time beside it, when it differs "
+    "from the checkpoint's (default: the model the checkpoint's recipe started from)",
+  )
+  p.add_argument(
     "--serving",
     metavar="MODE",
     default="integer",
@@ -66,10 +71,11 @@ def text_codec(model: Any) -> tuple[Any, Any, int | None]:
 def cmd_generate(args) -> int:
   import jax
 
-  from jaxshrink import export, recipes
+  from jaxshrink import export
   from jaxshrink.bench import interleaved_best
   from jaxshrink.generate import generate
   from jaxshrink.models.registry import checkpoint_model
+  from jaxshrink.reference import float_reference
   from jaxshrink.serving import check_mode
   from jaxshrink.tree import flatten_to_store
 
@@ -92,8 +98,10 @@ def cmd_generate(args) -> int:
   if prompt.size == 0:
     raise UsageError("`--prompt` is empty; give some text to continue.")
   tree = export.load(args.dir)
-  recipe = manifest.get("recipe") or {}
-  reference = recipes.load_float_params(model, recipe.get("params"), progress=False)
+  # The float model it was compressed from: a distilled student's teacher, say.
+  reference_model, reference = float_reference(
+    manifest, model, where=args.dir, reference_model=args.reference_model
+  )
   options = {
     "temperature": args.temperature, "top_k": args.top_k, "key": jax.random.key(args.seed),
     "max_len": args.max_len, "kv_bits": args.kv_bits,
@@ -104,7 +112,7 @@ def cmd_generate(args) -> int:
     return generate(model, tree, ids, args.max_new_tokens, serving=args.serving, **options)
 
   def run_float():
-    return generate(model, reference, ids, args.max_new_tokens, **options)
+    return generate(reference_model, reference, ids, args.max_new_tokens, **options)
 
   try:
     out = run_compressed()
