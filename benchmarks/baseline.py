@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from jaxshrink import cast_params, data, models, recipes
+from jaxshrink import cast_params, data, evaluation, models
 from jaxshrink.bench import Record
 from jaxshrink.report import tree_report
 
@@ -45,7 +45,7 @@ def run() -> list[Record]:
     for _ in range(2):  # interleave so drift on a shared machine hits both alike
       for method, tree in variants.items():
         values[method], t = _best_of(
-          lambda tree=tree, m=model, d=dataset: recipes.evaluate_tree(m, tree, d)
+          lambda tree=tree, m=model, d=dataset: evaluation.evaluate_tree(m, tree, d)
         )
         timings[method] = min(timings.get(method, float("inf")), t)
     for method, tree in variants.items():

@@ -50,6 +50,7 @@ ORDER = (
   "hybrids.md",
   "recovery.md",
   "structured.md",
+  "search.md",
   "checkpoints.md",
   "serving.md",
   "real-model.md",

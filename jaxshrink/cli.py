@@ -40,9 +40,19 @@ def _print_json(payload: dict[str, Any]) -> None:
 
 
 def cmd_compress(args) -> int:
-  from jaxshrink import export, recipes
+  from jaxshrink import recipes
 
-  recipe = recipes.load_recipe(args.recipe)
+  compress_and_save(recipes.load_recipe(args.recipe), args, title=args.recipe)
+  return 0
+
+
+def compress_and_save(recipe: Any, args: Any, *, title: str) -> Any:
+  """Runs `recipe`, saves the checkpoint to `args.out` and prints its summary (`compress` and
+  `autocompress`); returns the `CompressResult`."""
+  from jaxshrink import export, recipes
+  from jaxshrink.inspect_cli import print_kept_dense
+  from jaxshrink.search.cli import print_search
+
   out = Path(args.out)
   if (out.exists() or out.is_symlink()) and not args.overwrite:
     raise UsageError(f"`{out}` already exists; pass --overwrite to replace it.")
@@ -70,10 +80,11 @@ def cmd_compress(args) -> int:
   }
   if args.json:
     _print_json(summary)
-    return 0
+    return result
   console = _console()
-  console.print(result.report.table(title=f"{recipe.name or args.recipe} -> {out}"))
-  _print_kept_dense(console, result.metrics.get("stages"))
+  console.print(result.report.table(title=f"{recipe.name or title} -> {out}"))
+  print_kept_dense(console, result.metrics.get("stages"))
+  print_search(console, result.metrics.get("stages"))
   if "value" in result.metrics:
     console.print(
       f"{model.metric}: {result.metrics['value']:.4f} "
@@ -81,13 +92,13 @@ def cmd_compress(args) -> int:
       f"{summary['disk_bytes']} bytes on disk; {result.report.ratio:.2f}x smaller than float32"
       + "".join(f"; {k} {result.metrics[k]:.4f}" for k in SECONDARY_METRICS if k in result.metrics)
     )
-  return 0
+  return result
 
 
 def cmd_eval(args) -> int:
   import dataclasses
 
-  from jaxshrink import data, export, recipes, serving
+  from jaxshrink import data, evaluation, export, serving
   from jaxshrink.data.sources import checkpoint_data_source
   from jaxshrink.models.registry import checkpoint_model, load_model
   from jaxshrink.reference import float_reference
@@ -135,15 +146,15 @@ def cmd_eval(args) -> int:
   tree = export.load(args.dir)
   mode = _serving_mode(args, manifest)
   served = serving.serve(model.apply, tree, mode)
-  measured = recipes.evaluate_metrics(
+  measured = evaluation.evaluate_metrics(
     dataclasses.replace(model, apply=served.apply), served.params, dataset, served=True
   )
   value = measured.pop("value")
-  reference = recipes.evaluate_tree(reference_model, reference_params, dataset)
+  reference = evaluation.evaluate_tree(reference_model, reference_params, dataset)
   if args.batch_size < 1:
     raise UsageError(f"`--batch-size` must be >= 1; got {args.batch_size}.")
   timing = serving.measure(
-    model.apply, tree, reference_params, (recipes.timing_batch(dataset, args.batch_size),),
+    model.apply, tree, reference_params, (evaluation.timing_batch(dataset, args.batch_size),),
     modes=(mode,), float_apply=reference_model.apply,
   )  # fmt: skip
   payload = {
@@ -215,71 +226,6 @@ def _serving_mode(args, manifest: dict[str, Any]) -> str:
     recorded["serving_mode"],
     where=f"`metrics.serving.serving_mode` recorded in `{args.dir}`",
     fix="Pass --serving MODE to choose one.",
-  )
-
-
-def cmd_inspect(args) -> int:
-  from jaxshrink import export
-  from jaxshrink.report import TreeReport, format_bytes
-
-  manifest = export.read_manifest(args.dir)
-  report = TreeReport.from_json({"layers": manifest["leaves"]})
-  payload = {
-    **report.to_json(),
-    "disk_bytes": export.disk_bytes(args.dir),
-    "model": manifest.get("model"),
-    "metrics": manifest.get("metrics", {}),
-  }
-  if args.json:
-    _print_json(payload)
-    return 0
-  console = _console()
-  console.print(report.table(title=f"{args.dir} ({manifest.get('model')})"))
-  native = "" if report.all_float32 else (
-    f"; {report.native_ratio:.2f}x against {format_bytes(report.native_bytes)} in the model's "
-    "own dtypes")  # fmt: skip
-  console.print(
-    f"{format_bytes(report.total_bytes)} stored for {format_bytes(report.float32_bytes)} of "
-    f"float32 ({report.ratio:.2f}x{native}); {format_bytes(payload['disk_bytes'])} on disk with "
-    "the manifest and orbax metadata (read from the manifest only)."
-  )
-  _print_kept_dense(console, payload["metrics"].get("stages"))
-  recorded = payload["metrics"].get("serving")
-  if _valid_serving(recorded):
-    others = ", ".join(
-      f"{mode} {ratio:.2f}x" for mode, ratio in recorded["time_vs_float_by_mode"].items()
-    )
-    console.print(
-      f"serving mode: {recorded['serving_mode']} ({recorded['time_vs_float']:.2f}x the float "
-      f"model's time on {recorded.get('backend')}, batch {tuple(recorded.get('batch_shape', ()))}"
-      + (f"; every mode: {others}" if others else "")
-      + "), as measured when compressed"
-    )
-  return 0
-
-
-def _print_kept_dense(console, stages: Any) -> None:
-  """Each kernel a prune stage left dense, with why (read from untrusted input: no markup)."""
-  for stage in stages if isinstance(stages, list) else []:
-    pruned = stage.get("pruned") if isinstance(stage, dict) else None
-    kept = pruned.get("kept_dense") if isinstance(pruned, dict) else None
-    for path, reason in kept.items() if isinstance(kept, dict) else ():
-      console.print(f"{path}: {reason}", markup=False, highlight=False)
-
-
-def _valid_serving(recorded: Any) -> bool:
-  """A well-formed `metrics.serving` record (the manifest is untrusted: else nothing shown)."""
-  from jaxshrink.serving import MODES
-
-  if not isinstance(recorded, dict) or recorded.get("serving_mode") not in MODES:
-    return False
-  ratios = recorded.get("time_vs_float_by_mode")
-  numbers = [
-    recorded.get("time_vs_float"),
-    *(ratios.values() if isinstance(ratios, dict) else [None]),
-  ]
-  return all(isinstance(r, (int, float)) for r in numbers) and isinstance(
-    recorded.get("batch_shape"), list
   )
 
 
@@ -393,10 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   add_generate(sub, common)
 
-  p = sub.add_parser("inspect", parents=[common], help="per-leaf size table (manifest only)")
-  p.add_argument("dir", help="checkpoint directory")
-  p.add_argument("--json", action="store_true", help="print the table as JSON")
-  p.set_defaults(func=cmd_inspect)
+  from jaxshrink.inspect_cli import add_parser as add_inspect
+
+  add_inspect(sub, common)
+
+  from jaxshrink.search.cli import add_parser as add_autocompress
+
+  add_autocompress(sub, common)
 
   p = sub.add_parser("export", parents=[common], help="convert a checkpoint to safetensors")
   p.add_argument("dir", help="checkpoint directory")

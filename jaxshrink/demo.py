@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxshrink import export, recipes
+from jaxshrink import evaluation, export, recipes
 from jaxshrink.report import format_bytes
 
 MODEL = "digits-cnn"
@@ -138,7 +138,7 @@ def run_demo(out: Path, *, quick: bool = False, console=None) -> list[DemoRow]:
     start = time.perf_counter()
     directory, pipeline = run_method(method, base, out)
     reloaded = export.load(directory)  # measure what was saved, not what is in memory
-    value = recipes.evaluate_tree(pipeline.model, reloaded, pipeline.dataset)
+    value = evaluation.evaluate_tree(pipeline.model, reloaded, pipeline.dataset)
     disk = export.disk_bytes(directory)
     stored = export.read_manifest(directory)["totals"]["total_bytes"]
     rows.append(

@@ -8,12 +8,16 @@ through `jaxshrink.stages`. Nothing here imports either, so registration has no 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxshrink.capture import padding
+from jaxshrink.compose import recast, uncast
 from jaxshrink.errors import UsageError
 from jaxshrink.tree import Rule
 
@@ -50,6 +54,50 @@ def register_stage(name: str, *, options: Mapping[str, Any], doc: str):
     return fn
 
   return wrap
+
+
+def suggest(word: str, valid: list[str]) -> str:
+  """ " Did you mean `x`?" for the valid word closest to `word`, or ""."""
+  close = difflib.get_close_matches(word, valid, n=1)
+  return f" Did you mean `{close[0]}`?" if close else ""
+
+
+def check_options(
+  where: str, given: Any, defaults: Mapping[str, Any], *, what: str = "key"
+) -> dict[str, Any]:
+  """`given` with `defaults` filled in, rejecting unknown keys (naming the closest valid one),
+  missing required keys and values of the wrong type."""
+  if given is None:
+    given = {}
+  if not isinstance(given, Mapping):
+    raise UsageError(f"{where} must be a mapping of options; got {type(given).__name__}.")
+  valid = sorted(defaults)
+  for key in given:
+    if key not in defaults:
+      raise UsageError(
+        f"Unknown {what} `{key}` in {where}; valid {what}s: {', '.join(valid)}."
+        + suggest(str(key), valid)
+      )
+  options = {}
+  for key, default in defaults.items():
+    if key not in given:
+      if default is REQUIRED:
+        raise UsageError(f"{where} needs the {what} `{key}`.")
+      options[key] = default
+      continue
+    value = given[key]
+    expected = type(default)
+    if default is not None and default is not REQUIRED and value is not None:
+      ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+      if expected is int and isinstance(value, bool):
+        ok = False
+      if not ok:
+        raise UsageError(
+          f"{what.capitalize()} `{key}` in {where} must be {expected.__name__}; got "
+          f"{value!r} ({type(value).__name__})."
+        )
+    options[key] = value
+  return options
 
 
 def rule_from_options(options: Mapping[str, Any]) -> Rule:
@@ -166,3 +214,21 @@ class Pipeline:
   key: jax.Array
   log: tuple[dict[str, Any], ...] = ()
   model_source: str = ""
+
+
+def run_stage(pipeline: Pipeline, kind: str, options: dict[str, Any]) -> Pipeline:
+  """Runs one registered stage kind with its full options and logs it.
+
+  Cast leaves are storage only: the stage sees them float, and what it leaves float is
+  stored cast again. Calibration never counts padding tokens. The stage's log entry merges
+  what the stage logged itself (e.g. prune's `pruned` report) with its kind, options and time.
+  """
+  start, before = time.perf_counter(), len(pipeline.log)
+  tree, casts = uncast(pipeline.tree) if kind != "cast" else (pipeline.tree, {})
+  with padding(pipeline.model.pad_id):
+    pipeline = STAGES[kind].run(dataclasses.replace(pipeline, tree=tree), options)
+  pipeline = dataclasses.replace(pipeline, tree=recast(pipeline.tree, casts))
+  found = {k: v for e in pipeline.log[before:] for k, v in e.items()}
+  seconds = round(time.perf_counter() - start, 3)
+  entry = {**found, "stage": kind, "options": options, "seconds": seconds}
+  return dataclasses.replace(pipeline, log=pipeline.log[:before] + (entry,))

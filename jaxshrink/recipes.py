@@ -34,23 +34,23 @@ adapter over a public function, so a recipe does nothing the Python API can't.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from jaxshrink.capture import padding
-from jaxshrink.compose import recast, uncast
-from jaxshrink.errors import InvalidTypeError, JaxshrinkError, UsageError
+from jaxshrink.errors import JaxshrinkError, UsageError
+from jaxshrink.evaluation import evaluate_metrics, evaluate_tree, timing_batch
 from jaxshrink.pipeline import (
   REQUIRED,
   STAGES,
   Pipeline,
   StageKind,
+  check_options,
+  run_stage,
+  suggest,
 )
 from jaxshrink.report import TreeReport, tree_report
 
@@ -67,8 +67,6 @@ TOP_LEVEL: dict[str, Any] = {
   "export": {},
 }
 EXPORT_OPTIONS: dict[str, Any] = {"evaluate": True, "serving": "auto"}
-# Rows of the test split timed to choose the serving mode (fewer when the split is smaller).
-SERVING_BATCH = 64
 
 
 def stage_kinds() -> dict[str, StageKind]:
@@ -95,55 +93,13 @@ class Recipe:
   pad_id: int | None = None
 
 
-def _suggest(word: str, valid: list[str]) -> str:
-  close = difflib.get_close_matches(word, valid, n=1)
-  return f" Did you mean `{close[0]}`?" if close else ""
-
-
-def _check_options(
-  where: str, given: Any, defaults: Mapping[str, Any], *, what: str = "key"
-) -> dict[str, Any]:
-  """Fills defaults, rejecting unknown keys, missing required keys and bad types."""
-  if given is None:
-    given = {}
-  if not isinstance(given, Mapping):
-    raise UsageError(f"{where} must be a mapping of options; got {type(given).__name__}.")
-  valid = sorted(defaults)
-  for key in given:
-    if key not in defaults:
-      raise UsageError(
-        f"Unknown {what} `{key}` in {where}; valid {what}s: {', '.join(valid)}."
-        + _suggest(str(key), valid)
-      )
-  options = {}
-  for key, default in defaults.items():
-    if key not in given:
-      if default is REQUIRED:
-        raise UsageError(f"{where} needs the {what} `{key}`.")
-      options[key] = default
-      continue
-    value = given[key]
-    expected = type(default)
-    if default is not None and default is not REQUIRED and value is not None:
-      ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
-      if expected is int and isinstance(value, bool):
-        ok = False
-      if not ok:
-        raise UsageError(
-          f"{what.capitalize()} `{key}` in {where} must be {expected.__name__}; got "
-          f"{value!r} ({type(value).__name__})."
-        )
-    options[key] = value
-  return options
-
-
 def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
   """Validates a recipe mapping (as read from YAML) and fills in defaults.
 
   Raises:
     UsageError: naming the unknown or malformed key, stage or option.
   """
-  top = _check_options(source, raw, TOP_LEVEL)
+  top = check_options(source, raw, TOP_LEVEL)
   stages_raw = top["stages"] or []
   kinds = stage_kinds()
   stages = []
@@ -159,13 +115,13 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     if kind not in kinds:
       raise UsageError(
         f"Unknown stage `{kind}` (stage {index}) in {source}; valid stages: "
-        f"{', '.join(sorted(kinds))}." + _suggest(str(kind), sorted(kinds))
+        f"{', '.join(sorted(kinds))}." + suggest(str(kind), sorted(kinds))
       )
-    options = _check_options(
+    options = check_options(
       f"stage {index} (`{kind}`) of {source}", given, kinds[kind].options, what="option"
     )
     stages.append((kind, options))
-  export = _check_options(f"`export` of {source}", top["export"], EXPORT_OPTIONS, what="option")
+  export = check_options(f"`export` of {source}", top["export"], EXPORT_OPTIONS, what="option")
   if export["serving"] not in (None, "auto"):
     from jaxshrink.serving import check_mode
 
@@ -185,7 +141,7 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
   if top["training"] is not None:
     from jaxshrink.models.base import TRAINING_DEFAULTS
 
-    training = _check_options(
+    training = check_options(
       f"`training` of {source}", top["training"], {k: None for k in TRAINING_DEFAULTS},
       what="field",
     )  # fmt: skip
@@ -320,7 +276,7 @@ def training_fields(kind: str, options: Mapping[str, Any]) -> tuple[str, ...]:
 
 def calibrates(kind: str, options: Mapping[str, Any]) -> bool:
   """True for a stage that reads the train split (to calibrate or to train)."""
-  if training_fields(kind, options) or kind == "distill":
+  if training_fields(kind, options) or kind in ("distill", "search"):
     return True
   if kind == "quantize":
     return options.get("method") != "rtn" or options.get("activation_bits") is not None
@@ -352,102 +308,11 @@ def check_stage_inputs(index: int, kind: str, options: Mapping[str, Any], pipeli
 
 
 def run_stages(recipe: Recipe, pipeline: Pipeline) -> Pipeline:
-  kinds = stage_kinds()
+  stage_kinds()  # registers every built-in stage kind
   for index, (kind, options) in enumerate(recipe.stages, start=1):
     check_stage_inputs(index, kind, options, pipeline)
-    start, before = time.perf_counter(), len(pipeline.log)
-    # Cast leaves are storage only: the stage sees them float, and what it leaves float is
-    # stored cast again.
-    tree, casts = uncast(pipeline.tree) if kind != "cast" else (pipeline.tree, {})
-    with padding(pipeline.model.pad_id):  # calibration never counts padding tokens
-      pipeline = kinds[kind].run(dataclasses.replace(pipeline, tree=tree), options)
-    pipeline = dataclasses.replace(pipeline, tree=recast(pipeline.tree, casts))
-    # One log entry per stage: what the stage logged itself (e.g. prune's `pruned` report)
-    # merged with its kind, options and time.
-    found = {k: v for e in pipeline.log[before:] for k, v in e.items()}
-    seconds = round(time.perf_counter() - start, 3)
-    entry = {**found, "stage": kind, "options": options, "seconds": seconds}
-    pipeline = dataclasses.replace(pipeline, log=pipeline.log[:before] + (entry,))
+    pipeline = run_stage(pipeline, kind, options)
   return pipeline
-
-
-def evaluate_tree(model: Any, tree: Any, dataset: Any, *, served: bool = False) -> float:
-  """The model's metric on `dataset`'s test split, running `tree` on the integer path.
-
-  `served=True`: `model.apply` and `tree` are already a serving mode's (`serving.serve`).
-  """
-  from jaxshrink import models
-
-  model = model if served else _serving_model(model)
-  if model.metric_fn is not None:
-    return evaluate_user_metric(model, tree, dataset)
-  return float(models.evaluate(model, tree, dataset))
-
-
-def evaluate_user_metric(model: Any, tree: Any, dataset: Any, *, batch_size: int = 256) -> float:
-  """`model.metric_fn(outputs, labels)` on the whole test split, run in jitted batches.
-
-  The last batch is padded to the same shape (one compile), and its padding dropped.
-  """
-  import numpy as np
-
-  apply = jax.jit(model.apply)
-  x, y = np.asarray(dataset.x_test), np.asarray(dataset.y_test)
-  if len(x) == 0:
-    raise JaxshrinkError(f"{dataset.name!r} has an empty test split; nothing to evaluate.")
-  size = min(batch_size, len(x))
-  outputs = []
-  for start in range(0, len(x), size):
-    batch = x[start : start + size]
-    valid = len(batch)
-    if valid < size:
-      batch = np.concatenate([batch, np.zeros((size - valid, *x.shape[1:]), x.dtype)])
-    out = apply(tree, batch)
-    outputs.append(jax.tree.map(lambda a, n=valid: np.asarray(a)[:n], out))
-  joined = jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
-  value = model.metric_fn(joined, y)
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    raise InvalidTypeError(
-      f"metric {model.metric!r} must return a number; got {type(value).__name__}."
-    ) from None
-
-
-def evaluate_metrics(model: Any, tree: Any, dataset: Any, *, served: bool = False) -> dict:
-  """`{"value": <the model's metric>}`, plus secondary metrics for embedding models.
-
-  For a "cosine" model the test split is embedded once and scored with
-  `models.embedding_metrics` against the dataset's target embeddings: `value` is the mean
-  cosine, and `min_cosine` and `neighbour_agreement` are added. `served` as in
-  `evaluate_tree`.
-  """
-  if model.metric != "cosine" or model.metric_fn is not None:
-    return {"value": evaluate_tree(model, tree, dataset, served=served)}
-  from jaxshrink import models
-  from jaxshrink.models.minilm import embed_ids
-
-  apply = model.apply if served else _serving_model(model).apply
-  embeddings = embed_ids(apply, tree, dataset.x_test)
-  scores = models.embedding_metrics(embeddings, dataset.y_test)
-  return {
-    "value": scores["mean_cosine"],
-    "min_cosine": scores["min_cosine"],
-    "neighbour_agreement": scores["neighbour_agreement"],
-  }
-
-
-_SERVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _serving_model(model: Any) -> Any:
-  """`model` whose apply runs W8A8 layers on the integer path and decodes other encodings
-  inside jit; one per model, so repeated evaluations reuse the compiled function."""
-  from jaxshrink.quant import quantized_apply
-
-  if model not in _SERVING:
-    _SERVING[model] = dataclasses.replace(model, apply=quantized_apply(model.apply))
-  return _SERVING[model]
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> CompressResult:
@@ -474,14 +339,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> CompressResult:
     metrics["serving"] = time_serving(pipeline, recipe.export["serving"])
   metrics["seconds"] = round(time.perf_counter() - start, 3)
   return CompressResult(recipe=recipe, pipeline=pipeline, report=report, metrics=metrics)
-
-
-def timing_batch(dataset: Any, rows: int = SERVING_BATCH) -> Any:
-  """The first `rows` test inputs (repeated when the split is smaller): a fixed timed batch."""
-  import numpy as np
-
-  x = np.asarray(dataset.x_test)
-  return np.resize(x, (rows, *x.shape[1:])) if len(x) < rows else x[:rows]
 
 
 def time_serving(pipeline: Pipeline, mode: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import jaxshrink.distill.stage  # noqa: F401  (distill)
 import jaxshrink.lowrank.stage  # noqa: F401  (factorize)
 import jaxshrink.quant.stage  # noqa: F401  (quantize)
 import jaxshrink.recover.stage  # noqa: F401  (recover)
+import jaxshrink.search.stage  # noqa: F401  (search)
 import jaxshrink.sparsity.minitron_stage  # noqa: F401  (structured)
 import jaxshrink.sparsity.stage  # noqa: F401  (prune)
 from jaxshrink.cast import cast_params

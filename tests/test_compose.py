@@ -14,7 +14,8 @@ from jaxshrink import export
 from jaxshrink.compose import CompositionError
 from jaxshrink.encoding import is_encoding, materialize
 from jaxshrink.errors import UsageError
-from jaxshrink.recipes import evaluate_tree, parse_recipe, prepare, run_recipe, run_stages
+from jaxshrink.evaluation import evaluate_tree
+from jaxshrink.recipes import parse_recipe, prepare, run_recipe, run_stages
 from jaxshrink.tree import flatten
 
 Q4 = {"weight_bits": 4, "group_size": 32, "calibration_batches": 1}

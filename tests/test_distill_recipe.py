@@ -18,8 +18,9 @@ from jaxshrink.distill import DistillLoss, distill
 from jaxshrink.distill.models import digits_student, digits_student_nnx
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
+from jaxshrink.evaluation import evaluate_tree
 from jaxshrink.lowrank import LowRank
-from jaxshrink.recipes import evaluate_tree, parse_recipe, run_recipe
+from jaxshrink.recipes import parse_recipe, run_recipe
 from jaxshrink.sparsity import wrapper
 
 STUDENT = "digits-student"

@@ -210,7 +210,8 @@ def test_factorize_stage_method_refusals():
 
 def test_factorize_stage_whitened_fits_held_out_outputs_better_than_plain_svd():
   from jaxshrink.capture import collect, gram_reducer
-  from jaxshrink.recipes import evaluate_tree, parse_recipe, prepare, run_stages
+  from jaxshrink.evaluation import evaluate_tree
+  from jaxshrink.recipes import parse_recipe, prepare, run_stages
 
   def recipe(method):
     stage = {"target": "dense1/kernel", "rank": 8, "method": method}

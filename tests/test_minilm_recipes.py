@@ -32,6 +32,7 @@ EXPECTED = {
   "minilm-2of4-int4": ("prune", {"structure": "2:4", "quantize_nonzeros": 4}),
   "minilm-lowrank-mlp": ("factorize", {"budget": 0.5}),
   "minilm-distill-l3": ("distill", {"student": "jaxshrink.models.minilm:minilm_l3_student"}),
+  "minilm-search": ("search", {"max_drop": 0.005}),
 }
 
 # Recipes that run `recover` after one of the recipes above: recipe -> the one it extends.
@@ -70,7 +71,7 @@ def test_recipe_parses_with_the_expected_stage(path):
   options = recipe.stages[0][1]
   assert {k: options[k] for k in expected} == expected
   assert set(options) == set(stage_kinds()[kind].options)  # defaults filled, nothing unknown
-  if kind == "prune" or kind == "quantize":
+  if kind in ("prune", "quantize", "search"):
     assert options["target"] == ".*kernel"  # tables go through `embeddings`; LayerNorms stay float
   text = path.read_text()
   assert f"jaxshrink compress examples/recipes/{path.name}" in text

@@ -8,9 +8,9 @@ import pytest
 from jaxshrink import export
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import JaxshrinkError, NoMatchError
+from jaxshrink.evaluation import evaluate_tree
 from jaxshrink.quant import QArray, QuantSpec, quantize
 from jaxshrink.quant.awq import _search, awq, awq_matrix, awq_scales
-from jaxshrink.recipes import evaluate_tree
 from jaxshrink.tree import Rule, flatten, map_selected
 
 K, N, ROWS = 64, 32, 512

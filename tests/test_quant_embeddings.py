@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxshrink.quant.stage  # noqa: F401  (registers the `quantize` stage)
-from jaxshrink import export, recipes
+from jaxshrink import evaluation, export, recipes
 from jaxshrink.cli import main
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import CheckpointError, UsageError
@@ -237,8 +237,8 @@ def test_stage_option_on_tiny_lm(tiny_lm):
   assert sorted(tables) == ["embed/embedding", "pos_embed/embedding"]
   assert all(t.describe() == "int8 per-row sym" for t in tables.values())
   assert flat["head/kernel"].describe() == "int8 per-channel sym"
-  served = recipes.evaluate_tree(tiny_lm.model, out.tree, tiny_lm.dataset)
-  float_ppl = recipes.evaluate_tree(tiny_lm.model, tiny_lm.tree, tiny_lm.dataset)
+  served = evaluation.evaluate_tree(tiny_lm.model, out.tree, tiny_lm.dataset)
+  float_ppl = evaluation.evaluate_tree(tiny_lm.model, tiny_lm.tree, tiny_lm.dataset)
   assert served <= float_ppl * 1.02  # perplexity
   grouped = quantize_stage(
     tiny_lm,

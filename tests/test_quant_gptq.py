@@ -207,7 +207,7 @@ def _rtn(params, spec):
 
 
 def _perplexity(model, tree, dataset):
-  from jaxshrink.recipes import evaluate_tree
+  from jaxshrink.evaluation import evaluate_tree
 
   return evaluate_tree(model, tree, dataset)
 

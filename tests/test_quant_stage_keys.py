@@ -15,6 +15,7 @@ import pytest
 
 from jaxshrink import export, recipes
 from jaxshrink.errors import UsageError
+from jaxshrink.evaluation import evaluate_tree
 from jaxshrink.pipeline import RULE_OPTIONS
 from jaxshrink.quant import QArray, QuantSpec
 from jaxshrink.quant.calibrate import calibrate
@@ -22,7 +23,6 @@ from jaxshrink.quant.gptq import gptq
 from jaxshrink.quant.ptq import ptq
 from jaxshrink.quant.serve import IntegerPathWarning, quantized_apply
 from jaxshrink.quant.stage import METHOD_KEYS, METHODS, OPTIONS, SPEC_KEYS, quantize_stage
-from jaxshrink.recipes import evaluate_tree
 from jaxshrink.tree import Rule, flatten
 
 KERNELS = ("conv1/kernel", "conv2/kernel", "dense1/kernel", "dense2/kernel")

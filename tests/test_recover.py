@@ -15,10 +15,11 @@ import pytest
 from jaxshrink import export
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
+from jaxshrink.evaluation import evaluate_tree
 from jaxshrink.lowrank import LowRank
 from jaxshrink.quant import QuantSpec
 from jaxshrink.quant.qarray import QArray, quantize, stack
-from jaxshrink.recipes import evaluate_tree, parse_recipe, prepare, run_recipe, run_stages
+from jaxshrink.recipes import parse_recipe, prepare, run_recipe, run_stages
 from jaxshrink.recover import decode, reencode, trainable_view
 from jaxshrink.recover.train import token_batches
 from jaxshrink.sparsity.encodings import BitmaskSparse, NMSparse, encode_sparse

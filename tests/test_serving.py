@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxshrink import UsageError, recipes, serving
+from jaxshrink import UsageError, evaluation, recipes, serving
 from jaxshrink.cli import main
 from jaxshrink.encoding import materialize
 from jaxshrink.quant import quantized_apply
@@ -35,7 +35,7 @@ def trees():
 
 @pytest.fixture(scope="module")
 def batch(trees):
-  return (recipes.timing_batch(trees["w8a8"].dataset, 32),)
+  return (evaluation.timing_batch(trees["w8a8"].dataset, 32),)
 
 
 @pytest.mark.parametrize("name", list(STAGES))

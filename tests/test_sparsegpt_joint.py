@@ -294,7 +294,7 @@ def test_stacked_kernel_is_quantized_layer_by_layer():
 
 
 def test_digits_cnn_50_percent_int4_g32_loses_at_most_one_point():
-  from jaxshrink.recipes import evaluate_tree
+  from jaxshrink.evaluation import evaluate_tree
 
   model = models.get_model("digits-cnn")
   params = models.pretrained(model, progress=False)

@@ -16,10 +16,11 @@ from jaxshrink.compose import CompositionError
 from jaxshrink.data import get_dataset
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
+from jaxshrink.evaluation import evaluate_tree
 from jaxshrink.export import disk_bytes, save
 from jaxshrink.pipeline import Pipeline
 from jaxshrink.quant import quantize_params
-from jaxshrink.recipes import evaluate_tree, parse_recipe, stage_kinds
+from jaxshrink.recipes import parse_recipe, stage_kinds
 from jaxshrink.report import tree_report
 from jaxshrink.sparsity import BitmaskSparse, NMSparse, Pruner, encode_sparse, oneshot_prune
 from jaxshrink.sparsity.stage import PRUNE_OPTIONS, prune_stage

@@ -2,7 +2,8 @@
 
 `embeddings: {bits: 8}` quantizes every table the model reads by gather (word, position and
 token-type embeddings), one scale per row or per `group_size` elements of a row;
-`embeddings.overrides` sets other specs for some tables, first match wins.
+`embeddings.overrides` sets other specs for some tables, first match wins; an override with
+`skip: true` keeps its tables float.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def table_specs(options: dict[str, Any], paths: list[str]) -> dict[str, QuantSpe
   taken: set[str] = set()  # first match wins: a table keeps the first override's spec
   for i, entry in enumerate(base["overrides"]):
     where = f"embeddings.overrides[{i}]"
-    valid = {"target", "bits", "group_size", "symmetric"}
+    valid = {"target", "bits", "group_size", "symmetric", "skip"}
     if not isinstance(entry, dict) or "target" not in entry or set(entry) - valid:
       raise UsageError(
         f"`{where}` of `quantize` must be a mapping with a `target` regex and keys from "
@@ -82,10 +83,16 @@ def table_specs(options: dict[str, Any], paths: list[str]) -> dict[str, QuantSpe
         f"({', '.join(hits)}) are taken by an earlier override. Overrides are first-match: put "
         "the more specific one first."
       )
-    spec = _table_spec({**base, **entry}, where)
+    skip = entry.get("skip", False)
+    if not isinstance(skip, bool) or (skip and set(entry) - {"target", "skip"}):
+      raise UsageError(
+        f"`{where}.skip` of `quantize` keeps its tables float: it must be true or false, and "
+        f"with `skip: true` only `target` may be set; got {entry!r}."
+      )
+    spec = None if skip else _table_spec({**base, **entry}, where)
     specs.update(dict.fromkeys(free, spec))
     taken.update(free)
-  return specs
+  return {path: spec for path, spec in specs.items() if spec is not None}
 
 
 def embedding_tables(pipeline: Any, options: dict[str, Any], layers) -> dict:
