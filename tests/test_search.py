@@ -216,3 +216,16 @@ def test_recipe_out_is_never_overwritten_silently(searched, tmp_path, capsys):
   code = main(["autocompress", recipe, "--out", str(tmp_path / "o"), "--recipe-out", str(existing)])
   assert code == 2 and existing.read_text() == "keep me\n"
   assert "already exists" in capsys.readouterr().err
+
+
+def test_validation_on_test_rows_for_a_model_trained_on_train():
+  # digits-cnn is exact on its training images, so it verifies on the test split's first rows.
+  stages = [{"search": {**SEARCH, "max_drop": 0.01, "validation_data": "test"}}]
+  raw = {"model": "digits-cnn", "stages": stages, "export": {"serving": None}}
+  out = run_recipe(parse_recipe(raw))
+  entry = next(s for s in out.metrics["stages"] if s["stage"] == "search")["search"]
+  assert entry["validation"]["data"] == "test" and entry["validation"]["rows"] == 256
+  assert entry["validation"]["drop"] <= 0.01
+  with pytest.raises(UsageError, match="validation_data"):
+    stages = [{"search": {**SEARCH, "validation_data": "val"}}]
+    run_recipe(parse_recipe({**raw, "stages": stages}))

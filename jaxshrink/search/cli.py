@@ -147,7 +147,9 @@ def print_search(console: Any, stages: Any) -> None:
       isinstance(check.get(k), (int, float)) for k in ("value", "reference", "drop", "rows")
     ):
       console.print(
-        f"verified on {check['rows']} held-out training rows: {check['value']:.5f} against "
+        f"verified on {check['rows']} "
+        + ("test rows" if check.get("data") == "test" else "training rows calibration never read")
+        + f": {check['value']:.5f} against "
         f"{check['reference']:.5f} (relative drop {check['drop']:.5f}), after "
         f"{len(found.get('iterations') or [])} verifications",
         markup=False, highlight=False,
