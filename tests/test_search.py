@@ -203,6 +203,9 @@ def test_bad_input(tmp_path, capsys):
   tiny = _recipe(tmp_path, "tiny", [{"search": {**SEARCH, "max_bytes": 1000, "max_drop": None}}])
   assert main(["autocompress", tiny, "--out", str(tmp_path / "c")]) == 1
   assert "max_bytes: 1000" in capsys.readouterr().err
+  with pytest.raises(UsageError, match="no candidate in"):
+    fixed = {"candidates": ["float", "bf16"], "embeddings": {"bits": 8}}
+    run_recipe(parse_recipe(_raw([{"search": fixed}])))
   with pytest.raises(UsageError, match="needs a budget"):
     run_recipe(parse_recipe({"model": "tiny-lm", "stages": [{"search": {"max_drop": None}}]}))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

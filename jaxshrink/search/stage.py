@@ -91,6 +91,10 @@ OPTIONS: dict[str, Any] = {
 OBJECTIVES = ("bytes", "latency")
 # Frontier points bisected at most (evenly spread in bytes): 64 -> 6 verifications.
 FRONTIER_POINTS = 64
+NO_INT_KERNEL = (
+  "`embeddings` of `search` quantizes the tables with the kernels, and no candidate in {} "
+  "quantizes a kernel. Add an int candidate (int8, int4-g128), or remove `embeddings`."
+)
 SENSITIVITY = "relative output error with the kernel alone compressed, on calibration batches"
 
 
@@ -209,6 +213,8 @@ def _search(pipeline: Pipeline, options: dict[str, Any], step: Any) -> Pipeline:
   if len(set(names)) != len(names):
     raise UsageError(f"`candidates` of `search` lists a candidate twice: {names}.")
   methods = parse_methods(options["methods"], candidates)
+  if options["embeddings"] is not None and not any(c.bits and not c.nm for c in candidates):
+    raise UsageError(NO_INT_KERNEL.format(names))
   paths = select(pipeline.tree, rule_from_options(options))
   tables = _tables(pipeline, options, paths)
   validation = _validation(pipeline, options)
@@ -252,6 +258,8 @@ def _search(pipeline: Pipeline, options: dict[str, Any], step: Any) -> Pipeline:
   points = frontier(sensitivity.errors, costs)
   # Quantized tables ride with a quantize stage of the kernels.
   points = [p for p in points if _assemblable(p, tables, by_name, options["embeddings"])]
+  if not points:
+    raise UsageError(NO_INT_KERNEL.format(names))
   cap = _max_bytes(options["max_bytes"], sensitivity, names)
   if cap is not None:
     fitting = [p for p in points if _stored(p, sensitivity) <= cap]
