@@ -174,21 +174,28 @@ def _full(kind: str, options: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _progress():
-  """`step(description, total)` -> `advance()`: one rich bar per search phase."""
-  with Progress(
+  """`step(description, total)` -> `advance()`: one rich bar per search phase. The display
+  starts with the first phase, so a search refused before any prints no empty bar."""
+  bar = Progress(
     TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
     TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
-  ) as bar:  # fmt: skip
+  )  # fmt: skip
 
-    def step(description: str, total: int):
-      task = bar.add_task(description, total=total, note="")
+  def step(description: str, total: int):
+    if not bar.live.is_started:
+      bar.start()
+    task = bar.add_task(description, total=total, note="")
 
-      def advance(note: str = "") -> None:
-        bar.update(task, advance=1, note=note)
+    def advance(note: str = "") -> None:
+      bar.update(task, advance=1, note=note)
 
-      return advance
+    return advance
 
+  try:
     yield step
+  finally:
+    if bar.live.is_started:
+      bar.stop()
 
 
 @register_stage(
