@@ -296,10 +296,11 @@ def _search(pipeline: Pipeline, options: dict[str, Any], step: Any) -> Pipeline:
     row = {
       "bytes": tree_report(assembled.tree).total_bytes, "value": value,
       "drop": _drop(reference, value, model.higher_is_better), "stages": stages,
+      "choice": point.choice,
     }  # fmt: skip
     if latency:
       row["time_vs_float"] = _time_vs_float(pipeline, assembled, options["serving"])
-    iterations.append({k: v for k, v in row.items() if k != "stages"})
+    iterations.append({k: v for k, v in row.items() if k not in ("stages", "choice")})
     advance(f"{row['bytes'] / 1e6:.2f} MB, drop {row['drop']:.4f}")
     return assembled, row
 
@@ -326,7 +327,7 @@ def _search(pipeline: Pipeline, options: dict[str, Any], step: Any) -> Pipeline:
       )
   layers = [
     {"path": p, "candidate": n, "bytes": sensitivity.bytes[p][n], "error": sensitivity.errors[p][n]}
-    for p, n in sorted(_choice_of(row, points, verified).items())
+    for p, n in sorted(row["choice"].items())
   ]
   entry = {
     "search": {
@@ -372,13 +373,6 @@ def _assemblable(point: Point, tables: list[str], by_name: dict, embeddings: Any
 def _stored(point: Point, sensitivity: Any) -> int:
   """Total stored bytes of a frontier point (its cost may be time)."""
   return sensitivity.rest_bytes + sum(sensitivity.bytes[p][n] for p, n in point.choice.items())
-
-
-def _choice_of(row: dict, points: list[Point], verified: dict) -> dict[str, str]:
-  for index, (_, r) in verified.items():
-    if r is row:
-      return points[index].choice
-  return points[0].choice
 
 
 def _time_vs_float(before: Pipeline, after: Pipeline, mode: str) -> float:
