@@ -102,6 +102,17 @@ def interleaved_best(fns: dict[str, Any], rounds: int = 5, calls: int = 1) -> di
   return best
 
 
+def calls_per_round(fn: Any, seconds: float, most: int = 50) -> int:
+  """How many calls of the compiled `fn()` fill about `seconds` (1 to `most`), from one timed
+  call: a round of a few-millisecond call is then not measured against the timer's and the
+  scheduler's noise."""
+  import jax
+
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return max(1, min(most, round(seconds / max(time.perf_counter() - start, 1e-6))))
+
+
 def default_directory() -> Path:
   """`$JAXSHRINK_BENCHMARKS`, the repository's `benchmarks/`, or `./benchmarks`."""
   if "JAXSHRINK_BENCHMARKS" in os.environ:

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxshrink.bench import interleaved_best
+from jaxshrink.bench import calls_per_round, interleaved_best
 from jaxshrink.capture import replay_with
 from jaxshrink.encoding import Encoding, is_encoding, materialize
 from jaxshrink.errors import UsageError
@@ -231,9 +230,7 @@ def measure(
     jax.block_until_ready(run(*args))
   # Calls per timed round: about `ROUND_SECONDS` of the float model, so a batch of a few
   # milliseconds is not measured against the timer's and the scheduler's noise.
-  start = time.perf_counter()
-  jax.block_until_ready(runs["float"](*args))
-  calls = max(1, min(50, round(ROUND_SECONDS / max(time.perf_counter() - start, 1e-6))))
+  calls = calls_per_round(functools.partial(runs["float"], *args), ROUND_SECONDS)
   best = interleaved_best({n: functools.partial(run, *args) for n, run in runs.items()},
                           repeats, calls)  # fmt: skip
   ratios = {m: round(best[m] / best["float"], 4) for m in modes}

@@ -11,14 +11,13 @@ verified model's time against float is measured whole (`serving.measure`).
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshrink.bench import interleaved_best
+from jaxshrink.bench import calls_per_round, interleaved_best
 from jaxshrink.encoding import logical_shape
 from jaxshrink.errors import UsageError
 
@@ -54,11 +53,7 @@ def kernel_seconds(
     runs = {name: serve(_matmul, {"w": leaf}, mode) for name, leaf in by_name.items()}
     for run in runs.values():
       jax.block_until_ready(run(x))
-    first = next(iter(runs.values()))
-    start = time.perf_counter()
-    jax.block_until_ready(first(x))
-    once = max(time.perf_counter() - start, 1e-6)
-    calls = max(1, min(50, round(ROUND_SECONDS / once)))
+    calls = calls_per_round(functools.partial(next(iter(runs.values())), x), ROUND_SECONDS)
     best = interleaved_best({n: functools.partial(r, x) for n, r in runs.items()}, ROUNDS, calls)
     out[path] = {name: float(f"{seconds:.6g}") for name, seconds in best.items()}
   return out
