@@ -100,30 +100,13 @@ def cmd_eval(args) -> int:
 
   from jaxshrink import data, evaluation, export, serving
   from jaxshrink.data.sources import checkpoint_data_source
-  from jaxshrink.models.registry import checkpoint_model, load_model
+  from jaxshrink.models.registry import manifest_model
   from jaxshrink.reference import float_reference
 
   manifest = export.read_manifest(args.dir)
   # The checkpoint is untrusted: what it names is resolved among zoo names only; code to
   # import comes from the flags the user types.
-  if args.model:
-    model, name = load_model(args.model), args.model
-  elif manifest["model"]:
-    model, name = (
-      checkpoint_model(manifest["model"], field="model", where=args.dir),
-      manifest["model"],
-    )
-  else:
-    raise UsageError(
-      f"`{args.dir}` records no model, so it cannot be evaluated; pass --model module:factory."
-    )
-  import jax
-
-  from jaxshrink.tree import flatten_to_store
-
-  abstract = jax.eval_shape(model.init, jax.random.key(0))
-  shapes = {p: tuple(a.shape) for p, _, a in flatten_to_store(abstract)}
-  export.check_matches(manifest, shapes, what=name)
+  model = manifest_model(manifest, args.dir, source=args.model)
   source = args.data or manifest["data"] or model.data
   dataset = None
   if not args.data and manifest["data"]:  # named by the checkpoint: a zoo dataset only
@@ -159,7 +142,7 @@ def cmd_eval(args) -> int:
   )  # fmt: skip
   payload = {
     "checkpoint": str(args.dir),
-    "model": name,
+    "model": args.model or manifest["model"],
     "data": source,
     "metric": model.metric,
     "higher_is_better": model.higher_is_better,
@@ -231,19 +214,33 @@ def _serving_mode(args, manifest: dict[str, Any]) -> str:
 
 def cmd_export(args) -> int:
   from jaxshrink import export
-  from jaxshrink.export.overwrite import check_overwrite_file
-  from jaxshrink.export.safetensors_io import LAYOUT_KEY
 
   manifest = export.read_manifest(args.dir)
   out = Path(args.out)
-  if (out.exists() or out.is_symlink()) and not args.overwrite:
-    raise UsageError(f"`{out}` already exists; pass --overwrite to replace it.")
-  check_overwrite_file(out, LAYOUT_KEY)  # replaces only a safetensors file jaxshrink wrote
+  if args.to == "safetensors":
+    from jaxshrink.export.overwrite import check_overwrite_file
+    from jaxshrink.export.safetensors_io import LAYOUT_KEY
+
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+      raise UsageError(f"`{out}` already exists; pass --overwrite to replace it.")
+    check_overwrite_file(out, LAYOUT_KEY)  # replaces only a safetensors file jaxshrink wrote
+    tree = export.load(args.dir)
+    export.export_safetensors(
+      tree, out, metadata={"model": manifest.get("model") or "", "source": str(args.dir)}
+    )
+    print(f"wrote {out} ({out.stat().st_size} bytes) from {args.dir}")
+    return 0
+  from jaxshrink.interop.directory import check_export_target
+  from jaxshrink.models.registry import manifest_model
+
+  check_export_target(out.absolute(), overwrite=args.overwrite)  # before any loading
+  model = manifest_model(manifest, args.dir, source=args.model)
   tree = export.load(args.dir)
-  export.export_safetensors(
-    tree, out, metadata={"model": manifest.get("model") or "", "source": str(args.dir)}
-  )
-  print(f"wrote {out} ({out.stat().st_size} bytes) from {args.dir}")
+  from jaxshrink.interop.hf import export_hf
+
+  out = export_hf(tree, model, out, overwrite=args.overwrite)
+  size = sum(f.stat().st_size for f in out.iterdir())
+  print(f"wrote {out} ({args.to}, {size} bytes) from {args.dir}")
   return 0
 
 
@@ -347,11 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
 
   add_autocompress(sub, common)
 
-  p = sub.add_parser("export", parents=[common], help="convert a checkpoint to safetensors")
+  p = sub.add_parser(
+    "export",
+    parents=[common],
+    help="convert a checkpoint to safetensors or a Hugging Face directory",
+  )
   p.add_argument("dir", help="checkpoint directory")
-  p.add_argument("--to", choices=["safetensors"], required=True, help="output format")
-  p.add_argument("out", help="output file")
-  p.add_argument("--overwrite", action="store_true", help="replace an output file jaxshrink wrote")
+  p.add_argument(
+    "--to",
+    choices=["safetensors", "hf"],
+    required=True,
+    help="safetensors: one file in jaxshrink's layout; hf: config.json + model.safetensors "
+    "(float) for transformers",
+  )
+  p.add_argument("out", help="output file (safetensors) or directory (hf, compressed-tensors)")
+  p.add_argument("--model", help="module:factory of the model, if the checkpoint names none")
+  p.add_argument("--overwrite", action="store_true", help="replace an output jaxshrink wrote")
   p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("bench", parents=[common], help="run benchmarks/, regenerate BENCHMARKS.md")

