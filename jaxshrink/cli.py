@@ -236,9 +236,10 @@ def cmd_export(args) -> int:
   check_export_target(out.absolute(), overwrite=args.overwrite)  # before any loading
   model = manifest_model(manifest, args.dir, source=args.model)
   tree = export.load(args.dir)
-  from jaxshrink.interop.hf import export_hf
+  from jaxshrink.interop import hf
 
-  out = export_hf(tree, model, out, overwrite=args.overwrite)
+  write = hf.export_hf if args.to == "hf" else hf.export_compressed_tensors
+  out = write(tree, model, out, overwrite=args.overwrite)
   size = sum(f.stat().st_size for f in out.iterdir())
   print(f"wrote {out} ({args.to}, {size} bytes) from {args.dir}")
   return 0
@@ -347,15 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser(
     "export",
     parents=[common],
-    help="convert a checkpoint to safetensors or a Hugging Face directory",
+    help="convert a checkpoint to safetensors, a Hugging Face or a compressed-tensors directory",
   )
   p.add_argument("dir", help="checkpoint directory")
   p.add_argument(
     "--to",
-    choices=["safetensors", "hf"],
+    choices=["safetensors", "hf", "compressed-tensors"],
     required=True,
     help="safetensors: one file in jaxshrink's layout; hf: config.json + model.safetensors "
-    "(float) for transformers",
+    "(float) for transformers; compressed-tensors: the same with packed quantized weights, "
+    "for vLLM and the JAX serving stacks",
   )
   p.add_argument("out", help="output file (safetensors) or directory (hf, compressed-tensors)")
   p.add_argument("--model", help="module:factory of the model, if the checkpoint names none")

@@ -125,16 +125,46 @@ def export_hf(
   Raises:
     UsageError: `out` exists and may not be replaced, or the model has no HF counterpart.
   """
-  from safetensors.numpy import save_file
+  config = hf_config(model)
+  tensors = {}
+  for name, (leaf, transposed) in hf_state(tree, model).items():
+    array = np.asarray(jax.device_get(materialize(leaf) if is_encoding(leaf) else leaf))
+    tensors[name] = np.ascontiguousarray(array.T if transposed else array)
+  return _write(out, config, tensors, overwrite)
+
+
+def export_compressed_tensors(
+  tree: Any, model: ZooModel, out: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+  """Writes `tree` as a compressed-tensors directory (the format vLLM and transformers load),
+  atomically: `config.json` with its `quantization_config`, and `model.safetensors` whose
+  quantized Linear weights keep their codes (`jaxshrink.interop.compressed_tensors`).
+
+  Args:
+    tree: the compressed param tree of `model` (QArray kernels, float elsewhere).
+    model: its zoo model (a Llama decoder or a BERT encoder).
+    out: the directory to write.
+    overwrite: replace a directory an earlier export wrote.
+
+  Returns:
+    `out` as an absolute path.
+
+  Raises:
+    UsageError: a scheme compressed-tensors cannot express (named with its layer), a model
+      without a Hugging Face counterpart, or an `out` that may not be replaced.
+  """
+  from jaxshrink.interop.compressed_tensors import compressed_state
 
   config = hf_config(model)
-  state = hf_state(tree, model)
+  tensors, quantization = compressed_state(hf_state(tree, model))
+  return _write(out, {**config, "quantization_config": quantization}, tensors, overwrite)
+
+
+def _write(out: str | os.PathLike, config: dict, tensors: dict, overwrite: bool) -> Path:
+  from safetensors.numpy import save_file
+
   out = Path(out).absolute()
   with hf_directory(out, overwrite=overwrite) as staging:
-    tensors = {}
-    for name, (leaf, transposed) in state.items():
-      array = np.asarray(jax.device_get(materialize(leaf) if is_encoding(leaf) else leaf))
-      tensors[name] = np.ascontiguousarray(array.T if transposed else array)
     save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
     (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
   return out
@@ -244,11 +274,11 @@ def _read(path: str | os.PathLike) -> tuple[Path, dict, LlamaConfig | BertConfig
 def _params(directory: Path, config: dict, arch: LlamaConfig | BertConfig) -> dict:
   tensors = read_tensors(directory)
   if "quantization_config" in config:
-    from jaxshrink.interop.compressed_tensors import read_compressed_state
+    from jaxshrink.interop.ct_read import read_compressed_state
 
-    state = read_compressed_state(tensors, config["quantization_config"])
-  else:
-    state = {name: _widen(array) for name, array in tensors.items()}
+    tensors = read_compressed_state(tensors, config["quantization_config"])
+  # Quantized modules arrive as QArrays in our layout; the float tensors are widened.
+  state = {name: x if is_encoding(x) else _widen(x) for name, x in tensors.items()}
   source = f"`{directory}`"
   if isinstance(arch, BertConfig):
     return bert_hf.from_hf_state(state, arch, source=source)
@@ -260,7 +290,7 @@ def load_hf(path: str | os.PathLike) -> tuple[ZooModel, dict]:
 
   Float tensors become float32 params (bf16 / fp16 checkpoints are widened: our models compute
   in float32 and a `cast` stage narrows them again). A compressed-tensors checkpoint keeps its
-  quantized Linear weights as `QArray` leaves (`jaxshrink.interop.compressed_tensors`).
+  quantized Linear weights as `QArray` leaves (`jaxshrink.interop.ct_read`).
 
   Raises:
     CheckpointError: a missing or damaged file, an architecture or config field we do not

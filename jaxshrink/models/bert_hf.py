@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxshrink.encoding import is_encoding, logical_shape
 from jaxshrink.errors import CheckpointError
 from jaxshrink.models.bert import BertConfig
 from jaxshrink.tree import flatten
@@ -85,16 +86,20 @@ def from_hf_state(
         f"tensor `{name}` is missing from {source}; expected shape {shape} for a BERT with "
         f"{config.num_layers} layers and hidden size {config.hidden_size}."
       )
-    array = np.asarray(tensors[name])
-    if tuple(array.shape) != shape:
+    array = tensors[name]
+    decoded = is_encoding(array)  # a QArray of a compressed-tensors checkpoint: our layout
+    found = tuple(logical_shape(array)) if decoded else tuple(np.shape(array))
+    if found != (shape[::-1] if decoded and transposed else shape):
       raise CheckpointError(
-        f"tensor `{name}` in {source} has shape {tuple(array.shape)}; expected {shape} (param "
+        f"tensor `{name}` in {source} has shape {found}; expected {shape} (param "
         f"`{'/'.join(path)}`). The file does not match the configured BERT sizes."
       )
     node = params
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(array.T if transposed else array, dtype=np.float32)
+    if not decoded:
+      array = np.ascontiguousarray(np.asarray(array).T if transposed else array, dtype=np.float32)
+    node[path[-1]] = array
   return params
 
 

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import InvalidValueError
 from jaxshrink.tree import flatten
 
@@ -112,5 +113,6 @@ def from_hf_state(state: Mapping[str, Any]) -> dict:
     keys = [int(k) if k.isdigit() else k for k in path.split("/")]
     for key in keys[:-1]:
       node = node.setdefault(key, {})
-    node[keys[-1]] = array.T if transposed else array
+    # A decoded leaf (a QArray from a compressed-tensors checkpoint) is already in our layout.
+    node[keys[-1]] = array.T if transposed and not is_encoding(array) else array
   return params
