@@ -53,6 +53,7 @@ ORDER = (
   "search.md",
   "checkpoints.md",
   "serving.md",
+  "interop.md",
   "real-model.md",
   "llm.md",
   "scale-out.md",
@@ -65,6 +66,9 @@ SCALES = {"pct": 100.0, "MB": 1e-6}
 # Numbers with three or more significant digits (or decimals) that are facts of the code, the
 # data or the model definitions rather than measurements, so they are typed, not looked up.
 STATIC_NUMBERS = {
+  "0.20": "the compressed-tensors release the interop page describes",
+  "127": "the largest int8 code",
+  "127.5": "compressed-tensors' int8 activation divisor, a format constant",
   "0.28": "one of the 360 digits test images, in accuracy points",
   "128": "group size, layer width",
   "256": "layer width, calibration windows",
