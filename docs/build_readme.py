@@ -69,6 +69,7 @@ STATIC_NUMBERS = {
   "0.20": "the compressed-tensors release the interop page describes",
   "127": "the largest int8 code",
   "127.5": "compressed-tensors' int8 activation divisor, a format constant",
+  "1056": "llama-tiny's MLP width from its definition",
   "0.28": "one of the 360 digits test images, in accuracy points",
   "128": "group size, layer width",
   "256": "layer width, calibration windows",
