@@ -29,7 +29,12 @@ from jaxshrink.data import (
 )
 from jaxshrink.data.augment import random_translate
 from jaxshrink.data.digits import load_digits_dataset
-from jaxshrink.data.text import build_stdlib_text, stdlib_text, text_test_dataset
+from jaxshrink.data.text import (
+  STDLIB_TEXT_VERSION,
+  build_stdlib_text,
+  stdlib_text,
+  text_test_dataset,
+)
 from jaxshrink.errors import JaxshrinkError
 
 
@@ -120,7 +125,7 @@ def test_stdlib_text_corpus_is_deterministic_ascii_and_cached():
   assert 500_000 < len(text) < 3_000_000
   assert text.isascii()
   version = f"{sys.version_info.major}.{sys.version_info.minor}"
-  cached = cache_dir() / "data" / f"stdlib-text-{version}-v1.txt"
+  cached = cache_dir() / "data" / f"stdlib-text-{version}-{STDLIB_TEXT_VERSION}.txt"
   assert cached.read_text() == text
 
 
@@ -146,7 +151,7 @@ def test_stdlib_text_rebuilt_in_fresh_cache(monkeypatch, tmp_path):
   text = stdlib_text()
   files = list((tmp_path / "data").iterdir())
   assert [f.name for f in files] == [
-    f"stdlib-text-{sys.version_info.major}.{sys.version_info.minor}-v1.txt"
+    f"stdlib-text-{sys.version_info.major}.{sys.version_info.minor}-{STDLIB_TEXT_VERSION}.txt"
   ]
   files[0].write_bytes(b"\xff\xfe broken")  # non-ASCII: damaged, must be rebuilt
   assert stdlib_text() == text
@@ -280,3 +285,15 @@ def test_random_translate_is_a_zero_filled_shift():
     assert any(np.array_equal(shifted[index], cand) for cand in candidates)
   assert shifted.dtype == np.float32
   np.testing.assert_array_equal(random_translate(jax.random.key(0), images, 0), images)
+
+
+def test_stdlib_text_does_not_depend_on_what_was_imported(monkeypatch):
+  # Libraries patch standard-library classes (transformers adds `logging.Logger` methods); the
+  # corpus is built in a clean interpreter, so a patch in this process changes nothing.
+  import logging
+
+  before = build_stdlib_text(("logging",))
+  monkeypatch.setattr(logging.Logger, "shout", lambda self: None, raising=False)
+  logging.Logger.shout.__doc__ = "A method patched in by some library."
+  assert build_stdlib_text(("logging",)) == before
+  assert "patched in" not in before and "Logger" in before

@@ -40,7 +40,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from jaxshrink.data.cache import atomic_write_bytes, cache_dir
-from jaxshrink.data.sentences import evaluation_sentences, split_sentences
+from jaxshrink.data.sentences import SENTENCES_VERSION, evaluation_sentences, split_sentences
 from jaxshrink.errors import JaxshrinkError
 
 CORPUS_VERSION = "v2"
@@ -146,7 +146,9 @@ def fortune_texts() -> list[str]:
 
 
 def _versions() -> dict[str, str]:
-  found = {"python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+  # The docstring sentences come from `corpus_sentences`, versioned by SENTENCES_VERSION.
+  found = {"python": f"{sys.version_info.major}.{sys.version_info.minor}",
+           "sentences": SENTENCES_VERSION}  # fmt: skip
   for module, dist in DOCSTRING_PACKAGES.items():
     try:
       found[module] = version(dist)

@@ -30,7 +30,7 @@ from jaxshrink.data.dataset import EMBEDDING, Dataset, freeze_arrays
 from jaxshrink.data.sentence_pairs import DISTRACTORS, EVALUATION_PAIRS, TRAINING_SENTENCES
 from jaxshrink.errors import JaxshrinkError
 
-SENTENCES_VERSION = "v2"
+SENTENCES_VERSION = "v3"  # v3: from the clean-interpreter stdlib-text (v2)
 SENTENCES_SEED = 0
 TRAIN_SENTENCES = 512
 # Docstring sentences kept in the corpus: 5 to 60 words, prose-like.
