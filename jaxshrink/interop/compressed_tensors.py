@@ -89,6 +89,11 @@ def _refuse(module: str, what: str, why: str, fix: str) -> UsageError:
   return UsageError(f"`{module}` ({what}) cannot be written as compressed-tensors: {why}. {fix}.")
 
 
+def _dividing_group(k: int) -> str:
+  fits = [g for g in (128, 64, 32, 16, 8) if k % g == 0]
+  return str(fits[0]) if fits else "None (per-channel)"
+
+
 def scheme_of(module: str, q: QArray) -> Scheme:
   """The compressed-tensors scheme of a Linear kernel `q`.
 
@@ -114,7 +119,8 @@ def scheme_of(module: str, q: QArray) -> Scheme:
     (q.per_tensor and q.act_bits is None, "weight-only kernels need per-channel or per-group "
      "scales", f"{_FIX} with group_size=128 (W4A16) or per-channel"),
     (q.group_size is not None and q.k % q.group_size, f"group size {q.group_size} does not "
-     f"divide K={q.k}", f"{_FIX} with a group size that divides {q.k} (e.g. 128 or 32)"),
+     f"divide K={q.k} (the format, like vLLM's kernels, takes whole groups only)",
+     f"{_FIX} with group_size {_dividing_group(q.k)}, which divides {q.k}"),
   ]  # fmt: skip
   for refused, why, fix in refusals:
     if refused:
