@@ -302,3 +302,20 @@ def test_pretrained_rejects_wrong_type():
   with pytest.raises(TypeError, match="`name_or_model` must be a zoo model name or a ZooModel"):
     pretrained(3)
   assert isinstance(get_model("digits-cnn"), ZooModel)
+
+
+def test_zoo_cache_is_keyed_by_the_data(monkeypatch):
+  # A new corpus or tokenizer (a version bump, another Python's docstrings) must retrain: weights
+  # cached for the old token ids would otherwise load and score garbage on the new ones.
+  import importlib
+
+  from jaxshrink.data.registry import dataset_key
+
+  module = importlib.import_module("jaxshrink.models.pretrained")
+
+  model = models.get_model("llama-tiny")
+  abstract = jax.eval_shape(model.init, jax.random.key(0))
+  recipe = module._recipe(model, abstract)
+  assert recipe["data_key"] == dataset_key("corpus-bpe") and "4096" in recipe["data_key"]
+  monkeypatch.setattr(module, "dataset_key", lambda name: "another-corpus")
+  assert module._recipe(model, abstract) != recipe

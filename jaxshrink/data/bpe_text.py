@@ -61,14 +61,19 @@ def train_tokenizer(sentences: tuple[str, ...], vocab_size: int = BPE_VOCAB_SIZE
   return tokenizer
 
 
+def dataset_key() -> str:
+  """What determines the `corpus-bpe` windows: the corpus sources, vocabulary and version."""
+  from jaxshrink.data.corpus import corpus_key
+
+  return f"{corpus_key()}-{BPE_VOCAB_SIZE}-{BPE_VERSION}"
+
+
 @functools.cache
 def tokenizer():
   """The cached corpus tokenizer (trained on the training sentences on first use)."""
   from tokenizers import Tokenizer
 
-  from jaxshrink.data.corpus import corpus_key
-
-  path = cache_dir() / "data" / f"corpus-bpe-{corpus_key()}-{BPE_VOCAB_SIZE}-{BPE_VERSION}.json"
+  path = cache_dir() / "data" / f"corpus-bpe-{dataset_key()}.json"
   if path.exists():
     try:
       return Tokenizer.from_str(path.read_text(encoding="utf-8"))

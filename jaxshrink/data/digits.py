@@ -10,6 +10,13 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
 
+def dataset_key() -> str:
+  """What determines `digits`: the scikit-learn release that ships the images and the split."""
+  from importlib.metadata import version
+
+  return f"sklearn{version('scikit-learn')}"
+
+
 def load_digits_dataset() -> Dataset:
   """Loads the 1797 digits as (N, 8, 8, 1) float32 images in [0, 1] with a fixed split.
 

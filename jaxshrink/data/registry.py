@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from jaxshrink.data import bpe_text, digits, sentences, text
 from jaxshrink.data.bpe_text import load_corpus_bpe_dataset
 from jaxshrink.data.dataset import Dataset
 from jaxshrink.data.digits import load_digits_dataset
@@ -18,6 +19,23 @@ _DATASET_BUILDERS: dict[str, Callable[[], Dataset]] = {
   "minilm-sentences": load_minilm_sentences_dataset,
   "stdlib-text": load_stdlib_text_dataset,
 }
+
+
+# Cheap keys that change whenever a dataset's content would: a model trained on it is cached
+# under its key (`models.pretrained`), so new data never meets weights trained on the old.
+_DATASET_KEYS: dict[str, Callable[[], str]] = {
+  "corpus-bpe": bpe_text.dataset_key,
+  "digits": digits.dataset_key,
+  "minilm-sentences": sentences.dataset_key,
+  "stdlib-text": text.dataset_key,
+}
+
+
+def dataset_key(name: str) -> str | None:
+  """What determines the named dataset's content (versions, not data: nothing is built), or
+  None for a source that is not a zoo dataset."""
+  key = _DATASET_KEYS.get(name)
+  return None if key is None else key()
 
 
 def list_datasets() -> list[str]:

@@ -167,19 +167,25 @@ def sentence_dataset(
   return Dataset(name, EMBEDDING, *arrays, num_classes=int(y_test.shape[1]))
 
 
-def _cache_path() -> pathlib.Path:
+def dataset_key() -> str:
+  """What determines `minilm-sentences`: the weights release (its targets), Python (the
+  docstring sentences) and the version of this dataset."""
   from importlib.metadata import PackageNotFoundError, version
 
-  from jaxshrink.models.minilm import MINILM_PACKAGE, minilm_files
+  from jaxshrink.models.minilm import MINILM_PACKAGE
 
-  minilm_files()  # the missing-package error, with its pip command
   try:
     weights = version(MINILM_PACKAGE.replace("_", "-"))
   except PackageNotFoundError:
     weights = "unknown"
-  python = f"{sys.version_info.major}.{sys.version_info.minor}"
-  name = f"minilm-sentences-{weights}-py{python}-{SENTENCES_VERSION}.npz"
-  return cache_dir() / "data" / name
+  return f"{weights}-py{sys.version_info.major}.{sys.version_info.minor}-{SENTENCES_VERSION}"
+
+
+def _cache_path() -> pathlib.Path:
+  from jaxshrink.models.minilm import minilm_files
+
+  minilm_files()  # the missing-package error, with its pip command
+  return cache_dir() / "data" / f"minilm-sentences-{dataset_key()}.npz"
 
 
 _KEYS = ("x_train", "y_train", "x_test", "y_test")

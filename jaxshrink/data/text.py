@@ -56,6 +56,11 @@ def build_stdlib_text(modules: tuple[str, ...] = STDLIB_TEXT_MODULES) -> str:
   return result.stdout.decode("ascii")
 
 
+def dataset_key() -> str:
+  """What determines the `stdlib-text` corpus: the Python version and the corpus version."""
+  return f"py{sys.version_info.major}.{sys.version_info.minor}-{STDLIB_TEXT_VERSION}"
+
+
 def stdlib_text() -> str:
   """Returns the cached corpus text, building and caching it on first use."""
   version = f"{sys.version_info.major}.{sys.version_info.minor}"

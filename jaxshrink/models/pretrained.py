@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxshrink.data.cache import cache_dir, commit_dir, temporary_sibling_dir
+from jaxshrink.data.registry import dataset_key
 from jaxshrink.data.sources import load_data_source
 from jaxshrink.errors import InvalidTypeError, JaxshrinkError
 from jaxshrink.models.base import ZooModel
@@ -56,6 +57,8 @@ def _recipe(model: ZooModel, abstract: dict) -> dict:
   augment = model.augment
   return {
     "data": model.data,
+    # A new corpus or tokenizer retrains: weights trained on old token ids would score garbage.
+    "data_key": dataset_key(model.data),
     "seed": PRETRAINED_SEED,
     "steps": model.train_steps,
     "learning_rate": model.learning_rate,
