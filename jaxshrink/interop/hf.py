@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,14 @@ def export_compressed_tensors(
 
   config = hf_config(model)
   tensors, quantization = compressed_state(hf_state(tree, model))
+  if any(not g["weights"]["symmetric"] for g in quantization["config_groups"].values()):
+    warnings.warn(
+      "asymmetric weights (zero points): transformers 5 with compressed-tensors 0.20 loads this "
+      "directory only with `quantization_config=CompressedTensorsConfig(dequantize=True)` "
+      "(its default path rejects packed zero points); vLLM loads it as it is. A symmetric "
+      "recipe avoids the workaround.",
+      stacklevel=2,
+    )
   return _write(out, {**config, "quantization_config": quantization}, tensors, overwrite)
 
 
