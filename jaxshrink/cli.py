@@ -236,10 +236,13 @@ def cmd_export(args) -> int:
   check_export_target(out.absolute(), overwrite=args.overwrite)  # before any loading
   model = manifest_model(manifest, args.dir, source=args.model)
   tree = export.load(args.dir)
+  from jaxshrink.data.registry import tokenizer_files
   from jaxshrink.interop import hf
 
   write = hf.export_hf if args.to == "hf" else hf.export_compressed_tensors
-  out = write(tree, model, out, overwrite=args.overwrite)
+  # The tokenizer of the model's zoo data goes along, so a server reads text as it is.
+  tokenizer = tokenizer_files(model.data)
+  out = write(tree, model, out, overwrite=args.overwrite, tokenizer=tokenizer)
   size = sum(f.stat().st_size for f in out.iterdir())
   print(f"wrote {out} ({args.to}, {size} bytes) from {args.dir}")
   return 0

@@ -123,6 +123,12 @@ def test_recipe_on_an_hf_model_then_eval_and_export(tmp_path, capsys):
   # The compressed checkpoint, exported as float, is what transformers then computes.
   exported = tmp_path / "int8-hf"
   assert main(["export", str(checkpoint), "--to", "hf", str(exported)]) == 0
+  # The data's tokenizer goes along: transformers reads the model's own token ids from text.
+  from jaxshrink.data import bpe_text
+
+  text = "The quick brown fox jumps over the lazy dog."
+  ids_there = transformers.AutoTokenizer.from_pretrained(exported)(text)["input_ids"]
+  assert ids_there == bpe_text.encode(text).tolist()
   tokens = ids(LLAMA_TINY.vocab_size)
   ours = np.asarray(jax.jit(model.apply)(materialize(export.load(checkpoint)), tokens))
   assert np.abs(torch_logits(exported, tokens) - ours).max() <= 1e-4

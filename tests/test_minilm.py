@@ -316,6 +316,11 @@ def test_embed_matches_apply(params):
   assert emb[0] @ emb[1] > emb[0] @ emb[2]
 
 
+def transformers_tokenizer(directory: Path):
+  transformers = pytest.importorskip("transformers")
+  return transformers.AutoTokenizer.from_pretrained(directory)
+
+
 def _torch_embeddings(directory: Path, ids: np.ndarray) -> np.ndarray:
   """transformers' BertModel on `ids`, mean-pooled and normalized as sentence-transformers does."""
   torch = pytest.importorskip("torch")
@@ -344,6 +349,8 @@ def test_hf_export_of_a_compressed_checkpoint_runs_in_transformers(
   ids = minilm.encode(["A dog chased the ball.", "Compressed encoders keep their neighbours."])
   ours = np.asarray(jax.jit(model.apply)(materialize(export.load(w8a8_checkpoint)), ids))
   assert np.abs(_torch_embeddings(out, ids) - ours).max() <= 1e-4
+  tokens = transformers_tokenizer(out)(["A dog chased the ball."])["input_ids"]
+  assert tokens == minilm.encode(["A dog chased the ball."]).tolist()
   again = from_hf(out)
   assert (again.data, again.metric, again.pad_id) == ("minilm-sentences", "cosine", 0)
   back = jax.jit(again.apply)(models.pretrained(again), ids)

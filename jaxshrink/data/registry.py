@@ -38,6 +38,27 @@ def dataset_key(name: str) -> str | None:
   return None if key is None else key()
 
 
+def tokenizer_files(name: str) -> dict[str, str] | None:
+  """Hugging Face tokenizer files (`tokenizer.json`, `tokenizer_config.json`) for the token ids
+  of a zoo dataset, so an exported model serves text as it is (`AutoTokenizer`, vLLM); None
+  for data without a tokenizer."""
+  import json
+
+  if name == "corpus-bpe":
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    return {"tokenizer.json": bpe_text.tokenizer().to_str(), "tokenizer_config.json":
+            json.dumps(config)}  # fmt: skip
+  if name == "minilm-sentences":
+    from jaxshrink.models.minilm import MAX_TOKENS, minilm_files
+
+    special = {f"{k}_token": f"[{k.upper()}]" for k in ("unk", "sep", "pad", "cls", "mask")}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": MAX_TOKENS,
+              **special}  # fmt: skip
+    tokenizer = (minilm_files() / "tokenizer.json").read_text(encoding="utf-8")
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": json.dumps(config)}
+  return None
+
+
 def list_datasets() -> list[str]:
   """Names accepted by `get_dataset`, sorted.
 

@@ -24,7 +24,8 @@ from jaxshrink.errors import UsageError
 from jaxshrink.export.overwrite import MARKER, make_staging, remove_stale_staging, staging_name
 
 EXPORT_KEY = "jaxshrink"  # the config.json entry that marks a directory an export wrote
-EXPORT_FILES = {"config.json", "model.safetensors", "README.md"}
+EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "README.md"}  # fmt: skip
 _CONFIG_PEEK = 1 << 20  # a config.json is a few kB; a larger one is not ours
 
 

@@ -107,7 +107,12 @@ def hf_state(tree: Any, model: ZooModel) -> dict[str, tuple[Any, bool]]:
 
 
 def export_hf(
-  tree: Any, model: ZooModel, out: str | os.PathLike, *, overwrite: bool = False
+  tree: Any,
+  model: ZooModel,
+  out: str | os.PathLike,
+  *,
+  overwrite: bool = False,
+  tokenizer: dict[str, str] | None = None,
 ) -> Path:
   """Writes `tree` as a Hugging Face float checkpoint directory, atomically.
 
@@ -119,6 +124,8 @@ def export_hf(
     model: the zoo model it belongs to (a Llama decoder or a BERT encoder).
     out: the directory to write (`config.json`, `model.safetensors`).
     overwrite: replace an existing directory that an earlier export wrote.
+    tokenizer: `{file name: text}` written beside the weights (`tokenizer.json`,
+      `tokenizer_config.json`; `jaxshrink.data.registry.tokenizer_files`), or None.
 
   Returns:
     `out` as an absolute path.
@@ -131,11 +138,16 @@ def export_hf(
   for name, (leaf, transposed) in hf_state(tree, model).items():
     array = np.asarray(jax.device_get(materialize(leaf) if is_encoding(leaf) else leaf))
     tensors[name] = np.ascontiguousarray(array.T if transposed else array)
-  return _write(out, config, tensors, overwrite)
+  return _write(out, config, tensors, overwrite, tokenizer)
 
 
 def export_compressed_tensors(
-  tree: Any, model: ZooModel, out: str | os.PathLike, *, overwrite: bool = False
+  tree: Any,
+  model: ZooModel,
+  out: str | os.PathLike,
+  *,
+  overwrite: bool = False,
+  tokenizer: dict[str, str] | None = None,
 ) -> Path:
   """Writes `tree` as a compressed-tensors directory (the format vLLM and transformers load),
   atomically: `config.json` with its `quantization_config`, and `model.safetensors` whose
@@ -146,6 +158,7 @@ def export_compressed_tensors(
     model: its zoo model (a Llama decoder or a BERT encoder).
     out: the directory to write.
     overwrite: replace a directory an earlier export wrote.
+    tokenizer: tokenizer files to write beside the weights, as for `export_hf`.
 
   Returns:
     `out` as an absolute path.
@@ -166,16 +179,21 @@ def export_compressed_tensors(
       "recipe avoids the workaround.",
       stacklevel=2,
     )
-  return _write(out, {**config, "quantization_config": quantization}, tensors, overwrite)
+  config = {**config, "quantization_config": quantization}
+  return _write(out, config, tensors, overwrite, tokenizer)
 
 
-def _write(out: str | os.PathLike, config: dict, tensors: dict, overwrite: bool) -> Path:
+def _write(
+  out: str | os.PathLike, config: dict, tensors: dict, overwrite: bool, tokenizer: dict | None
+) -> Path:
   from safetensors.numpy import save_file
 
   out = Path(out).absolute()
   with hf_directory(out, overwrite=overwrite) as staging:
     save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
     (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    for name, text in (tokenizer or {}).items():
+      (staging / name).write_text(text, encoding="utf-8")
   return out
 
 
