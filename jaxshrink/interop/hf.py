@@ -42,11 +42,10 @@ from jaxshrink.interop.hf_config import (
   llama_to_hf,
 )
 from jaxshrink.models import bert_hf, llama_hf
-from jaxshrink.models.base import TRAINING_DEFAULTS, TRAINING_FIELDS, ZooModel, zoo_model
+from jaxshrink.models.base import HF_PREFIX, TRAINING_DEFAULTS, TRAINING_FIELDS, ZooModel, zoo_model
 from jaxshrink.models.bert import BertConfig, BertEncoder
 from jaxshrink.models.llama import LlamaConfig, LlamaForCausalLM
 
-HF_PREFIX = "hf:"  # a model source naming a Hugging Face directory
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # a checkpoint sharded over several files

@@ -23,6 +23,8 @@ from jaxshrink.errors import InvalidTypeError, InvalidValueError
 FRAMEWORKS = ("linen", "nnx", "user")
 METRICS = ("accuracy", "perplexity", "cosine")
 # The fields a stage that trains reads; a user model (`user_model`) may leave them out.
+# A model source naming a Hugging Face directory (`jaxshrink.interop.hf.from_hf`).
+HF_PREFIX = "hf:"
 TRAINING_FIELDS = ("train_steps", "learning_rate", "batch_size")
 # What a user model that does not give them gets: `batch_size` also sets the rows of each
 # calibration batch (which does not train).

@@ -14,7 +14,7 @@ from typing import Any
 
 from jaxshrink.data.sources import import_factory, import_object
 from jaxshrink.errors import CheckpointError, InvalidTypeError, JaxshrinkError, UsageError
-from jaxshrink.models.base import METRICS, ZooModel, user_model
+from jaxshrink.models.base import HF_PREFIX, METRICS, ZooModel, user_model
 from jaxshrink.models.cnn import digits_cnn, digits_cnn_nnx
 from jaxshrink.models.llama_zoo import llama_300m, llama_tiny
 from jaxshrink.models.minilm import minilm_l6
@@ -22,7 +22,6 @@ from jaxshrink.models.mlp import digits_mlp, digits_mlp_nnx
 from jaxshrink.models.student import digits_student, digits_student_nnx
 from jaxshrink.models.transformer import tiny_lm
 
-HF_PREFIX = "hf:"  # a model source naming a Hugging Face directory (`jaxshrink.interop.hf`)
 _MODEL_FACTORIES: dict[str, Callable[[], ZooModel]] = {
   "digits-cnn": digits_cnn,
   "digits-cnn-nnx": digits_cnn_nnx,
