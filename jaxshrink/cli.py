@@ -74,6 +74,7 @@ def compress_and_save(recipe: Any, args: Any, *, title: str) -> Any:
     **{k: result.metrics.get(k) for k in ("metric", "value", "reference_value")},
     **{k: result.metrics[k] for k in SECONDARY_METRICS if k in result.metrics},
     **{k: v for k, v in result.report.to_json().items() if k != "layers"},
+    **{k: result.metrics[k] for k in ("float_model_bytes", "ratio_vs_float_model")},
     "disk_bytes": export.disk_bytes(out),
     "seconds": result.metrics["seconds"],
     "layers": result.report.to_json()["layers"],
@@ -86,10 +87,14 @@ def compress_and_save(recipe: Any, args: Any, *, title: str) -> Any:
   print_kept_dense(console, result.metrics.get("stages"))
   print_search(console, result.metrics.get("stages"))
   if "value" in result.metrics:
+    smaller = f"{result.report.ratio:.2f}x smaller than float32"
+    if result.metrics["float_model_bytes"] != result.report.float32_bytes:  # a smaller model
+      smaller = (f"{result.metrics['ratio_vs_float_model']:.2f}x smaller than the float32 model "
+                 f"({result.report.ratio:.2f}x against its own float32 size)")  # fmt: skip
     console.print(
       f"{model.metric}: {result.metrics['value']:.4f} "
       f"(float reference {result.metrics['reference_value']:.4f}); "
-      f"{summary['disk_bytes']} bytes on disk; {result.report.ratio:.2f}x smaller than float32"
+      f"{summary['disk_bytes']} bytes on disk; {smaller}"
       + "".join(f"; {k} {result.metrics[k]:.4f}" for k in SECONDARY_METRICS if k in result.metrics)
     )
   return result

@@ -320,12 +320,17 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> CompressResult:
   start = time.perf_counter()
   pipeline = run_stages(recipe, prepare(recipe, progress=progress))
   report = tree_report(pipeline.tree)
+  # The float model's own float32 bytes: a structured or distilled model has fewer params than
+  # the model it came from, so its own float32 size is not the baseline.
+  float_bytes = tree_report(pipeline.float_params).float32_bytes
   metrics: dict[str, Any] = {
     "metric": pipeline.model.metric,
     "higher_is_better": pipeline.model.higher_is_better,
     "size_bytes": report.total_bytes,
     "float32_bytes": report.float32_bytes,
     "ratio": round(report.ratio, 4),
+    "float_model_bytes": float_bytes,
+    "ratio_vs_float_model": round(float_bytes / max(report.total_bytes, 1), 4),
     "stages": list(pipeline.log),
   }
   if recipe.export["evaluate"]:

@@ -54,6 +54,9 @@ def test_recipe_distill_factorize_export(tmp_path, teacher, capsys):
   assert isinstance(kernel, LowRank) and kernel.rank == 16 and kernel.a.name == "qarray"
   assert result.metrics["value"] > 0.9 and result.metrics["reference_value"] > 0.97
   assert result.report.total_bytes < 0.1 * models_size(teacher[1])
+  # The baseline of "x smaller" is the teacher's float32 size, not the student's own.
+  assert result.metrics["float_model_bytes"] == models_size(teacher[1])
+  assert result.metrics["ratio_vs_float_model"] > 10 > result.report.ratio
   assert pipe.model_source == STUDENT
   export.save(tmp_path / "student", pipe.tree, model=pipe.model_source, data="digits",
               recipe=recipe.raw)  # fmt: skip

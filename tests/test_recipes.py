@@ -1,5 +1,7 @@
 """Recipe parsing and validation errors (no model is loaded here)."""
 
+from pathlib import Path
+
 import pytest
 
 from jaxshrink import UsageError
@@ -76,3 +78,14 @@ def test_load_recipe_errors(tmp_path):
   typo.write_text("model: digits-cnn\nstages:\n  - qantize: {}\n")
   with pytest.raises(UsageError, match=f"Unknown stage `qantize`.*in `{typo}`"):
     load_recipe(typo)
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_recipe_loads(path):
+  """The shipped recipes parse: known stages, known option keys, a model named."""
+  recipe = load_recipe(path)
+  assert recipe.model and (recipe.stages or path.name.endswith("-float.yaml"))
+  assert {kind for kind, _ in recipe.stages} <= set(stage_kinds())

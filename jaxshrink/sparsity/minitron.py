@@ -137,7 +137,7 @@ def calibration_batches(
   return out
 
 
-def _head_norm_reducer(head_size: int) -> Reducer:
+def head_norm_reducer(head_size: int) -> Reducer:
   """Per head: summed L2 norm of its `head_size` slice of each row, and the row count."""
   return Reducer(
     init=lambda k: (jnp.zeros((k // head_size,), jnp.float32), jnp.zeros((), jnp.float32)),
@@ -151,7 +151,7 @@ def _head_norm_reducer(head_size: int) -> Reducer:
   )
 
 
-def _abs_mean_reducer() -> Reducer:
+def abs_mean_reducer() -> Reducer:
   """Per input channel: summed |x| and the row count."""
   return Reducer(
     init=lambda k: (jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32)),
@@ -209,7 +209,7 @@ def importance(model: Any, params: Any, batches: Sequence[np.ndarray]) -> Import
     params,
     batches,
     rule,
-    {"norm": _head_norm_reducer(config.head_size), "abs": _abs_mean_reducer()},
+    {"norm": head_norm_reducer(config.head_size), "abs": abs_mean_reducer()},
   )
 
   def mean(path: str, stat: str) -> np.ndarray:

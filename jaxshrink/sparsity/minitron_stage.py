@@ -1,4 +1,5 @@
-"""The `structured` recipe stage: Minitron-style width and depth pruning of a BERT encoder.
+"""The `structured` recipe stage: Minitron-style width and depth pruning of a BERT encoder or
+a Llama decoder.
 
 ```yaml
 stages:
@@ -16,6 +17,11 @@ The new `model_source` records the new sizes
 (`"minilm-l6(num_layers=6, head_dim=32, layer_heads=(8, ...), layer_intermediate=(1024, ...))"`),
 so the saved checkpoint names a model `jaxshrink eval` rebuilds. The log entry records the
 kept layers, heads and channel counts, and the params before and after.
+
+A Llama decoder (`jaxshrink.sparsity.minitron_llama`) calibrates on training windows and keeps
+the same number of query heads in each kept key/value group, so grouped-query attention stays
+valid and the result is a plain `LlamaConfig` (`"llama-tiny(num_layers=6, num_heads=8,
+num_kv_heads=2, head_dim=32, intermediate_size=608)"`), which exports to Hugging Face as is.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ from jaxshrink.sparsity.minitron import (
   importance,
   plan_pruning,
   shrink_bert,
+)
+from jaxshrink.sparsity.minitron_llama import (
+  llama_config,
+  llama_importance,
+  param_counts,
+  plan_llama,
+  refit_llama,
+  shrink_llama,
+  training_windows,
 )
 from jaxshrink.sparsity.refit import refit_outputs
 
@@ -62,24 +77,63 @@ def _check(options: dict[str, Any]) -> None:
 @register_stage(
   "structured",
   options=STRUCTURED_OPTIONS,
-  doc="Minitron-style structured pruning of a BERT encoder: rank heads, feed-forward channels "
-  "and layers by activations on the training split, keep `params` of the non-embedding params, "
-  "shrink to a smaller, faster dense model, and refit the output projections (`refit`).",
+  doc="Minitron-style structured pruning of a BERT encoder or a Llama decoder: rank heads (whole "
+  "grouped-query groups for Llama), feed-forward channels and layers by activations on the "
+  "training split, keep `params` of the non-embedding params, shrink to a smaller, faster dense "
+  "model, and refit the output projections (`refit`).",
 )
 def structured_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   from jaxshrink.models.configured import configure_model, model_source
 
   _check(options)
   model = pipeline.model
-  try:
-    config = bert_config(model)
-  except InvalidTypeError as e:
-    raise UsageError(str(e)) from None
   if any(is_encoding(leaf) for leaf in jax.tree.leaves(pipeline.tree, is_leaf=is_encoding)):
     raise UsageError(
       f"{STAGE} slices float kernels, and an earlier stage left compressed ones. Put "
       "`structured` first, then prune, quantize or factorize the smaller model."
     )
+  prune = _llama if _is_llama(model) else _bert
+  params, overrides, found, scores = prune(pipeline, options)
+  small = configure_model(model, overrides)
+  source = model_source(pipeline.model_source or model.name, overrides)
+  found |= {
+    "layer_importance": [round(float(v), 5) for v in scores.layers],
+    "refit": options["refit"],
+  }
+  return dataclasses.replace(
+    pipeline, model=small, tree=params, model_source=source,
+    log=(*pipeline.log, {"structured": found}),
+  )  # fmt: skip
+
+
+def _is_llama(model: Any) -> bool:
+  try:
+    llama_config(model)
+  except InvalidTypeError:
+    return False
+  return True
+
+
+def _plan(planner, scores, config, options):
+  try:
+    return planner(
+      scores, config, params=options["params"], heads=options["heads"],
+      channels=options["channels"], layers=options["layers"],
+    )  # fmt: skip
+  except InvalidValueError as e:
+    raise UsageError(f"{STAGE}: {e}") from None
+
+
+def _bert(pipeline: Pipeline, options: dict[str, Any]):
+  model = pipeline.model
+  try:
+    config = bert_config(model)
+  except InvalidTypeError:
+    raise UsageError(
+      f"{STAGE} needs a BERT encoder (a `BertConfig`, e.g. 'minilm-l6') or a Llama decoder (a "
+      f"`LlamaConfig`, e.g. 'llama-tiny'); model {model.name!r} is neither. Use `prune` with "
+      "structure 'channel' or 'heads' for other models."
+    ) from None
   batches = calibration_batches(
     np.asarray(pipeline.dataset.x_train),
     options["calibration_batches"],
@@ -87,36 +141,41 @@ def structured_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     pad_id=config.pad_id,
   )
   scores = importance(model, pipeline.tree, batches)
-  try:
-    plan = plan_pruning(
-      scores,
-      config,
-      params=options["params"],
-      heads=options["heads"],
-      channels=options["channels"],
-      layers=options["layers"],
-    )
-  except InvalidValueError as e:
-    raise UsageError(f"{STAGE}: {e}") from None
+  plan = _plan(plan_pruning, scores, config, options)
   params, overrides = shrink_bert(pipeline.tree, plan, config)
   if options["refit"]:
     params = refit_outputs(model.apply, pipeline.tree, params, plan, config, batches)
-  small = configure_model(model, overrides)
-  source = model_source(pipeline.model_source or model.name, overrides)
   before = encoder_param_count(config)
-  after = encoder_param_count(bert_config(small))
+  after = encoder_param_count(dataclasses.replace(config, **overrides))
   found = {
-    "structured": {
-      "kept_layers": list(plan.layers),
-      "layer_heads": list(overrides["layer_heads"]),
-      "layer_intermediate": list(overrides["layer_intermediate"]),
-      "layer_importance": [round(float(v), 5) for v in scores.layers],
-      "encoder_params": [before, after],
-      "kept_fraction": round(after / before, 4),
-      "refit": options["refit"],
-      "calibration": f"{sum(len(b) for b in batches)} training sentences",
-    }
+    "kept_layers": list(plan.layers),
+    "layer_heads": list(overrides["layer_heads"]),
+    "layer_intermediate": list(overrides["layer_intermediate"]),
+    "encoder_params": [before, after],
+    "kept_fraction": round(after / before, 4),
+    "calibration": f"{sum(len(b) for b in batches)} training sentences",
   }
-  return dataclasses.replace(
-    pipeline, model=small, tree=params, model_source=source, log=(*pipeline.log, found)
-  )
+  return params, overrides, found, scores
+
+
+def _llama(pipeline: Pipeline, options: dict[str, Any]):
+  model, config = pipeline.model, llama_config(pipeline.model)
+  batches = training_windows(
+    np.asarray(pipeline.dataset.x_train), options["calibration_batches"],
+    options["calibration_rows"],
+  )  # fmt: skip
+  scores = llama_importance(model, pipeline.tree, batches)
+  plan = _plan(plan_llama, scores, config, options)
+  params, overrides = shrink_llama(pipeline.tree, plan, config)
+  if options["refit"]:
+    params = refit_llama(model.apply, pipeline.tree, params, plan, config, batches)
+  before, after = param_counts(config, overrides)
+  found = {
+    "kept_layers": list(plan.layers),
+    "kept_heads": [list(h) for h in plan.heads],
+    **{k: overrides[k] for k in ("num_heads", "num_kv_heads", "intermediate_size")},
+    "decoder_params": [before, after],
+    "kept_fraction": round(after / before, 4),
+    "calibration": f"{sum(len(b) for b in batches)} training windows",
+  }
+  return params, overrides, found, scores

@@ -71,6 +71,18 @@ def refit_projection(
   return fitted[:-1].astype(kernel.dtype), fitted[-1].astype(bias.dtype)
 
 
+def refit_kernel(gram: np.ndarray, kernel: np.ndarray, kept: np.ndarray, damp: float) -> np.ndarray:
+  """The kept rows of a bias-free `kernel` `(K, N)` refitted to the full projection's outputs:
+  `(G_kk + λI)^-1 G_k: W` with `gram` the `(K, K)` Gram of its input `X`."""
+  gram = np.asarray(gram, np.float64)
+  kept = np.asarray(kept, np.int64)
+  a = gram[np.ix_(kept, kept)]
+  if len(kept):
+    a[np.diag_indices_from(a)] += damp * np.mean(np.diag(a))
+  fitted = np.linalg.solve(a, gram[kept] @ np.asarray(kernel, np.float64))
+  return fitted.astype(kernel.dtype)
+
+
 def refit_outputs(
   apply_fn: Any,
   params: Any,
