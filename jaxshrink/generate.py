@@ -17,6 +17,12 @@ path; `"bfloat16"` and `"factored"` likewise; `"decode-once"` decodes the tree o
 >>> out.tokens.shape, out.lengths.shape
 ((1, 20), (1,))
 >>> out = generate(model, ctree, prompt, 20, temperature=0.8, top_k=40, key=jax.random.key(0))
+
+Prompts of different lengths go in one batch right-padded, with `prompt_lengths`: each row
+reads its next-token logits at its own last prompt token and writes every new token at its own
+position, so a row's padding is overwritten before the causal mask would ever let it be read.
+
+>>> out = generate(model, params, padded, 20, prompt_lengths=[5, 12])   # padded (2, 12)
 """
 
 from __future__ import annotations
@@ -54,9 +60,10 @@ class Generation(NamedTuple):
 
 
 class _Decoder(NamedTuple):
-  """`prefill(params, prompt, max_len) -> (logits (B, V), state)` and
+  """`prefill(params, prompt, max_len, lengths) -> (logits (B, V), state)` and
   `step(params, state, token (B,), position) -> (logits (B, V), state)`, where `position` is
-  where `token` goes."""
+  where `token` goes: () for every row, or (B,) per row when `lengths` (B,) gives each prompt's
+  length (None: every row is a whole prompt)."""
 
   prefill: Callable[..., tuple[jax.Array, Any]]
   step: Callable[..., tuple[jax.Array, Any]]
@@ -76,10 +83,10 @@ def _kv_decoder(module_ctor: Any, kv_bits: int | None = None) -> _Decoder:
 
   decode, init_cache = decode_functions(module_ctor)
 
-  def prefill(params, prompt, max_len):
+  def prefill(params, prompt, max_len, lengths):
     cache = init_cache(prompt.shape[0], max_len, _float_dtype(params), kv_bits)
     logits, cache = decode(params, prompt, cache, 0)
-    return logits[:, -1], cache
+    return _last(logits, lengths), cache
 
   def step(params, cache, token, position):
     logits, cache = decode(params, token[:, None], cache, position)
@@ -91,21 +98,27 @@ def _kv_decoder(module_ctor: Any, kv_bits: int | None = None) -> _Decoder:
 @functools.cache
 def _recompute_decoder(apply: Callable[..., Any]) -> _Decoder:
   def logits_at(params, buffer, position):
+    """Logits at `position`: () for every row, or (B,) one per row."""
     logits = apply(params, buffer)
     if logits.ndim != 3 or logits.shape[:2] != buffer.shape:
       raise UsageError(
         f"{_NOT_A_DECODER}; for tokens of shape {buffer.shape} this apply returns "
         f"{logits.shape}. Pass a language model's apply (or its ZooModel)."
       )
+    if jnp.ndim(position) == 1:
+      return jnp.take_along_axis(logits, position[:, None, None], axis=1)[:, 0]
     return lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False)
 
-  def prefill(params, prompt, max_len):
+  def prefill(params, prompt, max_len, lengths):
     batch, length = prompt.shape
     buffer = jnp.zeros((batch, max_len), jnp.int32).at[:, :length].set(prompt.astype(jnp.int32))
-    return logits_at(params, buffer, length - 1), buffer
+    return logits_at(params, buffer, length - 1 if lengths is None else lengths - 1), buffer
 
   def step(params, buffer, token, position):
-    buffer = lax.dynamic_update_slice(buffer, token[:, None], (0, position))
+    if jnp.ndim(position) == 1:
+      buffer = buffer.at[jnp.arange(buffer.shape[0]), position].set(token)
+    else:
+      buffer = lax.dynamic_update_slice(buffer, token[:, None], (0, position))
     return logits_at(params, buffer, position), buffer
 
   return _Decoder(prefill, step)
@@ -137,6 +150,13 @@ def _decoder(apply_or_model: Any, kv_bits: int | None = None) -> _Decoder:
   )
 
 
+def _last(logits: jax.Array, lengths: jax.Array | None) -> jax.Array:
+  """(B, T, V) prompt logits -> (B, V) at each row's last prompt token."""
+  if lengths is None:
+    return logits[:, -1]
+  return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+
 def _has_cache(apply_or_model: Any) -> bool:
   if not isinstance(apply_or_model, ZooModel) or apply_or_model.framework != "nnx":
     return False
@@ -166,9 +186,11 @@ def _program(decoder: _Decoder, steps: int, max_len: int, temperature, top_k, eo
   """`run(params, prompt, key) -> Generation` on a dense tree: prefill, then the loop."""
   fill = 0 if eos_id is None else eos_id
 
-  def run(params, prompt, key):
+  def run(params, prompt, lengths, key):
     batch, length = prompt.shape
-    logits, state = decoder.prefill(params, prompt, max_len)
+    if lengths is not None:
+      length = lengths  # (B,): each row continues after its own prompt
+    logits, state = decoder.prefill(params, prompt, max_len, lengths)
     first = _sample(logits, jax.random.fold_in(key, 0), temperature, top_k)
     tokens = jnp.full((batch, steps), fill, jnp.int32).at[:, 0].set(first)
     done = jnp.zeros((batch,), bool) if eos_id is None else first == eos_id
@@ -202,7 +224,7 @@ def _program(decoder: _Decoder, steps: int, max_len: int, temperature, top_k, eo
 def _compiled(decoder: _Decoder, steps, max_len, temperature, top_k, eos_id, serving):
   run = _program(decoder, steps, max_len, temperature, top_k, eos_id)
   if serving is None:
-    return jax.jit(lambda tree, prompt, key: run(materialize(tree), prompt, key))
+    return jax.jit(lambda tree, *args: run(materialize(tree), *args))
   if serving == "integer":
     from jaxshrink.quant.serve import quantized_apply
 
@@ -214,9 +236,9 @@ def _compiled(decoder: _Decoder, steps, max_len, temperature, top_k, eos_id, ser
   if serving == "factored":
     from jaxshrink.lowrank import lowrank_apply
 
-    # `lowrank_apply` passes one input after the tree: the prompt and key travel as a pair.
+    # `lowrank_apply` passes one input after the tree: the other arguments travel as a tuple.
     factored = lowrank_apply(lambda tree, inputs: run(tree, *inputs))
-    return jax.jit(lambda tree, prompt, key: factored(tree, (prompt, key)))
+    return jax.jit(lambda tree, *args: factored(tree, args))
   return jax.jit(run)  # decode-once: the caller decoded the tree
 
 
@@ -233,6 +255,7 @@ def generate(
   eos_id: int | None = None,
   serving: str | None = None,
   kv_bits: int | None = None,
+  prompt_lengths: Any = None,
 ) -> Generation:
   """Generates `max_new_tokens` tokens after each prompt, in one jitted program.
 
@@ -240,7 +263,8 @@ def generate(
     apply_or_model: a decoder `ZooModel` (with a KV cache when its module has one), or a
       causal LM's `apply(params, tokens) -> logits` (recomputed over the buffer each token).
     params: its float param tree, or a compressed tree.
-    prompt_ids: (B, P) int token ids, P >= 1; every row has the same length (no padding).
+    prompt_ids: (B, P) int token ids, P >= 1: every row a whole prompt, or prompts of
+      different lengths right-padded to P (any id) with `prompt_lengths`.
     max_new_tokens: tokens to generate per row (fewer when every row reached `eos_id`).
     temperature: 0 is greedy (argmax); above 0 the logits are divided by it and sampled.
     top_k: sample only among the `top_k` most likely tokens (ties at the k-th logit included).
@@ -254,6 +278,8 @@ def generate(
     kv_bits: None for a KV cache in the activation dtype; 8 or 4 stores keys and values as
       integer codes with one scale per token and head (`jaxshrink.kvcache`), for a KV-cache
       decoder only.
+    prompt_lengths: None, or (B,) ints in 1..P: row `b`'s prompt is `prompt_ids[b, :n_b]`, and
+      its new tokens follow it (positions `n_b ...`).
 
   Returns:
     `Generation(tokens (B, max_new_tokens) int32, lengths (B,) int32)`.
@@ -269,6 +295,7 @@ def generate(
   run, args = _prepare(
     apply_or_model, params, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
     key=key, max_len=max_len, eos_id=eos_id, serving=serving, kv_bits=kv_bits,
+    prompt_lengths=prompt_lengths,
   )  # fmt: skip
   return run(*args)
 
@@ -288,7 +315,7 @@ def lower(
 
 def _prepare(
   apply_or_model, params, prompt_ids, max_new_tokens, *, temperature=0.0, top_k=None, key=None,
-  max_len=None, eos_id=None, serving=None, kv_bits=None,
+  max_len=None, eos_id=None, serving=None, kv_bits=None, prompt_lengths=None,
 ):  # fmt: skip
   """Checks `generate`'s arguments; returns its jitted program and the arguments to call it on."""
   decoder = _decoder(apply_or_model, kv_bits)
@@ -300,6 +327,7 @@ def _prepare(
     )
   steps = _positive_int(max_new_tokens, "max_new_tokens")
   length = int(prompt.shape[1])
+  lengths = _prompt_lengths(prompt_lengths, prompt.shape)
   max_len = length + steps if max_len is None else _positive_int(max_len, "max_len")
   if length > max_len:
     raise InvalidValueError(
@@ -335,7 +363,26 @@ def _prepare(
     if serving == "decode-once":
       tree = jax.jit(materialize)(params)
   run = _compiled(decoder, steps, max_len, temperature, top_k, eos_id, serving)
-  return run, (tree, prompt.astype(jnp.int32), key)
+  return run, (tree, prompt.astype(jnp.int32), lengths, key)
+
+
+def _prompt_lengths(lengths: Any, shape: tuple[int, ...]) -> jax.Array | None:
+  """`prompt_lengths` checked against the prompt batch `shape` (B, P), as int32 (B,)."""
+  if lengths is None:
+    return None
+  values = np.asarray(lengths)
+  if (
+    values.shape != shape[:1]
+    or not np.issubdtype(values.dtype, np.integer)
+    or values.min() < 1
+    or values.max() > shape[1]
+  ):
+    raise InvalidValueError(
+      f"`prompt_lengths` must hold one int per prompt row, each in 1..{shape[1]} (the padded "
+      f"prompt length); got {values.tolist()!r} for prompts of shape {tuple(shape)}. Right-pad "
+      "the prompts to the longest and pass their lengths."
+    )
+  return jnp.asarray(values, jnp.int32)
 
 
 def _positive_int(value: Any, name: str) -> int:

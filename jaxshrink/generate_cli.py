@@ -5,7 +5,9 @@ The checkpoint's model must be a zoo language model whose dataset has a text tok
 mode (`integer` by default: weight-only kernels stream their codes at decode time, W8A8
 kernels multiply int8 x int8), and the float model it was compressed from generates the same
 number of tokens from the same prompt in the same run, interleaved, so the two speeds compare
-(each time covers the whole call: the prompt's prefill and every decode step).
+(each time covers the whole call: the prompt's prefill and every decode step). `--prompt` given
+several times generates for all of them in one batch, right-padded to the longest, each row
+continuing its own prompt (`generate(prompt_lengths=...)`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     "generate", parents=[common], help="generate text from a decoder checkpoint, timed vs float"
   )
   p.add_argument("dir", help="checkpoint directory of a decoder (llama-tiny, tiny-lm)")
-  p.add_argument("--prompt", required=True, help="text to continue")
+  p.add_argument(
+    "--prompt", required=True, action="append",
+    help="text to continue; repeat for a batch of prompts (of any lengths)",
+  )  # fmt: skip
   p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
   p.add_argument("--max-len", type=int, help="KV-cache positions (default: prompt + new tokens)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -89,9 +94,14 @@ def cmd_generate(args) -> int:
       "model; `jaxshrink generate` needs a decoder checkpoint (llama-tiny, tiny-lm)."
     )
   encode, decode, eos_id = text_codec(model)
-  prompt = np.asarray(encode(args.prompt), np.int32)
-  if prompt.size == 0:
-    raise UsageError("`--prompt` is empty; give some text to continue.")
+  prompts = [np.asarray(encode(text), np.int32).reshape(-1) for text in args.prompt]
+  for number, prompt in enumerate(prompts, start=1):
+    if prompt.size == 0:
+      raise UsageError(f"`--prompt` number {number} is empty; give some text to continue.")
+  lengths = [len(prompt) for prompt in prompts]
+  ids = np.zeros((len(prompts), max(lengths)), np.int32)  # right-padded; padding is never read
+  for row, prompt in enumerate(prompts):
+    ids[row, : len(prompt)] = prompt
   tree = export.load(args.dir)
   # The float model it was compressed from: a distilled student's teacher, say.
   reference_model, reference = float_reference(
@@ -100,8 +110,8 @@ def cmd_generate(args) -> int:
   options = {
     "temperature": args.temperature, "top_k": args.top_k, "key": jax.random.key(args.seed),
     "max_len": args.max_len, "kv_bits": args.kv_bits,
+    "prompt_lengths": None if len(set(lengths)) == 1 else lengths,
   }  # fmt: skip
-  ids = prompt[None]
 
   def run_compressed():
     return generate(model, tree, ids, args.max_new_tokens, serving=args.serving, **options)
@@ -116,15 +126,18 @@ def cmd_generate(args) -> int:
     raise UsageError(str(e)) from None
   seconds = interleaved_best({"compressed": lambda: run_compressed().tokens,
                               "float": lambda: run_float().tokens}, rounds=ROUNDS)  # fmt: skip
-  count = int(out.lengths[0])
-  new = np.asarray(out.tokens[0, :count])
-  text = decode(new[new != eos_id] if eos_id is not None else new)
+  completions = []
+  for row, text in enumerate(args.prompt):
+    count = int(out.lengths[row])
+    new = np.asarray(out.tokens[row, :count])
+    new = new[new != eos_id] if eos_id is not None else new
+    completions.append({"prompt": text, "text": decode(new), "new_tokens": count})
+  count = sum(c["new_tokens"] for c in completions)  # every row's, for the batch's tokens/s
   payload = {
     "checkpoint": str(args.dir),
     "model": model.name,
-    "prompt": args.prompt,
-    "text": text,
-    "new_tokens": count,
+    **completions[0],  # the first prompt's, as with one prompt
+    "completions": completions,
     "serving_mode": args.serving,
     "kv_bits": args.kv_bits,
     "tokens_per_s": count / seconds["compressed"],
@@ -134,7 +147,8 @@ def cmd_generate(args) -> int:
   if args.json:
     print(json.dumps(payload, indent=2))
     return 0
-  print(args.prompt + text)
+  for completion in completions:
+    print(completion["prompt"] + completion["text"])
   print(
     f"{count} tokens at {payload['tokens_per_s']:.1f} tokens/s ({args.serving}"
     f"{'' if args.kv_bits is None else f', int{args.kv_bits} KV cache'}); the float model: "

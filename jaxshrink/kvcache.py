@@ -99,13 +99,22 @@ def dequantize(entry: QuantizedKV) -> jax.Array:
   return codes_of(entry) * entry.scale.astype(jnp.float32)
 
 
+def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array | int) -> jax.Array:
+  """`cache` `(B, S, ...)` with `new` `(B, T, ...)` at positions `start .. start+T-1`: `start`
+  is () for every row, or (B,) one per row (prompts of different lengths)."""
+  start = jnp.asarray(start)
+  if start.ndim == 0:
+    return lax.dynamic_update_slice(cache, new, (0, start) + (0,) * (cache.ndim - 2))
+  put = lambda c, n, s: lax.dynamic_update_slice(c, n, (s,) + (0,) * (c.ndim - 1))  # noqa: E731
+  return jax.vmap(put)(cache, new, start)
+
+
 def write(entry: QuantizedKV, new: jax.Array, start: jax.Array | int) -> QuantizedKV:
-  """The entry with `new` `(B, T, kv_heads, D)` quantized into positions `start .. start+T-1`."""
+  """The entry with `new` `(B, T, kv_heads, D)` quantized into positions `start .. start+T-1`
+  (`start` () or (B,), as `write_rows`)."""
   q = quantize(new, entry.bits)
-  at = (0, start, 0, 0)
   return QuantizedKV(
-    lax.dynamic_update_slice(entry.codes, q.codes, at),
-    lax.dynamic_update_slice(entry.scale, q.scale, at),
+    write_rows(entry.codes, q.codes, start), write_rows(entry.scale, q.scale, start)
   )
 
 

@@ -54,6 +54,22 @@ def test_generate_json_reports_text_and_both_speeds(capsys, lm_checkpoint):
   assert payload["serving_mode"] == "integer" and payload["model"] == "tiny-lm"
 
 
+def test_several_prompts_of_different_lengths_in_one_batch(capsys, lm_checkpoint):
+  prompts = ["The module ", "def f(x):\n    return "]
+  code, out, err = run(capsys, "generate", str(lm_checkpoint), "--prompt", prompts[0],
+                       "--prompt", prompts[1], "--max-new-tokens", "4", "--json")  # fmt: skip
+  assert code == 0, err
+  batch = json.loads(out)
+  assert [c["prompt"] for c in batch["completions"]] == prompts
+  assert batch["text"] == batch["completions"][0]["text"]
+  # Each row continues its own prompt as it would alone (greedy).
+  for completion in batch["completions"]:
+    code, out, err = run(capsys, "generate", str(lm_checkpoint), "--prompt",
+                         completion["prompt"], "--max-new-tokens", "4", "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["text"] == completion["text"]
+
+
 def test_generate_usage_errors(capsys, lm_checkpoint, tmp_path):
   code, _, err = run(capsys, "generate", str(lm_checkpoint), "--prompt", "x", "--kv-bits", "8")
   assert code == 2 and "quantizes a KV cache" in err and len(err.strip().splitlines()) == 1

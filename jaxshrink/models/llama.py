@@ -138,15 +138,16 @@ def init_cache(
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding of `x` (B, T, heads, D) at integer `positions` (T,), HF's half rotation.
+  """Rotary embedding of `x` (B, T, heads, D) at integer `positions` (T,) (every row alike) or
+  (B, T) (each row its own), HF's half rotation.
 
   Feature `i < D/2` pairs with `i + D/2` (not with its neighbour), which is what makes Hugging
   Face checkpoints load without permuting the q/k projections.
   """
   dim = x.shape[-1]
   inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]  # (B?, T, 1, D)
   x32 = x.astype(jnp.float32)
   half = dim // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
@@ -186,7 +187,9 @@ class LlamaAttention(nnx.Module):
   def __call__(
     self, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """`x` (B, T, hidden) at `positions` (T,); with `cache`, attends to it and returns it updated.
+    """`x` (B, T, hidden) at `positions` (T,), or (B, T) with a cache (rows of a batch of
+    prompts of different lengths decode at different positions); with `cache`, attends to it
+    and returns it updated.
 
     Without a cache the T tokens attend to each other causally; with one, their keys and values
     are written at `positions` (consecutive) and each token attends to every cached position up
@@ -203,13 +206,13 @@ class LlamaAttention(nnx.Module):
     if cache is None:
       keys, values, key_positions = k, v, positions
     else:
+      start = positions[..., 0]  # () or (B,): where each row's tokens go
       if isinstance(cache[0], kvcache.QuantizedKV):
-        keys = kvcache.write(cache[0], k, positions[0])
-        values = kvcache.write(cache[1], v, positions[0])
+        keys = kvcache.write(cache[0], k, start)
+        values = kvcache.write(cache[1], v, start)
       else:
-        at = (0, positions[0], 0, 0)
-        keys = lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
-        values = lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+        keys = kvcache.write_rows(cache[0], k.astype(cache[0].dtype), start)
+        values = kvcache.write_rows(cache[1], v.astype(cache[1].dtype), start)
       cache = (keys, values)
     quantized = isinstance(keys, kvcache.QuantizedKV)
     if cache is not None:
@@ -223,7 +226,9 @@ class LlamaAttention(nnx.Module):
       scores = kvcache.scores_with(q, keys).astype(q.dtype)
     else:
       scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype))
-    visible = key_positions[None, :] <= positions[:, None]  # (T, S)
+    visible = key_positions <= positions[..., None]  # (T, S), or (B, T, S) per row
+    if visible.ndim == 3:
+      visible = visible[:, None, None]  # against scores (B, kv_heads, group, T, S)
     scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
     # Softmax in float32 even for bf16 activations: its exp/sum is what overflows first.
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
@@ -320,14 +325,14 @@ class LlamaForCausalLM(nnx.Module):
     Args:
       tokens: (B, T) int token ids (a prompt to prefill, or one new token per row).
       cache: the cache holding positions `0 .. position-1`.
-      position: () int, where the first of `tokens` goes; may be traced.
+      position: () int, where the first of `tokens` goes, or (B,) one per row; may be traced.
 
     Returns:
       `(logits (B, T, vocab), cache with these tokens' keys and values written)`.
     """
     _check_tokens(tokens)
     start = jnp.asarray(position, jnp.int32)
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    positions = start[..., None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # (T,)/(B, T)
     hidden, cache = self.model(tokens, positions, cache)
     return self._logits(hidden), cache
 
