@@ -27,11 +27,12 @@ from jaxshrink.quant.qarray import QArray
 
 # At most this many rows take the streamed path; more rows amortize one whole decode.
 STREAM_ROWS = 16
-# Rows of codes decoded per step: at most `CHUNK` rows, a whole number of groups, and for
-# packed codes about `CHUNK_ELEMENTS` weights, so their unpacked planes stay in a CPU's L2/L3.
-# On 2 CPU cores at batch 1: eight int8 2048 x 2048 layers run at 0.9x float speed with 64 rows,
-# 1.5x with 256 and 1.4x with 512 (decoding the whole matrix first: 0.09x); an int4 g128
-# 1024 x 32000 head at 0.19x with 256 rows and 1.0x with 16.
+# Rows of codes decoded per step, for codes with one scale per column (per-channel): at most
+# `CHUNK` rows, and for packed codes about `CHUNK_ELEMENTS` weights, so their unpacked planes
+# stay in a CPU's L2/L3. On 2 CPU cores at batch 1: eight int8 2048 x 2048 layers run at 0.9x
+# float speed with 64 rows, 1.5x with 256 and 1.4x with 512 (decoding the whole matrix first:
+# 0.09x); an int4 1024 x 32000 head at 0.19x with 256 rows and 1.0x with 16.
+# Grouped codes take one group per step instead (see `chunk_rows`).
 CHUNK = 256
 CHUNK_ELEMENTS = 1 << 19
 
@@ -39,8 +40,14 @@ CHUNK_ELEMENTS = 1 << 19
 def chunk_rows(q: QArray) -> int | None:
   """Rows per streamed step for `q`, or None when `q` cannot stream (then it is decoded).
 
-  The largest power of two from `CHUNK` down to `CHUNK / 4` (`CHUNK / 16` for packed codes)
-  that splits `K` into at least two steps of whole groups and whole packed words (a 384-row
+  Grouped codes: one group per step, so each step is plain matmuls of the raw codes and the
+  group's scale goes on its partial sum. Against steps of several groups (a batched matmul
+  per step), llama-300m's kernels (K = 1024 or 2816, N up to 32000) ran 1.1x faster at
+  batch 1 and 1.4x at batch 8 for int4 g128, 2.2x at batch 8 for int4 g32, and 1.7x at batch 8
+  for int8 g128, on 2 CPU cores.
+
+  Per-channel codes: the largest power of two from `CHUNK` down to `CHUNK / 4` (`CHUNK / 16`
+  for packed codes) that splits `K` into at least two steps of whole packed words (a 384-row
   int8 kernel takes 128); for packed codes, the largest whose chunk holds at most
   `CHUNK_ELEMENTS` weights (else the smallest that fits the rest).
   """
@@ -49,15 +56,13 @@ def chunk_rows(q: QArray) -> int | None:
   if q.bits not in (8, *packing.PACKED_BITS):
     return None
   per = 1 if q.bits == 8 else packing.chunk(q.bits)[0]
-  if q.group_size is not None and q.group_size % per:
-    return None
+  if q.group_size is not None:
+    group = q.group_size
+    return group if group % per == 0 and q.k % group == 0 and q.k > group else None
   valid = [
     chunk
     for chunk in (CHUNK >> i for i in range(3 if q.bits == 8 else 5))
-    if (q.group_size is None or chunk % q.group_size == 0)
-    and q.k % chunk == 0
-    and chunk % per == 0
-    and q.k > chunk
+    if q.k % chunk == 0 and chunk % per == 0 and q.k > chunk
   ]
   if q.bits == 8:  # fewer, larger steps measured faster for int8 (one convert per weight)
     return valid[0] if valid else None
@@ -97,28 +102,28 @@ def streamed_matmul(x2d: jax.Array, q: QArray, dtype=jnp.float32) -> jax.Array:
 
 
 def _grouped(x2d: jax.Array, q: QArray, chunk: int, dtype) -> jax.Array:
-  """Packed codes (2, 3 or 4 bits) or grouped int8: per group of rows sharing a scale, the raw
-  codes meet the input columns they multiply, and the group's zero point and scale go on its
-  `(rows, N)` partial sum, so the per-weight decode is a shift or mask and a conversion."""
+  """Packed codes (2, 3 or 4 bits) or grouped int8, one chunk of rows per step (a group, or
+  for per-channel packed codes `chunk` rows): the raw codes meet the input columns they
+  multiply, and the step's zero point and scale go on its `(rows, N)` partial sum (per-channel:
+  once, on the finished sum), so the per-weight decode is a shift or mask and a conversion."""
   rows, bits = x2d.shape[0], q.bits
   steps = q.k // chunk
-  group = chunk if q.group_size is None else q.group_size  # rows that share one scale
   per, nbytes = (1, 1) if bits == 8 else packing.chunk(bits)
-  groups, words = chunk // group, group // per
-  codes = q.codes.reshape(steps, groups, words * nbytes, q.n)
+  words = chunk // per
+  codes = q.codes.reshape(steps, words * nbytes, q.n)
   x = x2d.astype(jnp.float32)
   # The products run in the activations' dtype (a bf16 model multiplies in bf16).
-  xs = x2d.astype(dtype).reshape(rows, steps, groups, words, per).transpose(1, 4, 2, 0, 3)
-  x_sums = x.reshape(rows, steps, groups, group).sum(-1).transpose(1, 2, 0)
+  xs = x2d.astype(dtype).reshape(rows, steps, words, per).transpose(1, 3, 0, 2)
+  x_sums = x.reshape(rows, steps, chunk).sum(-1).transpose(1, 0)
 
-  def per_group(values):
+  def per_step(values):
     values = jnp.asarray(values, jnp.float32)
     if q.group_size is None:
-      return jnp.broadcast_to(values.reshape(1, 1, -1), (steps, groups, q.n))
-    return values.reshape(steps, groups, q.n)
+      return jnp.broadcast_to(values.reshape(1, -1), (steps, q.n))
+    return values.reshape(steps, q.n)
 
-  scale = per_group(q.scale)
-  zero = scale * 0 if q.zero_point is None else per_group(q.zero_point)
+  scale = per_step(q.scale)
+  zero = scale * 0 if q.zero_point is None else per_step(q.zero_point)
   offset = 0.0 if bits == 8 else float(q.spec.qmin)  # packed codes are stored minus qmin
   per_output = q.group_size is None  # one scale per column: applied once, to the sum
 
@@ -127,27 +132,21 @@ def _grouped(x2d: jax.Array, q: QArray, chunk: int, dtype) -> jax.Array:
     if bits == 8:
       planes = [c_i]
     else:
-      b = c_i.astype(jnp.uint32).reshape(groups, words, nbytes, q.n)
-      word = b[:, :, 0]
+      b = c_i.astype(jnp.uint32).reshape(words, nbytes, q.n)
+      word = b[:, 0]
       for byte in range(1, nbytes):
-        word = word | (b[:, :, byte] << (8 * byte))
+        word = word | (b[:, byte] << (8 * byte))
       mask = (1 << bits) - 1
       planes = [(word >> (j * bits)) & mask for j in range(per)]
-    if groups == 1:
-      part = sum(
-        lax.dot(x_i[j][0], plane[0].astype(dtype), preferred_element_type=jnp.float32)
-        for j, plane in enumerate(planes)
-      )[None]
-    else:
-      part = sum(
-        jnp.einsum("grw,gwn->grn", x_i[j], p.astype(dtype), preferred_element_type=jnp.float32)
-        for j, p in enumerate(planes)
-      )
+    part = sum(
+      lax.dot(x_i[j], plane.astype(dtype), preferred_element_type=jnp.float32)
+      for j, plane in enumerate(planes)
+    )
     if not per_output:
-      part = (part + (offset - z_i)[:, None, :] * sum_i[:, :, None]) * s_i[:, None, :]
-    return acc + jnp.sum(part, axis=0), None
+      part = (part + (offset - z_i)[None, :] * sum_i[:, None]) * s_i[None, :]
+    return acc + part, None
 
   acc, _ = lax.scan(step, jnp.zeros((rows, q.n), jnp.float32), (xs, codes, scale, zero, x_sums))
   if per_output:
-    acc = (acc + (offset - zero[0, 0]) * x.sum(-1, keepdims=True)) * scale[0, 0]
+    acc = (acc + (offset - zero[0]) * x.sum(-1, keepdims=True)) * scale[0]
   return acc
