@@ -64,3 +64,5 @@ def test_packed_codes_take_smaller_chunks_on_wide_kernels():
   assert chunk_rows(_q(QuantSpec(bits=4), k=1024, n=4096)) == 128
   assert chunk_rows(_q(QuantSpec(bits=8), k=1024, n=4096)) == 256
   assert chunk_rows(_q(QuantSpec(bits=4, group_size=128), k=1024, n=8192)) == 128
+  # int8 too: a 32000-wide head takes 64 rows a step (256 would decode 32 MB per step).
+  assert chunk_rows(_q(QuantSpec(bits=8), k=1024, n=32000)) == 64

@@ -28,13 +28,16 @@ from jaxshrink.quant.qarray import QArray
 # At most this many rows take the streamed path; more rows amortize one whole decode.
 STREAM_ROWS = 16
 # Rows of codes decoded per step, for codes with one scale per column (per-channel): at most
-# `CHUNK` rows, and for packed codes about `CHUNK_ELEMENTS` weights, so their unpacked planes
-# stay in a CPU's L2/L3. On 2 CPU cores at batch 1: eight int8 2048 x 2048 layers run at 0.9x
-# float speed with 64 rows, 1.5x with 256 and 1.4x with 512 (decoding the whole matrix first:
-# 0.09x); an int4 1024 x 32000 head at 0.19x with 256 rows and 1.0x with 16.
+# `CHUNK` rows, and at most about `CHUNK_ELEMENTS` weights for packed codes (`INT8_ELEMENTS`
+# for int8), so a step's decoded rows stay in a CPU's L2/L3. On 2 CPU cores at batch 1: eight
+# int8 2048 x 2048 layers run at 0.9x float speed with 64 rows, 1.5x with 256 and 1.4x with
+# 512 (decoding the whole matrix first: 0.09x); an int4 1024 x 32000 head at 0.19x with 256
+# rows and 1.0x with 16. llama-300m's int8 kernels (its 1024 x 32000 head taking 64 rows
+# instead of 256) ran 1.8x faster at batch 1 and 2.3x at batch 8.
 # Grouped codes take one group per step instead (see `chunk_rows`).
 CHUNK = 256
 CHUNK_ELEMENTS = 1 << 19
+INT8_ELEMENTS = 1 << 20
 
 
 def chunk_rows(q: QArray) -> int | None:
@@ -48,8 +51,8 @@ def chunk_rows(q: QArray) -> int | None:
 
   Per-channel codes: the largest power of two from `CHUNK` down to `CHUNK / 4` (`CHUNK / 16`
   for packed codes) that splits `K` into at least two steps of whole packed words (a 384-row
-  int8 kernel takes 128); for packed codes, the largest whose chunk holds at most
-  `CHUNK_ELEMENTS` weights (else the smallest that fits the rest).
+  int8 kernel takes 128) and whose chunk holds at most `INT8_ELEMENTS` (int8) or
+  `CHUNK_ELEMENTS` (packed) weights, else the smallest that splits `K`.
   """
   if q.layers is not None or q.format != "int" or q.act_bits is not None:
     return None
@@ -64,9 +67,9 @@ def chunk_rows(q: QArray) -> int | None:
     for chunk in (CHUNK >> i for i in range(3 if q.bits == 8 else 5))
     if q.k % chunk == 0 and chunk % per == 0 and q.k > chunk
   ]
-  if q.bits == 8:  # fewer, larger steps measured faster for int8 (one convert per weight)
-    return valid[0] if valid else None
-  small = [chunk for chunk in valid if chunk * q.n <= CHUNK_ELEMENTS]
+  # Fewer, larger steps measured faster for int8 (one convert per weight), up to a larger size.
+  limit = INT8_ELEMENTS if q.bits == 8 else CHUNK_ELEMENTS
+  small = [chunk for chunk in valid if chunk * q.n <= limit]
   return small[0] if small else (valid[-1] if valid else None)
 
 
