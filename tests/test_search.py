@@ -1,6 +1,7 @@
 """The `search` stage and `jaxshrink autocompress`: candidates, the frontier, verification on
 held-out training rows, the plain recipe that rebuilds the tree bit for bit, and bad input."""
 
+import dataclasses
 import itertools
 import json
 
@@ -12,6 +13,7 @@ import yaml
 from jaxshrink import export
 from jaxshrink.cli import main
 from jaxshrink.errors import UsageError
+from jaxshrink.models.minilm import MINILM_PACKAGE
 from jaxshrink.recipes import parse_recipe, run_recipe
 from jaxshrink.search import assignment_stages, frontier, parse_candidate
 from jaxshrink.search.candidates import parse_methods
@@ -232,3 +234,29 @@ def test_validation_on_test_rows_for_a_model_trained_on_train():
   with pytest.raises(UsageError, match="validation_data"):
     stages = [{"search": {**SEARCH, "validation_data": "val"}}]
     run_recipe(parse_recipe({**raw, "stages": stages}))
+
+
+def test_text_models_verify_on_held_out_corpus_sentences():
+  # MiniLM's training sentences after calibration's are mostly docstrings; `auto` verifies on
+  # the transfer corpus' last sentences instead, against the float model's embeddings.
+  pytest.importorskip(MINILM_PACKAGE)
+  from jaxshrink.data.corpus import transfer_tokens
+  from jaxshrink.evaluation import evaluate_metrics
+  from jaxshrink.recipes import prepare
+  from jaxshrink.search.stage import OPTIONS
+  from jaxshrink.search.validation import validation_rows, validation_source
+
+  minilm = prepare(parse_recipe({"model": "minilm-l6", "data": "minilm-sentences", "stages": []}))
+  options = {**OPTIONS, "validation_rows": 48}
+  assert validation_source(minilm, options) == "corpus"
+  rows = validation_rows(minilm, options)
+  ids = transfer_tokens()[-48:]
+  assert np.array_equal(rows.x_test, ids[:, : rows.x_test.shape[1]])
+  assert not ids[:, rows.x_test.shape[1] :].any()
+  assert evaluate_metrics(minilm.model, minilm.tree, rows)["value"] == pytest.approx(1.0, abs=1e-5)
+  recovered = dataclasses.replace(minilm, log=({"recovered": {"data": "corpus (9)"}},))
+  assert validation_source(recovered, options) == "train"
+  digits = prepare(parse_recipe({"model": "digits-cnn", "stages": []}))
+  assert validation_source(digits, options) == "train"
+  with pytest.raises(UsageError, match="validation_data: corpus"):
+    validation_rows(digits, {**options, "validation_data": "corpus"})

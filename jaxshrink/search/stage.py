@@ -15,9 +15,14 @@ stages:
    kernel alone compressed, on calibration batches. Cached under `<cache>/search/`.
 2. **Solve** (`solve`): the Lagrangian frontier of bytes against summed error.
 3. **Verify**: assemble a frontier point with its plain stages (`candidates.assignment_stages`)
-   and evaluate it on validation rows, the training rows after the ones calibration reads
-   (never the calibration rows, never the test split). A model trained on those rows scores
-   them too well to tell candidates apart (digits-cnn is 100% accurate on its training
+   and evaluate it on validation rows, never the calibration rows, never the test split. For a
+   text model that reads MiniLM token ids (`validation_data: auto`, the default) they are the
+   offline transfer corpus' last `validation_rows` sentences, everyday English and
+   documentation prose, scored against the float model's embeddings: the training split's
+   sentences after calibration's are mostly docstrings, whose drop under-predicts the drop on
+   everyday sentences. After a `recover` that trained on the corpus, and for other models, they
+   are the training rows after the ones calibration reads. A model trained on those rows
+   scores them too well to tell candidates apart (digits-cnn is 100% accurate on its training
    images); `validation_data: test` verifies on the test split's first `validation_rows`
    instead, and the test metric reported afterwards then includes rows the search chose on.
    With `max_drop`, the frontier is bisected for the smallest point whose measured drop is
@@ -47,7 +52,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jaxshrink.errors import JaxshrinkError, UsageError
@@ -67,6 +71,7 @@ from jaxshrink.search.candidates import assignment_stages, parse_candidate, pars
 from jaxshrink.search.latency import batch_rows
 from jaxshrink.search.sensitivity import cache_key, load_cached, measure, store
 from jaxshrink.search.solve import Point, fill, frontier, thin
+from jaxshrink.search.validation import validation_rows, validation_source
 from jaxshrink.tree import select
 
 DEFAULT_CANDIDATES = ["float", "bf16", "int8", "int4-g128", "int4-g32", "int3-g128", "int3-g32"]
@@ -84,7 +89,9 @@ OPTIONS: dict[str, Any] = {
   "calibration_batches": 8,
   "sensitivity_batches": 2,
   "validation_rows": 256,
-  "validation_data": "train",  # or "test": its first rows, for a model trained on all of train
+  # auto: the transfer corpus' last rows for a MiniLM-tokenized text model, else the training
+  # rows after calibration's; test: its first rows, for a model trained on all of train.
+  "validation_data": "auto",
   "max_verifications": 8,
   "serving": "integer",  # objective latency: the serving mode kernels are timed in
 }
@@ -138,29 +145,6 @@ def _check(options: dict[str, Any]) -> None:
     raise UsageError(
       f"`candidates` of `search` must be a non-empty list; got {options['candidates']!r}."
     )
-
-
-def _validation(pipeline: Pipeline, options: dict[str, Any]) -> Any:
-  """The dataset with its test split replaced by the rows the search verifies on: the training
-  rows calibration never reads, or with `validation_data: test` the test split's first rows."""
-  ds = pipeline.dataset
-  source = options["validation_data"]
-  if source not in ("train", "test"):
-    raise UsageError(f"`validation_data` of `search` must be train or test; got {source!r}.")
-  if source == "test":
-    rows = min(options["validation_rows"], len(ds.x_test))
-    return dataclasses.replace(ds, x_test=ds.x_test[:rows], y_test=ds.y_test[:rows])
-  start = options["calibration_batches"] * pipeline.model.batch_size
-  x, y = np.asarray(ds.x_train), np.asarray(ds.y_train)
-  rows = min(options["validation_rows"], len(x) - start)
-  if rows < 16:
-    raise UsageError(
-      f"`search` verifies on the training rows after the {start} that calibration reads "
-      f"(`calibration_batches` {options['calibration_batches']} x batch size "
-      f"{pipeline.model.batch_size}), and {ds.name!r} has {len(x)}: fewer than 16 are left. "
-      "Lower `calibration_batches`."
-    )
-  return dataclasses.replace(ds, x_test=x[start : start + rows], y_test=y[start : start + rows])
 
 
 def _drop(reference: float, value: float, higher_is_better: bool) -> float:
@@ -224,7 +208,7 @@ def _search(pipeline: Pipeline, options: dict[str, Any], step: Any) -> Pipeline:
     raise UsageError(NO_INT_KERNEL.format(names))
   paths = select(pipeline.tree, rule_from_options(options))
   tables = _tables(pipeline, options, paths)
-  validation = _validation(pipeline, options)
+  validation = validation_rows(pipeline, options)
   model = pipeline.model
   apply = serving_model(model).apply
 
@@ -334,7 +318,7 @@ def _search(pipeline: Pipeline, options: dict[str, Any], step: Any) -> Pipeline:
       "stages": plain_stages(row["stages"]),
       "layers": layers,
       "iterations": iterations,
-      "validation": {"rows": len(validation.x_test), "data": options["validation_data"],
+      "validation": {"rows": len(validation.x_test), "data": validation_source(pipeline, options),
                      "reference": reference,
                      "value": row["value"], "drop": row["drop"], "bytes": row["bytes"]},
       "sensitivity": {"measure": SENSITIVITY, "seconds": sensitivity.seconds,
