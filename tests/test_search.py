@@ -260,3 +260,34 @@ def test_text_models_verify_on_held_out_corpus_sentences():
   assert validation_source(digits, options) == "train"
   with pytest.raises(UsageError, match="validation_data: corpus"):
     validation_rows(digits, {**options, "validation_data": "corpus"})
+
+
+def test_search_after_recover_starts_from_the_recovered_pruned_tree():
+  compress = [
+    {"prune": {"method": "oneshot", "sparsity": 0.5, "target": "dense.*kernel"}},
+    {"recover": {"steps": 30}},
+  ]
+  search = {**SEARCH, "max_drop": 0.01, "validation_data": "test"}
+  raw = {"model": "digits-cnn", "export": {"serving": None}}
+  out = run_recipe(parse_recipe({**raw, "stages": [*compress, {"search": search}]}))
+  recovered = run_recipe(parse_recipe({**raw, "stages": compress})).pipeline
+  entry = next(s for s in out.metrics["stages"] if s["stage"] == "search")["search"]
+  from jaxshrink.evaluation import evaluate_metrics
+  from jaxshrink.search.stage import OPTIONS
+  from jaxshrink.search.validation import validation_rows
+
+  rows = validation_rows(recovered, {**OPTIONS, **search})
+  assert entry["validation"]["data"] == "test"
+  assert (
+    entry["validation"]["reference"]
+    == evaluate_metrics(recovered.model, recovered.tree, rows)["value"]
+  )
+  assert entry["validation"]["drop"] <= 0.01
+  from jaxshrink.encoding import materialize
+
+  # Every weight the prune stage zeroed is still zero after the searched quantization.
+  searched, pruned = flatten(out.pipeline.tree), flatten(recovered.tree)
+  for path in ("dense1/kernel", "dense2/kernel"):
+    zeros = np.asarray(materialize(pruned[path])) == 0
+    assert np.all(np.asarray(materialize(searched[path]))[zeros] == 0), path
+  assert np.mean(np.asarray(materialize(pruned["dense1/kernel"])) == 0) >= 0.49
