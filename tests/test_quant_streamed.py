@@ -66,3 +66,24 @@ def test_packed_codes_take_smaller_chunks_on_wide_kernels():
   assert chunk_rows(_q(QuantSpec(bits=4, group_size=128), k=1024, n=8192)) == 128
   # int8 too: a 32000-wide head takes 64 rows a step (256 would decode 32 MB per step).
   assert chunk_rows(_q(QuantSpec(bits=8), k=1024, n=32000)) == 64
+
+
+def test_many_rows_decode_each_kernel_when_its_layer_runs():
+  # A prefill (more rows than stream) decodes whole kernels; XLA must not decode every layer's
+  # kernel up front, which held all the float weights at once, more than the float model.
+  layers = 8
+  w = {f"w{i}": jax.random.normal(jax.random.key(i), (512, 512)) / 23 for i in range(layers)}
+  ctree = quantize_params(w, ".*", QuantSpec(bits=8))
+
+  def apply(p, x):
+    for i in range(layers):
+      x = jax.nn.relu(x @ p[f"w{i}"])
+    return x
+
+  x = jax.random.normal(jax.random.key(9), (64, 512))
+  served = jax.jit(quantized_apply(apply))
+  stats = served.lower(ctree, x).compile().memory_analysis()
+  float_weights = layers * 512 * 512 * 4
+  assert stats.temp_size_in_bytes < float_weights / 2, stats
+  dense = jax.tree.map(lambda q: q.materialize(), ctree, is_leaf=lambda a: isinstance(a, QArray))
+  np.testing.assert_allclose(served(ctree, x), apply(dense, x), rtol=1e-5, atol=1e-5)

@@ -110,6 +110,13 @@ def qarray_matmul(x2d: jax.Array, q: QArray) -> jax.Array:
     dtype = _compute_dtype(x2d)
     if x2d.shape[0] <= STREAM_ROWS and chunk_rows(q) is not None:  # decoding: stream the codes
       return streamed_matmul(x, q, dtype)
+    # The decode reads only the codes, so XLA may schedule every layer's decode first and hold
+    # all the float weights at once (a prefill then peaked above the float model). A zero
+    # computed from this layer's input, added to the scales, makes each kernel's decode wait
+    # for its layer (an optimization barrier is removed before XLA schedules).
+    first = x[0, 0]
+    tie = jnp.where(jnp.isfinite(first), first, 0.0) * 0.0
+    q = dataclasses.replace(q, scale=q.scale + tie.astype(q.scale.dtype))
     w = q.dequantized_matrix(with_input_scale=False).astype(dtype)
     return lax.dot(x.astype(dtype), w, preferred_element_type=jnp.float32)
   xq, sx = _act_codes(x, q, (1,))
