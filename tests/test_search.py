@@ -291,3 +291,21 @@ def test_search_after_recover_starts_from_the_recovered_pruned_tree():
     zeros = np.asarray(materialize(pruned[path])) == 0
     assert np.all(np.asarray(materialize(searched[path]))[zeros] == 0), path
   assert np.mean(np.asarray(materialize(pruned["dense1/kernel"])) == 0) >= 0.49
+
+
+@pytest.mark.parametrize(
+  "data, words",
+  [("corpus", "held-out sentences of the transfer corpus"), ("test", "test rows"),
+   ("train", "training rows calibration never read"), ("elsewhere", "rows:")],
+)  # fmt: skip
+def test_the_report_names_the_rows_it_verified_on(data, words):
+  from rich.console import Console
+
+  from jaxshrink.search.cli import print_search
+
+  console = Console(record=True, width=200)
+  found = {"layers": [{"path": "k", "candidate": "int8", "bytes": 1, "error": 0.0}],
+           "validation": {"rows": 256, "data": data, "value": 0.99, "reference": 1.0,
+                          "drop": 0.01}, "iterations": [{}]}  # fmt: skip
+  print_search(console, [{"stage": "search", "search": found}])
+  assert f"verified on 256 {words}" in console.export_text()

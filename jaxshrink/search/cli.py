@@ -117,6 +117,14 @@ def cmd_autocompress(args: argparse.Namespace) -> int:
   return 0
 
 
+# How `print_search` names each `validation_data` source (read from an untrusted manifest).
+VALIDATION_WORDS = {
+  "test": "test rows",
+  "train": "training rows calibration never read",
+  "corpus": "held-out sentences of the transfer corpus",
+}
+
+
 def print_search(console: Any, stages: Any) -> None:
   """The per-kernel choice of each search stage in a run's log (untrusted: plain text only)."""
   from rich.table import Table
@@ -147,9 +155,8 @@ def print_search(console: Any, stages: Any) -> None:
       isinstance(check.get(k), (int, float)) for k in ("value", "reference", "drop", "rows")
     ):
       console.print(
-        f"verified on {check['rows']} "
-        + ("test rows" if check.get("data") == "test" else "training rows calibration never read")
-        + f": {check['value']:.5f} against "
+        f"verified on {check['rows']} {VALIDATION_WORDS.get(check.get('data'), 'rows')}"
+        f": {check['value']:.5f} against "
         f"{check['reference']:.5f} (relative drop {check['drop']:.5f}), after "
         f"{len(found.get('iterations') or [])} verifications",
         markup=False, highlight=False,
