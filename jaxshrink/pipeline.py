@@ -137,6 +137,14 @@ CALIBRATION_DATA = ("train", "corpus")
 CALIBRATION_ROWS = 128
 
 
+def reads_corpus_tokens(pipeline: Pipeline) -> bool:
+  """Whether the transfer corpus fits the pipeline's model: token ids in, embeddings out."""
+  model, dataset = pipeline.model, pipeline.dataset
+  return bool(np.issubdtype(np.dtype(model.input_dtype), np.integer)) and (
+    dataset.kind == "embedding"
+  )
+
+
 def transfer_corpus(pipeline: Pipeline, stage: str, option: str) -> np.ndarray:
   """The transfer corpus' token ids (`jaxshrink.data.corpus.transfer_tokens`), `(N, L)` int32.
 
@@ -144,7 +152,7 @@ def transfer_corpus(pipeline: Pipeline, stage: str, option: str) -> np.ndarray:
     UsageError: the model does not read MiniLM token ids (a sentence-embedding model).
   """
   model, dataset = pipeline.model, pipeline.dataset
-  if not (np.issubdtype(np.dtype(model.input_dtype), np.integer) and dataset.kind == "embedding"):
+  if not reads_corpus_tokens(pipeline):
     raise UsageError(
       f"`{option}: corpus` of stage `{stage}` feeds MiniLM token ids of the offline transfer "
       f"corpus, but {model.name!r} reads {model.input_dtype} inputs of {dataset.kind} data. Use "

@@ -30,7 +30,13 @@ import numpy as np
 from jaxshrink.distill.stage import loss_from_options
 from jaxshrink.distill.taps import tapped_apply
 from jaxshrink.errors import UsageError
-from jaxshrink.pipeline import Pipeline, check_positive, register_stage, transfer_corpus
+from jaxshrink.pipeline import (
+  Pipeline,
+  check_positive,
+  reads_corpus_tokens,
+  register_stage,
+  transfer_corpus,
+)
 from jaxshrink.recover.train import recover
 from jaxshrink.tree import Rule
 
@@ -96,10 +102,9 @@ def _loss(options: dict[str, Any], metric: str):
 
 def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, str]:
   """`(inputs, "corpus" or "train", description for the log)`."""
-  model, dataset = pipeline.model, pipeline.dataset
-  tokens = np.issubdtype(np.dtype(model.input_dtype), np.integer)
+  dataset = pipeline.dataset
   if choice == "auto":
-    choice = "corpus" if tokens and dataset.kind == "embedding" else "train"
+    choice = "corpus" if reads_corpus_tokens(pipeline) else "train"
   if choice == "corpus":
     from jaxshrink.data.corpus import transfer_sentences
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import UsageError
-from jaxshrink.pipeline import Pipeline, transfer_corpus
+from jaxshrink.pipeline import Pipeline, reads_corpus_tokens, transfer_corpus
 
 VALIDATION_SOURCES = ("auto", "train", "test", "corpus")
 
@@ -32,12 +32,10 @@ def validation_source(pipeline: Pipeline, options: dict[str, Any]) -> str:
     )
   if source != "auto":
     return source
-  model, dataset = pipeline.model, pipeline.dataset
-  text = np.issubdtype(np.dtype(model.input_dtype), np.integer) and dataset.kind == "embedding"
   trained_on_corpus = any(
     str(entry.get("recovered", {}).get("data", "")).startswith("corpus") for entry in pipeline.log
   )
-  return "corpus" if text and not trained_on_corpus else "train"
+  return "corpus" if reads_corpus_tokens(pipeline) and not trained_on_corpus else "train"
 
 
 def validation_rows(pipeline: Pipeline, options: dict[str, Any]) -> Any:
