@@ -17,6 +17,7 @@ compression:
   asked to move. At the end the shadow is re-quantized with the same scales: same spec, same
   layout, every code on the stored grid, `act_bits` / `act_scale` / `input_scale` kept.
 - `LowRank`: the factors `a`, `b` train (fake-quantized when they are `QArray`s); the rank stays.
+  The model runs them as two thin matmuls (`lowrank_apply`), forward and backward.
 - `Cast`: trains in float32 through a fake cast to the storage dtype, re-cast at the end.
 - Plain float leaves (biases, norms, kernels no stage touched) train as they are.
 
@@ -48,6 +49,7 @@ from jaxshrink.distill.train import batch_indices, student_optimizer
 from jaxshrink.encoding import Encoding, is_encoding, materialize
 from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.lowrank.encoding import LowRank
+from jaxshrink.lowrank.layers import lowrank_apply
 from jaxshrink.quant import numerics, packing
 from jaxshrink.quant.dot_general import ste
 from jaxshrink.quant.qarray import QArray, from_matrix
@@ -113,12 +115,15 @@ def _kept_slots(values: Any) -> jax.Array:
   return materialize(values) != 0
 
 
-def decode(shadow: Any, leaf: Any) -> jax.Array:
+def decode(shadow: Any, leaf: Any, *, factored: bool = False) -> Any:
   """The dense weight the model sees: `shadow` through `leaf`'s compression (jit/grad-able).
 
-  A frozen leaf (`shadow` None) decodes as it is stored.
+  A frozen leaf (`shadow` None) decodes as it is stored. With `factored`, a `LowRank` leaf stays
+  a `LowRank` of its decoded factors, for an apply wrapped in `lowrank_apply`.
   """
   if shadow is None:
+    if factored and isinstance(leaf, LowRank):
+      return leaf
     return leaf.materialize() if isinstance(leaf, Encoding) else leaf
   if isinstance(leaf, QArray):
     return _qarray_dense(shadow, leaf)
@@ -128,7 +133,8 @@ def decode(shadow: Any, leaf: Any) -> jax.Array:
     return dataclasses.replace(leaf, values=values).materialize()
   if isinstance(leaf, LowRank):
     a, b = decode(shadow["a"], leaf.a), decode(shadow["b"], leaf.b)
-    return dataclasses.replace(leaf, a=a, b=b).materialize()
+    factors = dataclasses.replace(leaf, a=a, b=b)
+    return factors if factored else factors.materialize()
   if isinstance(leaf, Cast):
     rounded = shadow.astype(leaf.values.dtype).astype(jnp.float32)
     return ste(shadow, rounded).astype(leaf.dtype)
@@ -248,10 +254,15 @@ class TrainableView:
   shadows: tuple[Any, ...]
   frozen: dict[str, str]
 
-  def dense(self, shadows: Sequence[Any], leaves: Sequence[Any] | None = None) -> Any:
-    """The dense param tree the model runs (inside `jit`, `leaves` passed as arguments)."""
+  def dense(
+    self, shadows: Sequence[Any], leaves: Sequence[Any] | None = None, *, factored: bool = False
+  ) -> Any:
+    """The dense param tree the model runs (inside `jit`, `leaves` passed as arguments).
+
+    With `factored`, `LowRank` kernels stay factors (see `decode`).
+    """
     leaves = self.leaves if leaves is None else leaves
-    dense = [decode(s, leaf) for s, leaf in zip(shadows, leaves, strict=True)]
+    dense = [decode(s, leaf, factored=factored) for s, leaf in zip(shadows, leaves, strict=True)]
     return self.treedef.unflatten(dense)
 
   def encoded(self, shadows: Sequence[Any]) -> Any:
@@ -339,6 +350,10 @@ def recover(
         f"`{p}`: {r}" for p, r in list(view.frozen.items())[:4]) + "). Widen `target`."
     )  # fmt: skip
   optimizer = student_optimizer(learning_rate, steps)
+  # Low-rank kernels train as their two thin matmuls, forward and backward: a rank-r kernel
+  # costs r (K + N) multiply-adds per row instead of K N, so each step is cheaper.
+  factored = any(isinstance(leaf, LowRank) for leaf in view.leaves)
+  student = lowrank_apply(apply) if factored else apply
   loss_params = loss.init(
     jax.random.key(0),
     jax.eval_shape(lambda s, x: apply(view.dense(s), x), view.shadows, x_all[:1]),
@@ -361,7 +376,7 @@ def recover(
     feature_mask = None if tokens is None else tokens > 0
 
     def objective(s):
-      s_out = model_outputs(apply(view.dense(s, leaves), x), "student")
+      s_out = model_outputs(student(view.dense(s, leaves, factored=factored), x), "student")
       return loss({}, s_out, t_out, None, feature_mask=feature_mask)[0]
 
     value, grads = jax.value_and_grad(objective)(shadows)
