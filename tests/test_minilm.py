@@ -120,7 +120,7 @@ def test_student_starts_from_teacher_layers(params):
   assert sorted(sparams["encoder"]) == ["layer_0", "layer_1", "layer_2"]
   np.testing.assert_array_equal(
     sparams["encoder"]["layer_1"]["intermediate"]["kernel"],
-    params["encoder"]["layer_3"]["intermediate"]["kernel"],
+    params["encoder"]["layer_4"]["intermediate"]["kernel"],
   )
   ids = minilm.encode(["The student has three layers."])
   assert jax.jit(student.apply)(sparams, ids).shape == (1, 384)

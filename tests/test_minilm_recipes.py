@@ -9,6 +9,7 @@ import pytest
 
 from jaxshrink import export
 from jaxshrink.cli import main
+from jaxshrink.models.minilm import STUDENT_LAYERS
 from jaxshrink.recipes import load_recipe, stage_kinds
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
@@ -113,11 +114,12 @@ def test_recipe_embeddings(path):
     assert path.stem in RECOVERED or "`embeddings: {bits: 8}`" in path.read_text()
 
 
-def test_distill_recipe_matches_hidden_states_of_alternate_layers():
+def test_distill_recipe_matches_hidden_states_of_the_copied_layers():
   options = dict(load_recipe(RECIPES / "minilm-distill-l3.yaml").stages)["distill"]
   assert options["losses"] == {"logit_cosine": 1.0} and options["pad_id"] == 0
   pairs = [(f["student"], f["teacher"]) for f in options["features"]]
-  assert pairs == [(f"encoder/layer_{k}", f"encoder/layer_{2 * k + 1}") for k in range(3)]
+  copied = enumerate(STUDENT_LAYERS)  # student layer k starts as teacher layer t
+  assert pairs == [(f"encoder/layer_{k}", f"encoder/layer_{t}") for k, t in copied]
 
 
 def test_student_recover_recipe_extends_the_distill_recipe():
@@ -127,7 +129,8 @@ def test_student_recover_recipe_extends_the_distill_recipe():
   options = recipe[1][1]
   assert options["data"] == "corpus" and options["losses"] == {"logit_cosine": 1.0}
   pairs = [(f["student"], f["teacher"], f["kind"]) for f in options["features"]]
-  assert pairs == [(f"encoder/layer_{k}", f"encoder/layer_{2 * k + 1}", "cosine") for k in range(3)]
+  copied = enumerate(STUDENT_LAYERS)
+  assert pairs == [(f"encoder/layer_{k}", f"encoder/layer_{t}", "cosine") for k, t in copied]
 
 
 def test_int4_rtn_g128_through_the_cli(tmp_path, capsys):
