@@ -1,5 +1,6 @@
 """Low-rank factorization: SVD exactness, rank selection, factored execution, int8 factors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ from flax import nnx
 
 from jaxshrink import export
 from jaxshrink.capture import kernel_matrix
+from jaxshrink.distill import DistillLoss
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import NoMatchError
 from jaxshrink.lowrank import (
@@ -24,6 +26,7 @@ from jaxshrink.lowrank import (
   quantize_factors,
 )
 from jaxshrink.models import get_model
+from jaxshrink.recover import recover
 from jaxshrink.tree import Rule
 
 RNG = np.random.default_rng(0)
@@ -99,6 +102,28 @@ def test_lowrank_apply_matches_and_drops_flops(name):
   fast_flops = fast.lower(ctree, x).compile().cost_analysis()["flops"]
   # conv2 + dense1 dominate; at rank 8 the model needs well under half the flops.
   assert fast_flops < 0.5 * dense_flops
+
+
+class _BatchNormMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(64)(x)))
+    return nn.Dense(10)(x)
+
+
+def test_lowrank_apply_and_recover_take_a_linen_variable_dict():
+  # `params` next to `batch_stats`: the factored kernel is found by its path in the whole tree.
+  model = _BatchNormMLP()
+  x = jnp.asarray(RNG.normal(size=(64, 32)), jnp.float32)
+  variables = model.init(jax.random.key(0), x[:2])
+  ctree = {**variables, "params": factorize(variables["params"], ".*Dense_0/kernel", rank=8)}
+  ref = model.apply(materialize(ctree), x)
+  np.testing.assert_allclose(
+    jax.jit(lowrank_apply(model.apply))(ctree, x), ref, rtol=1e-4, atol=1e-5
+  )
+  loss = DistillLoss(kd=0.0, logit_mse=1.0)
+  result = recover(model.apply, ctree, model.apply, variables, np.asarray(x), loss=loss, steps=3)
+  assert isinstance(result.tree["params"]["Dense_0"]["kernel"], LowRank)
 
 
 def test_quantized_factors_and_export_round_trip(cnn, tmp_path):

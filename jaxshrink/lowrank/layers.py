@@ -27,10 +27,10 @@ import numpy as np
 from flax import nnx
 
 from jaxshrink.capture import _Replay
-from jaxshrink.encoding import materialize
-from jaxshrink.errors import InvalidTypeError, InvalidValueError
+from jaxshrink.encoding import is_encoding, materialize
+from jaxshrink.errors import InvalidValueError
 from jaxshrink.lowrank.encoding import LowRank
-from jaxshrink.tree import flatten
+from jaxshrink.tree import path_string
 
 
 def _dot_two_matmuls(eqn, invals, in_src, encodings):
@@ -95,18 +95,20 @@ def lowrank_apply(apply_fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], A
     apply_fn: the model's pure `(params, x) -> outputs`.
 
   Returns:
-    `apply(ctree, x)`; call it under `jax.jit`.
+    `apply(ctree, x)`; call it under `jax.jit`. `ctree` is a param tree or a whole linen
+    variable dict (`params` next to `batch_stats`).
   """
 
   def apply(ctree: Any, x: Any) -> Any:
-    encodings = {p: leaf for p, leaf in flatten(ctree).items() if isinstance(leaf, LowRank)}
+    # Paths over the whole tree, so a linen variable dict (`params` with `batch_stats`) works.
+    flat = jax.tree_util.tree_flatten_with_path(ctree, is_leaf=is_encoding)[0]
+    encodings = {path_string(kp): leaf for kp, leaf in flat if isinstance(leaf, LowRank)}
     # Materialized kernels are fed where the model expects them; XLA drops the product
     # `a @ b` as dead code wherever the factored ops replace its consumer.
     dense = materialize(ctree)
-    leaves, treedef = jax.tree.flatten(dense)
-    paths = list(flatten(dense))
-    if len(paths) != len(leaves):
-      raise InvalidTypeError("lowrank_apply() needs the param tree itself (no extra collections).")
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(dense)
+    paths = [path_string(kp) for kp, _ in keyed]
+    leaves = [leaf for _, leaf in keyed]
     if not encodings:
       return apply_fn(dense, x)
     closed = jax.make_jaxpr(lambda lv, x: apply_fn(jax.tree.unflatten(treedef, lv), x))(leaves, x)
