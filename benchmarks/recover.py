@@ -107,6 +107,7 @@ def _row(recipe, label: str) -> Record:
       "data": log.get("data"),
       "trained_leaves": log.get("trained"),
       "frozen_leaves": len(log.get("frozen", {})),
+      "teacher_cache": log.get("teacher_cache"),
       **{k: round(v, 4) for k, v in after.items() if k != "value"},
     },
   )

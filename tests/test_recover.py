@@ -21,7 +21,7 @@ from jaxshrink.quant import QuantSpec
 from jaxshrink.quant.qarray import QArray, quantize, stack
 from jaxshrink.recipes import parse_recipe, prepare, run_recipe, run_stages
 from jaxshrink.recover import decode, reencode, trainable_view
-from jaxshrink.recover.train import token_batches
+from jaxshrink.recover.transfer import token_batches
 from jaxshrink.sparsity.encodings import BitmaskSparse, NMSparse, encode_sparse
 from jaxshrink.tree import flatten
 
@@ -156,6 +156,7 @@ def test_recipe_recovers_every_kind_exports_and_reloads(tmp_path):
     ({"features": [{"student": "dense1", "depth": 2}]}, r"Unknown key\(s\) \['depth'\]"),
     ({"features": "dense1"}, r"Option `features` in stage 1 \(`recover`\)"),
     ({"pad_id": "0"}, "`pad_id` of stage `recover`"),
+    ({"teacher_cache": "yes"}, "`teacher_cache` of stage `recover`"),
     ({"exclude": "[unclosed"}, "`target`/`exclude` of stage `recover`"),
   ],
 )
@@ -214,3 +215,83 @@ def test_token_batches_group_similar_lengths():
   assert sum(w == 1 for w in widths) >= 0.8 * len(batches)  # one length bucket per batch
   again = token_batches(ids, 30, 16, seed=0, pad_id=0)
   assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def _token_models(vocab=40, width=16, rows=96, seq=24):
+  """A toy text teacher/student: a per-token hidden state zeroed at padding, mean-pooled."""
+
+  def apply(p, x):
+    real = (x != 0)[..., None].astype(jnp.float32)
+    h = jnp.tanh(p["emb"][x] @ p["w"]) * real
+    return {"logits": h.sum(1) / jnp.maximum(real.sum(1), 1.0), "h": h}
+
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  teacher = {
+    "emb": jax.random.normal(k1, (vocab, width)),
+    "w": jax.random.normal(k2, (width, width)),
+  }
+  student = {**teacher, "w": teacher["w"] + 0.3 * jax.random.normal(k3, (width, width))}
+  rng = np.random.default_rng(0)
+  ids = np.zeros((rows, seq), np.int32)
+  for row, n in enumerate(rng.integers(2, seq + 1, size=rows)):
+    ids[row, :n] = rng.integers(1, vocab, size=n)
+  return apply, teacher, student, ids
+
+
+def test_teacher_cache_reuses_the_teachers_outputs_without_changing_training():
+  from jaxshrink.distill import DistillLoss
+  from jaxshrink.distill.objective import FeaturePair
+  from jaxshrink.recover import recover
+
+  apply, teacher, student, ids = _token_models()
+  loss = DistillLoss(kd=0.0, logit_cosine=1.0, pairs=(FeaturePair("h", "h", "cosine"),))
+
+  def run(cache):
+    return recover(apply, student, apply, teacher, ids, loss=loss, steps=24, batch_size=16,
+                   pad_id=0, learning_rate=1e-2, teacher_cache=cache)  # fmt: skip
+
+  cached, plain = run("auto"), run(False)
+  assert cached.teacher_cache.startswith("on") and plain.teacher_cache.startswith("off")
+  # The same batches and targets (hidden states kept at bfloat16): the same training.
+  np.testing.assert_allclose(cached.losses, plain.losses, rtol=2e-3, atol=1e-4)
+  np.testing.assert_allclose(cached.tree["w"], plain.tree["w"], rtol=1e-2, atol=1e-3)
+  assert float(plain.losses[-1]) < 0.5 * float(plain.losses[0])
+
+
+def test_teacher_cache_stores_real_tokens_and_says_when_it_is_off():
+  from jaxshrink.errors import InvalidValueError
+  from jaxshrink.recover import recover
+  from jaxshrink.recover.transfer import TeacherCache
+
+  apply, teacher, student, ids = _token_models()
+  teacher_fn = lambda x: apply(teacher, x)
+  cache, why = TeacherCache.plan(teacher_fn, ids, reads=200, pad_id=0, augmented=False)
+  assert why.startswith("on") and cache.per_token == {"h"}
+  index = np.array([5, 2, 9])
+  batch = ids[index][:, :16] if (ids[index][:, 16:] == 0).all() else ids[index]
+  assert cache.lookup(index, batch) is None  # nothing kept yet
+  out = {k: np.asarray(v) for k, v in teacher_fn(batch).items()}
+  cache.store(index, batch, out)
+  again = cache.lookup(index, batch)
+  np.testing.assert_array_equal(again["logits"], out["logits"])
+  np.testing.assert_allclose(again["h"], out["h"], rtol=1e-2, atol=1e-2)  # bfloat16
+  assert np.all(again["h"][batch == 0] == 0)
+  assert cache.lookup(np.array([5, 3]), ids[[5, 3]]) is None  # row 3 not kept
+
+  reasons = {
+    "augmented": TeacherCache.plan(teacher_fn, ids, reads=200, pad_id=0, augmented=True)[1],
+    "once": TeacherCache.plan(teacher_fn, ids, reads=96, pad_id=0, augmented=False)[1],
+    "large": TeacherCache.plan(teacher_fn, ids, reads=200, pad_id=0, augmented=False, limit=1000)[
+      1
+    ],  # fmt: skip
+    "per-token logits": TeacherCache.plan(
+      lambda x: {"logits": apply(teacher, x)["h"]}, ids, reads=200, pad_id=0, augmented=False
+    )[1],
+  }
+  assert "augmented" in reasons["augmented"] and "once" in reasons["once"]
+  assert "GiB" in reasons["large"] and "padding" in reasons["per-token logits"]
+  with pytest.raises(InvalidValueError, match="teacher_cache=True.*augmented"):
+    recover(apply, student, apply, teacher, ids, steps=24, batch_size=16, pad_id=0,
+            augment=lambda k, x: x, teacher_cache=True)  # fmt: skip
+  with pytest.raises(InvalidValueError, match="True, False or 'auto'"):
+    recover(apply, student, apply, teacher, ids, steps=2, teacher_cache="yes")

@@ -307,7 +307,8 @@ def cosine_embedding_loss(
   check_same_shape(student_embeddings, teacher_embeddings, "embeddings")
   s = student_embeddings.astype(jnp.float32)
   t = teacher_embeddings.astype(jnp.float32)
-  cos = jnp.sum(s * t, axis=-1) / jnp.maximum(
-    jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1), eps
-  )
+  # max(|s| |t|, eps) from the squared norms: the gradient of a norm is 0/0 at a zero vector,
+  # and a zero row (a padded position, a dead unit) must give a zero gradient, not NaN.
+  squared = jnp.sum(s * s, axis=-1) * jnp.sum(t * t, axis=-1)
+  cos = jnp.sum(s * t, axis=-1) * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
   return masked_mean(1.0 - cos, mask)

@@ -9,6 +9,7 @@
     features:                    # hidden states, same module path in both models by default
       - {student: encoder/layer_5, kind: mse, weight: 0.01}
     data: corpus                 # auto | corpus | train
+    teacher_cache: auto          # keep the float model's outputs after the first epoch
 ```
 
 `data: corpus` (the default for token-id models with an embedding dataset) trains on the
@@ -51,6 +52,7 @@ RECOVER_OPTIONS: dict[str, Any] = {
   "data": "auto",
   "augment": True,
   "pad_id": None,
+  "teacher_cache": "auto",
   "target": ".*",
   "exclude": ".*embedding",
 }
@@ -137,6 +139,9 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   pad_id = options["pad_id"]
   if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
     raise UsageError(f"`pad_id` of {STAGE} must be null or a token id; got {pad_id!r}.")
+  if not (isinstance(options["teacher_cache"], bool) or options["teacher_cache"] == "auto"):
+    raise UsageError(f"`teacher_cache` of {STAGE} must be auto, true or false; got "
+                     f"{options['teacher_cache']!r}.")  # fmt: skip
   if not isinstance(options["augment"], bool):
     raise UsageError(f"`augment` of {STAGE} must be true or false; got {options['augment']!r}.")
   try:
@@ -174,6 +179,7 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     rule=rule,
     augment=augment,
     pad_id=pad_id,
+    teacher_cache=options["teacher_cache"],
     key=sub,
   )
   found = {
@@ -181,6 +187,7 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       "data": described,
       "trained": len(result.trained),
       "frozen": result.frozen,
+      "teacher_cache": result.teacher_cache,
       "loss_first": round(float(result.losses[0]), 6),
       "loss_last": round(float(np.mean(result.losses[-10:])), 6),
     }

@@ -24,7 +24,8 @@ compression:
 Frozen: embedding tables stored for lookup (`QArray(table=True)`), integer leaves, encodings of
 another kind, and whatever the caller's `Rule` leaves out (by default, float embedding tables:
 their rows get gradients only for the tokens a batch holds). The loss is a
-`jaxshrink.distill.DistillLoss` between the compressed model and the float teacher.
+`jaxshrink.distill.DistillLoss` between the compressed model and the float teacher, whose outputs
+are kept after an example's first read and reused in later epochs (`transfer.TeacherCache`).
 
 >>> result = recover(model.apply, ctree, model.apply, float_params, x_transfer,
 ...                  loss=DistillLoss(kd=0.0, logit_cosine=1.0), steps=300)
@@ -34,6 +35,7 @@ their rows get gradients only for the tokens a batch holds). The loss is a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +55,7 @@ from jaxshrink.lowrank.layers import lowrank_apply
 from jaxshrink.quant import numerics, packing
 from jaxshrink.quant.dot_general import ste
 from jaxshrink.quant.qarray import QArray, from_matrix
+from jaxshrink.recover.transfer import CACHE_BYTES, TeacherCache, cut_to_longest, token_batches
 from jaxshrink.sparsity.encodings import BitmaskSparse, NMSparse
 from jaxshrink.tree import Rule, path_string
 
@@ -181,44 +184,6 @@ def reencode(shadow: Any, leaf: Any) -> Any:
   return shadow.astype(leaf.dtype)
 
 
-# Token batches are cut to the longest row they hold, rounded up to a multiple of this: a few
-# compiled shapes instead of one per length, and short sentences cost short sequences.
-TOKEN_BUCKET = 8
-
-
-def token_batches(
-  ids: np.ndarray,
-  steps: int,
-  batch_size: int,
-  seed: int,
-  *,
-  pad_id: int,
-  bucket: int = TOKEN_BUCKET,
-) -> list[np.ndarray]:
-  """`steps` index batches over `(N, T)` token rows, each drawn from rows of similar length.
-
-  Rows are grouped by their length (last non-`pad_id` position) rounded up to `bucket`; each
-  group is cut into batches of fresh permutations, and the batches of all groups are shuffled
-  together, so a group is visited in proportion to its size.
-  """
-  ids = np.asarray(ids)
-  real = ids != pad_id
-  length = np.where(real.any(axis=1), ids.shape[1] - np.argmax(real[:, ::-1], axis=1), 1)
-  width = np.minimum(-(-length // bucket) * bucket, ids.shape[1])
-  rng = np.random.default_rng(seed)
-  out: list[np.ndarray] = []
-  while len(out) < steps:
-    batches = []
-    for w in np.unique(width):
-      rows = rng.permutation(np.flatnonzero(width == w))
-      if rows.size < batch_size:  # too few for a batch: fill with rows of the next widths up
-        rows = rng.permutation(np.flatnonzero(width >= w))[:batch_size]
-      for start in range(0, rows.size - batch_size + 1, batch_size):
-        batches.append(rows[start : start + batch_size])
-    out.extend(batches[i] for i in rng.permutation(len(batches)))
-  return [b.astype(np.int32) for b in out[:steps]]
-
-
 @dataclasses.dataclass(frozen=True)
 class RecoverResult:
   """What `recover` returns.
@@ -228,12 +193,14 @@ class RecoverResult:
     losses: `(steps,)` float32 training loss.
     trained: paths of the leaves that trained.
     frozen: path -> why that leaf stayed as it was.
+    teacher_cache: whether the teacher's outputs were kept for reuse, and why not (`TeacherCache`).
   """
 
   tree: Any
   losses: np.ndarray
   trained: tuple[str, ...]
   frozen: dict[str, str]
+  teacher_cache: str = "off: not asked"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +274,7 @@ def recover(
   rule: Rule | None = None,
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
   pad_id: int | None = None,
+  teacher_cache: bool | str = "auto",
   key: jax.Array | None = None,
 ) -> RecoverResult:
   """Distills `teacher_apply` into the compressed `tree`, keeping its compression.
@@ -324,6 +292,9 @@ def recover(
     augment: optional `(key, x) -> x` applied to each batch (the teacher sees the same one).
     pad_id: for `(N, T)` token ids padded with this id: batches group rows of similar length
       and are cut to their longest row (`token_batches`), rounded up to 8 tokens.
+    teacher_cache: keep the teacher's outputs for each example the first time it is read and
+      reuse them in later epochs (`jaxshrink.recover.transfer.TeacherCache`): "auto" when exact
+      and within 4 GiB, True to insist (an error when it cannot be exact), False never.
     key: PRNG key for batch order and augmentation.
 
   Returns:
@@ -337,6 +308,10 @@ def recover(
       raise InvalidValueError(f"`{name}` must be a positive int; got {value!r}.")
   if not learning_rate > 0:
     raise InvalidValueError(f"`learning_rate` must be > 0; got {learning_rate!r}.")
+  if not (isinstance(teacher_cache, bool) or teacher_cache == "auto"):
+    raise InvalidValueError(
+      f"`teacher_cache` must be True, False or 'auto'; got {teacher_cache!r}."
+    )
   x_all = np.asarray(x_transfer)
   if x_all.ndim < 1 or x_all.shape[0] == 0:
     raise InvalidValueError(f"`x_transfer` must hold at least one example; got {x_all.shape}.")
@@ -365,12 +340,11 @@ def recover(
       f"{sorted(loss_params)} differ in width. Pair modules with the same output width."
     )
 
-  def step(shadows, opt_state, leaves, teacher_params, x, index):
-    if augment is not None:
-      x = augment(jax.random.fold_in(aug_key, index), x)
-    t_out = model_outputs(teacher_apply(materialize(teacher_params), x), "teacher")
-    t_out = jax.tree.map(jax.lax.stop_gradient, t_out)
+  def teacher_outputs(teacher_params, x):
+    out = model_outputs(teacher_apply(materialize(teacher_params), x), "teacher")
+    return jax.tree.map(jax.lax.stop_gradient, out)
 
+  def train(shadows, opt_state, leaves, x, t_out):
     # Padding positions of token ids never count in a hidden-state loss.
     tokens = token_mask(x, pad_id) if loss.pairs else None
     feature_mask = None if tokens is None else tokens > 0
@@ -383,27 +357,57 @@ def recover(
     updates, opt_state = optimizer.update(grads, opt_state, shadows)
     return optax.apply_updates(shadows, updates), opt_state, value
 
-  step = jax.jit(step, donate_argnums=(0, 1))
+  def teacher_step(shadows, opt_state, leaves, teacher_params, x, index):
+    if augment is not None:
+      x = augment(jax.random.fold_in(aug_key, index), x)
+    t_out = teacher_outputs(teacher_params, x)
+    return (*train(shadows, opt_state, leaves, x, t_out), t_out)
+
+  teacher_step = jax.jit(teacher_step, donate_argnums=(0, 1))
+  cached_step = jax.jit(train, donate_argnums=(0, 1))
   shadows = jax.tree.map(lambda a: jnp.array(a, copy=True), list(view.shadows))
   opt_state = optimizer.init(shadows)
   leaves = list(view.leaves)
   seed = int(jax.random.randint(data_key, (), 0, np.iinfo(np.int32).max))
-  if pad_id is not None and x_all.ndim == 2:
+  tokens = pad_id is not None and x_all.ndim == 2
+  if tokens:
     batches = token_batches(x_all, steps, batch_size, seed, pad_id=pad_id)
   else:
     batches = list(batch_indices(x_all.shape[0], steps, batch_size, seed))
+  cache, cache_note = None, "off: not asked"
+  if teacher_cache:
+    cache, cache_note = TeacherCache.plan(
+      functools.partial(teacher_outputs, teacher_params),
+      x_all,
+      reads=steps * batch_size,
+      pad_id=pad_id if tokens else None,
+      augmented=augment is not None,
+      limit=CACHE_BYTES if teacher_cache == "auto" else 1 << 62,
+    )
+    if cache is None and teacher_cache is True:
+      raise InvalidValueError(
+        f"`teacher_cache=True` cannot keep this teacher's outputs ({cache_note}); pass "
+        "`teacher_cache='auto'` to run the teacher in every step instead."
+      )
   losses = []
   for i, index in enumerate(batches):
     batch = x_all[index]
-    if pad_id is not None and x_all.ndim == 2:
-      real = np.flatnonzero((batch != pad_id).any(axis=0))
-      width = min(-(-(int(real[-1]) + 1) // TOKEN_BUCKET) * TOKEN_BUCKET, x_all.shape[1])
-      batch = batch[:, :width]
-    shadows, opt_state, value = step(shadows, opt_state, leaves, teacher_params, batch, i)
+    if tokens:
+      batch = cut_to_longest(batch, pad_id)
+    t_out = None if cache is None else cache.lookup(index, batch)
+    if t_out is not None:
+      shadows, opt_state, value = cached_step(shadows, opt_state, leaves, batch, t_out)
+    else:
+      shadows, opt_state, value, t_out = teacher_step(
+        shadows, opt_state, leaves, teacher_params, batch, i
+      )
+      if cache is not None:
+        cache.store(index, batch, t_out)
     losses.append(value)
   return RecoverResult(
     tree=view.encoded(shadows),
     losses=np.asarray(jnp.stack(losses), np.float32),
     trained=trained,
     frozen=dict(view.frozen),
+    teacher_cache=cache_note,
   )
