@@ -506,7 +506,7 @@ def summarize(records) -> str:
       text += "; the others: " + "; ".join(
         f"{r.method} ({r.extra['mode']}) {r.value:.2f}x at {r.extra['shape']}" for r in others
       )
-    lines.append(text + ("." if not slow else f". {_why_slow()}"))
+    lines.append(text + ("." if not slow else f". {_why_slow(flags)}"))
   noise = _noise(by_shape)
   if noise:
     lines += ["", "Timing noise: a `decode-once` row of the full model runs exactly the float32 "
@@ -535,12 +535,21 @@ def _why_int8(flags: str | None) -> str:
   )
 
 
-def _why_slow() -> str:
-  return (
+def _why_slow(flags: str | None) -> str:
+  chosen = (
     "The mode was chosen by `jaxshrink compress` on 64 test rows of 32 tokens (padding "
-    "included) and is reused at every shape; on a CPU without int8/bf16 dot instructions no mode "
-    "is much faster than float32, so the choice is a near-tie that timing noise can decide "
-    "(see the noise line below)."
+    "included) and is reused at every shape"
+  )
+  if any(f in (flags or "") for f in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")):
+    return (
+      f"{chosen}. This CPU has bf16/int8 dot instructions, so for batches the `bfloat16` and "
+      "`integer` modes run well below float32; one sentence of 128 tokens is too little work to "
+      "hide what a mode does in every call besides the matmuls, and there the chosen mode can "
+      "lose. Serve single requests with `--serving decode-once` (its 1x128 column above)."
+    )
+  return (
+    f"{chosen}; on a CPU without int8/bf16 dot instructions no mode is much faster than float32, "
+    "so the choice is a near-tie that timing noise can decide (see the noise line below)."
   )
 
 
