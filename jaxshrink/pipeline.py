@@ -145,8 +145,10 @@ def reads_corpus_tokens(pipeline: Pipeline) -> bool:
   )
 
 
-def transfer_corpus(pipeline: Pipeline, stage: str, option: str) -> np.ndarray:
+def transfer_corpus(pipeline: Pipeline, stage: str, option: str, part: str = "all") -> np.ndarray:
   """The transfer corpus' token ids (`jaxshrink.data.corpus.transfer_tokens`), `(N, L)` int32.
+
+  `part` "everyday" keeps the corpus' everyday-English half only.
 
   Raises:
     UsageError: the model does not read MiniLM token ids (a sentence-embedding model).
@@ -154,13 +156,14 @@ def transfer_corpus(pipeline: Pipeline, stage: str, option: str) -> np.ndarray:
   model, dataset = pipeline.model, pipeline.dataset
   if not reads_corpus_tokens(pipeline):
     raise UsageError(
-      f"`{option}: corpus` of stage `{stage}` feeds MiniLM token ids of the offline transfer "
+      f"`{option}: {'corpus' if part == 'all' else part}` of stage `{stage}` feeds MiniLM "
+      "token ids of the offline transfer "
       f"corpus, but {model.name!r} reads {model.input_dtype} inputs of {dataset.kind} data. Use "
       f"`{option}: train` (the dataset's training split)."
     )
   from jaxshrink.data.corpus import transfer_tokens
 
-  return transfer_tokens()
+  return transfer_tokens(part=part)
 
 
 def calibration_inputs(

