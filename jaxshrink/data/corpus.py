@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxshrink.data.cache import atomic_write_bytes, cache_dir
 from jaxshrink.data.sentences import SENTENCES_VERSION, evaluation_sentences, split_sentences
-from jaxshrink.errors import JaxshrinkError
+from jaxshrink.errors import InvalidValueError, JaxshrinkError
 
 CORPUS_VERSION = "v2"
 CORPUS_SEED = 0
@@ -274,7 +274,7 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
   max_tokens = TRAIN_TOKENS if max_tokens is None else max_tokens
   minilm_files()  # the missing-package error, with its pip command
   if part not in CORPUS_PARTS:
-    raise ValueError(f"`part` must be one of {list(CORPUS_PARTS)}; got {part!r}.")
+    raise InvalidValueError(f"`part` must be one of {list(CORPUS_PARTS)}; got {part!r}.")
   suffix = "" if part == "all" else f"-{part}"
   name = f"transfer-tokens-{corpus_key()}-minilm{_tokenizer_version()}-t{max_tokens}{suffix}.npz"
   path = cache_dir() / "data" / name
