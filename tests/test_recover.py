@@ -158,6 +158,7 @@ def test_recipe_recovers_every_kind_exports_and_reloads(tmp_path):
     ({"features": "dense1"}, r"Option `features` in stage 1 \(`recover`\)"),
     ({"pad_id": "0"}, "`pad_id` of stage `recover`"),
     ({"teacher_cache": "yes"}, "`teacher_cache` of stage `recover`"),
+    ({"teacher_cache": 3}, "`teacher_cache` of stage `recover`"),
     ({"exclude": "[unclosed"}, "`target`/`exclude` of stage `recover`"),
   ],
 )
@@ -308,3 +309,16 @@ def test_everyday_data_is_the_corpus_everyday_half():
   # Logged as corpus data: search's `validation_data: auto` then leaves the corpus alone.
   assert source == "corpus" and described.startswith("corpus, everyday half (")
   assert np.array_equal(ids, transfer_tokens(part="everyday"))
+
+
+def test_teacher_cache_option_takes_auto_true_and_false(float_pipeline):
+  from jaxshrink.errors import InvalidValueError
+
+  for value in ("auto", False):
+    recipe = _recipe({"recover": {"steps": 2, "teacher_cache": value, "augment": False}})
+    out = run_stages(recipe, float_pipeline)
+    assert out.log[-1]["recovered"]["teacher_cache"].startswith("off")
+  # YAML `true` arrives as a bool; two steps read each example once at most, so it says why.
+  recipe = _recipe({"recover": {"steps": 2, "teacher_cache": True, "augment": False}})
+  with pytest.raises(InvalidValueError, match="reads each example once"):
+    run_stages(recipe, float_pipeline)

@@ -53,7 +53,7 @@ RECOVER_OPTIONS: dict[str, Any] = {
   "data": "auto",
   "augment": True,
   "pad_id": None,
-  "teacher_cache": "auto",
+  "teacher_cache": None,  # auto; true or false (any type here, checked by the stage)
   "target": ".*",
   "exclude": ".*embedding",
 }
@@ -146,9 +146,10 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   pad_id = options["pad_id"]
   if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
     raise UsageError(f"`pad_id` of {STAGE} must be null or a token id; got {pad_id!r}.")
-  if not (isinstance(options["teacher_cache"], bool) or options["teacher_cache"] == "auto"):
+  teacher_cache = "auto" if options["teacher_cache"] is None else options["teacher_cache"]
+  if not (isinstance(teacher_cache, bool) or teacher_cache == "auto"):
     raise UsageError(f"`teacher_cache` of {STAGE} must be auto, true or false; got "
-                     f"{options['teacher_cache']!r}.")  # fmt: skip
+                     f"{teacher_cache!r}.")  # fmt: skip
   if not isinstance(options["augment"], bool):
     raise UsageError(f"`augment` of {STAGE} must be true or false; got {options['augment']!r}.")
   try:
@@ -186,7 +187,7 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     rule=rule,
     augment=augment,
     pad_id=pad_id,
-    teacher_cache=options["teacher_cache"],
+    teacher_cache=teacher_cache,
     key=sub,
   )
   found = {
