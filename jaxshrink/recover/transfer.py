@@ -103,10 +103,6 @@ class TeacherCache:
       for name, s in shapes.items()
     }
 
-  @property
-  def nbytes(self) -> int:
-    return sum(a.nbytes for a in self.store_arrays.values())
-
   @classmethod
   def plan(
     cls,
