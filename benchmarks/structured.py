@@ -1,8 +1,8 @@
 """structured: Minitron-style width pruning of MiniLM, then `recover`, smaller and faster.
 
 One run of `examples/recipes/minilm-structured-recover.yaml`: the `structured` stage ranks
-heads, feed-forward channels and layers on the training sentences and shrinks MiniLM to two
-thirds of its non-embedding params; the metric (mean cosine to the float embeddings on the 200
+feed-forward channels on transfer-corpus sentences (the recipe keeps every head) and shrinks
+MiniLM to two thirds of its non-embedding params; the metric (mean cosine to the float embeddings on the 200
 held-out sentences of `minilm-sentences`) is measured right after it (`before`) and after
 `recover`. A third row measures the same cut without the least-squares refit of the output
 projections (`refit: false`), one-shot. The checkpoint is saved and `jaxshrink eval` rebuilds
@@ -28,8 +28,8 @@ from jaxshrink.bench import Record
 
 SUITE = "structured"
 DESCRIPTION = (
-  "Minitron-style structured pruning of MiniLM (heads, channels; a third of the non-embedding "
-  "params removed) then `recover`: mean cosine before and after, inference time against float."
+  "Minitron-style structured pruning of MiniLM (feed-forward channels; a third of the "
+  "non-embedding params removed) then `recover`: mean cosine before and after, inference time against float."
 )
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 RECIPE = RECIPES / "minilm-structured-recover.yaml"

@@ -191,6 +191,29 @@ def test_structured_stage_records_a_rebuildable_source(tiny):
     kind.run(_pipeline(model, params), {**kind.options, "heads": "yes"})
 
 
+def test_structured_stage_calibrates_on_the_corpus_when_asked(tiny, monkeypatch):
+  from jaxshrink.recipes import stage_kinds
+  from jaxshrink.sparsity import minitron_stage
+
+  model, params, _, _ = tiny
+  asked = []
+
+  def corpus(pipeline, stage, option):
+    asked.append((stage, option))
+    return _ids(80, seed=3)
+
+  monkeypatch.setattr(minitron_stage, "transfer_corpus", corpus)
+  kind = stage_kinds()["structured"]
+  options = {**kind.options, "params": 0.7, "calibration_rows": 16, "calibration_batches": 3}
+  on_corpus = kind.run(_pipeline(model, params), {**options, "calibration_data": "corpus"})
+  assert asked == [("structured", "calibration_data")]
+  assert on_corpus.log[-1]["structured"]["calibration"] == "48 transfer-corpus sentences"
+  on_train = kind.run(_pipeline(model, params), options)
+  assert on_train.log[-1]["structured"]["calibration"] == "48 training sentences"
+  with pytest.raises(UsageError, match="`calibration_data` of stage `structured` must be one of"):
+    kind.run(_pipeline(model, params), {**options, "calibration_data": "test"})
+
+
 def test_structured_stage_refuses_models_without_bert_config():
   from jaxshrink.models.registry import get_model
   from jaxshrink.recipes import stage_kinds

@@ -162,6 +162,8 @@ def test_structured_stage_on_a_llama_records_a_rebuildable_source(micro):
   np.testing.assert_allclose(rebuilt.apply(out.tree, x), out.model.apply(out.tree, x), atol=1e-6)
   with pytest.raises(UsageError, match="how many of the 3 layers"):
     kind.run(pipeline, {**kind.options, "layers": 3})
+  with pytest.raises(UsageError, match="is a Llama decoder that reads its own tokenizer"):
+    kind.run(pipeline, {**kind.options, "calibration_data": "corpus"})
 
 
 def test_shrunk_llama_exports_to_transformers(micro, tmp_path):

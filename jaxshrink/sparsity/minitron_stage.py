@@ -8,7 +8,9 @@ stages:
 ```
 
 Importance comes from the training split (`calibration_batches` batches of
-`calibration_rows` sentences; never the test split), the plan keeps `params` of the
+`calibration_rows` sentences; never the test split), or with `calibration_data: corpus` from the
+offline transfer corpus (MiniLM-tokenized models: more and more varied sentences than the
+training split holds), the plan keeps `params` of the
 non-embedding params, and the model becomes the smaller dense one
 (`jaxshrink.sparsity.minitron`). With `refit` (the default), each kept layer's attention output
 and feed-forward output projections are then refitted by least squares to the float layer's
@@ -34,7 +36,13 @@ import numpy as np
 
 from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import InvalidTypeError, InvalidValueError, UsageError
-from jaxshrink.pipeline import Pipeline, check_positive, register_stage
+from jaxshrink.pipeline import (
+  CALIBRATION_DATA,
+  Pipeline,
+  check_positive,
+  register_stage,
+  transfer_corpus,
+)
 from jaxshrink.sparsity.minitron import (
   bert_config,
   calibration_batches,
@@ -62,6 +70,7 @@ STRUCTURED_OPTIONS: dict[str, Any] = {
   "refit": True,
   "calibration_batches": 4,
   "calibration_rows": 64,
+  "calibration_data": "train",
 }
 STAGE = "stage `structured`"
 
@@ -72,6 +81,11 @@ def _check(options: dict[str, Any]) -> None:
       raise UsageError(f"`{key}` of {STAGE} must be true or false; got {options[key]!r}.")
   for key in ("calibration_batches", "calibration_rows"):
     check_positive(options, key, "structured")
+  if options["calibration_data"] not in CALIBRATION_DATA:
+    raise UsageError(
+      f"`calibration_data` of {STAGE} must be one of {list(CALIBRATION_DATA)}; got "
+      f"{options['calibration_data']!r}."
+    )
 
 
 @register_stage(
@@ -134,11 +148,14 @@ def _bert(pipeline: Pipeline, options: dict[str, Any]):
       f"`LlamaConfig`, e.g. 'llama-tiny'); model {model.name!r} is neither. Use `prune` with "
       "structure 'channel' or 'heads' for other models."
     ) from None
+  source = options["calibration_data"]
+  ids = (
+    np.asarray(pipeline.dataset.x_train)
+    if source == "train"
+    else transfer_corpus(pipeline, "structured", "calibration_data")
+  )
   batches = calibration_batches(
-    np.asarray(pipeline.dataset.x_train),
-    options["calibration_batches"],
-    rows=options["calibration_rows"],
-    pad_id=config.pad_id,
+    ids, options["calibration_batches"], rows=options["calibration_rows"], pad_id=config.pad_id
   )
   scores = importance(model, pipeline.tree, batches)
   plan = _plan(plan_pruning, scores, config, options)
@@ -153,13 +170,20 @@ def _bert(pipeline: Pipeline, options: dict[str, Any]):
     "layer_intermediate": list(overrides["layer_intermediate"]),
     "encoder_params": [before, after],
     "kept_fraction": round(after / before, 4),
-    "calibration": f"{sum(len(b) for b in batches)} training sentences",
+    "calibration": f"{sum(len(b) for b in batches)} "
+    + ("training sentences" if source == "train" else "transfer-corpus sentences"),
   }
   return params, overrides, found, scores
 
 
 def _llama(pipeline: Pipeline, options: dict[str, Any]):
   model, config = pipeline.model, llama_config(pipeline.model)
+  if options["calibration_data"] != "train":
+    raise UsageError(
+      f"`calibration_data: {options['calibration_data']}` of {STAGE} feeds MiniLM token ids of "
+      f"the transfer corpus, and {model.name!r} is a Llama decoder that reads its own "
+      "tokenizer's ids. Use `calibration_data: train` (the dataset's training windows)."
+    )
   batches = training_windows(
     np.asarray(pipeline.dataset.x_train), options["calibration_batches"],
     options["calibration_rows"],
