@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink import serving
 from jaxshrink.bench import Record
 
 # PyTorch's OpenMP threads spin while they wait; on a shared machine (other jobs on the same
@@ -124,9 +125,12 @@ class Row(NamedTuple):
   mode: str
   make: Callable[[tuple[int, int]], tuple[Callable[[], Any], int]]
   disk: int
-  recommended: bool | None = None
+  # The checkpoint's `metrics.serving` record (a recipe's row; None for float and peers):
+  # the mode it recommends depends on the batch's row count (`serving.recorded_mode`).
+  recorded: dict | None = None
   recipe: str | None = None
   library: str = "jaxshrink"
+  mean_cosine: float | None = None  # fidelity in this row's mode, when it is recommended
 
 
 def _jax_row_maker(apply: Callable, params: Any, batches: dict):
@@ -250,7 +254,7 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], baseline: str) -> dict
 
 def _compress(stem: str, tmp: Path, recipes_dir: Path, dataset, disk_bytes):
   """Compresses, saves and loads one recipe; returns its rows and its fidelity record."""
-  from jaxshrink import export, serving
+  from jaxshrink import export
   from jaxshrink.recipes import evaluate_metrics, load_recipe, run_recipe
 
   recipe = load_recipe(recipes_dir / f"minilm-{stem}.yaml")
@@ -264,23 +268,30 @@ def _compress(stem: str, tmp: Path, recipes_dir: Path, dataset, disk_bytes):
   model = pipe.model  # a distilled student runs its own apply
   del pipe, result
   recorded = export.read_manifest(out)["metrics"]["serving"]
-  recommended = serving.check_mode(recorded["serving_mode"])
+  recommended = serving.recorded_mode(recorded, SHAPES[0][0])  # the batch mode
   tree = export.load(out)
   size = disk_bytes(out)
   served = {m: serving.serve(model.apply, tree, m) for m in serving.modes_for(tree)}
-  best = served[recommended]
-  scores = evaluate_metrics(
-    dataclasses.replace(model, apply=best.apply), best.params, dataset, served=True
-  )
+  # Fidelity in each mode a shape is served in (bf16 matmuls round differently from float).
+  by_mode = {}
+  for mode in dict.fromkeys(serving.recorded_mode(recorded, s[0]) for s in SHAPES):
+    scores = evaluate_metrics(
+      dataclasses.replace(model, apply=served[mode].apply), served[mode].params, dataset,
+      served=True,
+    )  # fmt: skip
+    by_mode[mode] = {k: round(float(scores[k]), 4)
+                     for k in ("value", "min_cosine", "neighbour_agreement")}  # fmt: skip
   fidelity = {
     "mode": recommended,
-    "mean_cosine": round(float(scores["value"]), 4),
-    "min_cosine": round(float(scores["min_cosine"]), 4),
-    "neighbour_agreement": round(float(scores["neighbour_agreement"]), 4),
+    "mean_cosine": by_mode[recommended]["value"],
+    "min_cosine": by_mode[recommended]["min_cosine"],
+    "neighbour_agreement": by_mode[recommended]["neighbour_agreement"],
+    "mean_cosine_by_mode": {m: v["value"] for m, v in by_mode.items()},
     "recipe": f"minilm-{stem}.yaml",
     "recorded_time_vs_float_by_mode": recorded.get("time_vs_float_by_mode"),
+    "recorded_single": recorded.get("single"),
   }
-  return served, recommended, size, fidelity
+  return served, recorded, size, fidelity
 
 
 def run() -> list[Record]:
@@ -302,7 +313,7 @@ def run() -> list[Record]:
     rows = [Row(FLOAT, "float", _jax_row_maker(model.apply, params, batches), float_disk)]
     fidelity_records = []
     for stem, label in selected(minilm.METHODS):
-      served, recommended, size, fidelity = _compress(
+      served, recorded, size, fidelity = _compress(
         stem, tmp, minilm.RECIPES, dataset, minilm.disk_bytes
       )
       fidelity_records.append(Record(
@@ -311,8 +322,8 @@ def run() -> list[Record]:
       ))  # fmt: skip
       for mode, s in served.items():
         rows.append(Row(
-          label, mode, _jax_row_maker(s.apply, s.params, batches), size,
-          recommended=mode == recommended, recipe=fidelity["recipe"],
+          label, mode, _jax_row_maker(s.apply, s.params, batches), size, recorded=recorded,
+          recipe=fidelity["recipe"], mean_cosine=fidelity["mean_cosine_by_mode"].get(mode),
         ))  # fmt: skip
       gc.collect()
     peers = _torch_peers(tmp)
@@ -359,11 +370,14 @@ def _shape_records(rows, shape, fidelity_records, float_disk, flags, note) -> li
   records = []
   for row in rows:
     seconds = best[_key(row)]
+    recommended = (
+      None if row.recorded is None else row.mode == serving.recorded_mode(row.recorded, shape[0])
+    )
     extra = {
       "shape": shape_name(shape),
       "ms": round(seconds * 1e3, 3),
       "mode": row.mode,
-      "recommended": row.recommended,
+      "recommended": recommended,
       "time_vs_torch_int8": None if torch_int8 is None else round(seconds / torch_int8, 4),
       "time_vs_torch_f32": None if torch_f32 is None else round(seconds / torch_f32, 4),
       "disk_bytes": row.disk,
@@ -373,8 +387,8 @@ def _shape_records(rows, shape, fidelity_records, float_disk, flags, note) -> li
     }
     if row.recipe:
       extra["recipe"] = row.recipe
-    if row.recommended is not False:  # fidelity was measured in the recommended mode
-      extra["mean_cosine"] = cosine.get(row.method)
+    if recommended is not False:  # fidelity was measured in each recommended mode
+      extra["mean_cosine"] = cosine.get(row.method) if row.mean_cosine is None else row.mean_cosine
     if row.library == TORCH:
       extra["threads"] = os.cpu_count()
       extra["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
@@ -425,7 +439,8 @@ def table(rows: list[Record], cosines: dict[str, float]) -> list[str]:
     lines.append(
       f"| {r.method} | {r.extra['mode']} | {r.value:.2f} | "
       f"{_fmt(r.extra.get('time_vs_torch_int8'))} | {r.extra['disk_bytes'] / 2**20:.1f} | "
-      f"{_fmt(cosines.get(r.method), '.4f')} | {', '.join(others.get(r.method, [])) or '–'} |"
+      f"{_fmt(r.extra.get('mean_cosine', cosines.get(r.method)), '.4f')} | "
+      f"{', '.join(others.get(r.method, [])) or '–'} |"
     )
   return lines
 
@@ -537,15 +552,16 @@ def _why_int8(flags: str | None) -> str:
 
 def _why_slow(flags: str | None) -> str:
   chosen = (
-    "The mode was chosen by `jaxshrink compress` on 64 test rows of 32 tokens (padding "
-    "included) and is reused at every shape"
+    "`jaxshrink compress` chose each recipe's modes on the test sentences: one for a batch (64 "
+    "rows, padding included) and one for a single request (one row), and a shape's recommended "
+    "mode is the one measured nearest its row count (`serving.recorded_mode`)"
   )
   if any(f in (flags or "") for f in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")):
     return (
       f"{chosen}. This CPU has bf16/int8 dot instructions, so for batches the `bfloat16` and "
-      "`integer` modes run well below float32; one sentence of 128 tokens is too little work to "
-      "hide what a mode does in every call besides the matmuls, and there the chosen mode can "
-      "lose. Serve single requests with `--serving decode-once` (its 1x128 column above)."
+      "`integer` modes run well below float32; a single sentence is too little work to hide "
+      "what a mode does in every call besides the matmuls, and a choice made on a short test "
+      "sentence can lose on a 128-token one."
     )
   return (
     f"{chosen}; on a CPU without int8/bf16 dot instructions no mode is much faster than float32, "

@@ -132,6 +132,8 @@ def cmd_eval(args) -> int:
     dataset = data.load_data_source(source)  # typed by the user, or the model's own default
   model, reference_model = _with_metric(args, manifest, model, reference_model, dataset)
   tree = export.load(args.dir)
+  if args.batch_size < 1:
+    raise UsageError(f"`--batch-size` must be >= 1; got {args.batch_size}.")
   mode = _serving_mode(args, manifest)
   served = serving.serve(model.apply, tree, mode)
   measured = evaluation.evaluate_metrics(
@@ -139,8 +141,6 @@ def cmd_eval(args) -> int:
   )
   value = measured.pop("value")
   reference = evaluation.evaluate_tree(reference_model, reference_params, dataset)
-  if args.batch_size < 1:
-    raise UsageError(f"`--batch-size` must be >= 1; got {args.batch_size}.")
   timing = serving.measure(
     model.apply, tree, reference_params, (evaluation.timing_batch(dataset, args.batch_size),),
     modes=(mode,), float_apply=reference_model.apply,
@@ -202,7 +202,8 @@ def _with_metric(args, manifest: dict[str, Any], model: Any, reference: Any, dat
 
 
 def _serving_mode(args, manifest: dict[str, Any]) -> str:
-  """`--serving`, else the mode the checkpoint recorded (checked: it is untrusted input)."""
+  """`--serving`, else the mode the checkpoint recorded for `--batch-size` rows (checked: the
+  manifest is untrusted input)."""
   from jaxshrink import serving
 
   if args.serving is not None:
@@ -210,11 +211,7 @@ def _serving_mode(args, manifest: dict[str, Any]) -> str:
   recorded = (manifest.get("metrics") or {}).get("serving")
   if not isinstance(recorded, dict) or "serving_mode" not in recorded:
     return serving.DEFAULT_MODE
-  return serving.check_mode(
-    recorded["serving_mode"],
-    where=f"`metrics.serving.serving_mode` recorded in `{args.dir}`",
-    fix="Pass --serving MODE to choose one.",
-  )
+  return serving.recorded_mode(recorded, args.batch_size, source=f"`{args.dir}`")
 
 
 def cmd_export(args) -> int:
@@ -330,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--serving",
     metavar="MODE",
     help="serving mode to run and time: integer, bfloat16, decode-once or factored (default: "
-    "the mode the checkpoint recorded as fastest when it was compressed, else integer)",
+    "the mode the checkpoint recorded as fastest when it was compressed, for one request when "
+    "--batch-size is 8 or less, else for a batch; integer when it recorded none)",
   )
   p.add_argument(
     "--batch-size",

@@ -70,6 +70,15 @@ def cmd_inspect(args) -> int:
       + (f"; every mode: {others}" if others else "")
       + "), as measured when compressed"
     )
+    single = recorded.get("single")
+    if _valid_serving(single):
+      from jaxshrink.serving import SINGLE_MAX_ROWS
+
+      out.print(
+        f"one request: {single['serving_mode']} ({single['time_vs_float']:.2f}x the float "
+        f"model's time, batch {tuple(single['batch_shape'])}); `serving.recorded_mode` picks "
+        f"it for batches of up to {SINGLE_MAX_ROWS} rows"
+      )
   return 0
 
 

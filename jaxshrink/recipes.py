@@ -42,7 +42,7 @@ from typing import Any
 import jax
 
 from jaxshrink.errors import JaxshrinkError, UsageError
-from jaxshrink.evaluation import evaluate_metrics, evaluate_tree, timing_batch
+from jaxshrink.evaluation import SERVING_BATCH, evaluate_metrics, evaluate_tree, timing_batch
 from jaxshrink.pipeline import (
   REQUIRED,
   STAGES,
@@ -350,13 +350,22 @@ def time_serving(pipeline: Pipeline, mode: str) -> dict[str, Any]:
   """Times the tree in `mode` (or every mode, `auto`) against the float model, side by side.
 
   The float baseline is the model the recipe started from (a distilled student is timed
-  against its teacher). Returns `Timing.to_json` of the chosen (fastest) mode.
+  against its teacher). Returns `Timing.to_json` of the chosen (fastest) mode on a batch of
+  `SERVING_BATCH` test inputs; with `auto`, also the fastest on one input, under `single`
+  (`serving.recorded_mode` picks between them by batch size).
   """
   from jaxshrink import serving
 
-  batch = (timing_batch(pipeline.dataset),)
-  timing = serving.measure(
-    pipeline.model.apply, pipeline.tree, pipeline.float_params, batch,
-    modes=None if mode == "auto" else (mode,), float_apply=pipeline.float_model.apply,
-  )  # fmt: skip
-  return timing.to_json(timing.fastest())
+  def timed(rows: int) -> serving.Timing:
+    return serving.measure(
+      pipeline.model.apply, pipeline.tree, pipeline.float_params,
+      (timing_batch(pipeline.dataset, rows),), modes=None if mode == "auto" else (mode,),
+      float_apply=pipeline.float_model.apply,
+    )  # fmt: skip
+
+  batch = timed(SERVING_BATCH)
+  out = batch.to_json(batch.fastest())
+  if mode == "auto":  # one request may run fastest in another mode than a batch
+    single = timed(1)
+    out["single"] = single.to_json(single.fastest())
+  return out

@@ -17,8 +17,11 @@ A serving mode turns `(apply_fn, ctree)` into the function and params to `jit`:
 
 `measure` times the modes side by side with the float model (interleaved, best of
 `repeats`, same batch, same run) and `recommend` picks the fastest. `jaxshrink compress`
-records the recommendation in the checkpoint's metrics (`serving`), and `jaxshrink eval`
-runs it (`--serving MODE` overrides).
+records the recommendation in the checkpoint's metrics (`serving`), for a batch and, under
+`single`, for one request: the fastest mode depends on the batch size (a bf16 matmul that wins
+on a 64-row batch can lose to float on one row, where reading the weights dominates), so
+`recorded_mode(recorded, rows)` picks the one measured nearest `rows`. `jaxshrink eval` runs
+the batch mode (`--serving MODE` overrides).
 
 >>> served = serve(model.apply, ctree, "integer")
 >>> y = served.apply(served.params, x)
@@ -238,6 +241,27 @@ def measure(
   # Six significant digits, not six decimals: a sub-millisecond batch would lose its precision
   # (and its ratio to float) to an absolute rounding.
   return Timing({k: float(f"{v:.6g}") for k, v in best.items()}, ratios, shape)
+
+
+# A recorded single-request mode serves batches of up to this many rows: the geometric middle
+# of the two row counts `compress` times (1 and `evaluation.SERVING_BATCH`, 64).
+SINGLE_MAX_ROWS = 8
+
+
+def recorded_mode(recorded: dict[str, Any], rows: int, *, source: str = "the checkpoint") -> str:
+  """The mode a checkpoint's `metrics.serving` record recommends for batches of `rows` rows.
+
+  Its `single` entry (timed on one row) serves up to `SINGLE_MAX_ROWS` rows; the batch mode
+  serves larger batches, and every batch when the record has no `single`. The mode is checked
+  (the manifest is untrusted input); a bad one is a `UsageError` naming `source`.
+  """
+  single = recorded.get("single")
+  key = "single.serving_mode" if rows <= SINGLE_MAX_ROWS and isinstance(single, dict) else None
+  return check_mode(
+    single.get("serving_mode") if key else recorded.get("serving_mode"),
+    where=f"`metrics.serving.{key or 'serving_mode'}` recorded in {source}",
+    fix="Pass --serving MODE to choose one.",
+  )
 
 
 def recommend(

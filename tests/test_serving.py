@@ -106,6 +106,24 @@ def test_recipe_records_the_fastest_mode():
   assert recorded["time_vs_float"] == ratios[recorded["serving_mode"]]
   assert recorded["batch_shape"] == [64, 8, 8, 1]
   assert recorded["backend"] == jax.default_backend()
+  single = recorded["single"]  # `auto` also times one request
+  assert single["batch_shape"] == [1, 8, 8, 1]
+  assert single["serving_mode"] == min(single["time_vs_float_by_mode"],
+                                       key=single["time_vs_float_by_mode"].get)  # fmt: skip
+  assert serving.recorded_mode(recorded, 1) == single["serving_mode"]
+  assert serving.recorded_mode(recorded, 64) == recorded["serving_mode"]
+
+
+def test_recorded_mode_picks_by_rows_and_checks_what_it_reads():
+  recorded = {"serving_mode": "bfloat16", "single": {"serving_mode": "decode-once"}}
+  rows = {r: serving.recorded_mode(recorded, r) for r in (1, serving.SINGLE_MAX_ROWS, 9, 64)}
+  assert rows == {1: "decode-once", serving.SINGLE_MAX_ROWS: "decode-once", 9: "bfloat16",
+                  64: "bfloat16"}  # fmt: skip
+  assert serving.recorded_mode({"serving_mode": "integer"}, 1) == "integer"  # no `single`
+  bad = {"serving_mode": "integer", "single": {"serving_mode": "os.system"}}
+  with pytest.raises(UsageError, match=r"`metrics.serving.single.serving_mode` recorded in `d`"):
+    serving.recorded_mode(bad, 1, source="`d`")
+  assert serving.recorded_mode(bad, 64) == "integer"
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +183,23 @@ def test_eval_refuses_an_unknown_recorded_mode(checkpoint, capsys, tmp_path):
   code, _, err = _eval(capsys, str(copy))
   assert code in (1, 2) and len(err.strip().splitlines()) == 1
   assert "os.system" in err or "manifest" in err
+
+
+def test_eval_of_one_row_runs_the_recorded_single_request_mode(checkpoint, capsys, tmp_path):
+  import shutil
+
+  copy = tmp_path / "ckpt"
+  shutil.copytree(checkpoint, copy)
+  manifest = json.loads((copy / "manifest.json").read_text())
+  recorded = manifest["metrics"]["serving"]
+  recorded["single"] = {**recorded, "serving_mode": "decode-once", "batch_shape": [1, 8, 8, 1]}
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  for rows, mode in ((1, "decode-once"), (16, "integer")):
+    code, out, _ = _eval(capsys, str(copy), "--json", "--batch-size", str(rows))
+    assert code == 0 and json.loads(out)["serving_mode"] == mode
+  assert main(["inspect", str(copy)]) == 0
+  out = " ".join(capsys.readouterr().out.split())
+  assert "one request: decode-once (" in out and "batch (1, 8, 8, 1)" in out
 
 
 def test_inspect_shows_the_recorded_mode(checkpoint, capsys):
