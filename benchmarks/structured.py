@@ -2,14 +2,14 @@
 
 One run of `examples/recipes/minilm-structured-recover.yaml`: the `structured` stage ranks
 feed-forward channels on transfer-corpus sentences (the recipe keeps every head) and shrinks
-MiniLM to two thirds of its non-embedding params; the metric (mean cosine to the float embeddings on the 200
-held-out sentences of `minilm-sentences`) is measured right after it (`before`) and after
-`recover`. A third row measures the same cut without the least-squares refit of the output
-projections (`refit: false`), one-shot. The checkpoint is saved and `jaxshrink eval` rebuilds
-it from the recorded model source (`extra.eval_value`). Inference time: the jitted float and
-shrunk encoders on the held-out sentences, best of rounds timed interleaved
-(`jaxshrink.bench.interleaved_best`) in the same run, reported as a ratio (`extra.time_ratio`,
-shrunk over float).
+MiniLM to two thirds of its non-embedding params; the metric (mean cosine to the float
+embeddings on the 200 held-out sentences of `minilm-sentences`) is measured right after it
+(`before`) and after `recover`. A third row measures the same cut without the least-squares
+refit of the output projections (`refit: false`), one-shot. The checkpoint is saved and
+`jaxshrink eval` rebuilds it from the recorded model source (`extra.eval_value`). Inference
+time: the jitted float and shrunk encoders on the held-out sentences, best of rounds timed
+interleaved (`jaxshrink.bench.interleaved_best`) in the same run, reported as a ratio
+(`extra.time_ratio`, shrunk over float).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from jaxshrink.bench import Record
 SUITE = "structured"
 DESCRIPTION = (
   "Minitron-style structured pruning of MiniLM (feed-forward channels; a third of the "
-  "non-embedding params removed) then `recover`: mean cosine before and after, inference time against float."
+  "non-embedding params removed) then `recover`: mean cosine before and after, inference time "
+  "against float."
 )
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 RECIPE = RECIPES / "minilm-structured-recover.yaml"
