@@ -21,7 +21,7 @@ records the recommendation in the checkpoint's metrics (`serving`), for a batch 
 `single`, for one request: the fastest mode depends on the batch size (a bf16 matmul that wins
 on a 64-row batch can lose to float on one row, where reading the weights dominates), so
 `recorded_mode(recorded, rows)` picks the one measured nearest `rows`. `jaxshrink eval` runs
-the batch mode (`--serving MODE` overrides).
+the one for its `--batch-size` (`--serving MODE` overrides).
 
 >>> served = serve(model.apply, ctree, "integer")
 >>> y = served.apply(served.params, x)

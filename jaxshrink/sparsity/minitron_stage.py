@@ -8,13 +8,13 @@ stages:
 ```
 
 Importance comes from the training split (`calibration_batches` batches of
-`calibration_rows` sentences; never the test split), or with `calibration_data: corpus` from the
-offline transfer corpus (MiniLM-tokenized models: more and more varied sentences than the
-training split holds), the plan keeps `params` of the
-non-embedding params, and the model becomes the smaller dense one
-(`jaxshrink.sparsity.minitron`). With `refit` (the default), each kept layer's attention output
-and feed-forward output projections are then refitted by least squares to the float layer's
-outputs on the same calibration batches (`jaxshrink.sparsity.refit`).
+`calibration_rows` sentences; never the test split), or with `calibration_data: corpus` from
+the offline transfer corpus (MiniLM-tokenized models: more, and more varied, sentences than the
+training split holds). The plan keeps `params` of the non-embedding params, and the model
+becomes the smaller dense one (`jaxshrink.sparsity.minitron`). With `refit` (the default),
+each kept layer's attention output and feed-forward output projections are then refitted by
+least squares to the float layer's outputs on the same calibration batches
+(`jaxshrink.sparsity.refit`).
 The new `model_source` records the new sizes
 (`"minilm-l6(num_layers=6, head_dim=32, layer_heads=(8, ...), layer_intermediate=(1024, ...))"`),
 so the saved checkpoint names a model `jaxshrink eval` rebuilds. The log entry records the
