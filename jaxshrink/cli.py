@@ -166,7 +166,7 @@ def cmd_eval(args) -> int:
     extra = "".join(f"; {k} {v:.4f}" for k, v in measured.items())
     print(f"{model.metric} on {source}: {value:.4f} (float reference {reference:.4f}){extra}")
     print(
-      f"serving mode {mode}: {payload['seconds_per_batch'] * 1e3:.1f} ms per batch of "
+      f"serving mode {mode}: {payload['seconds_per_batch'] * 1e3:.3g} ms per batch of "
       f"{tuple(timing.batch_shape)}, {payload['time_vs_float']:.2f}x the float model's time "
       "(timed side by side)"
     )
