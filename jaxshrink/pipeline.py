@@ -166,6 +166,16 @@ def transfer_corpus(pipeline: Pipeline, stage: str, option: str, part: str = "al
   return transfer_tokens(part=part)
 
 
+def check_calibration_data(source: Any, stage: str) -> str:
+  """`source` if it names calibration data (`CALIBRATION_DATA`), else a `UsageError`."""
+  if source not in CALIBRATION_DATA:
+    raise UsageError(
+      f"`calibration_data` of stage `{stage}` must be one of {list(CALIBRATION_DATA)}; got "
+      f"{source!r}."
+    )
+  return source
+
+
 def calibration_inputs(
   pipeline: Pipeline, source: str, count: int, rows: int, stage: str
 ) -> list[np.ndarray]:
@@ -180,11 +190,7 @@ def calibration_inputs(
   Raises:
     UsageError: an unknown `source`, `count` < 1, or "corpus" for a model it does not fit.
   """
-  if source not in CALIBRATION_DATA:
-    raise UsageError(
-      f"`calibration_data` of stage `{stage}` must be one of {list(CALIBRATION_DATA)}; got "
-      f"{source!r}."
-    )
+  check_calibration_data(source, stage)
   if isinstance(count, bool) or not isinstance(count, int) or count < 1:
     raise UsageError(f"`calibration_batches` of stage `{stage}` must be >= 1; got {count!r}.")
   if source == "train":

@@ -162,7 +162,8 @@ def test_structured_stage_on_a_llama_records_a_rebuildable_source(micro):
   np.testing.assert_allclose(rebuilt.apply(out.tree, x), out.model.apply(out.tree, x), atol=1e-6)
   with pytest.raises(UsageError, match="how many of the 3 layers"):
     kind.run(pipeline, {**kind.options, "layers": 3})
-  with pytest.raises(UsageError, match="is a Llama decoder that reads its own tokenizer"):
+  refused = "`calibration_data: corpus` of stage `structured` feeds MiniLM token ids"
+  with pytest.raises(UsageError, match=refused + ".*Use `calibration_data: train`"):
     kind.run(pipeline, {**kind.options, "calibration_data": "corpus"})
 
 

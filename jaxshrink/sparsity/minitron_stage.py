@@ -37,8 +37,8 @@ import numpy as np
 from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import InvalidTypeError, InvalidValueError, UsageError
 from jaxshrink.pipeline import (
-  CALIBRATION_DATA,
   Pipeline,
+  check_calibration_data,
   check_positive,
   register_stage,
   transfer_corpus,
@@ -81,11 +81,7 @@ def _check(options: dict[str, Any]) -> None:
       raise UsageError(f"`{key}` of {STAGE} must be true or false; got {options[key]!r}.")
   for key in ("calibration_batches", "calibration_rows"):
     check_positive(options, key, "structured")
-  if options["calibration_data"] not in CALIBRATION_DATA:
-    raise UsageError(
-      f"`calibration_data` of {STAGE} must be one of {list(CALIBRATION_DATA)}; got "
-      f"{options['calibration_data']!r}."
-    )
+  check_calibration_data(options["calibration_data"], "structured")
 
 
 @register_stage(
@@ -138,6 +134,14 @@ def _plan(planner, scores, config, options):
     raise UsageError(f"{STAGE}: {e}") from None
 
 
+def _calibration_ids(pipeline: Pipeline, options: dict[str, Any]) -> np.ndarray:
+  """The token ids calibration reads: the training split, or the transfer corpus (which
+  `transfer_corpus` refuses, naming the fix, for a model that does not read its ids)."""
+  if options["calibration_data"] == "train":
+    return np.asarray(pipeline.dataset.x_train)
+  return transfer_corpus(pipeline, "structured", "calibration_data")
+
+
 def _bert(pipeline: Pipeline, options: dict[str, Any]):
   model = pipeline.model
   try:
@@ -148,15 +152,10 @@ def _bert(pipeline: Pipeline, options: dict[str, Any]):
       f"`LlamaConfig`, e.g. 'llama-tiny'); model {model.name!r} is neither. Use `prune` with "
       "structure 'channel' or 'heads' for other models."
     ) from None
-  source = options["calibration_data"]
-  ids = (
-    np.asarray(pipeline.dataset.x_train)
-    if source == "train"
-    else transfer_corpus(pipeline, "structured", "calibration_data")
-  )
   batches = calibration_batches(
-    ids, options["calibration_batches"], rows=options["calibration_rows"], pad_id=config.pad_id
-  )
+    _calibration_ids(pipeline, options), options["calibration_batches"],
+    rows=options["calibration_rows"], pad_id=config.pad_id,
+  )  # fmt: skip
   scores = importance(model, pipeline.tree, batches)
   plan = _plan(plan_pruning, scores, config, options)
   params, overrides = shrink_bert(pipeline.tree, plan, config)
@@ -164,28 +163,22 @@ def _bert(pipeline: Pipeline, options: dict[str, Any]):
     params = refit_outputs(model.apply, pipeline.tree, params, plan, config, batches)
   before = encoder_param_count(config)
   after = encoder_param_count(dataclasses.replace(config, **overrides))
+  kind = "training" if options["calibration_data"] == "train" else "transfer-corpus"
   found = {
     "kept_layers": list(plan.layers),
     "layer_heads": list(overrides["layer_heads"]),
     "layer_intermediate": list(overrides["layer_intermediate"]),
     "encoder_params": [before, after],
     "kept_fraction": round(after / before, 4),
-    "calibration": f"{sum(len(b) for b in batches)} "
-    + ("training sentences" if source == "train" else "transfer-corpus sentences"),
+    "calibration": f"{sum(len(b) for b in batches)} {kind} sentences",
   }
   return params, overrides, found, scores
 
 
 def _llama(pipeline: Pipeline, options: dict[str, Any]):
   model, config = pipeline.model, llama_config(pipeline.model)
-  if options["calibration_data"] != "train":
-    raise UsageError(
-      f"`calibration_data: {options['calibration_data']}` of {STAGE} feeds MiniLM token ids of "
-      f"the transfer corpus, and {model.name!r} is a Llama decoder that reads its own "
-      "tokenizer's ids. Use `calibration_data: train` (the dataset's training windows)."
-    )
   batches = training_windows(
-    np.asarray(pipeline.dataset.x_train), options["calibration_batches"],
+    _calibration_ids(pipeline, options), options["calibration_batches"],
     options["calibration_rows"],
   )  # fmt: skip
   scores = llama_importance(model, pipeline.tree, batches)
