@@ -4,12 +4,14 @@ One run of `examples/recipes/minilm-structured-recover.yaml`: the `structured` s
 feed-forward channels on transfer-corpus sentences (the recipe keeps every head) and shrinks
 MiniLM to two thirds of its non-embedding params; the metric (mean cosine to the float
 embeddings on the 200 held-out sentences of `minilm-sentences`) is measured right after it
-(`before`) and after `recover`. A third row measures the same cut without the least-squares
-refit of the output projections (`refit: false`), one-shot. The checkpoint is saved and
-`jaxshrink eval` rebuilds it from the recorded model source (`extra.eval_value`). Inference
-time: the jitted float and shrunk encoders on the held-out sentences, best of rounds timed
-interleaved (`jaxshrink.bench.interleaved_best`) in the same run, reported as a ratio
-(`extra.time_ratio`, shrunk over float).
+(`before`) and after `recover`. Three more rows measure the cut one-shot with one width in
+every layer (`widths: uniform`): without the least-squares refit of the output projections
+(`refit: false`, which also ranks by activations), refitted but ranked by activations
+(`ranking: activation`), and ranked by the refit's error as the recipe does.
+The checkpoint is saved and `jaxshrink eval` rebuilds it from the recorded model source
+(`extra.eval_value`). Inference time: the jitted float and shrunk encoders on the held-out
+sentences, best of rounds timed interleaved (`jaxshrink.bench.interleaved_best`) in the same
+run, reported as a ratio (`extra.time_ratio`, shrunk over float).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 RECIPE = RECIPES / "minilm-structured-recover.yaml"
 PRUNED = "structured 67% params"
 SLICED = "structured 67% params, refit: false"
+BY_ACTIVATION = "structured 67% params, ranking: activation"
+UNIFORM = "structured 67% params, widths: uniform"
 RECOVERED = "structured 67% params + recover"
 # The issue's targets: cosine after recover, and shrunk time over float time.
 TARGET_COSINE = 0.97
@@ -91,9 +95,16 @@ def run() -> list[Record]:
   pipeline = prepare(recipe, progress=False)
   reference = evaluate_metrics(pipeline.float_model, pipeline.float_params, pipeline.dataset)
   kind, options = recipe.stages[0]
-  sliced = run_stages(dataclasses.replace(recipe, stages=((kind, {**options, "refit": False}),)),
-                      pipeline)  # fmt: skip
-  sliced_value = evaluate_metrics(sliced.model, sliced.tree, sliced.dataset)["value"]
+
+  def one_shot(**changed) -> float:
+    """The metric right after the structured stage with these options changed."""
+    stage = ((kind, {**options, "widths": "uniform", **changed}),)
+    out = run_stages(dataclasses.replace(recipe, stages=stage), pipeline)
+    return evaluate_metrics(out.model, out.tree, out.dataset)["value"]
+
+  sliced_value = one_shot(refit=False)
+  activation_value = one_shot(ranking="activation")
+  uniform_value = one_shot()
   start = time.perf_counter()
   pipeline = run_stages(dataclasses.replace(recipe, stages=recipe.stages[:1]), pipeline)
   prune_seconds = time.perf_counter() - start
@@ -131,6 +142,14 @@ def run() -> list[Record]:
            reference_value=reference["value"], size_bytes=report.total_bytes,
            float32_bytes=float_report.float32_bytes, seconds=None,
            extra={"refit": False, "kept_fraction": common["kept_fraction"]}),
+    Record(suite=SUITE, model="minilm-l6", method=BY_ACTIVATION, metric=metric,
+           value=activation_value, reference_value=reference["value"],
+           size_bytes=report.total_bytes, float32_bytes=float_report.float32_bytes, seconds=None,
+           extra={"ranking": "activation", "kept_fraction": common["kept_fraction"]}),
+    Record(suite=SUITE, model="minilm-l6", method=UNIFORM, metric=metric, value=uniform_value,
+           reference_value=reference["value"], size_bytes=report.total_bytes,
+           float32_bytes=float_report.float32_bytes, seconds=None,
+           extra={"widths": "uniform", "kept_fraction": common["kept_fraction"]}),
     Record(suite=SUITE, model="minilm-l6", method=RECOVERED, metric=metric, value=after["value"],
            reference_value=reference["value"], size_bytes=report.total_bytes,
            float32_bytes=float_report.float32_bytes, seconds=round(recover_seconds, 1),

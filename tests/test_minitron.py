@@ -214,6 +214,41 @@ def test_structured_stage_calibrates_on_the_corpus_when_asked(tiny, monkeypatch)
     kind.run(_pipeline(model, params), {**options, "calibration_data": "test"})
 
 
+def test_structured_stage_ranks_by_the_refit_unless_told(tiny, monkeypatch):
+  from jaxshrink.recipes import stage_kinds
+  from jaxshrink.sparsity import minitron_stage
+
+  model, params, _, _ = tiny
+  kind = stage_kinds()["structured"]
+  options = {**kind.options, "params": 0.6, "calibration_rows": 16}
+  ranked = []
+  original = minitron_stage.refit_ranked
+  monkeypatch.setattr(
+    minitron_stage, "refit_ranked", lambda *a, **k: ranked.append(1) or original(*a, **k)
+  )
+  out = kind.run(_pipeline(model, params), options)
+  assert out.log[-1]["structured"]["ranking"] == "refit" and ranked == [1]
+  sliced = kind.run(_pipeline(model, params), {**options, "refit": False})
+  assert sliced.log[-1]["structured"]["ranking"] == "activation" and ranked == [1]
+  by_activation = kind.run(_pipeline(model, params), {**options, "ranking": "activation"})
+  assert by_activation.log[-1]["structured"]["ranking"] == "activation"
+  with pytest.raises(UsageError, match="`ranking: refit` ranks by the error .* `refit: false`"):
+    kind.run(_pipeline(model, params), {**options, "ranking": "refit", "refit": False})
+  with pytest.raises(UsageError, match="`ranking` of stage `structured` must be one of"):
+    kind.run(_pipeline(model, params), {**options, "ranking": "obs"})
+  spread = kind.run(_pipeline(model, params), {**options, "widths": "allocated"})
+  found, uniform = spread.log[-1]["structured"], out.log[-1]["structured"]
+  assert found["widths"] == "allocated" and uniform["widths"] == "uniform"
+  assert sum(found["layer_intermediate"]) <= sum(uniform["layer_intermediate"])
+  assert found["kept_fraction"] <= uniform["kept_fraction"]
+  shallow = kind.run(_pipeline(model, params), {**options, "widths": "allocated", "layers": 1})
+  assert len(shallow.log[-1]["structured"]["layer_intermediate"]) == 2
+  with pytest.raises(UsageError, match="`widths: allocated` spreads .* ranking: activation"):
+    kind.run(_pipeline(model, params), {**options, "widths": "allocated", "ranking": "activation"})
+  with pytest.raises(UsageError, match="`widths` of stage `structured` must be one of"):
+    kind.run(_pipeline(model, params), {**options, "widths": "even"})
+
+
 def test_structured_stage_refuses_models_without_bert_config():
   from jaxshrink.models.registry import get_model
   from jaxshrink.recipes import stage_kinds

@@ -155,13 +155,15 @@ def test_structured_stage_on_a_llama_records_a_rebuildable_source(micro):
   out = kind.run(pipeline, {**kind.options, "params": 0.6, "calibration_rows": 16})
   found = out.log[-1]["structured"]
   assert found["kept_fraction"] <= 0.6 and found["num_heads"] % found["num_kv_heads"] == 0
-  assert found["calibration"] == "64 training windows"
+  assert found["calibration"] == "64 training windows" and found["ranking"] == "refit"
   assert out.model_source.startswith("llama-micro(num_layers=3, num_heads=")
   rebuilt = load_configured(out.model_source, lambda name: model)
   x = jnp.asarray(_ids(4, seed=7))
   np.testing.assert_allclose(rebuilt.apply(out.tree, x), out.model.apply(out.tree, x), atol=1e-6)
   with pytest.raises(UsageError, match="how many of the 3 layers"):
     kind.run(pipeline, {**kind.options, "layers": 3})
+  with pytest.raises(UsageError, match="a Llama decoder keeps one width .* got 'allocated'"):
+    kind.run(pipeline, {**kind.options, "widths": "allocated"})
   refused = "`calibration_data: corpus` of stage `structured` feeds MiniLM token ids"
   with pytest.raises(UsageError, match=refused + ".*Use `calibration_data: train`"):
     kind.run(pipeline, {**kind.options, "calibration_data": "corpus"})

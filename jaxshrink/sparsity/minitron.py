@@ -67,11 +67,14 @@ class Importance:
     heads: per layer, `(heads,)` float32: mean L2 norm of each head's context output.
     channels: per layer, `(intermediate,)` float32: mean |GELU output| of each channel.
     layers: `(num_layers,)` float32: `1 - mean cosine(input, output)` of each layer.
+    channel_costs: per layer, `(intermediate,)` float32: the refit error each channel's removal
+      adds (`refit_rank.refit_ranked`), or None when ranked by activations.
   """
 
   heads: tuple[np.ndarray, ...]
   channels: tuple[np.ndarray, ...]
   layers: np.ndarray
+  channel_costs: tuple[np.ndarray, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +277,8 @@ def _widths(config, kept_layers, budget, heads: bool, channels: bool) -> tuple[i
   return h, int(c)
 
 
-def _top(scores: np.ndarray, keep: int) -> tuple[int, ...]:
+def top(scores: np.ndarray, keep: int) -> tuple[int, ...]:
+  """The `keep` highest-scored indices, sorted."""
   order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
   return tuple(sorted(int(i) for i in order[:keep]))
 
@@ -321,8 +325,8 @@ def plan_pruning(
   h, c = _widths(config, kept, budget, heads, channels)
   return PruningPlan(
     layers=kept,
-    heads=tuple(_top(scores.heads[i], h) for i in kept),
-    channels=tuple(_top(scores.channels[i], c) for i in kept),
+    heads=tuple(top(scores.heads[i], h) for i in kept),
+    channels=tuple(top(scores.channels[i], c) for i in kept),
   )
 
 

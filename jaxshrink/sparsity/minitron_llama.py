@@ -376,7 +376,7 @@ def masked_llama(params: Any, plan: PruningPlan, config: LlamaConfig) -> Any:
   d = config.head_size
   out = jax.tree.map(np.array, params)
   for old, hs, cs in zip(plan.layers, plan.heads, plan.channels, strict=True):
-    layer = _layer(out, old)
+    layer = layer_params(out, old)
     removed = np.setdiff1d(np.arange(config.num_heads * d), head_columns(hs, d))
     layer["self_attn"]["o_proj"]["kernel"][removed] = 0
     gone = np.setdiff1d(np.arange(config.intermediate_size), np.asarray(cs))
@@ -384,9 +384,20 @@ def masked_llama(params: Any, plan: PruningPlan, config: LlamaConfig) -> Any:
   return jax.tree.map(jnp.asarray, out)
 
 
-def _layer(tree: Any, index: int) -> Any:
+def layer_params(tree: Any, index: int) -> Any:
   layers = tree["model"]["layers"]
   return layers[index] if index in layers else layers[str(index)]
+
+
+def llama_output_grams(
+  apply_fn: Any, params: Any, layers: Sequence[int], batches: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
+  """The Grams of the `o_proj` and `down_proj` inputs of `layers` (no bias column: Llama's
+  projections have none), from one pass over `batches`."""
+  paths = [f.format(old) for old in layers for f in (HEAD_INPUT, CHANNEL_INPUT)]
+  rule = "|".join(re.escape(p) for p in paths)
+  found = collect(apply_fn, params, batches, rule, {"gram": augmented_gram_reducer()})
+  return {path: np.asarray(found.stats[path]["gram"])[:-1, :-1] for path in paths}
 
 
 def refit_llama(
@@ -398,24 +409,24 @@ def refit_llama(
   batches: Sequence[np.ndarray],
   *,
   damp: float = REFIT_DAMP,
+  grams: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
   """`small` with every kept layer's `o_proj` and `down_proj` refitted by least squares to the
-  float layer's outputs on `batches` (see `jaxshrink.sparsity.refit`)."""
-  paths = [f.format(old) for old in plan.layers for f in (HEAD_INPUT, CHANNEL_INPUT)]
-  rule = "|".join(re.escape(p) for p in paths)
-  found = collect(apply_fn, params, batches, rule, {"gram": augmented_gram_reducer()})
+  float layer's outputs on `batches` (see `jaxshrink.sparsity.refit`); `grams` as
+  `llama_output_grams` returns them, when already collected."""
+  if grams is None:
+    grams = llama_output_grams(apply_fn, params, plan.layers, batches)
   d = config.head_size
   out = jax.tree.map(lambda leaf: leaf, small)
   for new, (old, hs, cs) in enumerate(zip(plan.layers, plan.heads, plan.channels, strict=True)):
-    layer, original = _layer(out, new), _layer(params, old)
+    layer, original = layer_params(out, new), layer_params(params, old)
     for path, kept, target, source in (
       (HEAD_INPUT.format(old), head_columns(hs, d), layer["self_attn"]["o_proj"],
        original["self_attn"]["o_proj"]),
       (CHANNEL_INPUT.format(old), np.asarray(cs, np.int64), layer["mlp"]["down_proj"],
        original["mlp"]["down_proj"]),
     ):  # fmt: skip
-      gram = np.asarray(found.stats[path]["gram"])[:-1, :-1]  # no bias: drop the ones column
-      kernel = refit_kernel(gram, np.asarray(source["kernel"]), kept, damp)
+      kernel = refit_kernel(grams[path], np.asarray(source["kernel"]), kept, damp)
       target["kernel"] = jnp.asarray(kernel)
   return out
 

@@ -83,6 +83,23 @@ def refit_kernel(gram: np.ndarray, kernel: np.ndarray, kept: np.ndarray, damp: f
   return fitted.astype(kernel.dtype)
 
 
+def output_grams(
+  apply_fn: Any,
+  params: Any,
+  layers: Sequence[int],
+  config: BertConfig,
+  batches: Sequence[np.ndarray],
+) -> dict[str, np.ndarray]:
+  """The augmented Grams of the inputs of `layers`' attention output and feed-forward output
+  kernels (`HEAD_INPUT` and `CHANNEL_INPUT` paths), from one pass over `batches` with padding
+  tokens left out."""
+  paths = [f.format(old) for old in layers for f in (HEAD_INPUT, CHANNEL_INPUT)]
+  rule = "|".join(re.escape(p) for p in paths)
+  with padding(config.pad_id):
+    found = collect(apply_fn, params, batches, rule, {"gram": augmented_gram_reducer()})
+  return {path: np.asarray(found.stats[path]["gram"]) for path in paths}
+
+
 def refit_outputs(
   apply_fn: Any,
   params: Any,
@@ -92,6 +109,7 @@ def refit_outputs(
   batches: Sequence[np.ndarray],
   *,
   damp: float = REFIT_DAMP,
+  grams: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
   """`small` (`minitron.shrink_bert(params, plan, config)`) with every kept layer's attention
   output and feed-forward output projections refitted on `batches` (token ids of the training
@@ -105,11 +123,11 @@ def refit_outputs(
     config: the float model's `BertConfig`.
     batches: calibration token ids.
     damp: relative damping of the kept Gram.
+    grams: `output_grams(...)` of the float model when already collected (covering at least
+      the kept layers); collected from `batches` otherwise.
   """
-  paths = [f.format(old) for old in plan.layers for f in (HEAD_INPUT, CHANNEL_INPUT)]
-  rule = "|".join(re.escape(p) for p in paths)
-  with padding(config.pad_id):
-    found = collect(apply_fn, params, batches, rule, {"gram": augmented_gram_reducer()})
+  if grams is None:
+    grams = output_grams(apply_fn, params, plan.layers, config, batches)
   d = config.head_size
   out = jax.tree.map(lambda leaf: leaf, small)  # new containers, the same leaves
   for new, (old, hs, cs) in enumerate(zip(plan.layers, plan.heads, plan.channels, strict=True)):
@@ -122,7 +140,7 @@ def refit_outputs(
       (CHANNEL_INPUT.format(old), np.asarray(cs, np.int64), layer["output"], original["output"]),
     ):  # fmt: skip
       kernel, bias = refit_projection(
-        np.asarray(found.stats[path]["gram"]),
+        grams[path],
         np.asarray(source["kernel"]),
         np.asarray(source["bias"]),
         kept,
