@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxshrink.capture import padding
 from jaxshrink.compose import recast, uncast
-from jaxshrink.errors import UsageError
+from jaxshrink.errors import InvalidValueError, UsageError
 from jaxshrink.tree import Rule
 
 
@@ -176,6 +176,51 @@ def check_calibration_data(source: Any, stage: str) -> str:
   return source
 
 
+def calibration_ids(pipeline: Pipeline, source: str, stage: str) -> np.ndarray:
+  """The rows calibration draws from: the training split's inputs (`source` "train") or the
+  transfer corpus' token ids ("corpus", which `transfer_corpus` refuses, naming the fix, for a
+  model that does not read them).
+
+  Raises:
+    UsageError: an unknown `source`, or "corpus" for a model it does not fit.
+  """
+  check_calibration_data(source, stage)
+  if source == "train":
+    return np.asarray(pipeline.dataset.x_train)
+  return transfer_corpus(pipeline, stage, "calibration_data")
+
+
+def length_sorted_batches(ids: np.ndarray, count: int, rows: int, pad_id: int) -> list[np.ndarray]:
+  """Token-id batches of similar lengths, each cut after its longest row.
+
+  Calibration never counts padding (`jaxshrink.capture.padding`), so cutting it only saves
+  compute, and sorting first keeps the cut deep.
+
+  Args:
+    ids: `(N, L)` int token ids, padded with `pad_id`.
+    count: how many batches (fewer when `ids` holds fewer than `count * rows` rows).
+    rows: rows per batch.
+    pad_id: the padding id.
+
+  Returns:
+    Up to `count` int32 arrays `(rows, length_b)` from the first `count * rows` rows, shortest
+    first.
+  """
+  ids = np.asarray(ids)
+  if ids.ndim != 2 or ids.shape[0] == 0:
+    raise InvalidValueError(
+      f"calibration needs (N, L) token ids with N >= 1; got shape {ids.shape}."
+    )
+  count = max(1, min(count, -(-ids.shape[0] // rows)))
+  chosen = ids[: count * rows]
+  chosen = chosen[np.argsort((chosen != pad_id).sum(axis=1), kind="stable")]
+  out = []
+  for part in np.array_split(chosen, count):
+    longest = max(1, int((part != pad_id).sum(axis=1).max()))
+    out.append(part[:, :longest].astype(np.int32))
+  return out
+
+
 def calibration_inputs(
   pipeline: Pipeline, source: str, count: int, rows: int, stage: str
 ) -> list[np.ndarray]:
@@ -183,9 +228,8 @@ def calibration_inputs(
 
   `source` "train": consecutive rows of the dataset's training split, from the first (one
   batch of all of them when it holds fewer than `rows`).
-  "corpus": the first `count * rows` sentences of the (shuffled) transfer corpus, sorted by
-  length and each batch cut to its longest sentence (calibration never counts padding,
-  `jaxshrink.capture.padding`; cutting it saves its compute).
+  "corpus": the first `count * rows` sentences of the (shuffled) transfer corpus, as
+  `length_sorted_batches`.
 
   Raises:
     UsageError: an unknown `source`, `count` < 1, or "corpus" for a model it does not fit.
@@ -193,17 +237,11 @@ def calibration_inputs(
   check_calibration_data(source, stage)
   if isinstance(count, bool) or not isinstance(count, int) or count < 1:
     raise UsageError(f"`calibration_batches` of stage `{stage}` must be >= 1; got {count!r}.")
+  x = calibration_ids(pipeline, source, stage)
   if source == "train":
-    x = np.asarray(pipeline.dataset.x_train)
     return [x[i * rows : (i + 1) * rows] for i in range(max(1, min(count, len(x) // rows)))]
-  ids = transfer_corpus(pipeline, stage, "calibration_data")[: count * rows]
   pad_id = 0 if pipeline.model.pad_id is None else pipeline.model.pad_id
-  ids = ids[np.argsort((ids != pad_id).sum(axis=1), kind="stable")]
-  out = []
-  for start in range(0, len(ids), rows):
-    part = ids[start : start + rows]
-    out.append(np.ascontiguousarray(part[:, : max(1, int((part != pad_id).sum(axis=1).max()))]))
-  return out
+  return length_sorted_batches(x, count, rows, pad_id)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pytest
 from jaxshrink.errors import InvalidValueError, UsageError
 from jaxshrink.models.base import zoo_model
 from jaxshrink.models.bert import BertConfig, BertEncoder, mean_pool_normalize
+from jaxshrink.pipeline import length_sorted_batches
 from jaxshrink.sparsity import minitron
 
 CONFIG = BertConfig(num_layers=3, hidden_size=16, num_heads=4, intermediate_size=32,
@@ -35,13 +36,13 @@ def _ids(rows=40, length=12, seed=0):
 def tiny():
   model = _model()
   params = model.init(jax.random.key(0))
-  batches = minitron.calibration_batches(_ids(), 2, rows=16)
+  batches = length_sorted_batches(_ids(), 2, 16, 0)
   return model, params, batches, minitron.importance(model, params, batches)
 
 
-def test_calibration_batches_group_by_length():
+def test_length_sorted_batches_group_by_length():
   ids = _ids()
-  batches = minitron.calibration_batches(ids, 2, rows=16)
+  batches = length_sorted_batches(ids, 2, 16, 0)
   assert [b.shape[0] for b in batches] == [16, 16]
   assert all(b.dtype == np.int32 for b in batches)
   lengths = [int((b != 0).sum(axis=1).max()) for b in batches]
@@ -192,8 +193,8 @@ def test_structured_stage_records_a_rebuildable_source(tiny):
 
 
 def test_structured_stage_calibrates_on_the_corpus_when_asked(tiny, monkeypatch):
+  from jaxshrink import pipeline
   from jaxshrink.recipes import stage_kinds
-  from jaxshrink.sparsity import minitron_stage
 
   model, params, _, _ = tiny
   asked = []
@@ -202,7 +203,7 @@ def test_structured_stage_calibrates_on_the_corpus_when_asked(tiny, monkeypatch)
     asked.append((stage, option))
     return _ids(80, seed=3)
 
-  monkeypatch.setattr(minitron_stage, "transfer_corpus", corpus)
+  monkeypatch.setattr(pipeline, "transfer_corpus", corpus)
   kind = stage_kinds()["structured"]
   options = {**kind.options, "params": 0.7, "calibration_rows": 16, "calibration_batches": 3}
   on_corpus = kind.run(_pipeline(model, params), {**options, "calibration_data": "corpus"})

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,36 +109,6 @@ def bert_config(model: Any) -> BertConfig:
   )
 
 
-def calibration_batches(
-  ids: np.ndarray, batches: int, *, rows: int = 64, pad_id: int = 0
-) -> list[np.ndarray]:
-  """Token-id batches grouped by length, each trimmed to its longest sentence.
-
-  Args:
-    ids: `(N, L)` int token ids of the training split, padded with `pad_id`.
-    batches: how many batches (fewer when `ids` holds fewer rows).
-    rows: sentences per batch.
-    pad_id: the padding id.
-
-  Returns:
-    Up to `batches` int32 arrays `(rows, length_b)`, from the first `batches * rows` rows.
-  """
-  ids = np.asarray(ids)
-  if ids.ndim != 2 or ids.shape[0] == 0:
-    raise InvalidValueError(
-      f"calibration needs (N, L) token ids with N >= 1; got shape {ids.shape}."
-    )
-  count = max(1, min(batches, math.ceil(ids.shape[0] / rows)))
-  chosen = ids[: count * rows]
-  lengths = (chosen != pad_id).sum(axis=1)
-  chosen = chosen[np.argsort(lengths, kind="stable")]
-  out = []
-  for part in np.array_split(chosen, count):
-    longest = max(1, int((part != pad_id).sum(axis=1).max()))
-    out.append(part[:, :longest].astype(np.int32))
-  return out
-
-
 def head_norm_reducer(head_size: int) -> Reducer:
   """Per head: summed L2 norm of its `head_size` slice of each row, and the row count."""
   return Reducer(
@@ -190,7 +159,7 @@ def importance(model: Any, params: Any, batches: Sequence[np.ndarray]) -> Import
   Args:
     model: a BERT zoo model (`bert_config(model)` finds its config).
     params: its float param tree.
-    batches: `(B, L)` int32 token ids from the training split (`calibration_batches`).
+    batches: `(B, L)` int32 token ids (`jaxshrink.pipeline.length_sorted_batches`).
 
   Returns:
     The `Importance` of every head, feed-forward channel and layer.

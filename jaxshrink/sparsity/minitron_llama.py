@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,7 +52,7 @@ from jaxshrink.sparsity.minitron import (
   head_columns,
   head_norm_reducer,
 )
-from jaxshrink.sparsity.refit import REFIT_DAMP, augmented_gram_reducer, refit_kernel
+from jaxshrink.sparsity.refit import REFIT_DAMP, input_grams, refit_kernel
 from jaxshrink.tree import flatten
 
 LAYER = "model/layers/{}/"
@@ -395,9 +394,7 @@ def llama_output_grams(
   """The Grams of the `o_proj` and `down_proj` inputs of `layers` (no bias column: Llama's
   projections have none), from one pass over `batches`."""
   paths = [f.format(old) for old in layers for f in (HEAD_INPUT, CHANNEL_INPUT)]
-  rule = "|".join(re.escape(p) for p in paths)
-  found = collect(apply_fn, params, batches, rule, {"gram": augmented_gram_reducer()})
-  return {path: np.asarray(found.stats[path]["gram"])[:-1, :-1] for path in paths}
+  return input_grams(apply_fn, params, paths, batches, bias=False)
 
 
 def refit_llama(

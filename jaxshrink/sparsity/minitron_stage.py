@@ -39,20 +39,19 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxshrink.encoding import is_encoding
 from jaxshrink.errors import InvalidTypeError, InvalidValueError, UsageError
 from jaxshrink.pipeline import (
   Pipeline,
+  calibration_ids,
   check_calibration_data,
   check_positive,
+  length_sorted_batches,
   register_stage,
-  transfer_corpus,
 )
 from jaxshrink.sparsity.minitron import (
   bert_config,
-  calibration_batches,
   encoder_param_count,
   importance,
   plan_pruning,
@@ -176,14 +175,6 @@ def _plan(planner, scores, config, options):
     raise UsageError(f"{STAGE}: {e}") from None
 
 
-def _calibration_ids(pipeline: Pipeline, options: dict[str, Any]) -> np.ndarray:
-  """The token ids calibration reads: the training split, or the transfer corpus (which
-  `transfer_corpus` refuses, naming the fix, for a model that does not read its ids)."""
-  if options["calibration_data"] == "train":
-    return np.asarray(pipeline.dataset.x_train)
-  return transfer_corpus(pipeline, "structured", "calibration_data")
-
-
 def _bert(pipeline: Pipeline, options: dict[str, Any]):
   model = pipeline.model
   try:
@@ -194,10 +185,10 @@ def _bert(pipeline: Pipeline, options: dict[str, Any]):
       f"`LlamaConfig`, e.g. 'llama-tiny'); model {model.name!r} is neither. Use `prune` with "
       "structure 'channel' or 'heads' for other models."
     ) from None
-  batches = calibration_batches(
-    _calibration_ids(pipeline, options), options["calibration_batches"],
-    rows=options["calibration_rows"], pad_id=config.pad_id,
-  )  # fmt: skip
+  ids = calibration_ids(pipeline, options["calibration_data"], "structured")
+  batches = length_sorted_batches(
+    ids, options["calibration_batches"], options["calibration_rows"], config.pad_id
+  )
   scores = importance(model, pipeline.tree, batches)
   grams = None
   if _ranking(options) == "refit":
@@ -232,10 +223,8 @@ def _llama(pipeline: Pipeline, options: dict[str, Any]):
       f"{STAGE}: a Llama decoder keeps one width in every layer (one `LlamaConfig`, as Hugging "
       f"Face configs have), so `widths` must be 'uniform'; got {options['widths']!r}."
     )
-  batches = training_windows(
-    _calibration_ids(pipeline, options), options["calibration_batches"],
-    options["calibration_rows"],
-  )  # fmt: skip
+  ids = calibration_ids(pipeline, options["calibration_data"], "structured")
+  batches = training_windows(ids, options["calibration_batches"], options["calibration_rows"])
   scores = llama_importance(model, pipeline.tree, batches)
   grams = None
   if _ranking(options) == "refit":

@@ -83,6 +83,18 @@ def refit_kernel(gram: np.ndarray, kernel: np.ndarray, kept: np.ndarray, damp: f
   return fitted.astype(kernel.dtype)
 
 
+def input_grams(
+  apply_fn: Any, params: Any, paths: Sequence[str], batches: Sequence[np.ndarray], *, bias=True
+) -> dict[str, np.ndarray]:
+  """The Grams of the inputs of the kernels at `paths`, from one pass over `batches`: of `[X, 1]`
+  (`augmented_gram_reducer`), or of `X` alone with `bias=False` (a projection without a bias).
+  Padding counts as `capture.padding` says."""
+  rule = "|".join(re.escape(p) for p in paths)
+  found = collect(apply_fn, params, batches, rule, {"gram": augmented_gram_reducer()})
+  cut = slice(None) if bias else slice(-1)
+  return {path: np.asarray(found.stats[path]["gram"])[cut, cut] for path in paths}
+
+
 def output_grams(
   apply_fn: Any,
   params: Any,
@@ -91,13 +103,10 @@ def output_grams(
   batches: Sequence[np.ndarray],
 ) -> dict[str, np.ndarray]:
   """The augmented Grams of the inputs of `layers`' attention output and feed-forward output
-  kernels (`HEAD_INPUT` and `CHANNEL_INPUT` paths), from one pass over `batches` with padding
-  tokens left out."""
+  kernels (`HEAD_INPUT` and `CHANNEL_INPUT` paths), padding tokens left out."""
   paths = [f.format(old) for old in layers for f in (HEAD_INPUT, CHANNEL_INPUT)]
-  rule = "|".join(re.escape(p) for p in paths)
   with padding(config.pad_id):
-    found = collect(apply_fn, params, batches, rule, {"gram": augmented_gram_reducer()})
-  return {path: np.asarray(found.stats[path]["gram"]) for path in paths}
+    return input_grams(apply_fn, params, paths, batches)
 
 
 def refit_outputs(
