@@ -42,7 +42,7 @@ from jaxshrink.sparsity.minitron import (
   shrink_bert,
   top,
 )
-from jaxshrink.sparsity.refit import REFIT_DAMP, refit_outputs, refit_projection
+from jaxshrink.sparsity.refit import refit_dense, refit_outputs
 
 # No layer keeps fewer than this fraction of its channels.
 MIN_FRACTION = 0.125
@@ -79,7 +79,6 @@ def layer_scales(
   length."""
   from jaxshrink.models.configured import configure_model
 
-  whole = tuple(tuple(range(config.intermediate(i))) for i in plan.layers)
   heads_whole = all(len(h) == config.heads(i) for i, h in zip(plan.layers, plan.heads, strict=True))
   only_channels = len(plan.layers) == config.num_layers and heads_whole
   inputs = [jnp.asarray(b) for b in batches]
@@ -87,6 +86,7 @@ def layer_scales(
   reference = [float_apply(params, x) for x in inputs]
   base, apply = params, float_apply
   if not only_channels:
+    whole = tuple(tuple(range(config.intermediate(i))) for i in plan.layers)
     base_plan = dataclasses.replace(plan, channels=whole)
     base, overrides = shrink_bert(params, base_plan, config)
     base = refit_outputs(model.apply, params, base, base_plan, config, batches, grams=grams)
@@ -102,10 +102,7 @@ def layer_scales(
   for new, (old, kept) in enumerate(zip(plan.layers, plan.channels, strict=True)):
     source = params["encoder"][f"layer_{old}"]["output"]
     kept = np.asarray(kept, np.int64)
-    kernel, bias = refit_projection(
-      grams[CHANNEL_INPUT.format(old)], np.asarray(source["kernel"]), np.asarray(source["bias"]),
-      kept, REFIT_DAMP,
-    )  # fmt: skip
+    kernel, bias = refit_dense(grams[CHANNEL_INPUT.format(old)], source, kept)
     masked = np.zeros(np.shape(source["kernel"]), kernel.dtype)
     masked[kept] = kernel
     tree = jax.tree.map(lambda leaf: leaf, base)  # new containers, the same leaves

@@ -71,6 +71,15 @@ def refit_projection(
   return fitted[:-1].astype(kernel.dtype), fitted[-1].astype(bias.dtype)
 
 
+def refit_dense(
+  gram: np.ndarray, dense: dict[str, Any], kept: Any, damp: float = REFIT_DAMP
+) -> tuple[np.ndarray, np.ndarray]:
+  """`refit_projection` of a Dense layer's `{"kernel", "bias"}`, keeping the input rows `kept`."""
+  return refit_projection(
+    gram, np.asarray(dense["kernel"]), np.asarray(dense["bias"]), np.asarray(kept, np.int64), damp
+  )
+
+
 def refit_kernel(gram: np.ndarray, kernel: np.ndarray, kept: np.ndarray, damp: float) -> np.ndarray:
   """The kept rows of a bias-free `kernel` `(K, N)` refitted to the full projection's outputs:
   `(G_kk + λI)^-1 G_k: W` with `gram` the `(K, K)` Gram of its input `X`."""
@@ -148,12 +157,6 @@ def refit_outputs(
        original["attention"]["output"]),
       (CHANNEL_INPUT.format(old), np.asarray(cs, np.int64), layer["output"], original["output"]),
     ):  # fmt: skip
-      kernel, bias = refit_projection(
-        grams[path],
-        np.asarray(source["kernel"]),
-        np.asarray(source["bias"]),
-        kept,
-        damp,
-      )
+      kernel, bias = refit_dense(grams[path], source, kept, damp)
       target["kernel"], target["bias"] = jnp.asarray(kernel), jnp.asarray(bias)
   return out
