@@ -18,7 +18,7 @@ from jaxshrink.data import get_dataset, load_data_source
 from jaxshrink.data.sentences import evaluation_sentences, read_sentences, split_sentences
 from jaxshrink.errors import JaxshrinkError
 from jaxshrink.interop.hf import load_hf
-from jaxshrink.models import bert_hf, minilm
+from jaxshrink.models import bert_hf, minilm, registry
 from jaxshrink.models.bert import BertConfig, BertEncoder
 from jaxshrink.quant import QArray, quantized_apply
 from jaxshrink.tree import flatten
@@ -124,6 +124,10 @@ def test_student_starts_from_teacher_layers(params):
   )
   ids = minilm.encode(["The student has three layers."])
   assert jax.jit(student.apply)(sparams, ids).shape == (1, 384)
+  # A zoo name, so a distilled checkpoint that records it is rebuilt without `--model`.
+  from_checkpoint = registry.checkpoint_model("minilm-l3-student", field="model", where="ckpt")
+  assert from_checkpoint.name == "minilm-l3-student"
+  assert sorted(from_checkpoint.init(jax.random.key(1))["encoder"]) == sorted(sparams["encoder"])
 
 
 def test_dataset_splits(model):

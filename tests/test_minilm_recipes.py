@@ -32,7 +32,7 @@ EXPECTED = {
   "minilm-2of4-sparsegpt": ("prune", {"structure": "2:4", "method": "sparsegpt"}),
   "minilm-2of4-int4": ("prune", {"structure": "2:4", "quantize_nonzeros": 4}),
   "minilm-lowrank-mlp": ("factorize", {"budget": 0.5}),
-  "minilm-distill-l3": ("distill", {"student": "jaxshrink.models.minilm:minilm_l3_student"}),
+  "minilm-distill-l3": ("distill", {"student": "minilm-l3-student"}),
   "minilm-search": ("search", {"max_drop": 0.005}),
 }
 

@@ -62,9 +62,12 @@ def test_public_names():
 
 
 def test_list_models():
-  # minilm-l6 (pretrained, not trained here) is tested in test_minilm.py, the llamas in
-  # test_llama.py.
-  others = ["digits-student", "digits-student-nnx", "llama-300m", "llama-tiny", "minilm-l6"]
+  # minilm-l6 and its student (pretrained, not trained here) are tested in test_minilm.py, the
+  # llamas in test_llama.py.
+  others = [
+    "digits-student", "digits-student-nnx", "llama-300m", "llama-tiny", "minilm-l3-student",
+    "minilm-l6",
+  ]  # fmt: skip
   assert list_models() == sorted([*ALL_MODELS, *others])
 
 

@@ -3,7 +3,7 @@
 ```yaml
 - distill: {student: digits-student, temperature: 4.0, alpha: 0.9}
 - distill:                       # a 3-layer MiniLM student: embedding cosine + hidden states
-    student: "jaxshrink.models.minilm:minilm_l3_student"
+    student: minilm-l3-student
     losses: {logit_cosine: 1.0}
     features:                    # student module -> teacher module (`tapped_apply` paths)
       - {student: encoder/layer_2, teacher: encoder/layer_5, kind: mse, weight: 0.1}

@@ -291,7 +291,7 @@ def minilm_l6() -> ZooModel:
 
 
 def minilm_l3_student() -> ZooModel:
-  """A 3-layer MiniLM student for distillation (`student: jaxshrink.models.minilm:...`).
+  """A 3-layer MiniLM student for distillation (zoo name `minilm-l3-student`).
 
   Its `init` ignores the key and returns the teacher's embeddings and its layers 0, 4 and 5
   (`STUDENT_LAYERS`: the first layer, and the last two that shape the embedding space), a far

@@ -17,7 +17,7 @@ from jaxshrink.errors import CheckpointError, InvalidTypeError, JaxshrinkError, 
 from jaxshrink.models.base import HF_PREFIX, METRICS, ZooModel, user_model
 from jaxshrink.models.cnn import digits_cnn, digits_cnn_nnx
 from jaxshrink.models.llama_zoo import llama_300m, llama_tiny
-from jaxshrink.models.minilm import minilm_l6
+from jaxshrink.models.minilm import minilm_l3_student, minilm_l6
 from jaxshrink.models.mlp import digits_mlp, digits_mlp_nnx
 from jaxshrink.models.student import digits_student, digits_student_nnx
 from jaxshrink.models.transformer import tiny_lm
@@ -31,6 +31,7 @@ _MODEL_FACTORIES: dict[str, Callable[[], ZooModel]] = {
   "digits-student-nnx": digits_student_nnx,
   "llama-300m": llama_300m,
   "llama-tiny": llama_tiny,
+  "minilm-l3-student": minilm_l3_student,
   "minilm-l6": minilm_l6,
   "tiny-lm": tiny_lm,
 }
