@@ -155,7 +155,7 @@ def refit_outputs(
     for path, kept, target, source in (
       (HEAD_INPUT.format(old), cols, layer["attention"]["output"],
        original["attention"]["output"]),
-      (CHANNEL_INPUT.format(old), np.asarray(cs, np.int64), layer["output"], original["output"]),
+      (CHANNEL_INPUT.format(old), cs, layer["output"], original["output"]),
     ):  # fmt: skip
       kernel, bias = refit_dense(grams[path], source, kept, damp)
       target["kernel"], target["bias"] = jnp.asarray(kernel), jnp.asarray(bias)
