@@ -165,8 +165,12 @@ def cmd_eval(args) -> int:
   else:
     extra = "".join(f"; {k} {v:.4f}" for k, v in measured.items())
     print(f"{model.metric} on {source}: {value:.4f} (float reference {reference:.4f}){extra}")
+    from jaxshrink.report import TreeReport
+
+    compressed = TreeReport.from_json({"layers": manifest["leaves"]}).compressed
     print(
-      f"serving mode {mode}: {payload['seconds_per_batch'] * 1e3:.3g} ms per batch of "
+      f"{f'serving mode {mode}' if compressed else serving.FLOAT_TREE}: "
+      f"{payload['seconds_per_batch'] * 1e3:.3g} ms per batch of "
       f"{tuple(timing.batch_shape)}, {payload['time_vs_float']:.2f}x the float model's time "
       "(timed side by side)"
     )

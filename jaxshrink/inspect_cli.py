@@ -60,7 +60,15 @@ def cmd_inspect(args) -> int:
   print_kept_dense(out, payload["metrics"].get("stages"))
   print_search(out, payload["metrics"].get("stages"))
   recorded = payload["metrics"].get("serving")
-  if _valid_serving(recorded):
+  if _valid_serving(recorded) and not report.compressed:
+    from jaxshrink.serving import FLOAT_TREE
+
+    out.print(
+      f"{FLOAT_TREE} ({recorded['time_vs_float']:.2f}x the float model's time on "
+      f"{recorded.get('backend')}, batch {tuple(recorded.get('batch_shape', ()))}), as measured "
+      "when compressed"
+    )
+  elif _valid_serving(recorded):
     others = ", ".join(
       f"{mode} {ratio:.2f}x" for mode, ratio in recorded["time_vs_float_by_mode"].items()
     )

@@ -117,6 +117,11 @@ class TreeReport:
     return all(leaf.dtype == "float32" for leaf in self.layers)
 
   @property
+  def compressed(self) -> bool:
+    """Whether any leaf is stored compressed (a dense leaf's encoding is its dtype's name)."""
+    return any(leaf.encoding != leaf.dtype for leaf in self.layers)
+
+  @property
   def bits_per_weight(self) -> float:
     return 8.0 * self.total_bytes / max(self.num_params, 1)
 

@@ -49,6 +49,9 @@ from jaxshrink.quant.serve import leaf_paths, lookup_rows, quantized_apply
 MODES = ("integer", "bfloat16", "decode-once", "factored")
 # The mode used when a checkpoint records none (and the default of `serve`).
 DEFAULT_MODE = "integer"
+# What reports say instead of a mode's name for a tree with no compressed leaf: the modes differ
+# only in how they decode compressed leaves, so the one a timing picked there is noise.
+FLOAT_TREE = "float tree: no leaf is compressed, so every serving mode runs the same computation"
 _KERNEL_OPS = ("dot_general", "conv_general_dilated")
 ROUND_SECONDS = 0.05
 

@@ -206,3 +206,19 @@ def test_inspect_shows_the_recorded_mode(checkpoint, capsys):
   assert main(["inspect", str(checkpoint)]) == 0
   out = " ".join(capsys.readouterr().out.split())
   assert "serving mode: integer (" in out and "the float model's time on cpu" in out
+
+
+def test_a_float_tree_reports_no_serving_mode(tmp_path, capsys):
+  # Every mode runs the same float computation on a tree with no compressed leaf, so the reports
+  # say that instead of the name of whichever mode the timing happened to pick.
+  recipe = tmp_path / "recipe.yaml"
+  recipe.write_text("model: digits-mlp\nstages: []\nexport: {}\n")
+  out = tmp_path / "ckpt"
+  assert main(["compress", str(recipe), "--out", str(out)]) == 0
+  capsys.readouterr()
+  code, text, _ = _eval(capsys, str(out))
+  assert code == 0 and serving.FLOAT_TREE in text
+  assert not any(f"serving mode {mode}" in text for mode in serving.MODES)
+  assert main(["inspect", str(out)]) == 0
+  text = " ".join(capsys.readouterr().out.split())
+  assert serving.FLOAT_TREE in text and "serving mode:" not in text
