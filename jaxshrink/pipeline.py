@@ -234,7 +234,6 @@ def calibration_inputs(
   Raises:
     UsageError: an unknown `source`, `count` < 1, or "corpus" for a model it does not fit.
   """
-  check_calibration_data(source, stage)
   if isinstance(count, bool) or not isinstance(count, int) or count < 1:
     raise UsageError(f"`calibration_batches` of stage `{stage}` must be >= 1; got {count!r}.")
   x = calibration_ids(pipeline, source, stage)

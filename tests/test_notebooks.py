@@ -126,8 +126,13 @@ def kernel_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("jupyter")
   spec = root / "kernels" / KERNEL
   spec.mkdir(parents=True)
+  scratch = root / "tmp"
+  scratch.mkdir()
   env = {
     "MPLBACKEND": "Agg",  # no display in CI
+    # The notebooks write their checkpoints to `tempfile.mkdtemp()` directories, which a user
+    # keeps; here they land in pytest's temporary tree, which pytest prunes, not in /tmp.
+    "TMPDIR": str(scratch),
     # The tests' persistent XLA cache (conftest.py), so reruns skip compilation.
     "JAX_COMPILATION_CACHE_DIR": str(cache_dir() / "xla"),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
