@@ -169,7 +169,7 @@ def cmd_eval(args) -> int:
 
     compressed = TreeReport.from_json({"layers": manifest["leaves"]}).compressed
     print(
-      f"{f'serving mode {mode}' if compressed else serving.FLOAT_TREE}: "
+      f"serving mode {serving.mode_label(mode, compressed)}: "
       f"{payload['seconds_per_batch'] * 1e3:.3g} ms per batch of "
       f"{tuple(timing.batch_shape)}, {payload['time_vs_float']:.2f}x the float model's time "
       "(timed side by side)"

@@ -60,32 +60,26 @@ def cmd_inspect(args) -> int:
   print_kept_dense(out, payload["metrics"].get("stages"))
   print_search(out, payload["metrics"].get("stages"))
   recorded = payload["metrics"].get("serving")
-  if _valid_serving(recorded) and not report.compressed:
-    from jaxshrink.serving import FLOAT_TREE
+  if _valid_serving(recorded):
+    from jaxshrink.serving import SINGLE_MAX_ROWS, mode_label
 
-    out.print(
-      f"{FLOAT_TREE} ({recorded['time_vs_float']:.2f}x the float model's time on "
-      f"{recorded.get('backend')}, batch {tuple(recorded.get('batch_shape', ()))}), as measured "
-      "when compressed"
-    )
-  elif _valid_serving(recorded):
     others = ", ".join(
       f"{mode} {ratio:.2f}x" for mode, ratio in recorded["time_vs_float_by_mode"].items()
     )
     out.print(
-      f"serving mode: {recorded['serving_mode']} ({recorded['time_vs_float']:.2f}x the float "
+      f"serving mode: {mode_label(recorded['serving_mode'], report.compressed)} "
+      f"({recorded['time_vs_float']:.2f}x the float "
       f"model's time on {recorded.get('backend')}, batch {tuple(recorded.get('batch_shape', ()))}"
       + (f"; every mode: {others}" if others else "")
       + "), as measured when compressed"
     )
     single = recorded.get("single")
     if _valid_serving(single):
-      from jaxshrink.serving import SINGLE_MAX_ROWS
-
       out.print(
-        f"one request: {single['serving_mode']} ({single['time_vs_float']:.2f}x the float "
-        f"model's time, batch {tuple(single['batch_shape'])}); `serving.recorded_mode` picks "
-        f"it for batches of up to {SINGLE_MAX_ROWS} rows"
+        f"one request: {mode_label(single['serving_mode'], report.compressed)} "
+        f"({single['time_vs_float']:.2f}x the float model's time, batch "
+        f"{tuple(single['batch_shape'])}); `serving.recorded_mode` picks it for batches of up "
+        f"to {SINGLE_MAX_ROWS} rows"
       )
   return 0
 

@@ -49,9 +49,17 @@ from jaxshrink.quant.serve import leaf_paths, lookup_rows, quantized_apply
 MODES = ("integer", "bfloat16", "decode-once", "factored")
 # The mode used when a checkpoint records none (and the default of `serve`).
 DEFAULT_MODE = "integer"
-# What reports say instead of a mode's name for a tree with no compressed leaf: the modes differ
-# only in how they decode compressed leaves, so the one a timing picked there is noise.
-FLOAT_TREE = "float tree: no leaf is compressed, so every serving mode runs the same computation"
+# What reports call `integer` or `decode-once` on a tree with no compressed leaf: both then run
+# the float model as it is (they differ only in how they decode compressed leaves), so which of
+# the two a timing picked is noise. `bfloat16` still differs there: its matmuls run in bf16.
+FLOAT_MODE = "float (no compressed leaf)"
+
+
+def mode_label(mode: str, compressed: bool) -> str:
+  """How reports name serving mode `mode` for a tree with (or without) compressed leaves."""
+  return FLOAT_MODE if not compressed and mode in ("integer", "decode-once") else mode
+
+
 _KERNEL_OPS = ("dot_general", "conv_general_dilated")
 ROUND_SECONDS = 0.05
 

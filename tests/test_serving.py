@@ -208,17 +208,22 @@ def test_inspect_shows_the_recorded_mode(checkpoint, capsys):
   assert "serving mode: integer (" in out and "the float model's time on cpu" in out
 
 
-def test_a_float_tree_reports_no_serving_mode(tmp_path, capsys):
-  # Every mode runs the same float computation on a tree with no compressed leaf, so the reports
-  # say that instead of the name of whichever mode the timing happened to pick.
+def test_a_float_tree_is_not_said_to_run_integer_or_decode_once(tmp_path, capsys):
+  # Both modes run the float model as it is on a tree with no compressed leaf, so reports call
+  # either "float"; bfloat16 keeps its name (its matmuls run in bf16 there too).
+  assert serving.mode_label("integer", False) == serving.mode_label("decode-once", False)
+  assert serving.mode_label("bfloat16", False) == "bfloat16"
+  assert serving.mode_label("integer", True) == "integer"
   recipe = tmp_path / "recipe.yaml"
   recipe.write_text("model: digits-mlp\nstages: []\nexport: {}\n")
   out = tmp_path / "ckpt"
   assert main(["compress", str(recipe), "--out", str(out)]) == 0
   capsys.readouterr()
-  code, text, _ = _eval(capsys, str(out))
-  assert code == 0 and serving.FLOAT_TREE in text
-  assert not any(f"serving mode {mode}" in text for mode in serving.MODES)
+  for mode, label in (("integer", serving.FLOAT_MODE), ("bfloat16", "bfloat16")):
+    code, text, _ = _eval(capsys, str(out), "--serving", mode)
+    assert code == 0 and f"serving mode {label}:" in text
   assert main(["inspect", str(out)]) == 0
   text = " ".join(capsys.readouterr().out.split())
-  assert serving.FLOAT_TREE in text and "serving mode:" not in text
+  recorded = json.loads((out / "manifest.json").read_text())["metrics"]["serving"]["serving_mode"]
+  label = serving.mode_label(recorded, compressed=False)
+  assert f"serving mode: {label} (" in text
