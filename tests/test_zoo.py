@@ -7,6 +7,7 @@ import inspect
 import json
 import time
 import uuid
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -277,14 +278,14 @@ def test_pretrained_digits_cnn_accuracy_and_cache(pretrained_cnn):
   jax.tree.map(np.testing.assert_array_equal, again, pretrained_cnn)
 
 
-def test_pretrained_retrains_corrupt_and_stale_entries(tmp_path, monkeypatch):
+def test_pretrained_retrains_corrupt_entries_and_keeps_one_entry_per_recipe(tmp_path, monkeypatch):
   monkeypatch.setenv("JAXSHRINK_CACHE", str(tmp_path))
   model = dataclasses.replace(get_model("digits-mlp"), name="tiny-test-mlp", train_steps=3)
   first = pretrained(model, progress=False)
-  entry = pretrained_dir("tiny-test-mlp")
-  assert entry.parent == tmp_path / "zoo"
+  entry = pretrained_dir(model)
+  assert entry.parent == tmp_path / "zoo" and entry.name.startswith("tiny-test-mlp-v1-")
   # The entry and no leftover temporary directories (the lock file may stay).
-  assert [p.name for p in entry.parent.iterdir() if p.is_dir()] == ["tiny-test-mlp-v1"]
+  assert [p.name for p in entry.parent.iterdir() if p.is_dir()] == [entry.name]
   for path in (entry / "params").rglob("*"):
     if path.is_file():
       path.write_bytes(b"garbage")
@@ -294,11 +295,27 @@ def test_pretrained_retrains_corrupt_and_stale_entries(tmp_path, monkeypatch):
   third = pretrained(model, progress=False)  # the rewritten entry loads cleanly
   jax.tree.map(np.testing.assert_array_equal, first, third)
 
+  # Another recipe under the same name trains into its own entry; the first one stays and
+  # loads again without training.
   longer = dataclasses.replace(model, train_steps=4)
-  with pytest.warns(RuntimeWarning, match="different recipe"):
-    pretrained(longer, progress=False)
-  meta = json.loads((entry / "meta.json").read_text())
-  assert meta["recipe"]["steps"] == 4
+  pretrained(longer, progress=False)
+  assert pretrained_dir(longer) != entry
+  assert json.loads((pretrained_dir(longer) / "meta.json").read_text())["recipe"]["steps"] == 4
+  assert json.loads((entry / "meta.json").read_text())["recipe"]["steps"] == 3
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.tree.map(np.testing.assert_array_equal, first, pretrained(model, progress=False))
+
+
+def test_pretrained_leaves_a_directory_it_did_not_write(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXSHRINK_CACHE", str(tmp_path))
+  model = dataclasses.replace(get_model("digits-mlp"), name="tiny-test-mlp", train_steps=3)
+  entry = pretrained_dir(model)
+  entry.mkdir(parents=True)
+  (entry / "notes.txt").write_text("mine")
+  with pytest.raises(JaxshrinkError, match="not a cache entry this library wrote.*notes.txt"):
+    pretrained(model, progress=False)
+  assert (entry / "notes.txt").read_text() == "mine"
 
 
 def test_pretrained_rejects_wrong_type():

@@ -1,9 +1,11 @@
 """`pretrained(name)`: zoo weights trained once per machine, then loaded from the cache.
 
-Each entry is a directory `cache_dir()/zoo/<name>-v1/` holding an orbax checkpoint of the param
-tree (`params/`) and `meta.json` (the training recipe, time and test metric). An entry whose recipe
-(steps, learning rate, batch size, augmentation, param shapes, ...) differs from the model's is
-stale and is retrained, so changing a recipe never silently serves old weights.
+Each entry is a directory `cache_dir()/zoo/<name>-v1-<recipe hash>/` holding an orbax checkpoint
+of the param tree (`params/`) and `meta.json` (the training recipe, time and test metric). The
+directory name carries a hash of everything that determines the weights (steps, learning rate,
+batch size, augmentation, data, param shapes, ...), so a changed recipe trains into a new entry
+and never silently serves old weights, and two recipes under one name (a custom `ZooModel`, an
+experiment beside the zoo default) each keep their own entry instead of deleting each other's.
 
 Entries are written into a private temporary sibling and renamed into place, so concurrent
 processes (pytest-xdist workers) never load a half-written entry; when two train at once, the
@@ -14,6 +16,7 @@ wait for one trainer instead of training in parallel.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import pathlib
 import shutil
@@ -34,11 +37,22 @@ from jaxshrink.models.training import evaluate, train
 
 ZOO_CACHE_VERSION = "v1"
 PRETRAINED_SEED = 0
+# What a cache entry holds; a damaged entry is deleted and retrained only when it holds nothing
+# else (a directory with other files was not written here and is left alone).
+ENTRY_FILES = frozenset({"params", "meta.json"})
 
 
-def pretrained_dir(name: str) -> pathlib.Path:
-  """Cache directory of a model's pretrained weights (it may not exist yet)."""
-  return cache_dir() / "zoo" / f"{name}-{ZOO_CACHE_VERSION}"
+def pretrained_dir(name_or_model: str | ZooModel) -> pathlib.Path:
+  """Cache directory of a model's pretrained weights under its current recipe (may not exist)."""
+  model = _resolve(name_or_model)
+  recipe = _recipe(model, jax.eval_shape(model.init, jax.random.key(PRETRAINED_SEED)))
+  return _entry_dir(model.name, recipe)
+
+
+def _entry_dir(name: str, recipe: dict) -> pathlib.Path:
+  text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+  key = hashlib.sha256(text.encode()).hexdigest()[:12]
+  return cache_dir() / "zoo" / f"{name}-{ZOO_CACHE_VERSION}-{key}"
 
 
 def _resolve(name_or_model: str | ZooModel) -> ZooModel:
@@ -131,7 +145,10 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
   model = _resolve(name_or_model)
   if model.weights is not None:
     return _shipped_weights(model)
-  entry = pretrained_dir(model.name)
+  key = jax.random.key(PRETRAINED_SEED)
+  # JSON round trip so tuples/ints compare equal to what a previous run wrote.
+  recipe = json.loads(json.dumps(_recipe(model, jax.eval_shape(model.init, key))))
+  entry = _entry_dir(model.name, recipe)
   locks = cache_dir() / "locks"
   locks.mkdir(parents=True, exist_ok=True)
   # One trainer per entry across processes (pytest-xdist workers, parallel CLI runs): the
@@ -139,7 +156,7 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
   with open(locks / f"{entry.name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      return _load_or_train(model, entry, progress=progress)
+      return _load_or_train(model, entry, recipe, progress=progress)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -166,15 +183,23 @@ def _shipped_weights(model: ZooModel) -> dict:
   return params
 
 
-def _load_or_train(model: ZooModel, entry: pathlib.Path, *, progress: bool) -> dict:
+def _load_or_train(model: ZooModel, entry: pathlib.Path, recipe: dict, *, progress: bool) -> dict:
   key = jax.random.key(PRETRAINED_SEED)
   abstract = jax.eval_shape(model.init, key)
-  # JSON round trip so tuples/ints compare equal to what a previous run wrote.
-  recipe = json.loads(json.dumps(_recipe(model, abstract)))
   if entry.exists():
     try:
       return _restore(entry, abstract, recipe)
     except Exception as exc:  # orbax raises many types for damaged files; all mean "retrain"
+      plain = entry.is_dir() and not entry.is_symlink()
+      names = [p.name for p in entry.iterdir()] if plain else []
+      foreign = sorted(set(names) - ENTRY_FILES)
+      if not plain or foreign:
+        what = f"it also holds {', '.join(foreign[:3])}" if foreign else "not a plain directory"
+        raise JaxshrinkError(
+          f"pretrained weights for {model.name!r}: {str(entry)!r} cannot be loaded ({exc}), and "
+          f"it is not a cache entry this library wrote ({what}), so it is left alone. Move it out "
+          "of the cache, or point JAXSHRINK_CACHE at another directory."
+        ) from exc
       warnings.warn(
         f"pretrained weights for {model.name!r} at {str(entry)!r} could not be loaded "
         f"({type(exc).__name__}: {exc}); deleting the entry and retraining.",
