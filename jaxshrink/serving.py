@@ -53,13 +53,6 @@ DEFAULT_MODE = "integer"
 # the float model as it is (they differ only in how they decode compressed leaves), so which of
 # the two a timing picked is noise. `bfloat16` still differs there: its matmuls run in bf16.
 FLOAT_MODE = "float (no compressed leaf)"
-
-
-def mode_label(mode: str, compressed: bool) -> str:
-  """How reports name serving mode `mode` for a tree with (or without) compressed leaves."""
-  return FLOAT_MODE if not compressed and mode in ("integer", "decode-once") else mode
-
-
 _KERNEL_OPS = ("dot_general", "conv_general_dilated")
 ROUND_SECONDS = 0.05
 
@@ -273,6 +266,11 @@ def recorded_mode(recorded: dict[str, Any], rows: int, *, source: str = "the che
     where=f"`metrics.serving.{key or 'serving_mode'}` recorded in {source}",
     fix="Pass --serving MODE to choose one.",
   )
+
+
+def mode_label(mode: str, compressed: bool) -> str:
+  """How reports name serving mode `mode` for a tree with (or without) compressed leaves."""
+  return FLOAT_MODE if not compressed and mode in ("integer", "decode-once") else mode
 
 
 def recommend(
