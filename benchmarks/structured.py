@@ -1,13 +1,14 @@
 """structured: Minitron-style width pruning of MiniLM, then `recover`, smaller and faster.
 
 One run of `examples/recipes/minilm-structured-recover.yaml`: the `structured` stage ranks
-feed-forward channels on transfer-corpus sentences (the recipe keeps every head) and shrinks
-MiniLM to two thirds of its non-embedding params; the metric (mean cosine to the float
-embeddings on the 200 held-out sentences of `minilm-sentences`) is measured right after it
-(`before`) and after `recover`. Three more rows measure the cut one-shot with one width in
-every layer (`widths: uniform`): without the least-squares refit of the output projections
-(`refit: false`, which also ranks by activations), refitted but ranked by activations
-(`ranking: activation`), and ranked by the refit's error as the recipe does.
+layers and feed-forward channels on transfer-corpus sentences (the recipe drops one layer and
+keeps every head) and shrinks MiniLM to two thirds of its non-embedding params; the metric
+(mean cosine to the float embeddings on the 200 held-out sentences of `minilm-sentences`) is
+measured right after it (`before`) and after `recover`. Three more rows measure the cut
+one-shot with one width in every layer (`widths: uniform`): without the least-squares refit
+of the output projections (`refit: false`, which also ranks by activations), refitted but
+ranked by activations (`ranking: activation`), and ranked by the refit's error as the recipe
+does.
 The checkpoint is saved and `jaxshrink eval` rebuilds it from the recorded model source
 (`extra.eval_value`). Inference time: the jitted float and shrunk encoders on the held-out
 sentences, best of rounds timed interleaved (`jaxshrink.bench.interleaved_best`) in the same
@@ -30,9 +31,9 @@ from jaxshrink.bench import Record
 
 SUITE = "structured"
 DESCRIPTION = (
-  "Minitron-style structured pruning of MiniLM (feed-forward channels; a third of the "
-  "non-embedding params removed) then `recover`: mean cosine before and after, inference time "
-  "against float."
+  "Minitron-style structured pruning of MiniLM (one layer and feed-forward channels; a third "
+  "of the non-embedding params removed) then `recover`: mean cosine before and after, inference "
+  "time against float."
 )
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 RECIPE = RECIPES / "minilm-structured-recover.yaml"
@@ -127,6 +128,7 @@ def run() -> list[Record]:
     "float_encoder_params": float_params,
     "kept_fraction": round(kept_params / float_params, 4),
     "removed_fraction": round(1 - kept_params / float_params, 4),
+    "kept_layers": found["kept_layers"],
     "layer_heads": found["layer_heads"],
     "layer_intermediate": found["layer_intermediate"],
     "layer_importance": found["layer_importance"],

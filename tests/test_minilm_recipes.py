@@ -52,7 +52,7 @@ RECOVERED = {
 STRUCTURED = {
   "minilm-structured-recover": (
     "structured",
-    {"params": 0.67, "heads": False, "channels": True, "layers": 0, "calibration_data": "corpus"},
+    {"params": 0.67, "heads": False, "channels": True, "layers": 1, "calibration_data": "corpus"},
   )
 }
 
