@@ -45,8 +45,7 @@ ENTRY_FILES = frozenset({"params", "meta.json"})
 def pretrained_dir(name_or_model: str | ZooModel) -> pathlib.Path:
   """Cache directory of a model's pretrained weights under its current recipe (may not exist)."""
   model = _resolve(name_or_model)
-  recipe = _recipe(model, jax.eval_shape(model.init, jax.random.key(PRETRAINED_SEED)))
-  return _entry_dir(model.name, recipe)
+  return _entry_dir(model.name, _abstract_and_recipe(model)[1])
 
 
 def _entry_dir(name: str, recipe: dict) -> pathlib.Path:
@@ -85,6 +84,16 @@ def _recipe(model: ZooModel, abstract: dict) -> dict:
       for path, leaf in leaves
     },
   }
+
+
+def _abstract_and_recipe(model: ZooModel) -> tuple[dict, dict]:
+  """`model.init`'s shapes and dtypes, and the recipe of its cache entry.
+
+  The recipe goes through a JSON round trip so tuples and ints compare equal to what a previous
+  run wrote in `meta.json`.
+  """
+  abstract = jax.eval_shape(model.init, jax.random.key(PRETRAINED_SEED))
+  return abstract, json.loads(json.dumps(_recipe(model, abstract)))
 
 
 def _restore(entry: pathlib.Path, abstract: dict, recipe: dict) -> dict:
@@ -131,8 +140,8 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
   an incompatible architecture) is deleted with a warning and retrained.
 
   Args:
-    name_or_model: a zoo model name or a `ZooModel` (its `name` is the cache key, so give custom
-      models unique names).
+    name_or_model: a zoo model name or a `ZooModel` (its `name` and training recipe are the cache
+      key, so give custom models unique names).
     progress: show the training progress bar when training is needed.
 
   Returns:
@@ -145,9 +154,7 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
   model = _resolve(name_or_model)
   if model.weights is not None:
     return _shipped_weights(model)
-  key = jax.random.key(PRETRAINED_SEED)
-  # JSON round trip so tuples/ints compare equal to what a previous run wrote.
-  recipe = json.loads(json.dumps(_recipe(model, jax.eval_shape(model.init, key))))
+  abstract, recipe = _abstract_and_recipe(model)
   entry = _entry_dir(model.name, recipe)
   locks = cache_dir() / "locks"
   locks.mkdir(parents=True, exist_ok=True)
@@ -156,7 +163,7 @@ def pretrained(name_or_model: str | ZooModel, *, progress: bool = True) -> dict:
   with open(locks / f"{entry.name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      return _load_or_train(model, entry, recipe, progress=progress)
+      return _load_or_train(model, entry, abstract, recipe, progress=progress)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -183,9 +190,9 @@ def _shipped_weights(model: ZooModel) -> dict:
   return params
 
 
-def _load_or_train(model: ZooModel, entry: pathlib.Path, recipe: dict, *, progress: bool) -> dict:
-  key = jax.random.key(PRETRAINED_SEED)
-  abstract = jax.eval_shape(model.init, key)
+def _load_or_train(
+  model: ZooModel, entry: pathlib.Path, abstract: dict, recipe: dict, *, progress: bool
+) -> dict:
   if entry.exists():
     try:
       return _restore(entry, abstract, recipe)
@@ -209,7 +216,7 @@ def _load_or_train(model: ZooModel, entry: pathlib.Path, recipe: dict, *, progre
       shutil.rmtree(entry, ignore_errors=True)
   dataset = load_data_source(model.data)
   start = time.perf_counter()
-  params = train(model, dataset, key=key, progress=progress)
+  params = train(model, dataset, key=jax.random.key(PRETRAINED_SEED), progress=progress)
   jax.block_until_ready(params)
   seconds = time.perf_counter() - start
   meta = {
