@@ -192,6 +192,30 @@ def test_structured_stage_records_a_rebuildable_source(tiny):
     kind.run(_pipeline(model, params), {**kind.options, "heads": "yes"})
 
 
+def test_recover_after_dropped_layers_learns_each_layer_from_the_float_layer_it_was_cut_from(tiny):
+  from jaxshrink.pipeline import run_stage
+  from jaxshrink.recipes import stage_kinds
+  from jaxshrink.recover.stage import renumbered_layers
+
+  model, params, _, _ = tiny
+  kinds = stage_kinds()
+  options = {**kinds["structured"].options, "params": 0.6, "layers": 1, "calibration_rows": 16}
+  cut = run_stage(_pipeline(model, params), "structured", options)
+  kept = cut.log[-1]["structured"]["kept_layers"]
+  assert len(kept) == 2 and renumbered_layers(cut.log) == ("encoder/layer_{}", kept)
+  features = ["encoder/layer_0", {"student": "encoder/layer_1/output", "weight": 2.0},
+              {"student": "encoder/layer_1", "teacher": "encoder/layer_0"}]  # fmt: skip
+  options = {**kinds["recover"].options, "steps": 2, "data": "train", "features": features}
+  out = run_stage(cut, "recover", options)
+  assert out.log[-1]["recovered"]["features"] == {
+    "encoder/layer_0": f"encoder/layer_{kept[0]}",
+    "encoder/layer_1/output": f"encoder/layer_{kept[1]}/output",
+  } | {"encoder/layer_1": "encoder/layer_0"}  # a `teacher` given is kept as given
+  # After a distill stage the layers are a student's: the same path in both models again.
+  assert renumbered_layers((*cut.log, {"stage": "distill"})) is None
+  assert renumbered_layers(_pipeline(model, params).log) is None
+
+
 def test_structured_stage_calibrates_on_the_corpus_when_asked(tiny, monkeypatch):
   from jaxshrink import pipeline
   from jaxshrink.recipes import stage_kinds

@@ -6,7 +6,7 @@
     steps: 400
     learning_rate: 1.0e-4
     losses: {logit_cosine: 1.0}  # embeddings; classifiers default to {kd: 1.0} (soft targets)
-    features:                    # hidden states, same module path in both models by default
+    features:                    # hidden states; `teacher` defaults to the same module path
       - {student: encoder/layer_5, kind: mse, weight: 0.01}
     data: corpus                 # auto | corpus | everyday | train
     teacher_cache: auto          # keep the float model's outputs after the first epoch
@@ -18,12 +18,17 @@ ids), `data: everyday` on its everyday-English half only (the fortune file's sen
 register of most sentence-embedding use); `data: train` on the dataset's training split, with
 the model's augmentation unless `augment: false`. The teacher is always the recipe's float
 model (`pipeline.float_model`, `pipeline.float_params`); the stage replaces `pipeline.tree`
-only. Its log entry says which leaves trained and which stayed frozen, and why.
+only. After a `structured` stage that dropped layers, a feature without `teacher` pairs each
+renumbered layer with the float layer it was cut from (the `kept_layers` of that stage's log:
+with layer 2 dropped, `encoder/layer_2` learns from the float `encoder/layer_3`). Its log entry
+says which leaves trained and which stayed frozen, and why, and which float module each
+feature learned from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -68,9 +73,38 @@ FEATURE_KEYS = ("student", "teacher", "kind", "weight")
 STAGE = "stage `recover`"
 
 
-def _features(features: Any) -> list[dict[str, Any]]:
+def renumbered_layers(log: tuple[dict[str, Any], ...]) -> tuple[str, list[int]] | None:
+  """`(layer path template, kept float layers)` when a `structured` stage dropped layers, so
+  that the compressed model's layer i is the float model's layer `kept[i]`; else None.
+
+  None as well after a `distill` stage: a student's layers are numbered its own way.
+  """
+  if any(entry.get("stage") == "distill" for entry in log):
+    return None
+  for entry in reversed(log):
+    found = entry.get("structured", {})
+    if "layer_path" in found:
+      return found["layer_path"], list(found["kept_layers"])
+  return None
+
+
+def _default_teacher(student: Any, layers: tuple[str, list[int]] | None) -> Any:
+  """The float module a `student` path is distilled from: the same path, with a renumbered
+  layer's index replaced by the float layer it was cut from."""
+  if layers is None or not isinstance(student, str):
+    return student
+  template, kept = layers
+  prefix, suffix = template.split("{}")
+  found = re.fullmatch(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + r"(/.*)?", student)
+  if found is None or int(found.group(1)) >= len(kept):
+    return student  # not a layer path, or no such layer (the tap reports it)
+  return template.format(kept[int(found.group(1))]) + (found.group(2) or "")
+
+
+def _features(features: Any, layers: tuple[str, list[int]] | None = None) -> list[dict[str, Any]]:
   """`features` entries as distill's mappings; a path alone, or no `teacher`, pairs a module
-  with the same module of the float model (the two share one architecture)."""
+  with the same module of the float model (the two share one architecture), or after a
+  `structured` stage that dropped layers, with the float layer it was cut from."""
   if not isinstance(features, list):
     raise UsageError(f"`features` of {STAGE} must be a list of module paths or mappings; got "
                      f"{features!r}.")  # fmt: skip
@@ -79,7 +113,7 @@ def _features(features: Any) -> list[dict[str, Any]]:
     if isinstance(entry, str):
       entry = {"student": entry}
     if isinstance(entry, dict) and "teacher" not in entry and "student" in entry:
-      entry = {**entry, "teacher": entry["student"]}
+      entry = {**entry, "teacher": _default_teacher(entry["student"], layers)}
     if isinstance(entry, dict):
       unknown = sorted(set(entry) - set(FEATURE_KEYS))
       if unknown:
@@ -89,11 +123,10 @@ def _features(features: Any) -> list[dict[str, Any]]:
   return out
 
 
-def _loss(options: dict[str, Any], metric: str):
+def _loss(options: dict[str, Any], metric: str, features: list[dict[str, Any]]):
   losses = options["losses"]
   if losses is None:
     losses = {"logit_cosine": 1.0} if metric == "cosine" else {"kd": 1.0}
-  features = _features(options["features"])
   try:
     return loss_from_options(
       {"temperature": options["temperature"], "alpha": 1.0, "losses": losses,
@@ -156,7 +189,8 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     rule = Rule(include=options["target"], exclude=options["exclude"], min_ndim=0)
   except (TypeError, ValueError) as e:
     raise UsageError(f"`target`/`exclude` of {STAGE}: {e}") from None
-  loss = _loss(options, model.metric)
+  features = _features(options["features"], renumbered_layers(pipeline.log))
+  loss = _loss(options, model.metric, features)
   x, source, described = _transfer_data(pipeline, options["data"])
   if pad_id is None:  # the corpus' token ids pad with [PAD] = 0; other data with the model's
     pad_id = 0 if source == "corpus" else model.pad_id
@@ -196,6 +230,7 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       "trained": len(result.trained),
       "frozen": result.frozen,
       "teacher_cache": result.teacher_cache,
+      "features": {f["student"]: f["teacher"] for f in features if isinstance(f, dict)},
       "loss_first": round(float(result.losses[0]), 6),
       "loss_last": round(float(np.mean(result.losses[-10:])), 6),
     }

@@ -52,10 +52,11 @@ from jaxshrink.tree import flatten
 
 # Feed-forward widths are rounded down to a multiple of this (regular matmul tiles).
 CHANNEL_MULTIPLE = 8
-# The kernels whose inputs are the heads' context vectors and the GELU outputs (importance,
-# and the refit of `jaxshrink.sparsity.refit`).
-HEAD_INPUT = "encoder/layer_{}/attention/output/kernel"
-CHANNEL_INPUT = "encoder/layer_{}/output/kernel"
+# One encoder layer's module path; the kernels whose inputs are the heads' context vectors and
+# the GELU outputs (importance, and the refit of `jaxshrink.sparsity.refit`).
+LAYER = "encoder/layer_{}"
+HEAD_INPUT = LAYER + "/attention/output/kernel"
+CHANNEL_INPUT = LAYER + "/output/kernel"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,8 @@ spreads the same channel count unevenly, fewer where the output embedding loses 
 The new `model_source` records the new sizes
 (`"minilm-l6(num_layers=6, head_dim=32, layer_heads=(8, ...), layer_intermediate=(1024, ...))"`),
 so the saved checkpoint names a model `jaxshrink eval` rebuilds. The log entry records the
-kept layers, heads and channel counts, and the params before and after.
+kept layers, heads and channel counts, and the params before and after. With `kept_layers` and
+`layer_path` a later `recover` pairs each renumbered layer with the float layer it was cut from.
 
 A Llama decoder (`jaxshrink.sparsity.minitron_llama`) calibrates on training windows and keeps
 the same number of query heads in each kept key/value group, so grouped-query attention stays
@@ -50,6 +51,7 @@ from jaxshrink.pipeline import (
   length_sorted_batches,
   register_stage,
 )
+from jaxshrink.sparsity.minitron import LAYER as BERT_LAYER
 from jaxshrink.sparsity.minitron import (
   bert_config,
   encoder_param_count,
@@ -57,6 +59,7 @@ from jaxshrink.sparsity.minitron import (
   plan_pruning,
   shrink_bert,
 )
+from jaxshrink.sparsity.minitron_llama import LAYER as LLAMA_LAYER
 from jaxshrink.sparsity.minitron_llama import (
   llama_config,
   llama_importance,
@@ -205,6 +208,7 @@ def _bert(pipeline: Pipeline, options: dict[str, Any]):
   kind = "training" if options["calibration_data"] == "train" else "transfer-corpus"
   found = {
     "kept_layers": list(plan.layers),
+    "layer_path": BERT_LAYER,
     "layer_heads": list(overrides["layer_heads"]),
     "layer_intermediate": list(overrides["layer_intermediate"]),
     "encoder_params": [before, after],
@@ -237,6 +241,7 @@ def _llama(pipeline: Pipeline, options: dict[str, Any]):
   before, after = param_counts(config, overrides)
   found = {
     "kept_layers": list(plan.layers),
+    "layer_path": LLAMA_LAYER.rstrip("/"),
     "kept_heads": [list(h) for h in plan.heads],
     **{k: overrides[k] for k in ("num_heads", "num_kv_heads", "intermediate_size")},
     "decoder_params": [before, after],
