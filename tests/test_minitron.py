@@ -211,6 +211,11 @@ def test_recover_after_dropped_layers_learns_each_layer_from_the_float_layer_it_
     "encoder/layer_0": f"encoder/layer_{kept[0]}",
     "encoder/layer_1/output": f"encoder/layer_{kept[1]}/output",
   } | {"encoder/layer_1": "encoder/layer_0"}  # a `teacher` given is kept as given
+  # A second cut numbers the first one's layers.
+  options = {**kinds["structured"].options, "params": 0.5, "layers": 1, "calibration_rows": 16}
+  again = run_stage(out, "structured", options)
+  second = again.log[-1]["structured"]["kept_layers"]
+  assert renumbered_layers(again.log) == ("encoder/layer_{}", [kept[i] for i in second])
   # After a distill stage the layers are a student's: the same path in both models again.
   assert renumbered_layers((*cut.log, {"stage": "distill"})) is None
   assert renumbered_layers(_pipeline(model, params).log) is None

@@ -74,18 +74,21 @@ STAGE = "stage `recover`"
 
 
 def renumbered_layers(log: tuple[dict[str, Any], ...]) -> tuple[str, list[int]] | None:
-  """`(layer path template, kept float layers)` when a `structured` stage dropped layers, so
-  that the compressed model's layer i is the float model's layer `kept[i]`; else None.
+  """`(layer path template, kept float layers)` after `structured` stages, so that the
+  compressed model's layer i is the float model's layer `kept[i]`; else None.
 
-  None as well after a `distill` stage: a student's layers are numbered its own way.
+  Two structured stages compose (the second numbers the first's layers). None after a
+  `distill` stage: a student's layers are numbered its own way.
   """
   if any(entry.get("stage") == "distill" for entry in log):
     return None
-  for entry in reversed(log):
+  layers = None
+  for entry in log:
     found = entry.get("structured", {})
     if "layer_path" in found:
-      return found["layer_path"], list(found["kept_layers"])
-  return None
+      kept = list(found["kept_layers"])
+      layers = (found["layer_path"], kept if layers is None else [layers[1][i] for i in kept])
+  return layers
 
 
 def _default_teacher(student: Any, layers: tuple[str, list[int]] | None) -> Any:
