@@ -126,10 +126,11 @@ def _features(features: Any, layers: tuple[str, list[int]] | None = None) -> lis
   return out
 
 
-def _loss(options: dict[str, Any], metric: str, features: list[dict[str, Any]]):
+def _loss(options: dict[str, Any], metric: str, layers: tuple[str, list[int]] | None):
   losses = options["losses"]
   if losses is None:
     losses = {"logit_cosine": 1.0} if metric == "cosine" else {"kd": 1.0}
+  features = _features(options["features"], layers)
   try:
     return loss_from_options(
       {"temperature": options["temperature"], "alpha": 1.0, "losses": losses,
@@ -192,8 +193,7 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
     rule = Rule(include=options["target"], exclude=options["exclude"], min_ndim=0)
   except (TypeError, ValueError) as e:
     raise UsageError(f"`target`/`exclude` of {STAGE}: {e}") from None
-  features = _features(options["features"], renumbered_layers(pipeline.log))
-  loss = _loss(options, model.metric, features)
+  loss = _loss(options, model.metric, renumbered_layers(pipeline.log))
   x, source, described = _transfer_data(pipeline, options["data"])
   if pad_id is None:  # the corpus' token ids pad with [PAD] = 0; other data with the model's
     pad_id = 0 if source == "corpus" else model.pad_id
@@ -233,7 +233,7 @@ def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       "trained": len(result.trained),
       "frozen": result.frozen,
       "teacher_cache": result.teacher_cache,
-      "features": {f["student"]: f["teacher"] for f in features if isinstance(f, dict)},
+      "features": [[p.student[2:], p.teacher[2:]] for p in loss.pairs],  # (student, float)
       "loss_first": round(float(result.losses[0]), 6),
       "loss_last": round(float(np.mean(result.losses[-10:])), 6),
     }
