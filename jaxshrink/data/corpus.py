@@ -47,8 +47,9 @@ CORPUS_VERSION = "v2"
 CORPUS_SEED = 0
 # The issue's floor: fewer sentences than this and a transfer set overfits in a few hundred steps.
 MIN_SENTENCES = 10_000
-# What `transfer_tokens` can return: the whole corpus, or its everyday-English half.
-CORPUS_PARTS = ("all", "everyday")
+# What `transfer_tokens` can return: the whole corpus, its everyday-English half, or WordNet's
+# usage examples (`jaxshrink.data.wordnet`, a separate set: not part of "all").
+CORPUS_PARTS = ("all", "everyday", "wordnet")
 # Import name -> distribution name of the packages whose docstrings are read (sorted source files,
 # test folders skipped). All are in the dev install; a missing one is skipped, so the corpus is
 # smaller but still built (the version key records which ones were there).
@@ -262,7 +263,8 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
   """MiniLM token ids of the corpus sentences that fit `max_tokens` ([CLS], [SEP] included).
 
   `max_tokens` defaults to the model's `TRAIN_TOKENS`, the length of its training split.
-  `part`: "all" the whole corpus, "everyday" its everyday-English half (`everyday_sentences`).
+  `part`: "all" the whole corpus, "everyday" its everyday-English half (`everyday_sentences`),
+  "wordnet" WordNet's usage examples (`jaxshrink.data.wordnet.wordnet_sentences`).
 
   Longer sentences are skipped, not cut, so every row is a whole sentence.
 
@@ -275,8 +277,15 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
   minilm_files()  # the missing-package error, with its pip command
   if part not in CORPUS_PARTS:
     raise InvalidValueError(f"`part` must be one of {list(CORPUS_PARTS)}; got {part!r}.")
+  if part == "wordnet":
+    from jaxshrink.data import wordnet
+
+    wordnet.wordnet_dir()  # the missing-package error, with its pip command
+    key = f"wordnet{wordnet.WORDNET_VERSION}-{wordnet.wordnet_version()}-s{wordnet.WORDNET_SEED}"
+  else:
+    key = corpus_key()
   suffix = "" if part == "all" else f"-{part}"
-  name = f"transfer-tokens-{corpus_key()}-minilm{_tokenizer_version()}-t{max_tokens}{suffix}.npz"
+  name = f"transfer-tokens-{key}-minilm{_tokenizer_version()}-t{max_tokens}{suffix}.npz"
   path = cache_dir() / "data" / name
   ids = None
   if path.exists():
@@ -286,7 +295,10 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
     except (OSError, ValueError, KeyError):
       path.unlink(missing_ok=True)
   if ids is None:
-    sentences = transfer_sentences() if part == "all" else everyday_sentences()
+    if part == "wordnet":
+      sentences = wordnet.wordnet_sentences()
+    else:
+      sentences = transfer_sentences() if part == "all" else everyday_sentences()
     lists = tokenizer().token_lists(list(sentences))
     fitting = [row for row in lists if len(row) <= max_tokens]
     ids = np.zeros((len(fitting), max_tokens), np.int32)

@@ -8,14 +8,16 @@
     losses: {logit_cosine: 1.0}  # embeddings; classifiers default to {kd: 1.0} (soft targets)
     features:                    # hidden states; `teacher` defaults to the same module path
       - {student: encoder/layer_5, kind: mse, weight: 0.01}
-    data: corpus                 # auto | corpus | everyday | train
+    data: corpus                 # auto | corpus | everyday | wordnet | train
     teacher_cache: auto          # keep the float model's outputs after the first epoch
 ```
 
 `data: corpus` (the default for token-id models with an embedding dataset) trains on the
 offline transfer corpus, `jaxshrink.data.corpus` (over 10,000 English sentences, MiniLM token
 ids), `data: everyday` on its everyday-English half only (the fortune file's sentences, the
-register of most sentence-embedding use); `data: train` on the dataset's training split, with
+register of most sentence-embedding use), `data: wordnet` on WordNet's usage examples
+(`jaxshrink.data.wordnet`: about 29,700 short plain sentences, a set of their own); `data: train`
+on the dataset's training split, with
 the model's augmentation unless `augment: false`. The teacher is always the recipe's float
 model (`pipeline.float_model`, `pipeline.float_params`); the stage replaces `pipeline.tree`
 only. After a `structured` stage that dropped layers, a feature without `teacher` pairs each
@@ -47,7 +49,7 @@ from jaxshrink.pipeline import (
 from jaxshrink.recover.train import recover
 from jaxshrink.tree import Rule
 
-DATA_CHOICES = ("auto", "corpus", "everyday", "train")
+DATA_CHOICES = ("auto", "corpus", "everyday", "wordnet", "train")
 RECOVER_OPTIONS: dict[str, Any] = {
   "steps": None,
   "learning_rate": None,
@@ -145,6 +147,10 @@ def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, st
   dataset = pipeline.dataset
   if choice == "auto":
     choice = "corpus" if reads_corpus_tokens(pipeline) else "train"
+  if choice == "wordnet":
+    ids = transfer_corpus(pipeline, "recover", "data", "wordnet")
+    # Not "corpus ...": search's `validation_data: auto` may still verify on corpus sentences.
+    return ids, "corpus", f"WordNet usage examples ({ids.shape[0]} sentences)"
   if choice in ("corpus", "everyday"):
     from jaxshrink.data.corpus import transfer_sentences
 
@@ -170,7 +176,7 @@ def _transfer_data(pipeline: Pipeline, choice: str) -> tuple[np.ndarray, str, st
   doc="Distill the float model into the compressed tree (logit/embedding losses and hidden-state "
   "`features`), keeping masks, quantization grids (QAT on the stored specs) and low-rank ranks; "
   "`data: corpus` uses the offline transfer corpus, `everyday` its everyday-English half, "
-  "`train` the training split.",
+  "`wordnet` WordNet's usage examples, `train` the training split.",
 )
 def recover_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
   model = pipeline.model
