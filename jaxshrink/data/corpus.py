@@ -29,17 +29,16 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import importlib.util
 import io
 import pathlib
 import re
 import sys
-from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from jaxshrink.data.cache import atomic_write_bytes, cache_dir
+from jaxshrink.data.packages import installed_version, package_dir
 from jaxshrink.data.sentences import SENTENCES_VERSION, evaluation_sentences, split_sentences
 from jaxshrink.errors import InvalidValueError, JaxshrinkError
 
@@ -47,9 +46,6 @@ CORPUS_VERSION = "v2"
 CORPUS_SEED = 0
 # The issue's floor: fewer sentences than this and a transfer set overfits in a few hundred steps.
 MIN_SENTENCES = 10_000
-# What `transfer_tokens` can return: the whole corpus, its everyday-English half, or WordNet's
-# usage examples (`jaxshrink.data.wordnet`, a separate set: not part of "all").
-CORPUS_PARTS = ("all", "everyday", "wordnet")
 # Import name -> distribution name of the packages whose docstrings are read (sorted source files,
 # test folders skipped). All are in the dev install; a missing one is skipped, so the corpus is
 # smaller but still built (the version key records which ones were there).
@@ -79,13 +75,6 @@ def held_out() -> frozenset[str]:
   return frozenset(normalize_sentence(s) for s in evaluation_sentences())
 
 
-def _package_dir(name: str) -> pathlib.Path | None:
-  spec = importlib.util.find_spec(name)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  return pathlib.Path(next(iter(spec.submodule_search_locations)))
-
-
 def _file_docstrings(path: pathlib.Path) -> list[str]:
   """Module, class and function docstrings of one source file, in source order."""
   try:
@@ -110,7 +99,7 @@ def package_docstrings(name: str) -> tuple[str, ...]:
 
   Returns an empty tuple when the package is not installed.
   """
-  root = _package_dir(name)
+  root = package_dir(name)
   if root is None:
     return ()
   docs = []
@@ -133,7 +122,7 @@ def pydoc_topics() -> list[str]:
 
 def fortune_texts() -> list[str]:
   """The fortunes of the classic BSD file, one text each; empty when the package is absent."""
-  from importlib.metadata import distribution
+  from importlib.metadata import PackageNotFoundError, distribution
 
   try:
     dist = distribution(FORTUNE_DIST)
@@ -153,14 +142,8 @@ def _versions() -> dict[str, str]:
   found = {"python": f"{sys.version_info.major}.{sys.version_info.minor}",
            "sentences": SENTENCES_VERSION}  # fmt: skip
   for module, dist in DOCSTRING_PACKAGES.items():
-    try:
-      found[module] = version(dist)
-    except PackageNotFoundError:
-      found[module] = "absent"
-  try:
-    found["fortunes"] = version(FORTUNE_DIST)
-  except PackageNotFoundError:
-    found["fortunes"] = "absent"
+    found[module] = installed_version(dist)
+  found["fortunes"] = installed_version(FORTUNE_DIST)
   return found
 
 
@@ -263,13 +246,22 @@ def wordnet_sentences() -> tuple[str, ...]:
   return tuple(sentences[i] for i in order)
 
 
-def _tokenizer_version() -> str:
-  from jaxshrink.models.minilm import MINILM_PACKAGE
+def _wordnet_key() -> str:
+  from jaxshrink.data import wordnet
 
-  try:
-    return version(MINILM_PACKAGE.replace("_", "-"))
-  except PackageNotFoundError:
-    return "unknown"
+  wordnet.wordnet_dir()  # the missing-package error, with its pip command
+  return f"{wordnet.wordnet_key()}-s{CORPUS_SEED}"
+
+
+# What `transfer_tokens` can return, each as (what determines its sentences, the sentences): the
+# whole corpus, its everyday-English half, or WordNet's usage examples (`jaxshrink.data.wordnet`,
+# a separate set: not part of "all").
+_PARTS: dict[str, tuple[Callable[[], str], Callable[[], Sequence[str]]]] = {
+  "all": (corpus_key, transfer_sentences),
+  "everyday": (corpus_key, everyday_sentences),
+  "wordnet": (_wordnet_key, wordnet_sentences),
+}
+CORPUS_PARTS = tuple(_PARTS)
 
 
 @functools.cache
@@ -285,21 +277,15 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
   Returns:
     `(N, max_tokens)` int32 ids padded with [PAD] = 0, read-only, in corpus order.
   """
-  from jaxshrink.models.minilm import TRAIN_TOKENS, minilm_files, tokenizer
+  from jaxshrink.models.minilm import TRAIN_TOKENS, minilm_files, tokenizer, weights_version
 
   max_tokens = TRAIN_TOKENS if max_tokens is None else max_tokens
   minilm_files()  # the missing-package error, with its pip command
   if part not in CORPUS_PARTS:
     raise InvalidValueError(f"`part` must be one of {list(CORPUS_PARTS)}; got {part!r}.")
-  if part == "wordnet":
-    from jaxshrink.data import wordnet
-
-    wordnet.wordnet_dir()  # the missing-package error, with its pip command
-    key = f"wordnet{wordnet.WORDNET_VERSION}-{wordnet.wordnet_version()}-s{CORPUS_SEED}"
-  else:
-    key = corpus_key()
+  key_of, sentences_of = _PARTS[part]
   suffix = "" if part == "all" else f"-{part}"
-  name = f"transfer-tokens-{key}-minilm{_tokenizer_version()}-t{max_tokens}{suffix}.npz"
+  name = f"transfer-tokens-{key_of()}-minilm{weights_version()}-t{max_tokens}{suffix}.npz"
   path = cache_dir() / "data" / name
   ids = None
   if path.exists():
@@ -309,11 +295,7 @@ def transfer_tokens(max_tokens: int | None = None, part: str = "all") -> np.ndar
     except (OSError, ValueError, KeyError):
       path.unlink(missing_ok=True)
   if ids is None:
-    if part == "wordnet":
-      sentences = wordnet_sentences()
-    else:
-      sentences = transfer_sentences() if part == "all" else everyday_sentences()
-    lists = tokenizer().token_lists(list(sentences))
+    lists = tokenizer().token_lists(list(sentences_of()))
     fitting = [row for row in lists if len(row) <= max_tokens]
     ids = np.zeros((len(fitting), max_tokens), np.int32)
     for i, row in enumerate(fitting):

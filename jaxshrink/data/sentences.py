@@ -170,14 +170,9 @@ def sentence_dataset(
 def dataset_key() -> str:
   """What determines `minilm-sentences`: the weights release (its targets), Python (the
   docstring sentences) and the version of this dataset."""
-  from importlib.metadata import PackageNotFoundError, version
+  from jaxshrink.models.minilm import weights_version
 
-  from jaxshrink.models.minilm import MINILM_PACKAGE
-
-  try:
-    weights = version(MINILM_PACKAGE.replace("_", "-"))
-  except PackageNotFoundError:
-    weights = "unknown"
+  weights = weights_version()
   return f"{weights}-py{sys.version_info.major}.{sys.version_info.minor}-{SENTENCES_VERSION}"
 
 

