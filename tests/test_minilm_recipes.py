@@ -127,7 +127,7 @@ def test_student_recover_recipe_extends_the_distill_recipe():
   recipe = load_recipe(RECIPES / "minilm-distill-l3-recover.yaml").stages
   assert recipe[0] == base[0]
   options = recipe[1][1]
-  assert options["data"] == "corpus" and options["losses"] == {"logit_cosine": 1.0}
+  assert options["data"] == "wordnet" and options["losses"] == {"logit_cosine": 1.0}
   pairs = [(f["student"], f["teacher"], f["kind"]) for f in options["features"]]
   copied = enumerate(STUDENT_LAYERS)
   assert pairs == [(f"encoder/layer_{k}", f"encoder/layer_{t}", "cosine") for k, t in copied]
