@@ -2,13 +2,15 @@
 
 Each row runs one recipe twice, with `sequential: false` (every kernel's statistics collected
 from the float model in one pass) and `sequential: true` (the default: each block calibrated
-on the outputs of the blocks already compressed). Every run is its own process, so its peak
-resident memory (`ru_maxrss`, which includes the model, data and JAX itself) is its own.
+on the outputs of the blocks already compressed; GPTQ and SparseGPT moved toward the float
+model's outputs). Every run is its own process, so its peak resident memory (`ru_maxrss`,
+which includes the model, data and JAX itself) is its own.
 Metrics on held-out data: tiny-lm perplexity on the stdlib-text test windows (lower is
 better), MiniLM mean cosine to the float embeddings on the 200 held-out sentences.
 
-`JAXSHRINK_SEQUENTIAL_MODELS=minilm-l6` reruns one model's rows (about 14 CPU-minutes each) and
-carries the other model's rows over from the stored `results/sequential.json`; every row's
+`JAXSHRINK_SEQUENTIAL_MODELS=minilm-l6` reruns one model's rows (about 15 minutes per model) and
+`JAXSHRINK_SEQUENTIAL_METHODS="Wanda 50%"` one method's (comma-separated labels of `METHODS`);
+the other rows are carried over from the stored `results/sequential.json`, and every row's
 `measured` note gives the date of the run that measured it.
 """
 
@@ -69,26 +71,33 @@ def _run(model: str, stage: dict, sequential: bool) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _stored(model: str) -> list[Record]:
-  """`model`'s rows of the stored results, each with the date that measured it."""
+def _stored(model: str, label: str) -> list[Record]:
+  """The stored rows of `model` and method `label`, each with the date that measured it."""
   if not STORED.is_file():
     return []
   payload = json.loads(STORED.read_text())
-  rows = [Record(**raw) for raw in payload["records"] if raw["model"] == model]
+  rows = [
+    Record(**raw)
+    for raw in payload["records"]
+    if raw["model"] == model and raw["method"] in (f"{label} one pass", f"{label} sequential")
+  ]
   for record in rows:
     record.extra.setdefault("measured", payload["date"])
   return rows
 
 
+def _chosen(variable: str) -> set[str]:
+  return {m.strip() for m in os.environ.get(variable, "").split(",")} - {""}
+
+
 def run() -> list[Record]:
-  chosen = {m.strip() for m in os.environ.get("JAXSHRINK_SEQUENTIAL_MODELS", "").split(",")}
-  chosen.discard("")
+  models, methods = _chosen("JAXSHRINK_SEQUENTIAL_MODELS"), _chosen("JAXSHRINK_SEQUENTIAL_METHODS")
   records = []
   for model in MODELS:
-    if chosen and model not in chosen:
-      records.extend(_stored(model))
-      continue
     for label, stage in METHODS:
+      if (models and model not in models) or (methods and label not in methods):
+        records.extend(_stored(model, label))
+        continue
       for sequential in (False, True):
         out = _run(model, stage, sequential)
         records.append(

@@ -352,6 +352,9 @@ class _Replay:
   accumulate statistics inside them and raises `ControlFlowError` naming the leaf.
   """
 
+  # Replay a `scan` one layer at a time with `i` a Python int (`_Rows`: rows are not carried).
+  unrolls = False
+
   def __init__(
     self,
     selected: set[str],
@@ -474,7 +477,7 @@ class _Replay:
         for s in xs_src
       ]
 
-    if length and (not self.reducers or self.roll):
+    if length and (not self.reducers or self.roll) and not self.unrolls:
 
       def step(carry, xs_i):
         carry, states = carry
@@ -667,6 +670,46 @@ def _leaf_param_paths(params: Any, n_leaves: int) -> list[str | None]:
       f"(found {len(paths)}); pass a dict, a linen variable dict or an nnx.State."
     )
   return paths
+
+
+class _Rows(_Replay):
+  """Keeps every input matrix of a selected kernel, `(path, layer) -> [(x2d, weights)]`."""
+
+  unrolls = True
+
+  def __init__(self, selected: set[str], token_mask: jax.Array | None):
+    super().__init__(selected, {}, {}, token_mask=token_mask)
+    self.rows: dict[tuple[str, int | None], list[tuple[jax.Array, jax.Array]]] = {}
+
+  def record(self, src, op, x2d, contract_dims, weights=None):
+    path, layer = split_source(src)
+    layers = src.layers if layer is not None else None
+    self.sites.setdefault(path, Site(path, op, tuple(contract_dims), x2d.shape[1], layers))
+    weights = jnp.ones((x2d.shape[0],), jnp.float32) if weights is None else weights
+    self.rows.setdefault((path, layer), []).append((x2d.astype(jnp.float32), weights))
+
+
+def input_rows(
+  apply_fn: Callable[[Any, Any], Any], params: Any, x: Any, selected: set[str]
+) -> tuple[dict[tuple[str, int | None], list[tuple[jax.Array, jax.Array]]], dict[str, Site]]:
+  """Every input matrix that meets a selected kernel in `apply_fn(params, x)`, and the sites.
+
+  For statistics that pair the inputs of two forwards row by row (sequential calibration's
+  float and compressed models), which a streaming `Reducer` of one forward cannot. Meant to run
+  inside `jit`, on one batch: the rows are alive until the caller reduces them. Keys are
+  `(path, layer)`, `layer` None for a kernel used whole (a `scan` is unrolled); each value lists
+  one `(x2d, weights)` per use, in the order of the forward. `weights` follow `padding`.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  paths = _leaf_param_paths(params, len(leaves))
+  origin = [p if p in selected else None for p in paths]
+  closed = jax.make_jaxpr(lambda lv, x: apply_fn(jax.tree.unflatten(treedef, lv), x))(leaves, x)
+  x_leaves = jax.tree.leaves(x)
+  replay = _Rows(selected, token_mask(x, _PAD_ID.get()))
+  replay.run(
+    closed.jaxpr, closed.consts, [*leaves, *x_leaves], [*origin, *([None] * len(x_leaves))]
+  )
+  return replay.rows, replay.sites
 
 
 def find_sites(

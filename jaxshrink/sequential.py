@@ -9,22 +9,47 @@ block of its own), the blocks are ordered by when the forward first reads them, 
 is calibrated and compressed on the model whose earlier blocks are already compressed
 (`capture.collect` runs the compressed tree). Only one block's statistics are alive at a time.
 A kernel stacked over the layers of a `scan` is one block: its layers share one rolled loop.
+
+Each block is fitted to the float model, not to the compressed one it runs in. With the rows
+of `X` the inputs a kernel meets in the compressed model and `X_f` those of the float model,
+calibrating on `X` alone fits `X W' ≈ X W` and keeps the error the earlier blocks carried in;
+the target is the float model's own output `X_f W` (the asymmetric objective
+`||X_f W - X W'||²`, as GPTAQ, arXiv:2504.02692, poses it). Its unconstrained optimum is
+`W* = W + (XᵀX)⁻¹ Xᵀ(X_f - X) W`, and the objective equals `||X W* - X W'||²` plus a
+constant, so GPTQ and SparseGPT fit `W*` with the usual Hessian (`float_target`). That needs
+one more statistic per kernel, `Xᵀ(X_f - X)`, which pairs the rows of the two forwards
+(`paired_statistics`); on the first block it is zero and all is as without it. The correction
+is applied in part (`PULL`): fitted in full on a few calibration rows it overfits. Wanda,
+which never updates a weight, calibrates on the compressed model's inputs alone: its ranking
+against the float output (`w² ‖x‖² + 2 w ⟨x, r⟩`, `r` the carried-in error) adds the second
+term up over the half of a layer it removes at once; even at a tenth of that term, digits-cnn
+at 50% kept 0.82 accuracy on one calibration batch, against at least 0.9 without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxshrink.capture import find_sites
+from jaxshrink.capture import Site, find_sites, from_matrix, input_rows, kernel_matrix
 from jaxshrink.encoding import materialize
-from jaxshrink.tree import paths_rule
+from jaxshrink.errors import JaxshrinkError
+from jaxshrink.tree import flatten, paths_rule
 
 _NUMBERED = re.compile(r".*\d$")
+
+# How far a kernel is moved toward the float model's outputs (see the module docstring). The
+# full least-squares correction (1.0) overfits: it regresses a K-wide input on a few thousand
+# calibration rows (MiniLM GPTQ int3 g32: 0.9074 mean cosine against 0.9593 one pass).
+# A quarter of it beat one pass on every GPTQ and SparseGPT row measured (MiniLM GPTQ 0.9601,
+# SparseGPT 2:4 0.8500; tiny-lm GPTQ 4.8077 perplexity against 4.8097).
+PULL = 0.25
 
 
 def block_of(path: str) -> str:
@@ -56,3 +81,130 @@ def blocks(
   for path in order:
     grouped.setdefault(block_of(path), []).append(path)
   return list(grouped.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+  """One kernel's statistics on the compressed model's inputs `X` and the float model's `X_f`.
+
+  Attributes:
+    gram: `Σ xᵀx` over the rows of `X`, `(K, K)` (`(L, K, K)` for a stacked kernel).
+    cross: `Σ xᵀ(x_f - x)`, row by row, same shape; zero where the two inputs agree.
+    count: the rows summed (padding left out), `()` or `(L,)`.
+    site: where the kernel is consumed.
+  """
+
+  gram: jax.Array
+  cross: jax.Array
+  count: jax.Array
+  site: Site
+
+  def hessian(self) -> jax.Array:
+    """`2/count · gram`, the layer Hessian GPTQ and SparseGPT use (`hessian_from_gram`)."""
+    count = self.count if self.site.layers is None else self.count[:, None, None]
+    return (2.0 / count) * self.gram
+
+
+def paired_statistics(
+  apply_fn: Callable[..., Any], reference: Any, tree: Any, batches: Iterable[Any], paths: list[str]
+) -> dict[str, Paired]:
+  """`Paired` statistics of the kernels at `paths`: `tree` (the model as compressed so far)
+  and `reference` (the float model) run on the same batches, their inputs paired row by row.
+
+  Only `paths`' inputs are kept, one batch at a time (inside one `jit` per batch), so memory
+  holds one block's activations of one batch, twice.
+  """
+  selected = set(paths)
+  reference, tree = materialize(reference), materialize(tree)
+  sites: dict[str, Site] = {}
+
+  def step(reference, tree, x):
+    float_rows, _ = input_rows(apply_fn, reference, x, selected)
+    rows, found = input_rows(apply_fn, tree, x, selected)
+    sites.update(found)
+    out = {}
+    for key, uses in rows.items():
+      if len(uses) != len(float_rows.get(key, ())):
+        raise JaxshrinkError(f"`{key[0]}` is used differently by the float and compressed trees.")
+      gram = cross = count = 0.0
+      for (x_c, w), (x_f, _) in zip(uses, float_rows[key], strict=True):
+        weighted = x_c * w[:, None]
+        gram = gram + weighted.T @ x_c
+        cross = cross + weighted.T @ (x_f - x_c)
+        count = count + jnp.sum(w)
+      out[f"{key[0]}|{key[1]}"] = (gram, cross, count)
+    return out
+
+  jitted = jax.jit(step)
+  totals: dict[str, Any] = {}
+  for x in batches:
+    part = jitted(reference, tree, x)
+    totals = part if not totals else jax.tree.map(jnp.add, totals, part)
+  if not totals:
+    raise JaxshrinkError("The calibration set is empty; pass at least one batch.")
+  out = {}
+  for path in paths:
+    site = sites[path]
+    layers = [None] if site.layers is None else range(site.layers)
+    stats = [totals[f"{path}|{layer}"] for layer in layers]
+    gram, cross, count = (
+      stats[0] if site.layers is None else [jnp.stack(s) for s in zip(*stats, strict=True)]
+    )
+    out[path] = Paired(gram, cross, count, site)
+  return out
+
+
+@jax.jit
+def _solve(gram: jax.Array, rhs: jax.Array, damp: jax.Array) -> jax.Array:
+  """`(gram + damp · mean(diag) · I)⁻¹ rhs`, with a never-used input's row pinned to 1."""
+  dead = jnp.diag(gram) == 0
+  gram = jnp.where(dead[:, None] | dead[None, :], 0.0, gram) + jnp.diag(dead.astype(gram.dtype))
+  gram = gram + damp * jnp.mean(jnp.diag(gram)) * jnp.eye(gram.shape[0], dtype=gram.dtype)
+  return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), rhs)
+
+
+def float_target(
+  w2d: jax.Array, gram: jax.Array, cross: jax.Array, damp: float, pull: float = PULL
+) -> jax.Array:
+  """`(K, N)` weights moved toward those that best map the compressed model's inputs to the
+  float outputs: `W + pull · (G + λI)⁻¹ C W` (`G = gram`, `C = cross`, λ as GPTQ's damping;
+  `pull = 1` is the least-squares optimum). Exact zeros (pruned by an earlier stage) stay zero;
+  where the solve fails (NaN), the weights are returned unchanged."""
+  w2d = jnp.asarray(w2d, jnp.float32)
+  shift = pull * _solve(gram, cross @ w2d, jnp.float32(damp))
+  if not bool(jnp.all(jnp.isfinite(shift))):
+    return w2d
+  return jnp.where(w2d == 0, 0.0, w2d + shift)
+
+
+def fitted(
+  apply_fn: Callable[..., Any],
+  reference: Any,
+  tree: Any,
+  batches: Iterable[Any],
+  paths: list[str],
+  *,
+  damp: float,
+  pull: float = PULL,
+) -> dict[str, tuple[jax.Array, jax.Array, Site]]:
+  """What GPTQ and SparseGPT fit for each kernel at `paths`, sequentially: `(kernel, hessian,
+  site)`, the kernel being `float_target` in the kernel's own layout and dtype and the Hessian
+  that of its inputs in `tree` (one per layer of a stacked kernel)."""
+  stats = paired_statistics(apply_fn, reference, tree, batches, paths)
+  flat = flatten(materialize(tree))
+  out = {}
+  for path, paired in stats.items():
+    site = paired.site
+    kernels = [
+      from_matrix(
+        float_target(kernel_matrix(w, site.contract_dims), gram, cross, damp, pull),
+        w.shape,
+        site.contract_dims,
+      ).astype(w.dtype)
+      for w, gram, cross in zip(
+        site.per_layer(flat[path]), site.per_layer(paired.gram), site.per_layer(paired.cross),
+        strict=True,
+      )
+    ]  # fmt: skip
+    out[path] = (kernels[0] if site.layers is None else jnp.stack(kernels), paired.hessian(), site)
+  return out

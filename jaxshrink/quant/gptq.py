@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxshrink import sequential
 from jaxshrink.capture import kernel_matrix
 from jaxshrink.errors import InvalidTypeError, InvalidValueError
 from jaxshrink.hessian import collect_hessians, damped_inverse_cholesky
@@ -423,6 +424,7 @@ def gptq(
   act_order: bool = False,
   block_size: int = 128,
   overrides: Overrides = (),
+  reference: Any = None,
 ) -> Any:
   """GPTQ-quantizes the kernels selected by `rule`, from calibration batches.
 
@@ -437,6 +439,9 @@ def gptq(
     block_size: rows per lazy-update block.
     overrides: `[(rule, QuantSpec | None)]`: per-layer specs; None keeps a layer float. The
       first rule matching a leaf wins.
+    reference: the float tree, when `params` is a model already partly compressed (sequential
+      calibration): each kernel is moved toward the float model's outputs before it is
+      quantized (`jaxshrink.sequential.fitted`). None fits it to its own outputs on `params`.
 
   Returns:
     The tree with `QArray` leaves for the selected kernels, other leaves unchanged.
@@ -451,11 +456,18 @@ def gptq(
   specs = layer_specs(params, rule, spec, overrides, "GPTQ")
   if not specs:  # every selected layer was kept float
     return params
-  hessians = collect_hessians(apply_fn, params, batches, paths_rule(specs))
+  targets = {}
+  if reference is None:
+    hessians = collect_hessians(apply_fn, params, batches, paths_rule(specs))
+  else:
+    found = sequential.fitted(apply_fn, reference, params, batches, list(specs), damp=damp)
+    hessians = {path: (h, site) for path, (_, h, site) in found.items()}
+    targets = {path: kernel for path, (kernel, _, _) in found.items()}
 
   def quantize_leaf(path: str, kernel: Any) -> Any:
     if path not in specs:
       return kernel
+    kernel = targets.get(path, kernel)
     h, site = hessians[path]
     # A stacked kernel (layers of a scan): each layer is its own kernel, with its own Hessian.
     per_layer = [

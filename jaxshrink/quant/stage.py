@@ -360,15 +360,15 @@ def _calibrated(pipeline, options, tree, rule, layer, layers, overrides, masks) 
   if method == "gptq":
     from jaxshrink.quant.gptq import gptq
 
-    def fit(t, r, spec, overrides=()):
+    def fit(t, r, spec, overrides=(), reference=None):
       return gptq(
         model.apply, t, batches, r, spec, damp=options["damp"], act_order=options["act_order"],
-        overrides=overrides,
+        overrides=overrides, reference=reference,
       )  # fmt: skip
   else:
     from jaxshrink.quant.awq import awq
 
-    def fit(t, r, spec, overrides=()):
+    def fit(t, r, spec, overrides=(), reference=None):
       return awq(model.apply, t, batches, r, spec, grid=options["grid"], overrides=overrides)
 
   if options["sequential"]:
@@ -383,14 +383,16 @@ def _calibrated(pipeline, options, tree, rule, layer, layers, overrides, masks) 
 
 def _in_blocks(fit, apply_fn, tree: Any, x: Any, specs: dict[str, QuantSpec]) -> Any:
   """Sequential calibration (`jaxshrink.sequential`): `fit` quantizes one block at a time, on
-  the outputs of the blocks quantized before it (one call per spec in a block)."""
+  the outputs of the blocks quantized before it (one call per spec in a block); GPTQ moves each
+  kernel toward the float model's outputs, AWQ does not take them."""
 
+  reference = tree  # each block is fitted to the stage's input model (`sequential`)
   for block in sequential.blocks(apply_fn, tree, x, specs):
     by_spec: dict[QuantSpec, list[str]] = {}
     for path in block:
       by_spec.setdefault(specs[path], []).append(path)
     for spec, paths in by_spec.items():
-      tree = fit(tree, paths_rule(paths), spec)
+      tree = fit(tree, paths_rule(paths), spec, reference=reference)
   return tree
 
 

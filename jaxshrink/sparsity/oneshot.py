@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxshrink import capture, hessian
+from jaxshrink import capture, hessian, sequential
 from jaxshrink.capture import from_matrix
 from jaxshrink.errors import InvalidValueError
 from jaxshrink.model import accepts_models
@@ -355,10 +355,13 @@ def _sparsegpt_with_masks(
   block_size: int = 128,
   damp: float = 0.01,
   quant: QuantSpec | int | None = None,
+  reference: Any = None,
 ) -> tuple[Any, Any]:
   """`sparsegpt` and the masks it applied: `(pruned params, bool masks)` (the stage's).
 
   With `quant` the pruned leaves are `QArray`s whose codes already decode to 0 off the mask.
+  With `reference` (the float tree, when `params` is partly pruned already: sequential
+  calibration) each kernel is fitted to the float model's outputs (`sequential.fitted`).
   """
   _check_layerwise(pruner, "sparsegpt")
   nm = pruner.structure if isinstance(pruner.structure, NM) else None
@@ -367,8 +370,13 @@ def _sparsegpt_with_masks(
   paths, sparsities = _layer_sparsities(pruner, params)
   # Checked before calibrating: a bad spec costs no Hessian pass.
   specs = {} if quant is None else {path: _joint_spec(quant, path) for path in paths}
-  hessians = hessian.collect_hessians(apply_fn, params, batches, pruner.rule)
   flat = flatten(params)
+  if reference is None:
+    hessians = hessian.collect_hessians(apply_fn, params, batches, pruner.rule)
+  else:
+    found = sequential.fitted(apply_fn, reference, params, batches, paths, damp=damp)
+    hessians = {path: (h, site) for path, (_, h, site) in found.items()}
+    flat.update({path: kernel for path, (kernel, _, _) in found.items()})
   new, masks = {}, {}
   for path in paths:
     h, site = hessians[path]

@@ -170,12 +170,14 @@ def _joint_spec(options: dict[str, Any]) -> QuantSpec | None:
   return spec
 
 
-def _in_blocks(fn, apply_fn, params, batches, pruner: Pruner):
+def _in_blocks(fn, apply_fn, params, batches, pruner: Pruner, to_float: bool):
   """Sequential calibration (`jaxshrink.sequential`): each block is pruned by `fn` on the
-  outputs of the blocks pruned before it, at the sparsity the whole-model allocation gave it."""
+  outputs of the blocks pruned before it, at the sparsity the whole-model allocation gave it;
+  with `to_float` (SparseGPT) each kernel is moved toward the float model's outputs first."""
   paths, sparsities = _layer_sparsities(pruner, params)
   nm = isinstance(pruner.structure, NM)
   masks = None
+  toward = {"reference": params} if to_float else {}  # the stage's input model
   for block in sequential.blocks(apply_fn, params, batches[0], paths):
     part = Pruner(
       paths_rule(block),
@@ -183,7 +185,7 @@ def _in_blocks(fn, apply_fn, params, batches, pruner: Pruner):
       overrides=() if nm else [(re.escape(p), sparsities[p]) for p in block],
       keep_dense_below=0,
     )
-    params, block_masks = fn(apply_fn, params, batches, part)
+    params, block_masks = fn(apply_fn, params, batches, part, **toward)
     masks = block_masks if masks is None else jax.tree.map(jnp.logical_and, masks, block_masks)
   return params, masks
 
@@ -261,7 +263,7 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       else functools.partial(_sparsegpt_with_masks, quant=joint)
     )
     if options["sequential"]:
-      params, masks = _in_blocks(fn, model.apply, params, batches, pruner)
+      params, masks = _in_blocks(fn, model.apply, params, batches, pruner, method == "sparsegpt")
     else:
       params, masks = fn(model.apply, params, batches, pruner)
   if joint is not None:  # QArray leaves whose codes are zero where pruned

@@ -1,0 +1,127 @@
+"""Sequential calibration moves each block toward the float model's outputs (the asymmetric
+objective): the paired statistics and the float target GPTQ and SparseGPT fit, checked on
+small matrices against direct computation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxshrink.hessian import collect_hessians
+from jaxshrink.quant import QuantSpec
+from jaxshrink.quant.gptq import gptq
+from jaxshrink.sequential import float_target, paired_statistics
+from jaxshrink.sparsity import Pruner
+from jaxshrink.sparsity.oneshot import _sparsegpt_with_masks
+
+
+def _apply(params, x):
+  h = jnp.tanh(x @ params["fc1"]["kernel"])
+  return h @ params["fc2"]["kernel"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+    "fc1": {"kernel": jax.random.normal(keys[0], (16, 24)) / 4},
+    "fc2": {"kernel": jax.random.normal(keys[1], (24, 8)) / 5},
+  }
+  batches = [jax.random.normal(k, (64, 16)) for k in keys[2:]]
+  # The model as an earlier block left it: fc1 perturbed, as rounding would.
+  noisy = jax.random.normal(jax.random.key(1), (16, 24)) / 20
+  tree = {**params, "fc1": {"kernel": params["fc1"]["kernel"] + noisy}}
+  return params, tree, batches
+
+
+def test_paired_statistics_pair_the_rows_of_the_two_forwards(setup):
+  params, tree, batches = setup
+  found = paired_statistics(_apply, params, tree, batches, ["fc1/kernel", "fc2/kernel"])
+  x = np.concatenate([np.asarray(b) for b in batches])
+  h_float = np.tanh(x @ np.asarray(params["fc1"]["kernel"]))
+  h = np.tanh(x @ np.asarray(tree["fc1"]["kernel"]))
+  np.testing.assert_allclose(found["fc2/kernel"].gram, h.T @ h, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(found["fc2/kernel"].cross, h.T @ (h_float - h), rtol=1e-4, atol=1e-4)
+  assert float(found["fc2/kernel"].count) == len(x)
+  # fc1 reads the input itself: both models give it the same rows, so nothing to correct.
+  np.testing.assert_array_equal(found["fc1/kernel"].cross, 0.0)
+  # Its Hessian is the one calibration collects on the compressed tree.
+  h_one, _ = collect_hessians(_apply, tree, batches, "fc2/kernel")["fc2/kernel"]
+  np.testing.assert_allclose(found["fc2/kernel"].hessian(), h_one, rtol=1e-4, atol=1e-5)
+
+
+def test_float_target_is_the_least_squares_map_to_the_float_outputs():
+  rng = np.random.default_rng(0)
+  x_f = rng.normal(size=(200, 12)).astype(np.float32)
+  x = x_f + 0.1 * rng.normal(size=x_f.shape).astype(np.float32)
+  w = rng.normal(size=(12, 5)).astype(np.float32)
+  target = np.asarray(float_target(w, x.T @ x, x.T @ (x_f - x), damp=0.0, pull=1.0))
+  best = np.linalg.lstsq(x, x_f @ w, rcond=None)[0]
+  np.testing.assert_allclose(target, best, rtol=1e-3, atol=1e-3)
+  assert np.linalg.norm(x_f @ w - x @ target) < np.linalg.norm(x_f @ w - x @ w)
+  # Without carried-in error it is the weights themselves; exact zeros (pruned) stay zero.
+  np.testing.assert_array_equal(float_target(w, x.T @ x, np.zeros((12, 12)), damp=0.01), w)
+  w[3, 1] = 0.0
+  assert float(float_target(w, x.T @ x, x.T @ (x_f - x), damp=0.01)[3, 1]) == 0.0
+
+
+def _output_error(params, tree, batches):
+  h_float = [jnp.tanh(b @ params["fc1"]["kernel"]) for b in batches]
+  h = [jnp.tanh(b @ tree["fc1"]["kernel"]) for b in batches]
+  w = tree["fc2"]["kernel"]
+  w = w.materialize() if hasattr(w, "materialize") else w
+  return sum(
+    float(jnp.sum((hf @ params["fc2"]["kernel"] - hc @ w) ** 2))
+    for hf, hc in zip(h_float, h, strict=True)
+  )
+
+
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
+def test_a_later_block_fitted_to_the_float_model_lands_closer_to_its_outputs(setup, method):
+  params, tree, batches = setup
+  if method == "gptq":
+
+    def run(reference):
+      spec = QuantSpec(bits=3, group_size=8, symmetric=False)
+      return gptq(_apply, tree, batches, "fc2/kernel", spec, reference=reference)
+  else:
+
+    def run(reference):
+      pruner = Pruner("fc2/kernel", 0.5)
+      return _sparsegpt_with_masks(_apply, tree, batches, pruner, reference=reference)[0]
+
+  asymmetric = _output_error(params, run(params), batches)
+  symmetric = _output_error(params, run(None), batches)
+  assert asymmetric < symmetric
+
+
+class _Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8, name="embed")(x)
+
+    class Step(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        return x + nn.Dense(8, name="fc")(jnp.tanh(x)), None
+
+    layers = nn.scan(Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return layers(name="layers")(x, None)[0]
+
+
+def test_a_stacked_kernel_gets_paired_statistics_per_layer():
+  model = _Scanned()
+  x = jax.random.normal(jax.random.key(2), (32, 8))
+  params = model.init(jax.random.key(3), x)["params"]
+  tree = jax.tree.map(lambda a: a, params)
+  tree["embed"]["kernel"] = params["embed"]["kernel"] * 1.1
+
+  def apply(p, x):
+    return model.apply({"params": p}, x)
+
+  found = paired_statistics(apply, params, tree, [x], ["layers/fc/kernel"])["layers/fc/kernel"]
+  assert found.site.layers == 3 and found.gram.shape == (3, 8, 8) and found.count.shape == (3,)
+  h_one, _ = collect_hessians(apply, tree, [x], "layers/fc/kernel")["layers/fc/kernel"]
+  np.testing.assert_allclose(found.hessian(), h_one, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(found.cross).max()) > 0
