@@ -651,7 +651,8 @@ class Collected:
   sites: dict[str, Site]
 
 
-def _check_finite(x: Any, index: int) -> None:
+def check_finite(x: Any, index: int) -> None:
+  """Raises naming batch `index` when a float leaf of `x` holds NaN or Inf."""
   for a in jax.tree.leaves(x):
     a = jnp.asarray(a)
     if jnp.issubdtype(a.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(a))):
@@ -825,7 +826,7 @@ def collect(
   states: dict = {}
   count = 0
   for x in batches:
-    _check_finite(x, count)
+    check_finite(x, count)
     if count == 0:
       jax.eval_shape(lambda lv, x: step(lv, x, {}), leaves, x)  # discovers the sites
       states = {

@@ -37,7 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshrink.capture import Site, find_sites, from_matrix, input_rows, kernel_matrix
+from jaxshrink.capture import (
+  Site,
+  check_finite,
+  collect,
+  find_sites,
+  from_matrix,
+  input_rows,
+  kernel_matrix,
+)
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import JaxshrinkError
 from jaxshrink.tree import flatten, paths_rule
@@ -114,7 +122,7 @@ def paired_statistics(
   Only `paths`' inputs are kept, one batch at a time (inside one `jit` per batch), so memory
   holds one block's activations of one batch, twice.
   """
-  selected = set(paths)
+  selected, batches = set(paths), list(batches)
   reference, tree = materialize(reference), materialize(tree)
   sites: dict[str, Site] = {}
 
@@ -137,11 +145,16 @@ def paired_statistics(
 
   jitted = jax.jit(step)
   totals: dict[str, Any] = {}
-  for x in batches:
+  for index, x in enumerate(batches):
+    check_finite(x, index)
     part = jitted(reference, tree, x)
-    totals = part if not totals else jax.tree.map(jnp.add, totals, part)
-  if not totals:
+    totals = part if index == 0 else jax.tree.map(jnp.add, totals, part)
+  if not batches:
     raise JaxshrinkError("The calibration set is empty; pass at least one batch.")
+  if set(paths) - set(sites):
+    # Calibration's own pass names what the kernel passes through instead (embedding, loop).
+    collect(apply_fn, tree, batches[:1], paths_rule(sorted(set(paths) - set(sites))), {})
+    raise JaxshrinkError(f"Calibration found no matmul for {sorted(set(paths) - set(sites))}.")
   out = {}
   for path in paths:
     site = sites[path]

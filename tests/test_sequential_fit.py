@@ -125,3 +125,20 @@ def test_a_stacked_kernel_gets_paired_statistics_per_layer():
   h_one, _ = collect_hessians(apply, tree, [x], "layers/fc/kernel")["layers/fc/kernel"]
   np.testing.assert_allclose(found.hessian(), h_one, rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(found.cross).max()) > 0
+
+
+def test_bad_calibration_input_is_named_as_one_pass_names_it(setup):
+  from jaxshrink.errors import JaxshrinkError
+
+  params, tree, batches = setup
+  with pytest.raises(JaxshrinkError, match="calibration set is empty"):
+    paired_statistics(_apply, params, tree, [], ["fc2/kernel"])
+  with pytest.raises(JaxshrinkError, match="batch 1 holds NaN or Inf"):
+    paired_statistics(_apply, params, tree, [batches[0], batches[1] * np.nan], ["fc2/kernel"])
+
+  def with_table(p, x):
+    return _apply(p, x) + p["table"][0, 0]
+
+  params = {**params, "table": jnp.ones((3, 8))}
+  with pytest.raises(JaxshrinkError, match="never reach a matmul or conv: table"):
+    paired_statistics(with_table, params, {**tree, "table": params["table"]}, batches, ["table"])
