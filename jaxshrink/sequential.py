@@ -16,7 +16,8 @@ calibrating on `X` alone fits `X W' ≈ X W` and keeps the error the earlier blo
 the target is the float model's own output `X_f W` (the asymmetric objective
 `||X_f W - X W'||²`, as GPTAQ, arXiv:2504.02692, poses it). Its unconstrained optimum is
 `W* = W + (XᵀX)⁻¹ Xᵀ(X_f - X) W`, and the objective equals `||X W* - X W'||²` plus a
-constant, so GPTQ and SparseGPT fit `W*` with the usual Hessian (`float_target`). That needs
+constant, so GPTQ and SparseGPT fit `W*` with the usual Hessian (`float_target`), and AWQ
+searches its scales for `W*`, its loss being the same quadratic form. That needs
 one more statistic per kernel, `Xᵀ(X_f - X)`, which pairs the rows of the two forwards
 (`paired_statistics`); on the first block it is zero and all is as without it. The correction
 is applied in part (`PULL`): fitted in full on a few calibration rows it overfits. Wanda,
@@ -55,8 +56,9 @@ _NUMBERED = re.compile(r".*\d$")
 # How far a kernel is moved toward the float model's outputs (see the module docstring). The
 # full least-squares correction (1.0) overfits: it regresses a K-wide input on a few thousand
 # calibration rows (MiniLM GPTQ int3 g32: 0.9074 mean cosine against 0.9593 one pass).
-# A quarter of it beat one pass on every GPTQ and SparseGPT row measured (MiniLM GPTQ 0.9601,
-# SparseGPT 2:4 0.8500; tiny-lm GPTQ 4.8077 perplexity against 4.8097).
+# A quarter of it beat one pass on every GPTQ, SparseGPT and AWQ row measured (MiniLM GPTQ
+# 0.9601, SparseGPT 2:4 0.8500; tiny-lm GPTQ 4.8077 perplexity against 4.8097, AWQ 4.8978
+# against 4.9386).
 PULL = 0.25
 
 

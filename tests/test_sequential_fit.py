@@ -1,6 +1,6 @@
 """Sequential calibration moves each block toward the float model's outputs (the asymmetric
-objective): the paired statistics and the float target GPTQ and SparseGPT fit, checked on
-small matrices against direct computation."""
+objective): the paired statistics and the float target GPTQ, AWQ and SparseGPT fit, checked
+on small matrices against direct computation."""
 
 import flax.linen as nn
 import jax
@@ -10,6 +10,7 @@ import pytest
 
 from jaxshrink.hessian import collect_hessians
 from jaxshrink.quant import QuantSpec
+from jaxshrink.quant.awq import awq
 from jaxshrink.quant.gptq import gptq
 from jaxshrink.sequential import float_target, paired_statistics
 from jaxshrink.sparsity import Pruner
@@ -77,14 +78,15 @@ def _output_error(params, tree, batches):
   )
 
 
-@pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "sparsegpt"])
 def test_a_later_block_fitted_to_the_float_model_lands_closer_to_its_outputs(setup, method):
   params, tree, batches = setup
-  if method == "gptq":
+  if method in ("gptq", "awq"):
+    fit = gptq if method == "gptq" else awq
 
     def run(reference):
       spec = QuantSpec(bits=3, group_size=8, symmetric=False)
-      return gptq(_apply, tree, batches, "fc2/kernel", spec, reference=reference)
+      return fit(_apply, tree, batches, "fc2/kernel", spec, reference=reference)
   else:
 
     def run(reference):

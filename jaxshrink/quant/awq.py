@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxshrink import capture
+from jaxshrink import capture, sequential
 from jaxshrink.capture import kernel_matrix
 from jaxshrink.errors import InvalidValueError
 from jaxshrink.model import accepts_models
@@ -187,6 +187,7 @@ def awq(
   grid: int = 20,
   clip: bool = True,
   overrides: Overrides = (),
+  reference: Any = None,
 ) -> Any:
   """AWQ-quantizes the kernels selected by `rule`, from calibration batches.
 
@@ -200,6 +201,9 @@ def awq(
     clip: also search a per-channel clipping ratio (see `awq_matrix`).
     overrides: `[(rule, QuantSpec | None)]`: per-layer specs; None keeps a layer float. The
       first rule matching a leaf wins.
+    reference: the float tree, when `params` is a model already partly compressed (sequential
+      calibration): each kernel is moved toward the float model's outputs before its scales
+      are searched (`jaxshrink.sequential.fitted`). None searches them for its own outputs.
 
   Returns:
     The tree with `QArray` leaves (`input_scale` set) for the selected kernels; a kernel
@@ -219,7 +223,12 @@ def awq(
   if not specs:  # every selected layer was kept float
     return params
   reducers = {"gram": capture.gram_reducer(), "abs": abs_mean_reducer()}
+  batches = list(batches)
   collected = capture.collect(apply_fn, params, batches, paths_rule(specs), reducers)
+  targets = {}
+  if reference is not None:
+    found = sequential.fitted(apply_fn, reference, params, batches, list(specs), damp=0.01)
+    targets = {path: kernel for path, (kernel, _, _) in found.items()}
 
   def quantize_layer(path: str, kernel: Any, stats: Any, site: capture.Site) -> QArray:
     leaf_spec = specs[path]
@@ -253,6 +262,7 @@ def awq(
   def quantize_leaf(path: str, kernel: Any) -> Any:
     if path not in specs:
       return kernel
+    kernel = targets.get(path, kernel)
     site = collected.sites[path]
     # A stacked kernel (layers of a scan): each layer searches its own scales.
     per_layer = [

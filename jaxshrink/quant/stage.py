@@ -369,7 +369,10 @@ def _calibrated(pipeline, options, tree, rule, layer, layers, overrides, masks) 
     from jaxshrink.quant.awq import awq
 
     def fit(t, r, spec, overrides=(), reference=None):
-      return awq(model.apply, t, batches, r, spec, grid=options["grid"], overrides=overrides)
+      return awq(
+        model.apply, t, batches, r, spec, grid=options["grid"], overrides=overrides,
+        reference=reference,
+      )  # fmt: skip
 
   if options["sequential"]:
     flat = flatten(tree)
@@ -383,8 +386,8 @@ def _calibrated(pipeline, options, tree, rule, layer, layers, overrides, masks) 
 
 def _in_blocks(fit, apply_fn, tree: Any, x: Any, specs: dict[str, QuantSpec]) -> Any:
   """Sequential calibration (`jaxshrink.sequential`): `fit` quantizes one block at a time, on
-  the outputs of the blocks quantized before it (one call per spec in a block); GPTQ moves each
-  kernel toward the float model's outputs, AWQ does not take them."""
+  the outputs of the blocks quantized before it (one call per spec in a block), each kernel
+  moved toward the float model's outputs first."""
 
   reference = tree  # each block is fitted to the stage's input model (`sequential`)
   for block in sequential.blocks(apply_fn, tree, x, specs):
