@@ -3,8 +3,9 @@
 Each row runs one recipe twice, with `sequential: false` (every kernel's statistics collected
 from the float model in one pass) and `sequential: true` (the default: each block calibrated
 on the outputs of the blocks already compressed; GPTQ, AWQ and SparseGPT moved toward the
-float model's outputs). Every run is its own process, so its peak resident memory (`ru_maxrss`,
-which includes the model, data and JAX itself) is its own.
+float model's outputs, Wanda's mask the one closest to them). Every run is its own process,
+so its peak resident memory (`ru_maxrss`, which includes the model, data and JAX itself) is
+its own.
 Metrics on held-out data: tiny-lm perplexity on the stdlib-text test windows (lower is
 better), MiniLM mean cosine to the float embeddings on the 200 held-out sentences.
 

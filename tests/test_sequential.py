@@ -55,7 +55,8 @@ def test_the_first_block_matches_one_pass_and_later_blocks_see_compressed_inputs
   decode = lambda leaf: np.asarray(leaf.materialize() if hasattr(leaf, "materialize") else leaf)  # noqa: E731
   # conv1 reads the input itself; dense1 reads what the compressed conv layers produce.
   first = "conv1/kernel" if kind == "quantize" else "conv2/kernel"
-  np.testing.assert_array_equal(decode(seq[first]), decode(one[first]))
+  # Equal up to summation order: the paired pass sums a batch in pieces (`PAIRED_EXAMPLES`).
+  np.testing.assert_allclose(decode(seq[first]), decode(one[first]), rtol=1e-3, atol=1e-4)
   assert not np.array_equal(decode(seq["dense1/kernel"]), decode(one["dense1/kernel"]))
 
 

@@ -1,6 +1,6 @@
 """Sequential calibration moves each block toward the float model's outputs (the asymmetric
-objective): the paired statistics and the float target GPTQ, AWQ and SparseGPT fit, checked
-on small matrices against direct computation."""
+objective): the paired statistics, the float target GPTQ, AWQ and SparseGPT fit and the mask
+Wanda picks, checked on small matrices against direct computation."""
 
 import flax.linen as nn
 import jax
@@ -12,9 +12,10 @@ from jaxshrink.hessian import collect_hessians
 from jaxshrink.quant import QuantSpec
 from jaxshrink.quant.awq import awq
 from jaxshrink.quant.gptq import gptq
-from jaxshrink.sequential import float_target, paired_statistics
+from jaxshrink.sequential import float_output_error, float_target, paired_statistics
 from jaxshrink.sparsity import Pruner
 from jaxshrink.sparsity.oneshot import _sparsegpt_with_masks
+from jaxshrink.sparsity.wanda import _wanda_with_masks
 
 
 def _apply(params, x):
@@ -45,11 +46,24 @@ def test_paired_statistics_pair_the_rows_of_the_two_forwards(setup):
   np.testing.assert_allclose(found["fc2/kernel"].gram, h.T @ h, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(found["fc2/kernel"].cross, h.T @ (h_float - h), rtol=1e-4, atol=1e-4)
   assert float(found["fc2/kernel"].count) == len(x)
+  np.testing.assert_allclose(found["fc2/kernel"].float_sq, (h_float**2).sum(0), rtol=1e-4)
   # fc1 reads the input itself: both models give it the same rows, so nothing to correct.
   np.testing.assert_array_equal(found["fc1/kernel"].cross, 0.0)
   # Its Hessian is the one calibration collects on the compressed tree.
   h_one, _ = collect_hessians(_apply, tree, batches, "fc2/kernel")["fc2/kernel"]
   np.testing.assert_allclose(found["fc2/kernel"].hessian(), h_one, rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_in_uneven_pieces_gives_the_same_statistics(setup, monkeypatch):
+  from jaxshrink import sequential
+
+  params, tree, batches = setup
+  whole = paired_statistics(_apply, params, tree, batches, ["fc2/kernel"])["fc2/kernel"]
+  monkeypatch.setattr(sequential, "PAIRED_EXAMPLES", 5)  # 64 rows: 12 pieces of 5 and one of 4
+  pieces = paired_statistics(_apply, params, tree, batches, ["fc2/kernel"])["fc2/kernel"]
+  for a, b in ((pieces.gram, whole.gram), (pieces.cross, whole.cross)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert float(pieces.count) == float(whole.count) == 128
 
 
 def test_float_target_is_the_least_squares_map_to_the_float_outputs():
@@ -65,6 +79,32 @@ def test_float_target_is_the_least_squares_map_to_the_float_outputs():
   np.testing.assert_array_equal(float_target(w, x.T @ x, np.zeros((12, 12)), damp=0.01), w)
   w[3, 1] = 0.0
   assert float(float_target(w, x.T @ x, x.T @ (x_f - x), damp=0.01)[3, 1]) == 0.0
+
+
+def test_float_output_error_is_the_distance_to_the_float_outputs_less_a_constant():
+  rng = np.random.default_rng(1)
+  x_f = rng.normal(size=(100, 10)).astype(np.float32)
+  x = x_f + 0.2 * rng.normal(size=x_f.shape).astype(np.float32)
+  w = rng.normal(size=(10, 4)).astype(np.float32)
+  kept = np.where(rng.random(w.shape) < 0.5, w, 0.0).astype(np.float32)
+  error = float(float_output_error(w, kept, x.T @ x, x.T @ (x_f - x)))
+  direct = np.sum((x_f @ w - x @ kept) ** 2) - np.sum((x_f @ w) ** 2)
+  np.testing.assert_allclose(error, direct, rtol=1e-4)
+
+
+def test_sequential_wanda_keeps_one_pass_masks_unless_another_lands_closer(setup):
+  params, tree, batches = setup
+  pruner = Pruner("fc2/kernel", 0.5)
+  one_pass = _wanda_with_masks(_apply, params, batches, pruner)[1]["fc2"]["kernel"]
+  # On the float model itself (a first block) every ranking agrees with one pass.
+  same = _wanda_with_masks(_apply, params, batches, pruner, reference=params)[1]
+  np.testing.assert_array_equal(same["fc2"]["kernel"], one_pass)
+  # After fc1 was perturbed, the mask chosen lands at least as close to the float outputs as
+  # one pass's, on the compressed model's inputs.
+  chosen = _wanda_with_masks(_apply, tree, batches, pruner, reference=params)[0]
+  one_pass_tree = {**tree, "fc2": {"kernel": jnp.where(one_pass, tree["fc2"]["kernel"], 0.0)}}
+  assert float(jnp.mean(chosen["fc2"]["kernel"] == 0)) == 0.5
+  assert _output_error(params, chosen, batches) <= _output_error(params, one_pass_tree, batches)
 
 
 def _output_error(params, tree, batches):
@@ -124,9 +164,15 @@ def test_a_stacked_kernel_gets_paired_statistics_per_layer():
 
   found = paired_statistics(apply, params, tree, [x], ["layers/fc/kernel"])["layers/fc/kernel"]
   assert found.site.layers == 3 and found.gram.shape == (3, 8, 8) and found.count.shape == (3,)
+  assert found.float_sq.shape == (3, 8)
   h_one, _ = collect_hessians(apply, tree, [x], "layers/fc/kernel")["layers/fc/kernel"]
   np.testing.assert_allclose(found.hessian(), h_one, rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(found.cross).max()) > 0
+  # Sequential Wanda picks each layer's mask on its own statistics.
+  masks = _wanda_with_masks(apply, tree, [x], Pruner("layers/fc/kernel", 0.5), reference=params)[1]
+  kept = masks["layers"]["fc"]["kernel"]
+  assert kept.shape == (3, 8, 8)
+  np.testing.assert_array_equal(jnp.sum(kept, axis=(1, 2)), [32, 32, 32])
 
 
 def test_bad_calibration_input_is_named_as_one_pass_names_it(setup):

@@ -13,8 +13,8 @@ from jaxshrink.sparsity.oneshot import (
   _oneshot_prune_with_masks,
   _sparsegpt_matrix,
   _sparsegpt_with_masks,
-  _wanda_with_masks,
 )
+from jaxshrink.sparsity.wanda import _wanda_with_masks
 from jaxshrink.tree import Rule, flatten
 
 RNG = np.random.default_rng(0)

@@ -389,7 +389,7 @@ def _in_blocks(fit, apply_fn, tree: Any, x: Any, specs: dict[str, QuantSpec]) ->
   the outputs of the blocks quantized before it (one call per spec in a block), each kernel
   moved toward the float model's outputs first."""
 
-  reference = tree  # each block is fitted to the stage's input model (`sequential`)
+  reference = tree  # each block is moved toward the stage's input model (`sequential`)
   for block in sequential.blocks(apply_fn, tree, x, specs):
     by_spec: dict[QuantSpec, list[str]] = {}
     for path in block:

@@ -21,7 +21,6 @@ from jaxshrink.sparsity.encodings import NMSparse as NMSparse
 from jaxshrink.sparsity.encodings import encode_sparse as encode_sparse
 from jaxshrink.sparsity.oneshot import oneshot_prune as oneshot_prune
 from jaxshrink.sparsity.oneshot import sparsegpt as sparsegpt
-from jaxshrink.sparsity.oneshot import wanda as wanda
 from jaxshrink.sparsity.schedules import Schedule as Schedule
 from jaxshrink.sparsity.schedules import constant_schedule as constant_schedule
 from jaxshrink.sparsity.schedules import one_shot_schedule as one_shot_schedule
@@ -41,6 +40,7 @@ from jaxshrink.sparsity.structures import Unstructured as Unstructured
 from jaxshrink.sparsity.structures import keep_top as keep_top
 from jaxshrink.sparsity.structures import nm_mask as nm_mask
 from jaxshrink.sparsity.structures import parse_structure as parse_structure
+from jaxshrink.sparsity.wanda import wanda as wanda
 from jaxshrink.sparsity.wrapper import PruneMask as PruneMask
 from jaxshrink.sparsity.wrapper import PruneState as PruneState
 from jaxshrink.sparsity.wrapper import check_pruned as check_pruned

@@ -1,9 +1,7 @@
 """One-shot post-training pruning: magnitude (any criterion), Wanda and SparseGPT.
 
 - `oneshot_prune`: rank once with a `Pruner` and zero the rest.
-- `wanda`: |w| * ||x|| per weight, compared within each output (Sun et al.,
-  "A Simple and Effective Pruning Approach for Large Language Models", 2023).
-  Input norms come from `capture.collect` with `sum_squares_reducer`.
+- `wanda` (in `jaxshrink.sparsity.wanda`): |w| * ||x|| per weight.
 - `sparsegpt`: prune and update the remaining weights of each layer to
   reconstruct its output (Frantar & Alistarh, "SparseGPT: Massive Language
   Models Can Be Accurately Pruned in One-Shot", 2023). It uses the damped
@@ -98,82 +96,6 @@ def _nm_on_matrix(pruner: Pruner, shape: tuple[int, ...], contract_dims: tuple[i
   """
   axis = pruner.structure.axis % len(shape)
   return axis == max(contract_dims)
-
-
-def _wanda_mask(pruner, w, contract_dims, sum_squares, sparsity, comparison):
-  """Wanda's keep mask of one kernel (one layer of a stacked one)."""
-  norm = jnp.sqrt(sum_squares)
-  score = capture.kernel_matrix(jnp.abs(w).astype(jnp.float32), contract_dims)
-  score = score * norm[:, None]
-  if isinstance(pruner.structure, NM):
-    full = from_matrix(score, w.shape, contract_dims)
-    s = pruner.structure
-    return nm_mask(full, s.n, s.m, s.axis)
-  if comparison == "layer":
-    keep = keep_top(score, score.size - round(sparsity * score.size))
-    return from_matrix(keep, w.shape, contract_dims)
-  rows = score.shape[0]
-  keep = rows - round(sparsity * rows)
-  per_output = jax.vmap(keep_top, in_axes=(1, None), out_axes=1)(score, keep)
-  return from_matrix(per_output, w.shape, contract_dims)
-
-
-@accepts_models
-def wanda(
-  apply_fn: Callable[[Any, Any], Any],
-  params: Any,
-  batches: Iterable[Any],
-  pruner: Pruner,
-  *,
-  comparison: str = "layer",
-) -> Any:
-  """Wanda: prune by |w| * ||x||. Returns the pruned params (pruned weights are 0).
-
-  Args:
-    apply_fn: `(params, x) -> outputs`, or a model (then leave `params` out; it comes back
-      pruned, in its own form).
-    params: float param tree.
-    batches: calibration inputs.
-    pruner: rule, sparsity (uniform/erk/overrides) and structure (unstructured or N:M).
-    comparison: `layer` ranks all of a layer's weights together; `output` ranks each output's
-      weights on their own (the paper's choice for large LLMs). On tiny-lm at 50%, `layer`
-      gives perplexity 5.30 and `output` 5.36 (magnitude: 5.36), so `layer` is the default.
-
-  >>> pruned = wanda(model.apply, params, batches, Pruner(".*kernel", 0.5))
-  """
-  return _wanda_with_masks(apply_fn, params, batches, pruner, comparison=comparison)[0]
-
-
-def _wanda_with_masks(
-  apply_fn: Callable[[Any, Any], Any],
-  params: Any,
-  batches: Iterable[Any],
-  pruner: Pruner,
-  *,
-  comparison: str = "layer",
-) -> tuple[Any, Any]:
-  """`wanda` and the masks it applied: `(pruned params, bool masks)` (the stage's)."""
-  _check_layerwise(pruner, "wanda")
-  if comparison not in ("layer", "output"):
-    raise InvalidValueError(f"wanda `comparison` must be 'layer' or 'output'; got {comparison!r}.")
-  paths, sparsities = _layer_sparsities(pruner, params)
-  stats = capture.collect(
-    apply_fn, params, batches, pruner.rule, {"sq": capture.sum_squares_reducer()}
-  )
-  flat = flatten(params)
-  masks = {}
-  for path in paths:
-    site = stats.sites[path]
-    # A stacked kernel (layers of a scan): each layer is ranked on its own input norms.
-    per_layer = [
-      _wanda_mask(pruner, w, site.contract_dims, layer["sq"][0], sparsities[path], comparison)
-      for w, layer in zip(
-        site.per_layer(flat[path]), capture.layer_stats(stats.stats[path], site), strict=True
-      )
-    ]
-    masks[path] = per_layer[0] if site.layers is None else jnp.stack(per_layer)
-  tree = map_with_path(lambda p, leaf: masks.get(p, jnp.ones((), bool)), params)
-  return apply_masks(params, tree), tree
 
 
 @functools.partial(jax.jit, static_argnames=("pruned", "n", "m", "block"))
@@ -361,7 +283,7 @@ def _sparsegpt_with_masks(
 
   With `quant` the pruned leaves are `QArray`s whose codes already decode to 0 off the mask.
   With `reference` (the float tree, when `params` is partly pruned already: sequential
-  calibration) each kernel is fitted to the float model's outputs (`sequential.fitted`).
+  calibration) each kernel is moved toward the float model's outputs first (`sequential.fitted`).
   """
   _check_layerwise(pruner, "sparsegpt")
   nm = pruner.structure if isinstance(pruner.structure, NM) else None

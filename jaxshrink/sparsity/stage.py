@@ -54,11 +54,11 @@ from jaxshrink.sparsity.oneshot import (
   _layer_sparsities,
   _oneshot_prune_with_masks,
   _sparsegpt_with_masks,
-  _wanda_with_masks,
 )
 from jaxshrink.sparsity.schedules import schedule_from_options
 from jaxshrink.sparsity.shrink import model_heads, shrink
 from jaxshrink.sparsity.structures import NM, Channel, Heads, parse_structure
+from jaxshrink.sparsity.wanda import _wanda_with_masks
 from jaxshrink.sparsity.wrapper import masks_of, pruning
 from jaxshrink.tree import flatten, map_with_path, paths_rule
 
@@ -170,14 +170,15 @@ def _joint_spec(options: dict[str, Any]) -> QuantSpec | None:
   return spec
 
 
-def _in_blocks(fn, apply_fn, params, batches, pruner: Pruner, to_float: bool):
+def _in_blocks(fn, apply_fn, params, batches, pruner: Pruner):
   """Sequential calibration (`jaxshrink.sequential`): each block is pruned by `fn` on the
-  outputs of the blocks pruned before it, at the sparsity the whole-model allocation gave it;
-  with `to_float` (SparseGPT) each kernel is moved toward the float model's outputs first."""
+  outputs of the blocks pruned before it, at the sparsity the whole-model allocation gave it,
+  toward the float model's outputs (SparseGPT moves each kernel toward them first, Wanda
+  picks the mask closest to them)."""
   paths, sparsities = _layer_sparsities(pruner, params)
   nm = isinstance(pruner.structure, NM)
   masks = None
-  toward = {"reference": params} if to_float else {}  # the stage's input model
+  toward = {"reference": params}  # the stage's input model
   for block in sequential.blocks(apply_fn, params, batches[0], paths):
     part = Pruner(
       paths_rule(block),
@@ -263,7 +264,7 @@ def prune_stage(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
       else functools.partial(_sparsegpt_with_masks, quant=joint)
     )
     if options["sequential"]:
-      params, masks = _in_blocks(fn, model.apply, params, batches, pruner, method == "sparsegpt")
+      params, masks = _in_blocks(fn, model.apply, params, batches, pruner)
     else:
       params, masks = fn(model.apply, params, batches, pruner)
   if joint is not None:  # QArray leaves whose codes are zero where pruned
