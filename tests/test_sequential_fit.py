@@ -15,7 +15,7 @@ from jaxshrink.quant.gptq import gptq
 from jaxshrink.sequential import float_output_error, float_target, paired_statistics
 from jaxshrink.sparsity import Pruner
 from jaxshrink.sparsity.oneshot import _sparsegpt_with_masks
-from jaxshrink.sparsity.wanda import _wanda_with_masks
+from jaxshrink.sparsity.wanda import _closest_to_float, _wanda_with_masks
 
 
 def _apply(params, x):
@@ -105,6 +105,19 @@ def test_sequential_wanda_keeps_one_pass_masks_unless_another_lands_closer(setup
   one_pass_tree = {**tree, "fc2": {"kernel": jnp.where(one_pass, tree["fc2"]["kernel"], 0.0)}}
   assert float(jnp.mean(chosen["fc2"]["kernel"] == 0)) == 0.5
   assert _output_error(params, chosen, batches) <= _output_error(params, one_pass_tree, batches)
+
+
+def test_sequential_wanda_copies_only_its_block_and_compiles_once_per_kernel_shape(setup):
+  # Its peak memory grew by the model's size per block when every leaf was copied and every
+  # mask traced anew (MiniLM); now the other leaves pass through and the mask function is
+  # compiled once for a shape, whichever block asks.
+  params, tree, batches = setup
+  pruned = _wanda_with_masks(_apply, tree, batches, Pruner("fc2/kernel", 0.5), reference=params)[0]
+  assert pruned["fc1"]["kernel"] is tree["fc1"]["kernel"]
+  compiled = _closest_to_float._cache_size()
+  again = {**tree, "fc2": {"kernel": tree["fc2"]["kernel"] * 2.0}}  # another block, same shape
+  _wanda_with_masks(_apply, again, batches, Pruner("fc2/kernel", 0.5), reference=params)
+  assert _closest_to_float._cache_size() == compiled
 
 
 def _output_error(params, tree, batches):
