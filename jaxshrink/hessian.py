@@ -58,19 +58,23 @@ def hessian_from_gram(gram: jax.Array, count: Any) -> jax.Array:
   return (2.0 / jnp.asarray(count, jnp.float32)) * gram
 
 
+def damped(h: jax.Array, damp: jax.Array) -> jax.Array:
+  """`H + damp · mean(diag H) · I`, a dead input's row and column pinned to the identity first.
+
+  A dead input (never nonzero in calibration) has a zero row and column; pinned to 1 the matrix
+  stays invertible, and its weights can take any value without changing the output. Traceable
+  (GPTQ's and SparseGPT's factor, sequential calibration's solve).
+  """
+  dead = jnp.diag(h) == 0
+  h = jnp.where(dead[:, None] | dead[None, :], 0.0, h) + jnp.diag(dead.astype(h.dtype))
+  return h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
+
+
 @jax.jit
 def _inverse_cholesky(h: jax.Array, damp: jax.Array) -> jax.Array:
   """Upper `U` with `UᵀU = (H + damp · mean(diag H) · I)⁻¹`; NaN when not positive definite."""
-  k = h.shape[0]
-  eye = jnp.eye(k, dtype=jnp.float32)
-  diag = jnp.diag(h)
-  # A dead input (never nonzero in calibration) has a zero row and column; pin it to 1 so the
-  # matrix stays invertible. Its weights can then take any value without changing the output.
-  dead = diag == 0
-  h = jnp.where(dead[:, None] | dead[None, :], 0.0, h) + jnp.diag(dead.astype(jnp.float32))
-  diag = jnp.diag(h)
-  h = h + damp * jnp.mean(diag) * eye
-  lower = jnp.linalg.cholesky(h)
+  eye = jnp.eye(h.shape[0], dtype=jnp.float32)
+  lower = jnp.linalg.cholesky(damped(h, damp))
   inverse = jax.scipy.linalg.cho_solve((lower, True), eye)
   # Symmetrize: cho_solve leaves rounding asymmetry the second Cholesky would amplify.
   inverse = 0.5 * (inverse + inverse.T)

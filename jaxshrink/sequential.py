@@ -54,6 +54,7 @@ from jaxshrink.capture import (
 )
 from jaxshrink.encoding import materialize
 from jaxshrink.errors import JaxshrinkError
+from jaxshrink.hessian import damped
 from jaxshrink.tree import flatten, paths_rule
 
 _NUMBERED = re.compile(r".*\d$")
@@ -71,6 +72,10 @@ PULL = 0.25
 # 128 sentences, peak RSS of a whole `prune` recipe run (evaluation included) whole / in
 # pieces of 32: sequential SparseGPT 50% 1461 / 1145 MB, Wanda 50% 1185 / 997 MB.
 PAIRED_EXAMPLES = 32
+
+# The damping of the solve in `float_target`, a fraction of the mean diagonal: GPTQ's default,
+# for methods that have no `damp` of their own (AWQ).
+DAMP = 0.01
 
 
 def block_of(path: str) -> str:
@@ -199,11 +204,8 @@ def paired_statistics(
 
 @jax.jit
 def _solve(gram: jax.Array, rhs: jax.Array, damp: jax.Array) -> jax.Array:
-  """`(gram + damp · mean(diag) · I)⁻¹ rhs`, with a never-used input's row pinned to 1."""
-  dead = jnp.diag(gram) == 0
-  gram = jnp.where(dead[:, None] | dead[None, :], 0.0, gram) + jnp.diag(dead.astype(gram.dtype))
-  gram = gram + damp * jnp.mean(jnp.diag(gram)) * jnp.eye(gram.shape[0], dtype=gram.dtype)
-  return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), rhs)
+  """`(gram + damp · mean(diag) · I)⁻¹ rhs`, damped as GPTQ damps its Hessian."""
+  return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(damped(gram, damp)), rhs)
 
 
 def float_target(
@@ -237,7 +239,7 @@ def fitted(
   batches: Iterable[Any],
   paths: list[str],
   *,
-  damp: float,
+  damp: float = DAMP,
   pull: float = PULL,
 ) -> dict[str, tuple[jax.Array, jax.Array, Site]]:
   """What GPTQ and SparseGPT fit for each kernel at `paths`, sequentially: `(kernel, hessian,

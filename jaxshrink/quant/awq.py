@@ -227,7 +227,7 @@ def awq(
   collected = capture.collect(apply_fn, params, batches, paths_rule(specs), reducers)
   targets = {}
   if reference is not None:
-    found = sequential.fitted(apply_fn, reference, params, batches, list(specs), damp=0.01)
+    found = sequential.fitted(apply_fn, reference, params, batches, list(specs))
     targets = {path: kernel for path, (kernel, _, _) in found.items()}
 
   def quantize_layer(path: str, kernel: Any, stats: Any, site: capture.Site) -> QArray:
