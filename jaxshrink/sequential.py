@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -209,15 +210,29 @@ def _solve(gram: jax.Array, rhs: jax.Array, damp: jax.Array) -> jax.Array:
 
 
 def float_target(
-  w2d: jax.Array, gram: jax.Array, cross: jax.Array, damp: float, pull: float = PULL
+  w2d: jax.Array,
+  gram: jax.Array,
+  cross: jax.Array,
+  damp: float,
+  pull: float = PULL,
+  *,
+  path: str = "<array>",
 ) -> jax.Array:
   """`(K, N)` weights moved toward those that best map the compressed model's inputs to the
   float outputs: `W + pull · (G + λI)⁻¹ C W` (`G = gram`, `C = cross`, λ as GPTQ's damping;
   `pull = 1` is the least-squares optimum). Exact zeros (pruned by an earlier stage) stay zero;
-  where the solve fails (NaN), the weights are returned unchanged."""
+  where the solve fails (NaN), the weights are returned unchanged, with a warning naming
+  `path`: the kernel is then fitted to its own outputs, as in one pass."""
   w2d = jnp.asarray(w2d, jnp.float32)
   shift = pull * _solve(gram, cross @ w2d, jnp.float32(damp))
   if not bool(jnp.all(jnp.isfinite(shift))):
+    warnings.warn(
+      f"Sequential calibration of `{path}`: the damped Gram matrix of its inputs is not "
+      f"positive definite at damp={damp:g}, so the kernel is not moved toward the float "
+      "model's outputs (it is fitted to its own, as in one pass). Pass a larger `damp` or more "
+      "calibration data.",
+      stacklevel=2,
+    )
     return w2d
   return jnp.where(w2d == 0, 0.0, w2d + shift)
 
@@ -252,7 +267,7 @@ def fitted(
     site = paired.site
     kernels = [
       from_matrix(
-        float_target(kernel_matrix(w, site.contract_dims), gram, cross, damp, pull),
+        float_target(kernel_matrix(w, site.contract_dims), gram, cross, damp, pull, path=path),
         w.shape,
         site.contract_dims,
       ).astype(w.dtype)

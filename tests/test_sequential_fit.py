@@ -81,6 +81,17 @@ def test_float_target_is_the_least_squares_map_to_the_float_outputs():
   assert float(float_target(w, x.T @ x, x.T @ (x_f - x), damp=0.01)[3, 1]) == 0.0
 
 
+def test_a_failed_solve_keeps_the_kernel_and_warns_with_its_path():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(40, 6)).astype(np.float32)
+  x[:, 5] = x[:, 4]  # a repeated input: the Gram matrix is singular, and undamped it fails
+  x_f = x + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+  w = rng.normal(size=(6, 3)).astype(np.float32)
+  with pytest.warns(UserWarning, match=r"`fc2/kernel`.*not moved toward the float"):
+    kept = float_target(w, x.T @ x, x.T @ (x_f - x), damp=0.0, path="fc2/kernel")
+  np.testing.assert_array_equal(kept, w)
+
+
 def test_float_output_error_is_the_distance_to_the_float_outputs_less_a_constant():
   rng = np.random.default_rng(1)
   x_f = rng.normal(size=(100, 10)).astype(np.float32)
